@@ -1,0 +1,36 @@
+"""Output helpers shared by every CLI command: rich for people, JSON for scripts.
+
+Exit codes (documented in the README, stable for scripts):
+0 ok; 1 the operation failed; 2 bad input (job file, arguments);
+3 the daemon is not reachable; 4 no such job or checkpoint; 5 refused (conflict).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NO_DAEMON = 3
+EXIT_NOT_FOUND = 4
+EXIT_REFUSED = 5
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout, nothing else (scripts parse it)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str, *, hint: str | None = None) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    if hint:
+        stderr.print(f"[dim]hint:[/] {hint}", markup=True)

@@ -1,0 +1,155 @@
+"""The job spec as frozen dataclasses: the one shape every part of ftsup reads.
+
+`supervisor/spec.py` turns a `job.toml` into a `JobSpec`; the daemon, the
+restart policy and the built-in trainer only ever see these types, never raw
+TOML. Durations are seconds (float), sizes are bytes (int), paths are absolute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+
+def _empty_env() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str
+    output_dir: Path
+
+
+@dataclass(frozen=True)
+class CommandSection:
+    """Any training command; `resume_args` are appended only when resuming."""
+
+    argv: tuple[str, ...]
+    cwd: Path
+    env: Mapping[str, str] = field(default_factory=_empty_env)
+    resume_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The built-in trainer (`python -m ftsup.trainer`); names follow transformers."""
+
+    model: str
+    dataset: tuple[str, ...]
+    tokenizer: str | None = None
+    format: str = "auto"  # auto | alpaca | chat
+    cutoff_len: int = 512
+    finetuning_type: str = "lora"  # lora | qlora | full
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: 2 * lora_rank
+    lora_dropout: float = 0.0
+    lora_target: tuple[str, ...] = ("all",)
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    save_steps: int | None = None
+    save_every: float | None = None  # seconds
+    save_total_limit: int = 3
+    logging_steps: int = 1
+    val_size: float = 0.0
+    eval_steps: int | None = None
+    report_to: tuple[str, ...] = ()
+    dataloader_num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class LaunchSection:
+    """More than one process (or node) runs through torchrun."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+    deepspeed: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
+@dataclass(frozen=True)
+class RestartSection:
+    max_restarts: int = 10
+    backoff: float = 10.0
+    backoff_max: float = 600.0
+    crash_loop: int = 3
+    stop_grace: float = 120.0
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    hang_timeout: float | None = None  # None: "auto", adapted to the step time
+    hang_floor: float = 120.0
+    hang_ceiling: float = 3600.0
+    startup_timeout: float = 1800.0
+    loss_anomaly: str = "rollback"  # rollback | stop | warn
+    loss_spike_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    keep_last: int | None = None  # None: ftsup deletes nothing (the trainer rotates)
+    keep_every: int | None = None
+    keep_best: str | None = None  # metric name, e.g. "eval_loss"
+    async_save: bool = True  # `async` in TOML
+    min_free: int | None = None  # bytes; None: "auto"
+    allow_scratch: bool = True  # start from scratch when no valid checkpoint exists
+    watch: str = "auto"  # auto | inotify | polling
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    devices: tuple[int, ...] | None = None
+    xid_actions: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class NotifySection:
+    webhook: str | None = None
+    command: tuple[str, ...] | None = None
+    on: tuple[str, ...] = ("failed", "gave_up", "finished", "gpu_fault")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A fully validated job. `source` is the job file; `text` its TOML as submitted."""
+
+    source: Path
+    text: str
+    job: JobSection
+    command: CommandSection | None = None
+    train: TrainSection | None = None
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    restart: RestartSection = field(default_factory=RestartSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    gpu: GpuSection = field(default_factory=GpuSection)
+    notify: NotifySection = field(default_factory=NotifySection)
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @property
+    def output_dir(self) -> Path:
+        return self.job.output_dir
