@@ -1,0 +1,1 @@
+"""ftsup.supervisor.service."""
