@@ -1,0 +1,88 @@
+"""Fixtures for the service tests: real sockets in short temp dirs, systemd-analyze lookup."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+# Skip only when the binary is absent; `.ci/install-systemd.sh` installs it.
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (run .ci/install-systemd.sh)"
+)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: unix socket paths are limited to 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ftsup-t-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class DatagramReceiver:
+    """A bound AF_UNIX datagram socket that records (monotonic time, text) in a thread."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode()))
+
+    def texts(self) -> list[str]:
+        with self._lock:
+            return [text for _, text in self.messages]
+
+    def times_of(self, text: str) -> list[float]:
+        with self._lock:
+            return [at for at, got in self.messages if got == text]
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> float:
+        """Arrival time of the first message equal to `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.times_of(text):
+                return found[0]
+            time.sleep(0.01)
+        raise AssertionError(f"{text!r} never arrived; got {self.texts()!r}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(short_tmp: Path) -> Iterator[tuple[str, DatagramReceiver]]:
+    """(NOTIFY_SOCKET value, receiver) for a real path socket."""
+    path = str(short_tmp / "notify.sock")
+    receiver = DatagramReceiver(path)
+    try:
+        yield path, receiver
+    finally:
+        receiver.close()
