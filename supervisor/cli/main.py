@@ -12,7 +12,9 @@ from ftsup.supervisor import __version__
 # Each module defines `register(subparsers)`, which adds its commands and sets
 # `func(args) -> int` as the parser default.
 COMMAND_MODULES = (
+    "ftsup.supervisor.cli.jobs_cmd",
     "ftsup.supervisor.cli.check_cmd",
+    "ftsup.supervisor.cli.daemon_cmd",
 )
 
 

@@ -1,0 +1,77 @@
+"""Options every daemon-facing command shares, and the connection to the daemon."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.cli import output
+from ftsup.supervisor.client import Client, DaemonUnavailable
+from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.protocol import RequestError
+
+ERROR_EXIT_CODES = {
+    "not_found": output.EXIT_NOT_FOUND,
+    "invalid_spec": output.EXIT_BAD_INPUT,
+    "bad_request": output.EXIT_BAD_INPUT,
+    "job_exists": output.EXIT_REFUSED,
+    "output_locked": output.EXIT_REFUSED,
+    "not_running": output.EXIT_REFUSED,
+    "forbidden": output.EXIT_REFUSED,
+}
+
+
+def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    group = parser.add_argument_group("daemon")
+    group.add_argument("--state-dir", type=Path, default=None,
+                       help="state folder (default: $FTSUP_STATE_DIR or $XDG_STATE_HOME/ftsup)")
+    group.add_argument("--runtime-dir", type=Path, default=None,
+                       help="socket folder (default: $FTSUP_RUNTIME_DIR or $XDG_RUNTIME_DIR/ftsup)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def layout_from(args: argparse.Namespace) -> Layout:
+    return Layout.from_env(args.state_dir, args.runtime_dir)
+
+
+def connect(args: argparse.Namespace) -> Client:
+    return Client(layout_from(args).socket)
+
+
+def run_request(args: argparse.Namespace,
+                action: Callable[[Client], dict[str, Any]],
+                render: Callable[[dict[str, Any]], None]) -> int:
+    """Connect, run one action, print the result (rich or JSON), map errors to exit codes."""
+    try:
+        with connect(args) as client:
+            result = action(client)
+    except DaemonUnavailable as exc:
+        return report_unavailable(args, exc)
+    except RequestError as exc:
+        return report_request_error(args, exc)
+    if getattr(args, "json", False):
+        output.print_json(result)
+    else:
+        render(result)
+    return output.EXIT_OK
+
+
+def report_unavailable(args: argparse.Namespace, exc: DaemonUnavailable) -> int:
+    if getattr(args, "json", False):
+        output.print_json({"ok": False, "error": {"code": "no_daemon", "message": str(exc)}})
+    else:
+        output.error(str(exc), hint="`ftsup start JOB.toml` starts a daemon; "
+                     "or run `ftsup daemon` (or the systemd unit)")
+    return output.EXIT_NO_DAEMON
+
+
+def report_request_error(args: argparse.Namespace, exc: RequestError) -> int:
+    if getattr(args, "json", False):
+        output.print_json({"ok": False, "error": {"code": exc.code, "message": exc.message,
+                                                  "data": exc.data}})
+    else:
+        output.error(exc.message)
+    return ERROR_EXIT_CODES.get(exc.code, output.EXIT_FAILED)

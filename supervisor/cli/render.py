@@ -1,0 +1,105 @@
+"""Rich views of daemon answers (the `--json` form is the answer itself)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from rich.table import Table
+
+from ftsup.supervisor.cli.output import stdout
+from ftsup.supervisor.durations import format_duration
+
+STATE_STYLE = {
+    "running": "green", "starting": "cyan", "pending": "cyan", "backoff": "yellow",
+    "stopping": "yellow", "finished": "bold green", "stopped": "dim", "gave_up": "bold red",
+    "failed": "bold red",
+}
+
+
+def state_text(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def step_text(progress: dict[str, Any] | None) -> str:
+    if not progress:
+        return "-"
+    step, max_steps = progress.get("step", 0), progress.get("max_steps")
+    if max_steps:
+        return f"{step}/{max_steps} ({100 * step / max_steps:.0f}%)"
+    return str(step)
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("JOB", "STATE", "STEP", "LOSS", "STEPS/S", "ETA", "RESTARTS", "OUTPUT"):
+        table.add_column(column)
+    for job in jobs:
+        progress = job.get("progress") or {}
+        eta = progress.get("eta_s")
+        table.add_row(
+            job["name"], state_text(job["state"]), step_text(progress), _fmt(progress.get("loss")),
+            _fmt(progress.get("steps_per_s"), ".3g"),
+            format_duration(eta) if eta is not None and job["state"] == "running" else "-",
+            str(job.get("restarts", 0)), job["output_dir"],
+        )
+    return table
+
+
+def print_jobs(result: dict[str, Any]) -> None:
+    jobs = result.get("jobs", [])
+    if not jobs:
+        stdout.print("no jobs; submit one with [bold]ftsup start JOB.toml[/]")
+        return
+    stdout.print(jobs_table(jobs))
+
+
+def print_job(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    stdout.print(f"[bold]{job['name']}[/]  {state_text(job['state'])}"
+                 + (f"  [dim]{job['reason']}[/]" if job.get("reason") else ""))
+    rows = [
+        ("kind", job["kind"]),
+        ("output", job["output_dir"]),
+        ("step", step_text(progress)),
+        ("loss", _fmt(progress.get("loss"))),
+        ("eval loss", _fmt(progress.get("eval_loss"))),
+        ("lr", _fmt(progress.get("lr"), ".3e")),
+        ("steps/s", _fmt(progress.get("steps_per_s"), ".3g")),
+        ("ETA", format_duration(progress["eta_s"]) if progress.get("eta_s") is not None else "-"),
+        ("attempts", f"{job['attempts']} ({job['restarts']} restarts after failures)"),
+    ]
+    if progress.get("last_checkpoint_step") is not None:
+        age = time.time() - (progress.get("last_checkpoint_time") or time.time())
+        rows.append(("checkpoint", f"step {progress['last_checkpoint_step']}, "
+                     f"{format_duration(age)} ago"))
+    current = job.get("current_attempt")
+    if current:
+        source = current.get("resume_from") or "scratch"
+        rows.append(("attempt", f"#{current['n']} pid {current.get('trainer_pid')} "
+                     f"from {source}"))
+    if job.get("next_start_at"):
+        rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))
+    last = job.get("last_exit")
+    if last:
+        rows.append(("last exit", f"#{last['n']}: {last.get('reason')}"))
+    for key, value in rows:
+        stdout.print(f"  [dim]{key:>10}[/]  {value}")
+    tail = job.get("log_tail")
+    if tail:
+        stdout.print("  [dim]last log lines:[/]")
+        for line in tail:
+            stdout.print(f"    {line}", markup=False)
+
+
+def print_events(events: list[dict[str, Any]]) -> None:
+    for event in events:
+        when = dt.datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+        job = event.get("job") or "-"
+        stdout.print(f"[dim]{when}[/] {job:<16} [bold]{event['kind']:<16}[/] ", end="")
+        stdout.print(event.get("message", ""), markup=False)

@@ -1,0 +1,106 @@
+"""`ftsup daemon`: wires the store, the jobs, the socket, and the signal handling.
+
+SIGTERM/SIGINT stop the daemon, never the runs: shims keep them alive and the
+next daemon re-adopts them. Only one daemon per state folder (a lock says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from ftsup.supervisor import __version__
+from ftsup.supervisor.daemon.bus import EventBus
+from ftsup.supervisor.daemon.handlers import Handlers
+from ftsup.supervisor.daemon.launcher import default_env
+from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.daemon.server import SocketServer
+from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.store import Store
+
+log = logging.getLogger("ftsup.daemon")
+
+
+class DaemonAlreadyRunning(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+
+    def _take_instance_lock(self) -> None:
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.layout.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonAlreadyRunning(
+                f"another ftsup daemon uses {self.layout.state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def hello_info(self) -> dict[str, Any]:
+        return {"daemon_pid": os.getpid(), "daemon_version": __version__,
+                "started_at": self.started_at, "state_dir": str(self.layout.state_dir)}
+
+    def request_shutdown(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        self._take_instance_lock()
+        if _socket_answers(self.layout):
+            raise DaemonAlreadyRunning(f"a daemon already answers on {self.layout.socket}")
+        store = Store(self.layout.db)
+        bus = EventBus(store)
+        manager = JobManager(store, bus, self.layout, default_env())
+        handlers = Handlers(manager, store, self.layout, self.request_shutdown)
+        server = SocketServer(self.layout.socket, handlers.table(), bus, self.hello_info)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        manager.restore()
+        manager.start_pump()
+        await server.start()
+        bus.emit(None, "daemon_started", f"daemon {os.getpid()} listening on {self.layout.socket}")
+        log.info("listening on %s (state in %s)", self.layout.socket, self.layout.state_dir)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down; running jobs keep running")
+            await server.close()
+            await manager.close()
+            store.close()
+
+
+def _socket_answers(layout: Layout) -> bool:
+    if not layout.socket.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(layout.socket))
+        except OSError:
+            return False
+    return True
+
+
+def run_daemon(layout: Layout) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(Daemon(layout).run())
+    except DaemonAlreadyRunning as exc:
+        log.error("%s", exc)
+        return 5
+    return 0

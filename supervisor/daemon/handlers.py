@@ -1,0 +1,161 @@
+"""One handler per request type. Each validates its arguments and answers JSON."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.atomicio import tail_lines
+from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.policy import failure_restarts
+from ftsup.supervisor.protocol import RequestError
+from ftsup.supervisor.shim import LOG_FILE
+from ftsup.supervisor.spec import SpecError, parse_spec
+from ftsup.supervisor.store import JobRow, Store
+
+
+def _str_arg(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError("bad_request", f"{request.get('type')}: {key!r} must be a string")
+    return value
+
+
+def _int_arg(request: dict[str, Any], key: str, default: int) -> int:
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError("bad_request", f"{request.get('type')}: {key!r} must be an integer")
+    return value
+
+
+class Handlers:
+    def __init__(self, manager: JobManager, store: Store, layout: Layout,
+                 on_shutdown: Any) -> None:
+        self.manager = manager
+        self.store = store
+        self.layout = layout
+        self.on_shutdown = on_shutdown
+
+    def table(self) -> dict[str, Any]:
+        return {
+            "ping": self.ping, "start": self.start, "status": self.status, "list": self.list,
+            "stop": self.stop, "restart": self.restart, "signal": self.signal,
+            "checkpoint": self.checkpoint, "logs": self.logs, "events": self.events,
+            "shutdown": self.shutdown,
+        }
+
+    async def ping(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "time": time.time()}
+
+    async def start(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = Path(_str_arg(request, "spec_path"))
+        text = _str_arg(request, "spec_text")
+        try:
+            spec = parse_spec(text, path)
+        except SpecError as exc:
+            raise RequestError("invalid_spec", str(exc)) from None
+        self.manager.submit(spec, accept_drift=bool(request.get("accept_drift")))
+        return self.job_json(spec.name)
+
+    async def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("job")
+        if name is None:
+            return {"jobs": [self.job_json(job.name) for job in self.store.jobs()],
+                    "counts": self.manager.summary()}
+        return self.job_json(_str_arg(request, "job"), detail=True)
+
+    async def list(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"jobs": [self.job_json(job.name) for job in self.store.jobs()]}
+
+    async def stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str_arg(request, "job")
+        runner = self.manager.get(name)
+        job = self._job(name)
+        if not job.live:
+            raise RequestError("not_running", f"job {name!r} is already {job.state}")
+        runner.request_stop(now=bool(request.get("now")))
+        return self.job_json(name)
+
+    async def restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str_arg(request, "job")
+        try:
+            self.manager.restart(name)
+        except SpecError as exc:
+            raise RequestError("invalid_spec", f"the stored spec no longer parses: {exc}") from None
+        return self.job_json(name)
+
+    async def signal(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str_arg(request, "job")
+        raw = _str_arg(request, "signal").upper()
+        try:
+            sig = signal.Signals[raw if raw.startswith("SIG") else f"SIG{raw}"]
+        except KeyError:
+            raise RequestError("bad_request", f"unknown signal {raw!r}") from None
+        if not self.manager.get(name).signal_trainer(sig):
+            raise RequestError("not_running", f"job {name!r} has no running trainer")
+        self.manager.bus.emit(name, "signal", f"sent {sig.name} to the trainer's process group")
+        return {"sent": sig.name}
+
+    async def checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str_arg(request, "job")
+        if not self.manager.get(name).signal_trainer(signal.SIGUSR2):
+            raise RequestError("not_running", f"job {name!r} has no running trainer")
+        self.manager.bus.emit(name, "checkpoint_requested", "asked the trainer to save now")
+        return {"requested": True}
+
+    async def logs(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str_arg(request, "job")
+        self._job(name)
+        attempts = self.store.attempts(name)
+        if not attempts:
+            return {"attempt": None, "lines": [], "path": None}
+        n = request.get("attempt") or attempts[-1].n
+        if not isinstance(n, int) or all(a.n != n for a in attempts):
+            raise RequestError("not_found", f"job {name!r} has no attempt {n!r}")
+        path = self.layout.attempt_dir(name, n) / LOG_FILE
+        return {"attempt": n, "path": str(path),
+                "lines": tail_lines(path, _int_arg(request, "lines", 100))}
+
+    async def events(self, request: dict[str, Any]) -> dict[str, Any]:
+        job = request.get("job")
+        if job is not None:
+            self._job(_str_arg(request, "job"))
+        return {"events": self.store.events(job, limit=_int_arg(request, "limit", 100),
+                                            after_id=_int_arg(request, "after_id", 0))}
+
+    async def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.on_shutdown()
+        return {"shutting_down": True}
+
+    # views ----------------------------------------------------------------
+    def _job(self, name: str) -> JobRow:
+        job = self.store.get_job(name)
+        if job is None:
+            raise RequestError("not_found", f"no job named {name!r} (see `ftsup ls`)")
+        return job
+
+    def job_json(self, name: str, *, detail: bool = False) -> dict[str, Any]:
+        job = self._job(name)
+        runner = self.manager.runners.get(name)
+        attempts = [a for a in self.store.attempts(name) if a.n >= job.first_attempt]
+        ended = [a for a in attempts if a.ended_at is not None]
+        outcomes = runner.history() if runner else []
+        data: dict[str, Any] = {
+            "name": job.name, "kind": job.kind, "state": job.state, "reason": job.reason,
+            "output_dir": job.output_dir, "spec_path": job.spec_path,
+            "created_at": job.created_at, "updated_at": job.updated_at,
+            "next_start_at": job.next_start_at, "attempts": len(attempts),
+            "restarts": failure_restarts(outcomes),
+            "progress": runner.progress.to_json() if runner else None,
+            "current_attempt": runner.status()["current_attempt"] if runner else None,
+            "last_exit": ended[-1].to_json() if ended else None,
+        }
+        if detail:
+            data["attempt_history"] = [a.to_json() for a in attempts]
+            if job.state in ("gave_up", "failed") and ended:
+                path = self.layout.attempt_dir(name, ended[-1].n) / LOG_FILE
+                data["log_tail"] = tail_lines(path, 15)
+        return data

@@ -1,0 +1,132 @@
+"""The restart policy: a pure function of the attempt history and the last exit.
+
+    decide(history, exit, policy, now) -> Restart | GiveUp | Done | Stopped
+
+No I/O, no clock reads, no globals: every branch is tested on its own, and the
+daemon records each decision as an event with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ftsup.supervisor.durations import format_duration
+from ftsup.supervisor.spec_types import RestartSection
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_STOPPED = 75
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one finished attempt did: how it ended and whether it made progress."""
+
+    returncode: int | None
+    signal: int | None
+    start_step: int  # the step it resumed from (0 from scratch)
+    last_step: int  # the highest step it reported
+    stop_requested: bool = False  # ftsup or a user asked it to stop
+    failure_kind: str | None = None  # from diagnosis; None when unknown
+
+    @property
+    def made_progress(self) -> bool:
+        return self.last_step > self.start_step
+
+    @property
+    def is_failure(self) -> bool:
+        return not (
+            self.returncode == EXIT_OK
+            or (self.returncode == EXIT_STOPPED)
+            or (self.stop_requested and self.failure_kind != "hang")
+        )
+
+
+@dataclass(frozen=True)
+class Restart:
+    after: float  # seconds to wait before the next attempt
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    reason: str
+
+
+Decision = Restart | GiveUp | Done | Stopped
+
+
+def _describe(outcome: AttemptOutcome) -> str:
+    if outcome.signal is not None:
+        return f"killed by signal {outcome.signal}"
+    return f"exit code {outcome.returncode}"
+
+
+def consecutive_failures_without_progress(history: Sequence[AttemptOutcome]) -> int:
+    """Failures in a row, counted from the newest, that did not advance a step."""
+    count = 0
+    for outcome in reversed(history):
+        if not outcome.is_failure or outcome.made_progress:
+            break
+        count += 1
+    return count
+
+
+def failure_restarts(history: Sequence[AttemptOutcome]) -> int:
+    return sum(1 for outcome in history if outcome.is_failure)
+
+
+def backoff_delay(stalled_failures: int, policy: RestartSection) -> float:
+    """base * 2^(n-1) for the n-th failure in a row without progress, capped.
+
+    A failure after progress restarts after the base delay: a run that trained
+    for hours and then crashed once is not punished like a crash loop.
+    """
+    exponent = max(0, stalled_failures - 1)
+    return float(min(policy.backoff_max, policy.backoff * (2**exponent)))
+
+
+def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decision:
+    """Judge the newest attempt (the last item of `history`) given all before it."""
+    if not history:
+        raise ValueError("decide() needs at least the attempt that just ended")
+    last = history[-1]
+    if last.returncode == EXIT_OK:
+        return Done("the trainer finished (exit code 0)")
+    if last.returncode == EXIT_CONFIG:
+        return GiveUp("configuration error (exit code 2): fix the job and start it again")
+    if last.stop_requested and last.failure_kind != "hang":
+        how = "saved and stopped" if last.returncode == EXIT_STOPPED else _describe(last)
+        return Stopped(f"stopped on request ({how})")
+    if last.returncode == EXIT_STOPPED:
+        return Restart(0.0, "the trainer saved and stopped (exit code 75): resuming")
+    failures = failure_restarts(history)
+    if failures > policy.max_restarts:
+        return GiveUp(
+            f"{_describe(last)}; restart limit reached "
+            f"({policy.max_restarts} restarts, max_restarts = {policy.max_restarts})"
+        )
+    stalled = consecutive_failures_without_progress(history)
+    if stalled >= policy.crash_loop:
+        return GiveUp(
+            f"crash loop: {stalled} failures in a row without step progress "
+            f"(crash_loop = {policy.crash_loop}); last: {_describe(last)}"
+        )
+    delay = backoff_delay(stalled, policy)
+    kind = f" ({last.failure_kind})" if last.failure_kind else ""
+    return Restart(
+        delay,
+        f"{_describe(last)}{kind}; restart {failures} of {policy.max_restarts} "
+        f"in {format_duration(delay)}",
+    )

@@ -1,0 +1,176 @@
+"""The shim: one per attempt, between the daemon and the trainer (conmon pattern).
+
+Started by the daemon in its own session, it outlives the daemon. It takes the
+output-folder lock, starts the trainer in a new process group with its output
+in `stdout.log`, forwards stop signals to the group (SIGTERM, then SIGKILL
+after the grace period, even if the daemon is gone meanwhile), and finally
+writes `exit.json` atomically. The daemon learns everything from files: no pipe
+ties the trainer's life to the daemon's.
+
+    python -m ftsup.supervisor.shim --attempt-dir D --output-dir O --job J \
+        --attempt N --grace 120 -- ARGV...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from ftsup.supervisor import outlock
+from ftsup.supervisor.atomicio import write_json_atomic
+from ftsup.supervisor.procinfo import process_start_time
+
+EXIT_FILE = "exit.json"
+PIDS_FILE = "pids.json"
+LOG_FILE = "stdout.log"
+# Signals the shim passes on to the trainer's process group unchanged
+# (SIGUSR1: save and stop, SIGUSR2: save and continue).
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+class _StopState:
+    """What the signal handlers asked for; the main loop acts on it."""
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self.kill_deadline: float | None = None
+        self.escalated = False
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ftsup-shim")
+    parser.add_argument("--attempt-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--grace", type=float, default=120.0)
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.argv and args.argv[0] == "--":
+        args.argv = args.argv[1:]
+    if not args.argv:
+        parser.error("no command given after --")
+    return args
+
+
+def _write_exit(attempt_dir: Path, **fields: object) -> None:
+    write_json_atomic(attempt_dir / EXIT_FILE, {"ended_at": time.time(), **fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    attempt_dir: Path = args.attempt_dir
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    started_at = time.time()
+    holder = {"job": args.job, "attempt": args.attempt, "pid": os.getpid()}
+    try:
+        lock_fd = outlock.acquire(args.output_dir, holder)
+    except outlock.OutputLocked as exc:
+        _write_exit(attempt_dir, error="locked", message=str(exc), holder=exc.holder,
+                    started_at=started_at, returncode=None, signal=None)
+        return 1
+
+    state = _StopState()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    log = (attempt_dir / LOG_FILE).open("ab", buffering=0)
+    try:
+        child = subprocess.Popen(
+            args.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            pass_fds=(lock_fd,),
+        )
+    except OSError as exc:
+        log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
+        _write_exit(attempt_dir, error="spawn", message=f"cannot start {args.argv[0]!r}: {exc}",
+                    started_at=started_at, returncode=127, signal=None)
+        return 1
+    os.close(lock_fd)  # the trainer holds it now; it is released when the trainer dies
+
+    pgid = child.pid
+    write_json_atomic(attempt_dir / PIDS_FILE, {
+        "shim_pid": os.getpid(),
+        "shim_start": process_start_time(os.getpid()),
+        "trainer_pid": child.pid,
+        "trainer_start": process_start_time(child.pid),
+        "pgid": pgid,
+        "started_at": started_at,
+    })
+    _install_handlers(state, pgid, args.grace)
+    status = _wait(child, state, pgid, wake_r)
+    # Anything left in the group (dataloader workers, torchrun children) goes too.
+    _killpg(pgid, signal.SIGKILL)
+    returncode = os.waitstatus_to_exitcode(status)
+    _write_exit(
+        attempt_dir,
+        started_at=started_at,
+        returncode=returncode if returncode >= 0 else None,
+        signal=-returncode if returncode < 0 else None,
+        trainer_pid=child.pid,
+        stop_requested=state.stop_requested,
+        escalated=state.escalated,
+    )
+    return 0
+
+
+def _install_handlers(state: _StopState, pgid: int, grace: float) -> None:
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        if not state.stop_requested:
+            state.stop_requested = True
+            state.kill_deadline = time.monotonic() + grace
+            _killpg(pgid, signal.SIGTERM)
+
+    def on_forward(signum: int, _frame: FrameType | None) -> None:
+        _killpg(pgid, signal.Signals(signum))
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in FORWARDED:
+        signal.signal(sig, on_forward)
+
+
+def _wait(child: subprocess.Popen[bytes], state: _StopState, pgid: int, wake_r: int) -> int:
+    """Wait for the trainer; escalate to SIGKILL when the grace period runs out."""
+    pidfd = os.pidfd_open(child.pid)
+    while True:
+        timeout = None
+        if state.kill_deadline is not None and not state.escalated:
+            timeout = max(0.0, state.kill_deadline - time.monotonic())
+        ready, _, _ = select.select([pidfd, wake_r], [], [], timeout)
+        if wake_r in ready:
+            os.read(wake_r, 512)
+        if pidfd in ready:
+            _, status = os.waitpid(child.pid, 0)
+            os.close(pidfd)
+            return status
+        if state.kill_deadline is not None and not state.escalated:
+            if time.monotonic() >= state.kill_deadline:
+                state.escalated = True
+                _killpg(pgid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(_parse(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

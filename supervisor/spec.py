@@ -1,0 +1,1076 @@
+"""Parse and validate `job.toml` into the frozen `JobSpec` of `spec_types.py`.
+
+A spec is fully validated before anything starts, and every problem in a file
+is collected before raising, so that a user fixes them all in one go. Each
+problem names the file, the line (found by scanning the text, since tomllib
+reports none), the key, and a hint such as a likely typo's correction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import shlex
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ftsup.supervisor.durations import parse_duration, parse_size
+from ftsup.supervisor.spec_types import (
+    CheckpointSection,
+    CommandSection,
+    GpuSection,
+    HealthSection,
+    JobSection,
+    JobSpec,
+    LaunchSection,
+    NotifySection,
+    RestartSection,
+    TrainSection,
+)
+
+__all__ = ["SpecError", "SpecIssue", "load_spec", "parse_spec", "spec_to_json"]
+
+# ----------------------------------------------------------------- issues
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a job file; `key` is dotted from the root, e.g. `restart.backoff`."""
+
+    file: Path
+    line: int | None
+    key: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def render(self, *, hint: bool = True) -> str:
+        """`job.toml:12: [restart] backof: unknown key; did you mean "backoff"?`"""
+        parts = [str(self.file) if self.line is None else f"{self.file}:{self.line}"]
+        if self.key:
+            parts.append(_render_key(self.key))
+        text = ": ".join([*parts, self.message])
+        return f"{text}; {self.hint}" if hint and self.hint else text
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape `ftsup check --json` and the daemon report."""
+        return {
+            "file": str(self.file),
+            "line": self.line,
+            "key": self.key,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+def _render_key(key: str) -> str:
+    table, _, rest = key.partition(".")
+    return f"[{table}] {rest}" if rest else f"[{table}]"
+
+
+class SpecError(Exception):
+    """A refused job file: `issues` holds every problem found, `str()` one per line."""
+
+    def __init__(self, issues: Iterable[SpecIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+    def __reduce__(self) -> tuple[type[SpecError], tuple[list[SpecIssue]]]:
+        return (SpecError, (self.issues,))
+
+
+class _Bad(Exception):
+    """Raised by a converter: the value is refused, with a message and maybe a hint."""
+
+    def __init__(self, message: str, hint: str | None = None, *, at: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.at = at  # a key inside the value (env.HF_HOME), for a sharper location
+
+
+# ------------------------------------------------------ finding line numbers
+
+_BARE = r"[A-Za-z0-9_-]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"|\'[^\']*\''
+_PART = rf"(?:{_BARE}|{_QUOTED})"
+_DOTTED = rf"{_PART}(?:[ \t]*\.[ \t]*{_PART})*"
+_HEADER_RE = re.compile(rf"^\s*\[\[?[ \t]*({_DOTTED})[ \t]*\]\]?\s*(?:#.*)?$")
+_KEY_RE = re.compile(rf"^\s*({_DOTTED})[ \t]*=(.*)$")
+_INLINE_KEY_RE = re.compile(rf"[{{,][ \t]*({_DOTTED})[ \t]*=")
+_PART_RE = re.compile(_PART)
+
+
+def _split_dotted(dotted: str) -> tuple[str, ...]:
+    return tuple(_unquote(part) for part in _PART_RE.findall(dotted))
+
+
+def _unquote(part: str) -> str:
+    if part.startswith("'"):
+        return part[1:-1]
+    if part.startswith('"'):
+        try:
+            return str(json.loads(part))
+        except ValueError:
+            return part[1:-1]
+    return part
+
+
+class _LineIndex:
+    """Line numbers of tables and keys, found by scanning the TOML text."""
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, ...], int] = {}
+        self.keys: dict[tuple[str, ...], int] = {}
+        self._scan(text)
+
+    def _scan(self, text: str) -> None:
+        table: tuple[str, ...] = ()
+        closing: str | None = None  # delimiter of an open multi-line string
+        # Split on "\n" only, as tomllib counts lines.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if closing is not None:
+                closing = None if closing in line else closing
+                continue
+            if header := _HEADER_RE.match(line):
+                table = _split_dotted(header.group(1))
+                self.tables.setdefault(table, number)
+            elif key := _KEY_RE.match(line):
+                closing = self._add_key(table + _split_dotted(key.group(1)), key.group(2), number)
+
+    def _add_key(self, path: tuple[str, ...], value: str, number: int) -> str | None:
+        """Record a `key = value` line; return a multi-line string delimiter left open."""
+        self.keys.setdefault(path, number)
+        for depth in range(1, len(path)):
+            self.tables.setdefault(path[:depth], number)
+        if value.lstrip().startswith("{"):
+            for inner in _INLINE_KEY_RE.findall(value):
+                self.keys.setdefault(path + _split_dotted(inner), number)
+        for delimiter in ('"""', "'''"):
+            if value.count(delimiter) % 2 == 1:
+                return delimiter
+        return None
+
+    def find(self, path: tuple[str, ...]) -> int | None:
+        """The key's line, else its table's, else its parent's; None when absent."""
+        while path:
+            line = self.keys.get(path) or self.tables.get(path)
+            if line is not None:
+                return line
+            path = path[:-1]
+        return None
+
+
+class _Collector:
+    """Gathers the issues of one file, locating each by its key path."""
+
+    def __init__(self, source: Path, lines: _LineIndex) -> None:
+        self.source = source
+        self.lines = lines
+        self.items: list[SpecIssue] = []
+
+    def add(
+        self,
+        path: tuple[str, ...],
+        message: str,
+        hint: str | None = None,
+        *,
+        line: int | None = None,
+    ) -> None:
+        found = line if line is not None else self.lines.find(path)
+        self.items.append(SpecIssue(self.source, found, ".".join(path), message, hint))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            ordered = sorted(self.items, key=lambda i: (i.line is None, i.line or 0))
+            raise SpecError(ordered)
+
+
+# ------------------------------------------------------- describing values
+
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
+def _type_name(value: object) -> str:
+    return next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)), "a date/time")
+
+
+# TOML integers are 64-bit; tomllib does not enforce it, and Python refuses to
+# print integers of more than 4300 digits.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _show(value: object) -> str:
+    """A value as it would look in TOML, cut short."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int) and value not in _INT64:
+        text = "a number beyond 64 bits"
+    elif isinstance(value, str | list):
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (ValueError, RecursionError):
+            text = "[...]"
+    else:
+        text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    return f"{_type_name(value)} ({_show(value)})"
+
+
+def _is_number_text(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_hint(value: object, wanted: str) -> str | None:
+    """A fix for common type slips: quoted numbers and booleans, 3.0 for 3."""
+    if isinstance(value, str) and wanted in ("integer", "number") and _is_number_text(value):
+        return f"write it without quotes: {value.strip()}"
+    if isinstance(value, str) and wanted == "boolean" and value.lower() in ("true", "false"):
+        return f"write it without quotes: {value.lower()}"
+    if isinstance(value, float) and wanted == "integer" and value.is_integer():
+        return f"write a whole number: {int(value)}"
+    if isinstance(value, bool) and wanted in ("integer", "number"):
+        return "booleans are not numbers; write a number such as 1"
+    return None
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}"
+
+
+# -------------------------------------------------------------- converters
+
+# A converter takes a TOML value and the job file's folder (for relative paths)
+# and returns the dataclass value, or raises _Bad.
+Convert = Callable[[object, Path], Any]
+
+
+def _integer(at_least: int | None = None, hint: str | None = None) -> Convert:
+    def convert(value: object, _base: Path) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"expected an integer, got {_describe(value)}", _type_hint(value, "integer"))
+        if value not in _INT64:
+            raise _Bad("is out of range (TOML integers are 64-bit)")
+        if at_least is not None and value < at_least:
+            raise _Bad(f"must be at least {at_least}, got {value}", hint)
+        return value
+
+    return convert
+
+
+def _number(
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Convert:
+    def convert(value: object, _base: Path) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Bad(f"expected a number, got {_describe(value)}", _type_hint(value, "number"))
+        number = _finite(value)
+        if at_least is not None and number < at_least:
+            raise _Bad(f"must be at least {_fmt(at_least)}, got {_fmt(number)}")
+        if above is not None and number <= above:
+            raise _Bad(f"must be greater than {_fmt(above)}, got {_fmt(number)}")
+        if below is not None and number >= below:
+            raise _Bad(f"must be less than {_fmt(below)}, got {_fmt(number)}")
+        return number
+
+    return convert
+
+
+def _finite(value: float) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _Bad("is too large") from None
+    if not math.isfinite(number):
+        raise _Bad(f"must be a finite number, got {_show(value)}")
+    return number
+
+
+def _boolean(value: object, _base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_describe(value)}", _type_hint(value, "boolean"))
+    return value
+
+
+def _text(value: object, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected {what}, got {_describe(value)}")
+    if not value.strip():
+        raise _Bad("must not be empty")
+    if "\0" in value:
+        raise _Bad("must not contain a NUL character")
+    return value
+
+
+def _string(value: object, _base: Path) -> str:
+    return _text(value)
+
+
+def _choice(*options: str) -> Convert:
+    def convert(value: object, _base: Path) -> str:
+        text = _text(value)
+        if text not in options:
+            raise _Bad(
+                f"expected one of {', '.join(map(_show, options))}, got {_show(text)}",
+                _did_you_mean(text, options),
+            )
+        return text
+
+    return convert
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else None
+
+
+def _string_list(value: object, *, what: str = "an array of strings") -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"expected {what}, got {_describe(value)}")
+    items: list[str] = []
+    for index, item in enumerate(value, start=1):
+        if not isinstance(item, str):
+            raise _Bad(f"item {index}: expected a string, got {_describe(item)}", _quote_hint(item))
+        items.append(item)
+    return tuple(items)
+
+
+def _quote_hint(item: object) -> str | None:
+    if isinstance(item, int | float) and not isinstance(item, bool):
+        return f'quote it: "{item}"'
+    return None
+
+
+def _strings(value: object, _base: Path) -> tuple[str, ...]:
+    items = _string_list(value)
+    if not items:
+        raise _Bad("must not be empty")
+    return items
+
+
+def _string_or_strings(value: object, _base: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_text(value),)
+    return _string_list(value, what="a string or an array of strings")
+
+
+def _duration(positive: bool = False) -> Convert:
+    def convert(value: object, _base: Path) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise _Bad(f"a duration cannot be negative, got {_show(value)}")
+        try:
+            seconds = parse_duration(value)
+        except (ValueError, OverflowError):
+            raise _Bad(
+                'expected a duration such as "90s", "10m", "2h" or seconds, '
+                f"got {_describe(value)}",
+                'units are ms, s, m, h and d, written right after the number: "10m"'
+                if isinstance(value, str)
+                else None,
+            ) from None
+        seconds = _finite(seconds)
+        if positive and seconds <= 0:
+            raise _Bad("must be longer than 0 seconds")
+        return seconds
+
+    return convert
+
+
+def _size(value: object, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise _Bad(f"a size cannot be negative, got {value}")
+    try:
+        size = parse_size(value)
+    except (ValueError, OverflowError):
+        raise _Bad(
+            f'expected a size such as "20G", "512M" or bytes, got {_describe(value)}',
+            'units are K, M, G and T (powers of 1024): "20G"' if isinstance(value, str) else None,
+        ) from None
+    if size not in _INT64:
+        raise _Bad("is too large")
+    return size
+
+
+def _auto(inner: Convert) -> Convert:
+    """`"auto"` becomes None (ftsup decides); anything else goes to `inner`."""
+
+    def convert(value: object, base: Path) -> Any:
+        return None if value == "auto" else inner(value, base)
+
+    return convert
+
+
+# ------------------------------------------------------------------- paths
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.exists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _resolve(text: str, base: Path) -> Path:
+    """`~` expanded, relative to the job file's folder, normalised, absolute."""
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = expanded.split("/", 1)[0]
+        raise _Bad(f"cannot expand {user}: no such user")
+    return Path(os.path.normpath(os.path.join(base, expanded)))
+
+
+def _path(value: object, base: Path) -> Path:
+    return _resolve(_text(value, "a path (string)"), base)
+
+
+def _looks_like_path(text: str, base: Path) -> bool:
+    prefixes = ("/", "./", "../", "~")
+    return text.startswith(prefixes) or text in (".", "..") or _exists(os.path.join(base, text))
+
+
+def _model_ref(value: object, base: Path) -> str:
+    """A local folder becomes absolute; a hub id such as `Qwen/Qwen2.5-0.5B` stays."""
+    text = _text(value)
+    return str(_resolve(text, base)) if _looks_like_path(text, base) else text
+
+
+def _datasets(value: object, base: Path) -> tuple[str, ...]:
+    names = _string_or_strings(value, base)
+    if not names:
+        raise _Bad("must name at least one dataset file")
+    resolved: list[str] = []
+    for index, name in enumerate(names, start=1):
+        try:
+            resolved.append(str(_resolve(_text(name, "a path (string)"), base)))
+        except _Bad as bad:
+            raise _Bad(f"item {index}: {bad.message}", bad.hint) from None
+    return tuple(resolved)
+
+
+def _output_dir(value: object, base: Path) -> Path:
+    path = _path(value, base)
+    home = Path(os.path.normpath(os.path.expanduser("~")))
+    if path in (Path("/"), home):
+        raise _Bad(
+            f"must not be {'/' if path == Path('/') else 'your home folder'} itself",
+            'give the run a folder of its own, e.g. "~/runs/qwen-lora"',
+        )
+    return path
+
+
+# --------------------------------------------------------- table-specific
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _job_name(value: object, _base: Path) -> str:
+    name = _text(value)
+    if not _NAME_RE.fullmatch(name):
+        raise _Bad(
+            f"{_show(name)} is not a valid job name",
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it becomes a folder name)",
+        )
+    return name
+
+
+def _argv(value: object, _base: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise _Bad(f"expected an array of strings, got {_describe(value)}", _argv_hint(value))
+    argv = _string_list(value)
+    if not argv:
+        raise _Bad(
+            "must not be empty", 'name the program and its arguments: ["python", "train.py"]'
+        )
+    if not argv[0].strip():
+        raise _Bad("the program name (item 1) must not be empty")
+    return argv
+
+
+def _argv_hint(text: str) -> str:
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    return f"write it as a list: {json.dumps(words or ['python', 'train.py'], ensure_ascii=False)}"
+
+
+_PLACEHOLDER_RE = re.compile(r"\{(\w*)\}")
+
+
+def _resume_args(value: object, _base: Path) -> tuple[str, ...]:
+    args = _string_list(value)
+    for index, arg in enumerate(args, start=1):
+        for name in _PLACEHOLDER_RE.findall(arg):
+            if name != "checkpoint":
+                raise _Bad(
+                    f"item {index}: unknown placeholder {{{name}}}",
+                    "the only placeholder is {checkpoint}",
+                )
+    if not any("{checkpoint}" in arg for arg in args):
+        raise _Bad(
+            "no argument contains {checkpoint}, so a restart could not resume",
+            'e.g. resume_args = ["--resume_from_checkpoint", "{checkpoint}"]; '
+            "leave resume_args out if the command finds its checkpoint itself",
+        )
+    return args
+
+
+def _env(value: object, _base: Path) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a table of strings, got {_describe(value)}")
+    env: dict[str, str] = {}
+    for name, item in value.items():
+        if not name or "=" in name or "\0" in name:
+            raise _Bad(f"{_show(name)} is not a valid environment variable name")
+        if not isinstance(item, str):
+            raise _Bad(f"expected a string, got {_describe(item)}", _quote_hint(item), at=name)
+        env[name] = item
+    return MappingProxyType(env)
+
+
+def _devices(value: object, _base: Path) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Bad(
+            f"expected a non-empty array of GPU indices, got {_describe(value)}",
+            "e.g. devices = [0, 1]; leave devices out to use every visible GPU",
+        )
+    for index, item in enumerate(value, start=1):
+        if isinstance(item, bool) or not isinstance(item, int) or item not in range(2**31):
+            raise _Bad(f"item {index}: expected a GPU index (0, 1, ...), got {_describe(item)}")
+    if len(set(value)) != len(value):
+        raise _Bad("lists a GPU more than once")
+    return tuple(value)
+
+
+XID_ACTIONS = ("restart", "stop", "warn", "ignore")
+
+
+def _xid_actions(value: object, _base: Path) -> Mapping[int, str]:
+    if not isinstance(value, dict):
+        raise _Bad(f'expected a table such as {{ 79 = "stop" }}, got {_describe(value)}')
+    actions: dict[int, str] = {}
+    for xid, action in value.items():
+        if not (xid.isascii() and xid.isdigit() and len(xid) <= 6):
+            raise _Bad(f"{_show(xid)} is not an XID number", 'e.g. 79 = "stop"', at=xid)
+        if action not in XID_ACTIONS:
+            hint = _did_you_mean(action, XID_ACTIONS) if isinstance(action, str) else None
+            choices = ", ".join(map(_show, XID_ACTIONS))
+            raise _Bad(f"expected one of {choices}, got {_describe(action)}", hint, at=xid)
+        actions[int(xid)] = str(action)
+    return MappingProxyType(actions)
+
+
+def _webhook(value: object, _base: Path) -> str:
+    url = _text(value, "a URL (string)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        parts = urllib.parse.urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _Bad(f"{_show(url)} is not an http(s) URL", 'e.g. "https://hooks.example.com/T0/B0"')
+    return url
+
+
+NOTIFY_EVENTS = (
+    "finished",
+    "failed",
+    "gave_up",
+    "hung",
+    "gpu_fault",
+    "disk_guard",
+    "loss_anomaly",
+    "restarted",
+)
+
+
+def _events(value: object, base: Path) -> tuple[str, ...]:
+    events = _string_or_strings(value, base)
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise _Bad(
+                f"unknown event {_show(event)}; events are {', '.join(NOTIFY_EVENTS)}",
+                _did_you_mean(event, NOTIFY_EVENTS),
+            )
+    return events
+
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "warmup_stable_decay",
+)
+
+
+# ------------------------------------------------------------------ schema
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One TOML key: its dataclass attribute, converter and, if required, an example."""
+
+    key: str
+    convert: Convert
+    attr: str = ""
+    required: bool = False
+    example: str | None = None
+    default: Callable[[Path], Any] | None = None  # when the dataclass has none
+
+    @property
+    def name(self) -> str:
+        return self.attr or self.key
+
+
+@dataclass(frozen=True)
+class _Table:
+    make: Callable[..., Any]
+    fields: Mapping[str, _Field]
+
+
+def _table(make: Callable[..., Any], *fields: _Field) -> _Table:
+    return _Table(make, MappingProxyType({f.key: f for f in fields}))
+
+
+_POSITIVE_INT = _integer(at_least=1)
+_COUNT = _integer(at_least=0)
+
+_TABLES: Mapping[str, _Table] = MappingProxyType(
+    {
+        "job": _table(
+            JobSection,
+            _Field("name", _job_name, required=True, example='name = "qwen-lora"'),
+            _Field(
+                "output_dir",
+                _output_dir,
+                required=True,
+                example='output_dir = "/data/runs/qwen-lora"',
+            ),
+        ),
+        "command": _table(
+            CommandSection,
+            _Field("argv", _argv, required=True, example='argv = ["python", "train.py"]'),
+            _Field("cwd", _path, default=lambda base: base),
+            _Field("env", _env),
+            _Field("resume_args", _resume_args),
+        ),
+        "train": _table(
+            TrainSection,
+            _Field("model", _model_ref, required=True, example='model = "Qwen/Qwen2.5-0.5B"'),
+            _Field("dataset", _datasets, required=True, example='dataset = "data/sft.jsonl"'),
+            _Field("tokenizer", _model_ref),
+            _Field("format", _choice("auto", "alpaca", "chat")),
+            _Field("cutoff_len", _POSITIVE_INT),
+            _Field("finetuning_type", _choice("lora", "qlora", "full")),
+            _Field("lora_rank", _integer(at_least=1, hint="typical ranks are 8 to 128")),
+            _Field("lora_alpha", _POSITIVE_INT),
+            _Field("lora_dropout", _number(at_least=0, below=1)),
+            _Field("lora_target", _string_or_strings),
+            _Field("per_device_train_batch_size", _POSITIVE_INT),
+            _Field("gradient_accumulation_steps", _POSITIVE_INT),
+            _Field("learning_rate", _number(above=0)),
+            _Field("lr_scheduler_type", _choice(*LR_SCHEDULERS)),
+            _Field("warmup_steps", _COUNT),
+            _Field("warmup_ratio", _number(at_least=0, below=1)),
+            _Field("weight_decay", _number(at_least=0)),
+            _Field("max_grad_norm", _number(at_least=0)),
+            _Field("num_train_epochs", _number(at_least=0)),
+            _Field("max_steps", _integer()),
+            _Field("seed", _COUNT),
+            _Field("bf16", _boolean),
+            _Field("fp16", _boolean),
+            _Field("save_steps", _POSITIVE_INT),
+            _Field("save_every", _duration(positive=True)),
+            _Field(
+                "save_total_limit",
+                _integer(
+                    at_least=2,
+                    hint="keep at least 2: the newest checkpoint may still be being written "
+                    "when a run dies",
+                ),
+            ),
+            _Field("logging_steps", _POSITIVE_INT),
+            _Field("val_size", _number(at_least=0, below=1)),
+            _Field("eval_steps", _POSITIVE_INT),
+            _Field("report_to", _string_or_strings),
+            _Field("dataloader_num_workers", _COUNT),
+        ),
+        "launch": _table(
+            LaunchSection,
+            _Field("nproc_per_node", _POSITIVE_INT),
+            _Field("nnodes", _POSITIVE_INT),
+            _Field("node_rank", _COUNT),
+            _Field("rdzv_backend", _string),
+            _Field("rdzv_endpoint", _string),
+            _Field("rdzv_id", _string),
+            _Field("deepspeed", lambda value, base: str(_path(value, base))),
+        ),
+        "restart": _table(
+            RestartSection,
+            _Field("max_restarts", _COUNT),
+            _Field("backoff", _duration()),
+            _Field("backoff_max", _duration()),
+            _Field("crash_loop", _POSITIVE_INT),
+            _Field("stop_grace", _duration()),
+        ),
+        "health": _table(
+            HealthSection,
+            _Field("hang_timeout", _auto(_duration(positive=True))),
+            _Field("hang_floor", _duration(positive=True)),
+            _Field("hang_ceiling", _duration(positive=True)),
+            _Field("startup_timeout", _duration(positive=True)),
+            _Field("loss_anomaly", _choice("rollback", "stop", "warn")),
+            _Field("loss_spike_factor", _number(above=1)),
+        ),
+        "checkpoint": _table(
+            CheckpointSection,
+            _Field("keep_last", _POSITIVE_INT),
+            _Field("keep_every", _POSITIVE_INT),
+            _Field("keep_best", _string),
+            _Field("async", _boolean, attr="async_save"),
+            _Field("min_free", _auto(_size)),
+            _Field("allow_scratch", _boolean),
+            _Field("watch", _choice("auto", "inotify", "polling")),
+        ),
+        "gpu": _table(
+            GpuSection,
+            _Field("devices", _devices),
+            _Field("xid_actions", _xid_actions),
+        ),
+        "notify": _table(
+            NotifySection,
+            _Field("webhook", _webhook),
+            _Field("command", _strings),
+            _Field("on", _events),
+        ),
+    }
+)
+
+# --------------------------------------------------- cross-field checks
+
+# (key, message, hint) for a section whose keys each converted cleanly.
+_Problem = tuple[str, str, str | None]
+
+
+def _check_train(train: TrainSection) -> Iterator[_Problem]:
+    if train.bf16 and train.fp16:
+        yield "fp16", "bf16 and fp16 cannot both be true", "keep bf16 on Ampere or newer GPUs"
+    if train.max_steps <= 0 and train.num_train_epochs <= 0:
+        yield (
+            "num_train_epochs",
+            "nothing to train: max_steps and num_train_epochs are both unset or 0",
+            "set max_steps = 1000 or num_train_epochs = 3",
+        )
+    if train.eval_steps is not None and train.val_size == 0:
+        yield (
+            "eval_steps",
+            "eval_steps has no effect: no data is held out for evaluation",
+            "set val_size = 0.05, or leave eval_steps out",
+        )
+
+
+def _check_launch(launch: LaunchSection) -> Iterator[_Problem]:
+    if launch.node_rank >= launch.nnodes:
+        yield (
+            "node_rank",
+            f"must be less than nnodes ({launch.nnodes}), got {launch.node_rank}",
+            None,
+        )
+    if launch.nnodes > 1 and launch.rdzv_endpoint is None:
+        yield (
+            "rdzv_endpoint",
+            "required when nnodes > 1",
+            'add rdzv_endpoint = "host:29500" (the same on every node)',
+        )
+
+
+def _check_restart(restart: RestartSection) -> Iterator[_Problem]:
+    if restart.backoff_max < restart.backoff:
+        yield (
+            "backoff_max",
+            f"must not be shorter than backoff ({_fmt(restart.backoff)}s), "
+            f"got {_fmt(restart.backoff_max)}s",
+            "backoff is the first delay, backoff_max its cap",
+        )
+
+
+def _check_health(health: HealthSection) -> Iterator[_Problem]:
+    if health.hang_ceiling < health.hang_floor:
+        yield (
+            "hang_ceiling",
+            f"must not be shorter than hang_floor ({_fmt(health.hang_floor)}s)",
+            None,
+        )
+
+
+_CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
+    {
+        "train": _check_train,
+        "launch": _check_launch,
+        "restart": _check_restart,
+        "health": _check_health,
+    }
+)
+
+# ----------------------------------------------------------------- parsing
+
+
+def load_spec(path: Path) -> JobSpec:
+    """Read and validate a job file; a file that cannot be read is a SpecError too."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError(
+            [SpecIssue(path, None, "", f"cannot read the job file: {reason}")]
+        ) from None
+    return parse_spec(text, path)
+
+
+def parse_spec(text: str, source: Path) -> JobSpec:
+    """Validate TOML text; `source` is the job file (relative paths start from its folder)."""
+    data = _load_toml(text, source)
+    issues = _Collector(source, _LineIndex(text))
+    absolute = Path(os.path.abspath(os.path.expanduser(source)))
+    sections = _parse_tables(data, absolute.parent, issues)
+    _check_kind(data, issues)
+    issues.raise_if_any()
+    return JobSpec(source=absolute, text=text, **sections)
+
+
+_TOML_POSITION_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _load_toml(text: str, source: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError([_syntax_issue(str(exc), text, source)]) from None
+    except (ValueError, RecursionError) as exc:  # huge integers, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([SpecIssue(source, None, "", f"invalid TOML: {reason}")]) from None
+
+
+def _syntax_issue(message: str, text: str, source: Path) -> SpecIssue:
+    """tomllib puts the position in its message; move it to where SpecIssue keeps it."""
+    line: int | None = None
+    if position := _TOML_POSITION_RE.search(message):
+        line = int(position.group(1))
+        message = f"{message[: position.start()]} (column {position.group(2)})"
+    elif message.endswith("(at end of document)"):
+        line = text.count("\n") + 1
+        message = message.removesuffix(" (at end of document)") + " at the end of the file"
+    # No key: where tomllib notices a problem is often a line after its cause.
+    return SpecIssue(source, line, "", f"invalid TOML: {message}", _syntax_hint(message))
+
+
+_SYNTAX_HINTS = (
+    ("Invalid value", 'strings need quotes: name = "qwen-lora"'),
+    ("Cannot overwrite", "a key or a table is defined twice"),
+    ("Cannot declare", "a key or a table is defined twice"),
+    ("Unclosed array", 'an array opened above ("[") is missing its "]"'),
+    ("Unclosed inline table", 'an inline table opened above ("{") is missing its "}"'),
+    ("Expected '=' after a key", "write keys as key = value"),
+)
+
+
+def _syntax_hint(message: str) -> str | None:
+    return next((hint for start, hint in _SYNTAX_HINTS if message.startswith(start)), None)
+
+
+def _parse_tables(data: dict[str, Any], base: Path, issues: _Collector) -> dict[str, Any]:
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        table = _TABLES.get(name)
+        if table is None:
+            _unknown_root_key(name, value, issues)
+        elif not isinstance(value, dict):
+            issues.add(
+                (name,),
+                f"expected a table, got {_describe(value)}",
+                f"write a [{name}] header followed by its keys",
+            )
+        else:
+            sections[name] = _parse_section(name, table, value, base, issues)
+    return sections
+
+
+def _parse_section(
+    name: str, table: _Table, raw: dict[str, Any], base: Path, issues: _Collector
+) -> Any:
+    """Convert one table's keys; None when a key could not be converted."""
+    values: dict[str, Any] = {}
+    complete = True
+    for key, value in raw.items():
+        spec = table.fields.get(key)
+        if spec is None:
+            issues.add((name, key), "unknown key", _suggest_key(name, key))
+            continue
+        try:
+            values[spec.name] = spec.convert(value, base)
+        except _Bad as bad:
+            path = (name, key) if bad.at is None else (name, key, bad.at)
+            issues.add(path, bad.message, bad.hint)
+            complete = False
+    complete = _fill_missing(name, table, raw, values, base, issues) and complete
+    if not complete:
+        return None
+    section = table.make(**values)
+    for key, message, hint in _CHECKS.get(name, _no_checks)(section):
+        issues.add((name, key), message, hint)
+    return section
+
+
+def _no_checks(_section: object) -> Iterator[_Problem]:
+    return iter(())
+
+
+def _fill_missing(
+    name: str,
+    table: _Table,
+    raw: dict[str, Any],
+    values: dict[str, Any],
+    base: Path,
+    issues: _Collector,
+) -> bool:
+    """Report required keys that are missing, and fill computed defaults."""
+    complete = True
+    for key, spec in table.fields.items():
+        if key in raw:
+            continue
+        if spec.required:
+            hint = f"add: {spec.example}" if spec.example else None
+            issues.add((name, key), "required key is missing", hint)
+            complete = False
+        elif spec.default is not None:
+            values[spec.name] = spec.default(base)
+    return complete
+
+
+def _check_kind(data: dict[str, Any], issues: _Collector) -> None:
+    """A job needs [job], and exactly one of [command] and [train]."""
+    if "job" not in data:
+        issues.add(
+            ("job",), "required table is missing", "add a [job] table with name and output_dir"
+        )
+    if "command" in data and "train" in data:
+        issues.add(
+            ("train",),
+            "a job has either [command] or [train], not both",
+            "keep [command] to run your own trainer, or [train] for the built-in one",
+        )
+    elif "command" not in data and "train" not in data:
+        issues.add(
+            ("command",),
+            "a job needs a [command] or a [train] table",
+            'e.g. [command] argv = ["python", "train.py"]',
+        )
+
+
+# ------------------------------------------------------------- suggestions
+
+
+def _unknown_root_key(name: str, value: object, issues: _Collector) -> None:
+    if isinstance(value, dict):
+        close = difflib.get_close_matches(name, list(_TABLES), n=1, cutoff=0.6)
+        hint = f"did you mean [{close[0]}]?" if close else f"tables are {_table_list()}"
+        issues.add((name,), "unknown table", hint)
+        return
+    owners = _owners(name)
+    if owners:
+        line = issues.lines.keys.get((name,))
+        issues.add(
+            (owners[0], name),
+            "is written above every table header",
+            f"move it below the [{owners[0]}] header",
+            line=line,
+        )
+        return
+    issues.items.append(
+        SpecIssue(
+            issues.source,
+            issues.lines.keys.get((name,)),
+            "",
+            f"unknown key {_show(name)} outside any table",
+            f"every key belongs in a table: {_table_list()}",
+        )
+    )
+
+
+def _table_list() -> str:
+    return ", ".join(f"[{name}]" for name in _TABLES)
+
+
+def _owners(key: str, *, besides: str = "") -> list[str]:
+    return [name for name, table in _TABLES.items() if name != besides and key in table.fields]
+
+
+def _suggest_key(table: str, key: str) -> str:
+    """The right table for a misplaced key, else the nearest known key, else the list."""
+    if owners := _owners(key, besides=table):
+        return f"belongs in [{owners[0]}]"
+    known = list(_TABLES[table].fields)
+    if hint := _did_you_mean(key, known):
+        return hint
+    for other, spec in _TABLES.items():
+        close = difflib.get_close_matches(key, list(spec.fields), n=1, cutoff=0.8)
+        if other != table and close:
+            return f"did you mean {close[0]} in [{other}]?"
+    return f"known keys in [{table}]: {', '.join(known)}"
+
+
+# --------------------------------------------------------------------- JSON
+
+
+def spec_to_json(spec: JobSpec) -> dict[str, Any]:
+    """The whole spec as JSON-safe data (dataclass field names; paths as strings)."""
+    result = _jsonable(spec)
+    assert isinstance(result, dict)
+    return result
+
+
+def _jsonable(value: object) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value

@@ -1,0 +1,132 @@
+"""A small but real training process for the supervisor's tests.
+
+It behaves like an HF Trainer script where it matters to ftsup: it writes
+`checkpoint-<N>/trainer_state.json` (with `log_history`) every `--save-steps`,
+resumes from `--resume_from_checkpoint`, appends progress lines to
+`FTSUP_PROGRESS_FILE`, saves and exits 75 on SIGTERM, and can be told to crash.
+Every executed step is appended to `<output_dir>/steps.log` ("pid step value")
+so tests can prove that no step was lost or run twice.
+
+Its "model" is one integer updated deterministically per step, so the final
+value proves the run took the same path as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def update(value: int, step: int) -> int:
+    return (value * 31 + step) % 1_000_003
+
+
+def expected_final(max_steps: int) -> int:
+    value = 1
+    for step in range(1, max_steps + 1):
+        value = update(value, step)
+    return value
+
+
+def save(output_dir: Path, step: int, value: int, max_steps: int, history: list[dict]) -> None:
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").write_text(json.dumps({"value": value}))
+    state = {"global_step": step, "max_steps": max_steps, "log_history": history[-50:]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))  # written last, like HF
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--save-steps", type=int, default=5)
+    parser.add_argument("--step-time", type=float, default=0.05)
+    parser.add_argument("--resume_from_checkpoint", type=Path, default=None)
+    parser.add_argument("--crash-at", type=int, action="append", default=[],
+                        help="exit 1 the first time this step is reached (repeatable)")
+    parser.add_argument("--crash-always-at", type=int, default=None,
+                        help="exit 1 every time this step is reached")
+    parser.add_argument("--fail-at-start", type=int, default=None,
+                        help="exit with this code before any step")
+    parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (stubborn)")
+    parser.add_argument("--spawn-child", action="store_true",
+                        help="start a sleeping child in the same process group")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="write no progress file (like a plain HF script)")
+    args = parser.parse_args()
+    out: Path = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"toy trainer pid {os.getpid()} resume={args.resume_from_checkpoint}", flush=True)
+
+    if args.fail_at_start is not None:
+        print("RuntimeError: toy failure at start", file=sys.stderr, flush=True)
+        return args.fail_at_start
+    if args.spawn_child:
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+    stop = {"requested": False}
+
+    def on_term(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
+
+    step, value, history = 0, 1, []
+    if args.resume_from_checkpoint is not None:
+        state = json.loads((args.resume_from_checkpoint / "trainer_state.json").read_text())
+        step = state["global_step"]
+        value = json.loads((args.resume_from_checkpoint / "model.json").read_text())["value"]
+        history = state["log_history"]
+
+    progress_path = os.environ.get("FTSUP_PROGRESS_FILE")
+    progress = open(progress_path, "a") if progress_path and not args.no_progress else None
+
+    def report(record: dict) -> None:
+        if progress is not None:
+            progress.write(json.dumps({"ts": time.time(), **record}) + "\n")
+            progress.flush()
+
+    report({"event": "train_start", "step": step, "max_steps": args.max_steps})
+    steps_log = open(out / "steps.log", "a")
+    while step < args.max_steps:
+        time.sleep(args.step_time)
+        step += 1
+        value = update(value, step)
+        loss = 10.0 / step
+        steps_log.write(f"{os.getpid()} {step} {value}\n")
+        steps_log.flush()
+        history.append({"step": step, "loss": loss, "learning_rate": 1e-4})
+        report({"event": "step", "step": step, "max_steps": args.max_steps, "loss": loss})
+        print(f"step {step} loss {loss:.4f}", flush=True)
+        marker = out / f".crashed-at-{step}"
+        if step in args.crash_at and not marker.exists():
+            marker.touch()
+            print(f"RuntimeError: toy crash at step {step}", file=sys.stderr, flush=True)
+            return 1
+        if args.crash_always_at == step:
+            print(f"RuntimeError: toy crash at step {step}", file=sys.stderr, flush=True)
+            return 1
+        if step % args.save_steps == 0 or step == args.max_steps:
+            save(out, step, value, args.max_steps, history)
+            report({"event": "checkpoint_saved", "step": step})
+        if stop["requested"]:
+            save(out, step, value, args.max_steps, history)
+            report({"event": "checkpoint_saved", "step": step})
+            print(f"stopped at step {step} after saving", flush=True)
+            return 75
+    (out / "final.json").write_text(json.dumps({"step": step, "value": value}))
+    report({"event": "train_end", "step": step})
+    print("training finished", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
