@@ -1,0 +1,126 @@
+"""Finding checkpoints and choosing the one a run resumes from.
+
+Ordered by the step in the folder name, never by mtime: copies, restores and
+clock changes make mtimes lie. Resume selection walks from the newest step
+down, quarantining every invalid folder it passes so that no later resume (by
+ftsup or by the trainer's own "latest checkpoint" logic) trips over it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ftsup_format import has_manifest
+from .quarantine import quarantine as _quarantine
+from .report import CHECKPOINT_RE, CheckpointReport, checkpoint_step
+from .validate import validate_checkpoint
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A folder that resume selection moved away; `report.path` is the old path."""
+
+    report: CheckpointReport
+    moved_to: Path
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """`checkpoint`: what to resume from (None: nothing valid; start from scratch
+    if the job allows it). `quarantined`: emit one event each. `skipped`:
+    newer folders passed over without quarantine (weights only, possibly still
+    being written, or quarantine disabled), each with its reason."""
+
+    checkpoint: CheckpointReport | None
+    quarantined: tuple[Quarantined, ...] = ()
+    skipped: tuple[CheckpointReport, ...] = ()
+
+    @property
+    def path(self) -> Path | None:
+        return self.checkpoint.path if self.checkpoint else None
+
+    @property
+    def step(self) -> int | None:
+        return self.checkpoint.step if self.checkpoint else None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-<N>` folders by N (quarantined and other names ignored)."""
+    try:
+        entries = [
+            p for p in Path(output_dir).iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()
+        ]
+    except FileNotFoundError:
+        return []
+    return sorted(entries, key=lambda p: checkpoint_step(p) or 0)
+
+
+def manifests_expected(output_dir: Path) -> bool:
+    """True when any checkpoint here has an ftsup manifest: its writer writes one
+    for every checkpoint, so a folder without one is an interrupted save."""
+    return any(has_manifest(p) for p in list_checkpoints(output_dir))
+
+
+def validate_all(
+    output_dir: Path,
+    *,
+    deep: bool = False,
+    world_size: int | None = None,
+    require_manifest: bool | None = None,
+) -> list[CheckpointReport]:
+    """A report per checkpoint, by step. `require_manifest=None`: decide by
+    `manifests_expected`."""
+    if require_manifest is None:
+        require_manifest = manifests_expected(output_dir)
+    reports = []
+    for path in list_checkpoints(output_dir):
+        try:
+            reports.append(
+                validate_checkpoint(
+                    path, deep=deep, world_size=world_size, require_manifest=require_manifest
+                )
+            )
+        except FileNotFoundError:  # removed while listing (the trainer's rotation)
+            continue
+    return reports
+
+
+def select_resume(
+    output_dir: Path,
+    *,
+    world_size: int | None = None,
+    quarantine: bool = True,
+    skip_newer_than: float | None = None,
+    require_manifest: bool | None = None,
+    deep: bool = False,
+    now: float | None = None,
+) -> ResumeChoice:
+    """The newest valid and resumable checkpoint, falling back as far as needed.
+
+    Every newer invalid folder is quarantined on the way (when `quarantine`),
+    except one written to within the last `skip_newer_than` seconds: its writer
+    may still be at work, so it is skipped and left alone. Call this only when
+    no trainer of the job runs; `skip_newer_than` is the safety net.
+    """
+    if require_manifest is None:
+        require_manifest = manifests_expected(output_dir)
+    now = time.time() if now is None else now
+    moved: list[Quarantined] = []
+    skipped: list[CheckpointReport] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            report = validate_checkpoint(
+                path, deep=deep, world_size=world_size, require_manifest=require_manifest
+            )
+        except FileNotFoundError:
+            continue
+        if report.resumable:
+            return ResumeChoice(report, tuple(moved), tuple(skipped))
+        recent = skip_newer_than is not None and now - report.mtime < skip_newer_than
+        if report.valid or not quarantine or recent:
+            skipped.append(report)
+            continue
+        moved.append(Quarantined(report, _quarantine(path, report.reason or "invalid")))
+    return ResumeChoice(None, tuple(moved), tuple(skipped))

@@ -1,0 +1,141 @@
+"""`validate_checkpoint`: the one question every other part asks of a folder.
+
+Never imports torch: the fast path reads file headers, zip directories and
+sizes only (milliseconds for multi-GB checkpoints); `deep` re-hashes against
+the manifest or reads every zip member (CRC) and tensor byte range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifest import MANIFEST_NAME
+from .deepspeed import check_deepspeed, is_deepspeed
+from .files import check_file, folder_stats
+from .findings import Findings
+from .formats import detect_format, looks_hf
+from .ftsup_format import QUARANTINE_NOTE, check_manifest
+from .hf import TRAINER_STATE, check_hf
+from .report import CheckpointReport, Format, checkpoint_step
+
+
+def validate_checkpoint(
+    path: Path,
+    *,
+    deep: bool = False,
+    world_size: int | None = None,
+    require_manifest: bool = False,
+) -> CheckpointReport:
+    """Judge one checkpoint folder.
+
+    `world_size`: the number of processes that wrote it, when known (otherwise
+    inferred from the RNG and optimizer files; a manifest's own value wins).
+    `require_manifest`: the writer is known to write an ftsup manifest, so a
+    folder without one is incomplete even if it looks like a good HF checkpoint.
+    Raises FileNotFoundError / NotADirectoryError when `path` is not a folder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        raise FileNotFoundError(f"{folder} does not exist")
+    step = checkpoint_step(folder)
+    fmt = detect_format(folder, require_manifest=require_manifest)
+    found = Findings()
+    try:
+        if fmt == "ftsup":
+            _check_ftsup(folder, found, step, world_size, deep)
+        elif fmt == "unknown":
+            _check_unknown(folder, found)
+        else:
+            _check_layout(folder, found, step, world_size, deep)
+    except OSError as exc:  # a file vanished or cannot be read mid-check
+        found.problem(f"unreadable: {exc}")
+    if step is None and isinstance(found.details.get("global_step"), int):
+        step = found.details["global_step"]
+    return _report(folder, step, fmt, found)
+
+
+def _check_ftsup(
+    folder: Path, found: Findings, step: int | None, world_size: int | None, deep: bool
+) -> None:
+    manifest = check_manifest(folder, found, step=step, deep=deep)
+    if manifest is None:
+        _check_layout(folder, found, step, world_size, deep)
+        return
+    if world_size and world_size != manifest.world_size:
+        found.note(f"written by {manifest.world_size} processes; the job runs {world_size}")
+    if step is None:
+        found.details["global_step"] = manifest.step
+    # Hashes (deep) already cover every byte; the layout checks add the
+    # structure that a manifest cannot know about, on the fast path only.
+    _check_layout(folder, found, step, manifest.world_size, deep=False)
+    found.details["world_size"] = manifest.world_size
+
+
+def _check_layout(
+    folder: Path, found: Findings, step: int | None, world_size: int | None, deep: bool
+) -> None:
+    """Structure by writer: DeepSpeed and/or HF Trainer, else per-file integrity."""
+    skip = frozenset([QUARANTINE_NOTE, *(p.name for p in folder.glob(f"{MANIFEST_NAME}*"))])
+    deepspeed = is_deepspeed(folder)
+    if deepspeed:
+        check_deepspeed(folder, found, world_size=world_size, deep=deep)
+        world_size = world_size or found.details.get("world_size")
+    if (folder / TRAINER_STATE).exists() or (not deepspeed and looks_hf(folder)):
+        check_hf(
+            folder,
+            found,
+            step=step,
+            world_size=world_size,
+            deep=deep,
+            training_state_elsewhere=deepspeed,
+            weights_elsewhere=deepspeed,
+            skip_files=skip,
+        )
+    elif not deepspeed:
+        for file in sorted(folder.rglob("*")):
+            if (
+                file.is_file()
+                and file.name not in skip
+                and (problem := check_file(file, deep=deep))
+            ):
+                found.problem(f"{file.relative_to(folder).as_posix()} {problem}")
+
+
+def _check_unknown(folder: Path, found: Findings) -> None:
+    if not any(folder.iterdir()):
+        found.problem("empty folder (nothing written yet)")
+    else:
+        found.problem(
+            f"not a known checkpoint: no {MANIFEST_NAME}, {TRAINER_STATE}, weights "
+            "or DeepSpeed latest"
+        )
+
+
+def _report(folder: Path, step: int | None, fmt: Format, found: Findings) -> CheckpointReport:
+    size, mtime = folder_stats(folder)
+    valid = found.ok
+    resumable = valid and not found.not_resumable
+    if found.problems:
+        reason: str | None = found.problems[0]
+    elif found.not_resumable:
+        reason = found.not_resumable[0]
+    else:
+        reason = None
+    details = dict(found.details)
+    details["problems"] = list(found.problems)
+    details["notes"] = list(found.notes)
+    if found.not_resumable:
+        details["not_resumable"] = list(found.not_resumable)
+    return CheckpointReport(
+        path=folder,
+        step=step,
+        format=fmt,
+        valid=valid,
+        resumable=resumable,
+        reason=reason,
+        size_bytes=size,
+        mtime=mtime,
+        details=details,
+    )
