@@ -31,10 +31,6 @@ class AttemptOutcome:
     failure_kind: str | None = None  # from diagnosis; None when unknown
 
     @property
-    def made_progress(self) -> bool:
-        return self.last_step > self.start_step
-
-    @property
     def is_failure(self) -> bool:
         return not (
             self.returncode == EXIT_OK
@@ -73,11 +69,26 @@ def _describe(outcome: AttemptOutcome) -> str:
     return f"exit code {outcome.returncode}"
 
 
+def made_progress(history: Sequence[AttemptOutcome]) -> list[bool]:
+    """Per attempt: did it reach a step that no earlier attempt had reached?
+
+    A run that resumes at step 10 and crashes at 12 every time re-runs steps
+    but never gets further: that is a crash loop, even though steps advance.
+    """
+    flags = []
+    high_water = 0
+    for outcome in history:
+        flags.append(outcome.last_step > max(high_water, outcome.start_step))
+        high_water = max(high_water, outcome.last_step)
+    return flags
+
+
 def consecutive_failures_without_progress(history: Sequence[AttemptOutcome]) -> int:
-    """Failures in a row, counted from the newest, that did not advance a step."""
+    """Failures in a row, counted from the newest, that got no further than before."""
     count = 0
-    for outcome in reversed(history):
-        if not outcome.is_failure or outcome.made_progress:
+    for outcome, progressed in zip(reversed(history), reversed(made_progress(history)),
+                                   strict=True):
+        if not outcome.is_failure or progressed:
             break
         count += 1
     return count

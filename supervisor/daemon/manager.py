@@ -82,7 +82,6 @@ class JobManager:
         if job is None:
             raise RequestError("not_found", f"no job named {name!r}")
         if runner is not None and job.live:
-            self.store.reset_first_attempt(name)
             runner.request_restart()
             return runner
         spec = parse_spec(job.spec_text, Path(job.spec_path))

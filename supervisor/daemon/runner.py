@@ -112,6 +112,7 @@ class JobRunner:
                 decision = policy.decide(self.history(), self.spec.restart)
                 if isinstance(decision, policy.Stopped) and self.restart_requested:
                     self.stop_requested = self.restart_requested = False
+                    self.store.reset_first_attempt(self.name)
                     self.bus.emit(self.name, "restart", "restarting on request")
                     continue
                 if isinstance(decision, policy.Restart):

@@ -1,0 +1,157 @@
+"""A real daemon in temporary folders, driven through the real CLI, for tests.
+
+Everything it starts (the daemon, and every shim and trainer the daemon
+started) is killed at teardown by process group, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.procinfo import is_same_process
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_TRAINER = REPO / "tests" / "scripts" / "toy_trainer.py"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Harness:
+    def __init__(self) -> None:
+        # Short paths: a Unix socket path must fit in 108 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="ftsup-t", dir="/tmp"))
+        self.state_dir = self.root / "state"
+        self.runtime_dir = self.root / "rt"
+        self.work = self.root / "work"
+        self.work.mkdir()
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "FTSUP_STATE_DIR": str(self.state_dir),
+                    "FTSUP_RUNTIME_DIR": str(self.runtime_dir), "PYTHONUNBUFFERED": "1"}
+
+    # daemon ----------------------------------------------------------------
+    def start_daemon(self) -> subprocess.Popen[bytes]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.state_dir / "daemon-test.log").open("ab")
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "ftsup.supervisor", "daemon"], env=self.env,
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        wait_for(lambda: self.cli("ls", check=False).returncode == 0, 20, 0.1, "the daemon")
+        return self.daemon
+
+    def kill_daemon(self) -> None:
+        """SIGKILL the daemon alone (its shims and trainers are in other sessions)."""
+        assert self.daemon is not None
+        self.daemon.kill()
+        self.daemon.wait(10)
+        self.daemon = None
+
+    def daemon_log(self) -> str:
+        path = self.state_dir / "daemon-test.log"
+        return path.read_text() if path.exists() else ""
+
+    # CLI -------------------------------------------------------------------
+    def cli(self, *args: str, check: bool = True, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "ftsup.supervisor", *args],
+                                env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ftsup {' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def cli_json(self, *args: str, check: bool = True) -> Any:
+        result = self.cli(*args, "--json", check=check)
+        return json.loads(result.stdout)
+
+    def status(self, job: str) -> dict[str, Any]:
+        return dict(self.cli_json("status", job))
+
+    def wait_state(self, job: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status(job)
+            return status if status["state"] in states else None
+
+        return dict(wait_for(reached, timeout, 0.1, f"{job} to be {'/'.join(states)}"))
+
+    # jobs ------------------------------------------------------------------
+    def toy_job(self, name: str, *trainer_args: str, restart: str = "",
+                resume: bool = True, output: str | None = None, extra: str = "") -> Path:
+        output_dir = self.work / (output or name)
+        argv = [sys.executable, str(TOY_TRAINER), "--output-dir", str(output_dir), *trainer_args]
+        resume_line = 'resume_args = ["--resume_from_checkpoint", "{checkpoint}"]' if resume else ""
+        text = textwrap.dedent(f"""\
+            [job]
+            name = "{name}"
+            output_dir = "{output_dir}"
+
+            [command]
+            argv = {json.dumps(argv)}
+            {resume_line}
+
+            [restart]
+            backoff = "0.1s"
+            backoff_max = "1s"
+            {restart}
+            """) + extra
+        path = self.work / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def steps(self, job: str, output: str | None = None) -> list[int]:
+        path = self.work / (output or job) / "steps.log"
+        return [int(line.split()[1]) for line in path.read_text().splitlines()]
+
+    def attempt_pids(self, job: str) -> list[dict[str, Any]]:
+        runs = self.state_dir / "runs" / job
+        found = []
+        for pids in sorted(runs.glob("attempt-*/pids.json")):
+            found.append(json.loads(pids.read_text()))
+        return found
+
+    # teardown --------------------------------------------------------------
+    def cleanup(self) -> None:
+        if self.daemon is not None:
+            self.daemon.kill()
+            self.daemon.wait(10)
+        for pids_file in self.state_dir.glob("runs/*/attempt-*/pids.json"):
+            pids = json.loads(pids_file.read_text())
+            if is_same_process(pids["shim_pid"], pids["shim_start"]):
+                os.kill(pids["shim_pid"], signal.SIGKILL)
+            try:
+                os.killpg(pids["pgid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # A daemon started by `ftsup start` (not by this harness) records its pid here.
+        lock = self.state_dir / "daemon.lock"
+        if lock.exists() and lock.read_text().strip().isdigit():
+            pid = int(lock.read_text())
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                cmdline = b""
+            if b"ftsup.supervisor" in cmdline and str(self.state_dir).encode() in (
+                Path(f"/proc/{pid}/environ").read_bytes() + cmdline
+            ):
+                os.killpg(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
