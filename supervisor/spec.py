@@ -191,6 +191,10 @@ class _Collector:
         found = line if line is not None else self.lines.find(path)
         self.items.append(SpecIssue(self.source, found, ".".join(path), message, hint))
 
+    def reported(self, path: tuple[str, ...]) -> bool:
+        key = ".".join(path)
+        return any(issue.key == key for issue in self.items)
+
     def raise_if_any(self) -> None:
         if self.items:
             ordered = sorted(self.items, key=lambda i: (i.line is None, i.line or 0))
@@ -360,6 +364,8 @@ def _string_list(value: object, *, what: str = "an array of strings") -> tuple[s
     for index, item in enumerate(value, start=1):
         if not isinstance(item, str):
             raise _Bad(f"item {index}: expected a string, got {_describe(item)}", _quote_hint(item))
+        if "\0" in item:
+            raise _Bad(f"item {index}: must not contain a NUL character")
         items.append(item)
     return tuple(items)
 
@@ -444,12 +450,16 @@ def _resolve(text: str, base: Path) -> Path:
     expanded = os.path.expanduser(text)
     if expanded.startswith("~"):
         user = expanded.split("/", 1)[0]
-        raise _Bad(f"cannot expand {user}: no such user")
+        raise _Bad(f"cannot expand {user}: no such user", "write the full path instead")
     return Path(os.path.normpath(os.path.join(base, expanded)))
 
 
 def _path(value: object, base: Path) -> Path:
     return _resolve(_text(value, "a path (string)"), base)
+
+
+def _path_text(value: object, base: Path) -> str:
+    return str(_path(value, base))
 
 
 def _looks_like_path(text: str, base: Path) -> bool:
@@ -554,6 +564,8 @@ def _env(value: object, _base: Path) -> Mapping[str, str]:
             raise _Bad(f"{_show(name)} is not a valid environment variable name")
         if not isinstance(item, str):
             raise _Bad(f"expected a string, got {_describe(item)}", _quote_hint(item), at=name)
+        if "\0" in item:
+            raise _Bad("must not contain a NUL character", at=name)
         env[name] = item
     return MappingProxyType(env)
 
@@ -738,7 +750,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("rdzv_backend", _string),
             _Field("rdzv_endpoint", _string),
             _Field("rdzv_id", _string),
-            _Field("deepspeed", lambda value, base: str(_path(value, base))),
+            _Field("deepspeed", _path_text),
         ),
         "restart": _table(
             RestartSection,
@@ -862,8 +874,16 @@ def load_spec(path: Path) -> JobSpec:
     return parse_spec(text, path)
 
 
+# Job files are a few KiB; tomllib is slow on some large inputs (the daemon
+# parses specs it is sent, so a cap keeps it responsive).
+MAX_SPEC_CHARS = 64 * 1024
+
+
 def parse_spec(text: str, source: Path) -> JobSpec:
     """Validate TOML text; `source` is the job file (relative paths start from its folder)."""
+    if len(text) > MAX_SPEC_CHARS:
+        message = f"the job file is too large ({len(text)} characters; at most {MAX_SPEC_CHARS})"
+        raise SpecError([SpecIssue(source, None, "", message)])
     data = _load_toml(text, source)
     issues = _Collector(source, _LineIndex(text))
     absolute = Path(os.path.abspath(os.path.expanduser(source)))
@@ -974,8 +994,9 @@ def _fill_missing(
         if key in raw:
             continue
         if spec.required:
-            hint = f"add: {spec.example}" if spec.example else None
-            issues.add((name, key), "required key is missing", hint)
+            if not issues.reported((name, key)):  # e.g. written above the headers
+                hint = f"add: {spec.example}" if spec.example else None
+                issues.add((name, key), "required key is missing", hint)
             complete = False
         elif spec.default is not None:
             values[spec.name] = spec.default(base)
@@ -1021,14 +1042,11 @@ def _unknown_root_key(name: str, value: object, issues: _Collector) -> None:
             line=line,
         )
         return
-    issues.items.append(
-        SpecIssue(
-            issues.source,
-            issues.lines.keys.get((name,)),
-            "",
-            f"unknown key {_show(name)} outside any table",
-            f"every key belongs in a table: {_table_list()}",
-        )
+    issues.add(
+        (),
+        f"unknown key {_show(name)} outside any table",
+        f"every key belongs in a table: {_table_list()}",
+        line=issues.lines.keys.get((name,)),
     )
 
 
