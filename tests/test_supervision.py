@@ -220,3 +220,15 @@ def test_cli_without_daemon_says_so(harness: Harness) -> None:
     assert result.returncode == 3
     assert "no daemon answers" in result.stderr
     assert harness.cli("status", "--json", check=False).returncode == 3
+
+
+def test_invalid_job_file_starts_nothing(harness: Harness) -> None:
+    bad = harness.work / "bad.toml"
+    bad.write_text('[job]\nname = "x"\noutput_dir = "out"\n[command]\nargv = []\n'
+                   '[restart]\nbackof = "1s"\n')
+    result = harness.cli("start", str(bad), check=False)
+    assert result.returncode == 2
+    assert "bad.toml:7: [restart] backof: unknown key" in result.stderr
+    assert "argv" in result.stderr
+    assert not harness.state_dir.exists()  # no daemon was started, nothing was written
+    assert not (harness.work / "out").exists()

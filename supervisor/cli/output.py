@@ -31,6 +31,9 @@ def print_json(data: Any) -> None:
 
 
 def error(message: str, *, hint: str | None = None) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    """An error for people; the texts are printed literally (job files contain `[table]`)."""
+    stderr.print("[bold red]error:[/] ", end="")
+    stderr.print(message, markup=False)
     if hint:
-        stderr.print(f"[dim]hint:[/] {hint}", markup=True)
+        stderr.print("[dim]hint:[/] ", end="")
+        stderr.print(hint, markup=False)
