@@ -1,0 +1,106 @@
+"""Helpers for the trainer tests: train.json files and trainer subprocesses.
+
+Every trainer runs as a real `python -m ftsup.trainer` process in its own
+process group; `kill_group` SIGKILLs the whole group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# One thread per process: the CI box has 2 shared cores, and the reference and
+# resumed runs must use the same thread count to be comparable bit for bit.
+TRAINER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_config(run_dir: Path, train: dict[str, Any], *, async_save: bool = True) -> Path:
+    """A train.json as the daemon writes it; output in run_dir/out."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "train": train,
+        "output_dir": str(run_dir / "out"),
+        "async_save": async_save,
+        "job_name": run_dir.name,
+    }
+    path = run_dir / "train.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+class TrainerProcess:
+    """A trainer subprocess with its progress file and log."""
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        resume_from: Path | None = None,
+        env: dict[str, str] | None = None,
+        argv_prefix: list[str] | None = None,
+    ) -> None:
+        run_dir = config.parent
+        self.progress = run_dir / "progress.jsonl"
+        self.log_path = run_dir / f"trainer-{time.monotonic_ns()}.log"
+        argv = [*(argv_prefix or [sys.executable, "-m", "ftsup.trainer"]), "--config", str(config)]
+        if resume_from is not None:
+            argv += ["--resume-from", str(resume_from)]
+        full_env = {**os.environ, **TRAINER_ENV, "FTSUP_PROGRESS_FILE": str(self.progress)}
+        full_env.update(env or {})
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.progress.exists():
+            return []
+        lines = self.progress.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"trainer exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting; log:\n{self.log()}")
+            time.sleep(0.01)
+
+    def wait_for_step(self, step: int, timeout: float = 120.0) -> None:
+        def reached() -> bool:
+            return any(e["event"] == "step" and e["step"] >= step for e in self.events())
+
+        self.wait_until(reached, timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill_group(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait(self, timeout: float = 300.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill_group()
+            self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def step_losses(events: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in events if e["event"] == "step"]

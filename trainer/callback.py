@@ -1,0 +1,179 @@
+"""`FtsupCallback`: progress events and signal-driven checkpoints for any HF Trainer.
+
+Add it to any `transformers.Trainer` script:
+
+    from ftsup.trainer import FtsupCallback
+    trainer = Trainer(..., callbacks=[FtsupCallback()])
+
+and the script writes `FTSUP_PROGRESS_FILE`, saves a checkpoint and stops on
+SIGTERM/SIGUSR1 (the script then exits as it likes; `FtsupCallback.stopped`
+says why training ended), and saves without stopping on SIGUSR2. The built-in
+trainer also passes a `Checkpointer`, which makes each checkpoint complete
+with a manifest and rotates old ones.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ftsup.trainer import dist
+from ftsup.trainer.checkpointing import Checkpointer, retire_checkpoints_after
+from ftsup.trainer.progress import ProgressWriter
+from ftsup.trainer.signals import REQUESTS, install_handlers
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+class FtsupCallback(TrainerCallback):  # type: ignore[misc]
+    """Report progress; turn stop/save requests into saves at step boundaries."""
+
+    def __init__(
+        self,
+        progress_file: str | Path | None = None,
+        *,
+        save_every: float | None = None,
+        checkpointer: Checkpointer | None = None,
+        resumed_from: str | Path | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        """`progress_file` defaults to `$FTSUP_PROGRESS_FILE`; `save_every` is in seconds."""
+        self.progress = (
+            ProgressWriter(progress_file) if progress_file else ProgressWriter.from_env()
+        )
+        self.save_every = save_every
+        self.checkpointer = checkpointer
+        self.resumed_from = str(resumed_from) if resumed_from else None
+        self.stopped = False  # True once training ended on a stop request
+        if install_signal_handlers:
+            install_handlers()
+        if checkpointer is not None and checkpointer.on_saved is None:
+            checkpointer.on_saved = self._report_saved
+        self._last_save = time.monotonic()
+        self._last_step_time = time.monotonic()
+        self._last_tokens = 0
+        self._tokens_per_s: float | None = None
+        self._save_started = time.monotonic()
+        self._is_zero = dist.rank() == 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self._is_zero = state.is_world_process_zero
+        if self.checkpointer is not None:
+            # Steps after the resume point will be written again: move leftovers away.
+            if self._is_zero:
+                retire_checkpoints_after(Path(str(args.output_dir)), state.global_step)
+            dist.barrier()
+        now = time.monotonic()
+        self._last_save = self._last_step_time = now
+        self._last_tokens = state.num_input_tokens_seen
+        resumed = self.resumed_from or getattr(args, "resume_from_checkpoint", None)
+        self._emit(
+            "train_start",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            resumed_from=str(resumed) if resumed and state.global_step > 0 else None,
+        )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self._measure_throughput(state)
+        timed = (
+            self.save_every is not None
+            and self._is_zero
+            and time.monotonic() - self._last_save >= self.save_every
+        )
+        stop, save = dist.any_rank(REQUESTS.stop, REQUESTS.save or timed)
+        REQUESTS.save = False
+        if stop:
+            REQUESTS.stop = False
+            self.stopped = True
+            control.should_training_stop = True
+        if stop or save:
+            control.should_save = True
+        if control.should_save:
+            self._save_started = time.monotonic()
+        if not control.should_log:  # otherwise on_log reports this step, with its loss
+            self._emit_step(state, {})
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if logs and "loss" in logs:
+            self._emit_step(state, logs)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if metrics and "eval_loss" in metrics:
+            self._emit("eval", step=state.global_step, eval_loss=metrics["eval_loss"])
+        self._save_started = time.monotonic()  # a save that follows starts now
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        self._last_save = time.monotonic()
+        if self.checkpointer is None:
+            self._report_saved(ckpt, state.global_step, time.monotonic() - self._save_started)
+            return
+        dist.barrier()  # every rank's files (rng_state_<rank>.pth ...) are on disk
+        if self._is_zero:
+            self.checkpointer.finalize(ckpt, state.global_step, self._save_started)
+        if not self.checkpointer.async_save:
+            dist.barrier()  # no rank moves on (or exits) before the manifest exists
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self.checkpointer is not None:
+            if self._is_zero:
+                self.checkpointer.wait()
+            dist.barrier()
+        self._emit(
+            "train_end", step=state.global_step, reason="stopped" if self.stopped else "finished"
+        )
+        self.progress.close()
+
+    # --------------------------------------------------------------- helpers
+
+    def _measure_throughput(self, state: TrainerState) -> None:
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen
+        elapsed = now - self._last_step_time
+        if tokens > self._last_tokens and elapsed > 0:
+            self._tokens_per_s = (tokens - self._last_tokens) / elapsed
+        self._last_step_time, self._last_tokens = now, tokens
+
+    def _emit_step(self, state: TrainerState, logs: dict[str, float]) -> None:
+        self._emit(
+            "step",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            loss=logs.get("loss"),
+            lr=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
+            tokens_per_s=None if self._tokens_per_s is None else round(self._tokens_per_s, 1),
+            epoch=state.epoch,
+        )
+
+    def _report_saved(self, ckpt: Path, step: int, seconds: float) -> None:
+        self._emit("checkpoint_saved", step=step, path=str(ckpt), seconds=round(seconds, 3))
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._is_zero:
+            self.progress.emit(event, **fields)

@@ -1,0 +1,219 @@
+"""After Hugging Face saved a checkpoint: the manifest, rotation, and stale folders.
+
+HF Trainer writes `checkpoint-<step>/`; this module makes it *complete* by
+writing `ftsup-manifest.json` last (through `ftsup.supervisor.manifest`), and
+only then rotates old checkpoints, so the newest complete checkpoint is never
+deleted. Hashing a large checkpoint takes a while, so it can run on a worker
+thread while training goes on (`async_save`). Stdlib only: the supervisor may
+import it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    build_manifest,
+    read_manifest,
+    write_manifest,
+)
+from ftsup.supervisor.spec_types import TrainSection
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+SavedHook = Callable[[Path, int, float], None]
+
+
+def fingerprint(train: TrainSection, world_size: int) -> dict[str, Any]:
+    """What must not change across a resume for it to be exact.
+
+    A checkpoint written under another fingerprint can still be loaded, but the
+    data order or the batch composition would differ from the original run.
+    """
+    datasets = []
+    for name in train.dataset:
+        path = Path(name)
+        datasets.append({"path": str(path), "size": path.stat().st_size if path.exists() else None})
+    return {
+        "model": train.model,
+        "dataset": datasets,
+        "per_device_train_batch_size": train.per_device_train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "world_size": world_size,
+        "cutoff_len": train.cutoff_len,
+        "seed": train.seed,
+        "finetuning_type": train.finetuning_type,
+    }
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `checkpoint-<step>` folder name, None for any other name."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-<step>` folders, oldest step first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for entry in Path(output_dir).iterdir():
+            step = checkpoint_step(entry)
+            if step is not None and entry.is_dir():
+                found.append((step, entry))
+    return sorted(found)
+
+
+def is_complete(ckpt_dir: Path, *, verify_sizes: bool = True) -> bool:
+    """A manifest that parses, names this step and (optionally) matches file sizes."""
+    try:
+        manifest = read_manifest(Path(ckpt_dir))
+    except ManifestError:
+        return False
+    if manifest.step != checkpoint_step(ckpt_dir):
+        return False
+    if verify_sizes:
+        for entry in manifest.files:
+            file = Path(ckpt_dir) / entry.path
+            if not file.is_file() or file.stat().st_size != entry.size:
+                return False
+    return True
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint a resume should use: the highest step with a valid manifest."""
+    for _step, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def retire_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Rename every `checkpoint-N` with N > step out of the way (never delete).
+
+    A run that resumes from step k (or starts over, k = 0) will write those
+    steps again; leftovers from the abandoned attempt, complete or not, must
+    neither be mixed into the new folders nor be picked as "newest" later.
+    """
+    retired = []
+    stamp = int(time.time())
+    for ckpt_step, path in list_checkpoints(output_dir):
+        if ckpt_step <= step:
+            continue
+        reason = "superseded" if is_complete(path) else "invalid-incomplete"
+        target = path.with_name(f"{path.name}.{reason}-{stamp}")
+        os.replace(path, target)
+        retired.append(target)
+    return retired
+
+
+def rotate(output_dir: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep` complete ones.
+
+    Incomplete folders are left alone: they are not ours to judge (the
+    supervisor quarantines them), and deleting by step number only ever
+    touches folders whose manifest says they were finished.
+    """
+    keep = max(keep, 1)
+    complete = [(step, path) for step, path in list_checkpoints(output_dir) if is_complete(path)]
+    doomed = [path for _step, path in complete[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+class Checkpointer:
+    """Writes the manifest of each saved checkpoint, then rotates; optionally on a thread.
+
+    Checkpoints are finalised strictly in order (one worker), so rotation for
+    step N never runs before the manifest of step N is on disk.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        fingerprint: Mapping[str, Any],
+        world_size: int = 1,
+        keep: int | None = None,
+        async_save: bool = False,
+        on_saved: SavedHook | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.fingerprint = dict(fingerprint)
+        self.world_size = world_size
+        self.keep = keep
+        self.async_save = async_save
+        self.on_saved = on_saved
+        self._queue: queue.Queue[tuple[Path, int, float] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def finalize(self, ckpt_dir: Path, step: int, started: float) -> None:
+        """Manifest + rotation for a folder HF has finished writing (now or queued)."""
+        self._raise_pending()
+        if not self.async_save:
+            self._finalize_now(Path(ckpt_dir), step, started)
+            return
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="ftsup-manifest", daemon=True)
+            self._worker.start()
+        self._queue.put((Path(ckpt_dir), step, started))
+
+    def wait(self) -> None:
+        """Block until every queued checkpoint has its manifest (before exiting)."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint manifest failed: {error}") from error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._finalize_now(*item)
+            except BaseException as exc:  # surfaced on the training thread
+                print(f"ftsup: manifest for {item[0]} failed: {exc}", file=sys.stderr)
+                self._error = exc
+
+    def _finalize_now(self, ckpt_dir: Path, step: int, started: float) -> None:
+        manifest = build_manifest(
+            ckpt_dir,
+            step=step,
+            world_size=self.world_size,
+            fingerprint=self.fingerprint,
+            created_at=time.time(),
+        )
+        write_manifest(ckpt_dir, manifest)
+        if self.keep is not None:
+            rotate(self.output_dir, self.keep)
+        if self.on_saved is not None:
+            self.on_saved(ckpt_dir, step, time.monotonic() - started)
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Checkpointer",
+    "checkpoint_step",
+    "fingerprint",
+    "is_complete",
+    "list_checkpoints",
+    "newest_complete_checkpoint",
+    "retire_checkpoints_after",
+    "rotate",
+]

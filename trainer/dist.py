@@ -1,0 +1,67 @@
+"""The few torch.distributed calls the trainer needs, harmless when not distributed.
+
+Ranks must agree on every decision that leads to a collective (a checkpoint
+save includes barriers), and a signal reaches each rank at a slightly
+different moment; so requests are combined with an all-reduce at each step.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _dist() -> object | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def world_size() -> int:
+    """Processes in the job, from the launcher's environment (before init too)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()  # type: ignore[attr-defined]
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over all ranks (unchanged in a single process)."""
+    dist = _dist()
+    if dist is None:
+        return flags
+    import torch
+
+    device = "cpu"
+    if dist.get_backend() == "nccl":  # type: ignore[attr-defined]
+        device = f"cuda:{torch.cuda.current_device()}"
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # type: ignore[attr-defined]
+    return tuple(bool(value) for value in tensor.tolist())
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its launcher dies.
+
+    torchrun starts each worker in a new session, so a SIGKILL to the
+    launcher's process group (the supervisor's last resort) would otherwise
+    leave the workers training, and writing checkpoints, on their own.
+    """
+    import ctypes
+    import signal
+
+    if not os.path.exists("/proc/self"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,54 @@
+"""Deliberate crashes for the demo and the tests (off unless the environment asks).
+
+`FTSUP_FAULT_AT_STEP=N` kills the trainer with SIGKILL when step N ends, as a
+real crash would. `FTSUP_FAULT_POINT=before_manifest` instead kills it after
+Hugging Face wrote checkpoint N but before its manifest, i.e. in the middle of
+a checkpoint. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire only once
+(the file is created just before the kill), so the restarted run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+AT_STEP_ENV = "FTSUP_FAULT_AT_STEP"
+POINT_ENV = "FTSUP_FAULT_POINT"
+ONCE_ENV = "FTSUP_FAULT_ONCE_FILE"
+POINTS = ("step_end", "before_manifest")
+
+
+class FaultInjector(TrainerCallback):  # type: ignore[misc]
+    """SIGKILL this process at a chosen step; must run before FtsupCallback."""
+
+    def __init__(self, step: int, point: str = "step_end", once_file: Path | None = None) -> None:
+        if point not in POINTS:
+            raise ValueError(f"{POINT_ENV}={point!r}: use one of {POINTS}")
+        self.step, self.point, self.once_file = step, point, once_file
+
+    @classmethod
+    def from_env(cls) -> FaultInjector | None:
+        step = os.environ.get(AT_STEP_ENV)
+        if not step:
+            return None
+        once = os.environ.get(ONCE_ENV)
+        return cls(int(step), os.environ.get(POINT_ENV, "step_end"), Path(once) if once else None)
+
+    def _fire(self, step: int, point: str) -> None:
+        if step != self.step or point != self.point:
+            return
+        if self.once_file is not None:
+            if self.once_file.exists():
+                return
+            self.once_file.write_text(f"fault at step {step} ({point})\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._fire(state.global_step, "step_end")
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._fire(state.global_step, "before_manifest")

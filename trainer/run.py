@@ -1,0 +1,171 @@
+"""`python -m ftsup.trainer --config RUN/train.json [--resume-from CKPT]`.
+
+Exit codes: 0 finished; 2 bad configuration or data (the supervisor never
+retries it); 75 stopped on request after saving a checkpoint. A crash exits
+1 with a traceback, which the restart policy judges.
+
+Without `--resume-from` the run starts from scratch: choosing (and validating)
+the checkpoint is the supervisor's job, never the trainer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ftsup.trainer import dist
+from ftsup.trainer.config import ConfigError, RunConfig, load_run_config
+from ftsup.trainer.data import DataError
+from ftsup.trainer.signals import install_handlers
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_STOPPED = 75
+_NEVER = 10**12  # save_steps when only time-based saves are wanted
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ftsup.trainer", description="ftsup's built-in fine-tuning trainer."
+    )
+    parser.add_argument("--config", required=True, type=Path, help="train.json written by ftsup")
+    parser.add_argument(
+        "--resume-from", type=Path, default=None, help="checkpoint folder to resume from"
+    )
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    """Configuration errors: one clear message per problem, exit 2."""
+    if dist.rank() == 0:
+        for line in message.splitlines():
+            print(f"ftsup trainer: error: {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_handlers()  # before the slow imports: a stop request is never lost
+    if dist.world_size() > 1:
+        dist.die_with_parent()
+    try:
+        config = load_run_config(args.config, check_files=False)
+    except ConfigError as exc:
+        return fail(str(exc))
+    if args.resume_from is not None and not args.resume_from.is_dir():
+        return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
+    try:
+        trainer, callback = build_trainer(config, args.resume_from)
+    except (ConfigError, DataError) as exc:
+        return fail(str(exc))
+    resume = str(args.resume_from) if args.resume_from else None
+    trainer.train(resume_from_checkpoint=resume)
+    return EXIT_STOPPED if callback.stopped else EXIT_OK
+
+
+def configure_determinism(seed: int) -> None:
+    """Same seed, same bits on CPU: seed every RNG and refuse nondeterministic kernels."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any]:
+    """Data, model, TrainingArguments and the callbacks, assembled into a Trainer."""
+    from ftsup.trainer.batching import ExampleDataset, PadCollator
+    from ftsup.trainer.callback import FtsupCallback
+    from ftsup.trainer.checkpointing import Checkpointer, fingerprint
+    from ftsup.trainer.data import encode_all, load_conversations, split_eval
+    from ftsup.trainer.faults import FaultInjector
+    from ftsup.trainer.model import load_model, load_tokenizer
+    from transformers import Trainer
+
+    train = config.train
+    configure_determinism(train.seed)
+    conversations = load_conversations(train.dataset, train.format)
+    train_rows, eval_rows = split_eval(conversations, train.val_size, train.seed)
+    tokenizer = load_tokenizer(train)
+    train_set = ExampleDataset(encode_all(tokenizer, train_rows, train.cutoff_len))
+    eval_set = ExampleDataset(encode_all(tokenizer, eval_rows, train.cutoff_len))
+    model = load_model(train)
+    checkpointer = Checkpointer(
+        config.output_dir,
+        fingerprint=fingerprint(train, dist.world_size()),
+        world_size=dist.world_size(),
+        keep=train.save_total_limit,
+        async_save=config.async_save,
+    )
+    callbacks: list[Any] = []
+    fault = FaultInjector.from_env()
+    if fault is not None:
+        callbacks.append(fault)
+    progress = FtsupCallback(
+        save_every=train.save_every, checkpointer=checkpointer, resumed_from=resume_from
+    )
+    callbacks.append(progress)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, has_eval=len(eval_set) > 0),
+        train_dataset=train_set,
+        eval_dataset=eval_set if len(eval_set) else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, progress
+
+
+def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
+    """`[train]` mapped onto TrainingArguments; rotation is ours, not HF's."""
+    import torch
+    from transformers import TrainingArguments
+
+    train = config.train
+    # One TensorBoard folder for all attempts, so curves continue across resumes.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(config.output_dir / "runs"))
+    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        eval_steps = train.eval_steps or train.save_steps
+        eval_kwargs = (
+            {"eval_strategy": "steps", "eval_steps": eval_steps}
+            if eval_steps
+            else {"eval_strategy": "epoch"}
+        )
+    distributed = dist.world_size() > 1
+    return TrainingArguments(
+        output_dir=str(config.output_dir),
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps or train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=train.bf16,
+        fp16=train.fp16,
+        save_strategy="steps",
+        save_steps=train.save_steps or _NEVER,
+        save_total_limit=None,  # rotation happens after the manifest (checkpointing.rotate)
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        report_to=list(train.report_to) or "none",
+        dataloader_num_workers=train.dataloader_num_workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        ddp_backend=("nccl" if torch.cuda.is_available() else "gloo") if distributed else None,
+        ddp_find_unused_parameters=False if distributed else None,
+        **eval_kwargs,
+    )
