@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,5 +88,66 @@ def notify_socket(short_tmp: Path) -> Iterator[tuple[str, DatagramReceiver]]:
     receiver = DatagramReceiver(path)
     try:
         yield path, receiver
+    finally:
+        receiver.close()
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records JSON bodies.
+
+    `statuses` are answered in order (then 200); while `hold` is set by a test,
+    requests wait on `release` for up to 10 s, like a receiver that hangs.
+    """
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.hold = False
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length))
+                if receiver.hold:
+                    receiver.release.wait(10)
+                with receiver.lock:
+                    receiver.bodies.append(body)
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                with contextlib.suppress(OSError):  # the client may have timed out
+                    self.send_response(status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/hooks/T000/SECRET"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    receiver = Receiver()
+    try:
+        yield receiver
     finally:
         receiver.close()
