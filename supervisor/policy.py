@@ -17,6 +17,8 @@ from ftsup.supervisor.spec_types import RestartSection
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_STOPPED = 75
+# Failure classes that no restart can fix: the job (or its environment) must change.
+NEVER_RETRY = {"config_error": "configuration error", "locked": "output folder locked"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decisio
         return Done("the trainer finished (exit code 0)")
     if last.returncode == EXIT_CONFIG:
         return GiveUp("configuration error (exit code 2): fix the job and start it again")
+    if last.failure_kind in NEVER_RETRY and last.returncode != EXIT_STOPPED:
+        return GiveUp(f"{NEVER_RETRY[last.failure_kind]}: not restarted ({_describe(last)})")
     if last.stop_requested and last.failure_kind != "hang":
         how = "saved and stopped" if last.returncode == EXIT_STOPPED else _describe(last)
         return Stopped(f"stopped on request ({how})")

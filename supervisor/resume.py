@@ -1,12 +1,7 @@
-"""Choosing the checkpoint a run resumes from.
-
-Delegates to the full validator (`checkpoints.discovery.select_resume`) when it
-is available; this module is the one place the daemon asks.
-"""
+"""The checkpoint a run resumes from, as the daemon's runner sees it."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +19,3 @@ class ResumePoint:
 def checkpoint_step(path: Path) -> int | None:
     match = _CKPT.match(path.name)
     return int(match.group(1)) if match else None
-
-
-def newest_parsable(output_dir: Path) -> ResumePoint:
-    """The newest `checkpoint-N` whose `trainer_state.json` parses (the minimal rule)."""
-    candidates = sorted(
-        ((step, p) for p in _children(output_dir) if (step := checkpoint_step(p)) is not None),
-        reverse=True,
-    )
-    for step, path in candidates:
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        return ResumePoint(path, step)
-    return ResumePoint(None, 0)
-
-
-def _children(output_dir: Path) -> list[Path]:
-    try:
-        return [p for p in output_dir.iterdir() if p.is_dir()]
-    except FileNotFoundError:
-        return []

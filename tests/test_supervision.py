@@ -232,3 +232,40 @@ def test_invalid_job_file_starts_nothing(harness: Harness) -> None:
     assert "argv" in result.stderr
     assert not harness.state_dir.exists()  # no daemon was started, nothing was written
     assert not (harness.work / "out").exists()
+
+
+def test_half_written_newest_checkpoint_is_quarantined_and_never_resumed(
+        daemon: Harness) -> None:
+    job = daemon.toy_job("careful", "--max-steps", "30", "--save-steps", "5",
+                         "--crash-at", "17")
+    out = daemon.work / "careful"
+    # A save that was killed midway: the folder exists, trainer_state.json parses, the
+    # optimizer file is cut short (its zip central directory is missing).
+    daemon.cli("start", str(job))
+    wait_for(lambda: (out / ".crashed-at-17").exists(), what="the crash at 17")
+    status = daemon.wait_state("careful", "finished", "gave_up", "failed")
+    assert status["state"] == "finished"
+    # Now damage checkpoint-30 and checkpoint-25 and resubmit: resume must fall back to 20.
+    for step in (25, 30):
+        optimizer = out / f"checkpoint-{step}" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:40])
+    (out / "final.json").unlink()
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("careful", "finished", "gave_up", "failed")
+    assert status["state"] == "finished"
+    assert os.path.basename(status["attempt_history"][0]["resume_from"]) == "checkpoint-20"
+    quarantined = sorted(p.name for p in out.iterdir() if ".invalid-" in p.name)
+    assert [name.split(".invalid-")[0] for name in quarantined] == ["checkpoint-25",
+                                                                    "checkpoint-30"]
+    events = daemon.cli_json("events", "careful")["events"]
+    assert any(e["kind"] == "quarantine" and "optimizer.pt" in e["message"] for e in events)
+
+
+def test_command_that_cannot_start_gives_up_at_once(daemon: Harness) -> None:
+    job = daemon.work / "missing.toml"
+    job.write_text(f'[job]\nname = "missing"\noutput_dir = "{daemon.work / "m"}"\n'
+                   '[command]\nargv = ["/nonexistent/trainer"]\n')
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("missing", "gave_up", "failed", "finished")
+    assert status["state"] in ("gave_up", "failed") and status["attempts"] == 1
+    assert "/nonexistent/trainer" in status["reason"]

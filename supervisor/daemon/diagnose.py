@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from typing import TYPE_CHECKING, Any
+
+from ftsup.supervisor.health.diagnosis import FailureKind, classify_failure
 
 if TYPE_CHECKING:
     from ftsup.supervisor.daemon.runner import LiveAttempt
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def classify_attempt(exit_info: dict[str, Any], log_tail: list[str],
@@ -27,24 +21,9 @@ def classify_attempt(exit_info: dict[str, Any], log_tail: list[str],
     if error == "shim_lost":
         return "unknown", str(exit_info.get("message"))
     code, sig = exit_info.get("returncode"), exit_info.get("signal")
-    if code == 0:
+    killed_by = exit_info.get("killed_by") or ("user" if exit_info.get("stop_requested") else None)
+    diagnosis = classify_failure(code, sig, "\n".join(log_tail), killed_by=killed_by,
+                                 oom_record=exit_info.get("oom_record"))
+    if diagnosis.kind == FailureKind.FINISHED:
         return None, "finished (exit code 0)"
-    if code == 75:
-        return "stopped", "saved a checkpoint and stopped (exit code 75)"
-    if code == 2:
-        last = _last_meaningful(log_tail)
-        return "config_error", "configuration error (exit code 2)" + (f": {last}" if last else "")
-    if sig is not None:
-        who = " (stop requested)" if exit_info.get("stop_requested") else ""
-        kind = "segfault" if sig == signal.SIGSEGV else "killed"
-        return kind, f"killed by {_signal_name(int(sig))}{who}"
-    last = _last_meaningful(log_tail)
-    return "exception" if last else "unknown", f"exit code {code}" + (f": {last}" if last else "")
-
-
-def _last_meaningful(lines: list[str]) -> str | None:
-    for line in reversed(lines):
-        text = line.strip()
-        if text:
-            return text[:300]
-    return None
+    return diagnosis.kind.value, diagnosis.reason

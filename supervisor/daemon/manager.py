@@ -10,6 +10,7 @@ from typing import Any
 
 from ftsup.supervisor import outlock
 from ftsup.supervisor.atomicio import read_json
+from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
 from ftsup.supervisor.daemon.runner import JobRunner, LiveAttempt
@@ -26,10 +27,15 @@ PUMP_INTERVAL = 0.2
 
 
 def select_resume(spec: JobSpec) -> ResumePoint:
-    """The newest valid checkpoint (quarantining invalid newer ones)."""
-    from ftsup.supervisor.resume import newest_parsable
+    """The newest valid, resumable checkpoint; invalid newer ones are quarantined.
 
-    return newest_parsable(spec.output_dir)
+    Called only while no trainer of the job runs, so a half-written newest
+    folder is an interrupted save, not one in progress.
+    """
+    world_size = spec.launch.nproc_per_node * spec.launch.nnodes
+    choice = discovery.select_resume(spec.output_dir, world_size=world_size)
+    moved = [(q.moved_to, q.report.reason or "invalid") for q in choice.quarantined]
+    return ResumePoint(choice.path, choice.step or 0, moved)
 
 
 class JobManager:

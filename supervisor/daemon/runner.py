@@ -137,7 +137,8 @@ class JobRunner:
         else:
             state = "failed" if row.returncode == policy.EXIT_CONFIG else "gave_up"
             tail = tail_lines(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
-            self._finish(state, decision.reason, {"log_tail": tail})
+            reason = f"{decision.reason}; last attempt: {row.reason}" if row.reason else decision.reason
+            self._finish(state, reason, {"log_tail": tail})
 
     def _finish(self, state: str, reason: str, data: dict[str, Any] | None = None) -> None:
         self.store.set_job_state(self.name, state, reason)

@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import signal
+import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -33,12 +36,37 @@ def expected_final(max_steps: int) -> int:
     return value
 
 
+def write_safetensors(path: Path, value: int) -> None:
+    """A real one-tensor safetensors file (I64[1]), written without torch."""
+    header = json.dumps({"value": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})
+    header_bytes = header.encode() + b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes
+                     + struct.pack("<q", value))
+
+
+def read_safetensors(path: Path) -> int:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return int(struct.unpack("<q", data[8 + length:16 + length])[0])
+
+
+def write_torch_zip(path: Path, payload: dict) -> None:
+    """The container format of torch.save (a zip archive), written without torch."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(payload))
+        archive.writestr("archive/version", "3\n")
+
+
 def save(output_dir: Path, step: int, value: int, max_steps: int, history: list[dict]) -> None:
+    """The file set of an HF Trainer checkpoint, `trainer_state.json` last as HF does."""
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.json").write_text(json.dumps({"value": value}))
+    write_safetensors(folder / "model.safetensors", value)
+    write_torch_zip(folder / "optimizer.pt", {"step": step})
+    write_torch_zip(folder / "scheduler.pt", {"last_epoch": step})
+    write_torch_zip(folder / "rng_state.pth", {"python": step})
     state = {"global_step": step, "max_steps": max_steps, "log_history": history[-50:]}
-    (folder / "trainer_state.json").write_text(json.dumps(state))  # written last, like HF
+    (folder / "trainer_state.json").write_text(json.dumps(state))
 
 
 def main() -> int:
@@ -83,7 +111,7 @@ def main() -> int:
     if args.resume_from_checkpoint is not None:
         state = json.loads((args.resume_from_checkpoint / "trainer_state.json").read_text())
         step = state["global_step"]
-        value = json.loads((args.resume_from_checkpoint / "model.json").read_text())["value"]
+        value = read_safetensors(args.resume_from_checkpoint / "model.safetensors")
         history = state["log_history"]
 
     progress_path = os.environ.get("FTSUP_PROGRESS_FILE")
