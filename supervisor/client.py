@@ -7,6 +7,7 @@ the way `ftsup start` promises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -49,8 +50,9 @@ def _unwrap(reply: dict[str, Any] | None) -> dict[str, Any]:
         raise DaemonUnavailable("the daemon closed the connection")
     if reply.get("type") == "error" or not reply.get("ok"):
         error = reply.get("error", {})
-        raise RequestError(error.get("code", "error"), error.get("message", "request failed"),
-                           error.get("data"))
+        raise RequestError(
+            error.get("code", "error"), error.get("message", "request failed"), error.get("data")
+        )
     result = reply.get("result", {})
     return result if isinstance(result, dict) else {}
 
@@ -58,8 +60,9 @@ def _unwrap(reply: dict[str, Any] | None) -> dict[str, Any]:
 class Client:
     """Blocking client: one connection, one request at a time."""
 
-    def __init__(self, socket_path: Path, *, timeout: float = 30.0,
-                 name: str = "ftsup-cli") -> None:
+    def __init__(
+        self, socket_path: Path, *, timeout: float = 30.0, name: str = "ftsup-cli"
+    ) -> None:
         self.socket_path = socket_path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -67,7 +70,9 @@ class Client:
             self._sock.connect(str(socket_path))
         except OSError as exc:
             self._sock.close()
-            raise DaemonUnavailable(f"no daemon answers on {socket_path} ({exc.strerror})") from None
+            raise DaemonUnavailable(
+                f"no daemon answers on {socket_path} ({exc.strerror})"
+            ) from None
         self._ids = itertools.count(1)
         self._sock.sendall(encode_frame(hello(name)))
         self.daemon = _check_hello(recv_frame_blocking(self._sock))
@@ -90,8 +95,9 @@ class Client:
                 continue  # an event that raced the reply of a subscribe
             return _unwrap(reply)
 
-    def events(self, *, jobs: list[str] | None = None,
-               kinds: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    def events(
+        self, *, jobs: list[str] | None = None, kinds: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Subscribe, then yield events until the daemon goes away."""
         self.request("subscribe", jobs=jobs, kinds=kinds)
         self._sock.settimeout(None)
@@ -127,10 +133,8 @@ class AsyncClient:
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
 
     async def request(self, kind: str, **args: Any) -> dict[str, Any]:
         if self._reader is None or self._writer is None:
@@ -144,8 +148,9 @@ class AsyncClient:
                 if reply is None or reply.get("type") != "event":
                     return _unwrap(reply)
 
-    async def subscribe(self, *, jobs: list[str] | None = None,
-                        kinds: list[str] | None = None) -> None:
+    async def subscribe(
+        self, *, jobs: list[str] | None = None, kinds: list[str] | None = None
+    ) -> None:
         await self.request("subscribe", jobs=jobs, kinds=kinds)
 
     async def next_event(self) -> dict[str, Any] | None:
@@ -161,8 +166,16 @@ class AsyncClient:
 
 
 def daemon_command(layout: Layout) -> list[str]:
-    return [sys.executable, "-m", "ftsup.supervisor", "daemon",
-            "--state-dir", str(layout.state_dir), "--runtime-dir", str(layout.runtime_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "ftsup.supervisor",
+        "daemon",
+        "--state-dir",
+        str(layout.state_dir),
+        "--runtime-dir",
+        str(layout.runtime_dir),
+    ]
 
 
 def ensure_daemon(layout: Layout, *, timeout: float = 20.0) -> tuple[Client, int | None]:
@@ -177,17 +190,23 @@ def ensure_daemon(layout: Layout, *, timeout: float = 20.0) -> tuple[Client, int
     layout.state_dir.mkdir(parents=True, exist_ok=True)
     with layout.daemon_log.open("ab") as log:
         process = subprocess.Popen(
-            daemon_command(layout), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            daemon_command(layout),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise DaemonUnavailable(f"the daemon exited at once (code {process.returncode}); "
-                                    f"see {layout.daemon_log}")
+            raise DaemonUnavailable(
+                f"the daemon exited at once (code {process.returncode}); see {layout.daemon_log}"
+            )
         try:
             return Client(layout.socket), process.pid
         except DaemonUnavailable:
             time.sleep(0.1)
-    raise DaemonUnavailable(f"the daemon did not answer within {timeout:.0f}s; "
-                            f"see {layout.daemon_log}")
+    raise DaemonUnavailable(
+        f"the daemon did not answer within {timeout:.0f}s; see {layout.daemon_log}"
+    )

@@ -12,7 +12,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 def parse_duration(value: object) -> float:
     """Seconds from `"90s"`, `"10m"`, `"2h"`, `"1d"`, or a non-negative number."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as \"90s\" or \"10m\", got {value!r}")
+        raise ValueError(f'expected a duration such as "90s" or "10m", got {value!r}')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"a duration cannot be negative, got {value!r}")
@@ -21,13 +21,13 @@ def parse_duration(value: object) -> float:
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError(f"expected a duration such as \"90s\", \"10m\" or \"2h\", got {value!r}")
+    raise ValueError(f'expected a duration such as "90s", "10m" or "2h", got {value!r}')
 
 
 def parse_size(value: object) -> int:
     """Bytes from `"20G"`, `"512MiB"`, `"1.5T"`, or a non-negative integer."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size such as \"20G\", got {value!r}")
+        raise ValueError(f'expected a size such as "20G", got {value!r}')
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value!r}")
@@ -38,7 +38,7 @@ def parse_size(value: object) -> int:
             unit = (match.group(2) or "B").upper().rstrip("B").rstrip("I")
             power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
             return int(float(match.group(1)) * 1024**power)
-    raise ValueError(f"expected a size such as \"20G\" or \"512M\", got {value!r}")
+    raise ValueError(f'expected a size such as "20G" or "512M", got {value!r}')
 
 
 def format_duration(seconds: float) -> str:

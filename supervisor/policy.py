@@ -88,8 +88,9 @@ def made_progress(history: Sequence[AttemptOutcome]) -> list[bool]:
 def consecutive_failures_without_progress(history: Sequence[AttemptOutcome]) -> int:
     """Failures in a row, counted from the newest, that got no further than before."""
     count = 0
-    for outcome, progressed in zip(reversed(history), reversed(made_progress(history)),
-                                   strict=True):
+    for outcome, progressed in zip(
+        reversed(history), reversed(made_progress(history)), strict=True
+    ):
         if not outcome.is_failure or progressed:
             break
         count += 1

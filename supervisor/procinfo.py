@@ -34,11 +34,15 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
     Returns False when the group is gone (or its leader was replaced), so we
     never signal a stranger's processes after a pid was recycled.
     """
-    if leader_start_time is not None and not is_same_process(pgid, leader_start_time):
-        # The leader may have exited while other members live on; signal them
-        # only if the group still exists and the leader pid is not reused.
-        if process_start_time(pgid) is not None:
-            return False
+    # The leader may have exited while other members live on: signal them only
+    # if the leader's pid was not reused by another process meanwhile.
+    leader_replaced = (
+        leader_start_time is not None
+        and not is_same_process(pgid, leader_start_time)
+        and process_start_time(pgid) is not None
+    )
+    if leader_replaced:
+        return False
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

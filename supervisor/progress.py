@@ -10,7 +10,6 @@ since the current attempt started, so a restart does not distort them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -152,17 +151,25 @@ def records_from_trainer_state(path: Path) -> list[dict[str, Any]]:
         if not isinstance(entry, dict) or "step" not in entry:
             continue
         if "eval_loss" in entry:
-            records.append({"event": "eval", "step": entry["step"], "eval_loss": entry["eval_loss"]})
+            records.append(
+                {"event": "eval", "step": entry["step"], "eval_loss": entry["eval_loss"]}
+            )
         elif "loss" in entry:
             loss = entry.get("loss")
-            records.append({
-                "event": "step", "step": entry["step"], "max_steps": max_steps,
-                "loss": loss if isinstance(loss, int | float) and math.isfinite(loss) else loss,
-                "lr": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm"),
-                "epoch": entry.get("epoch"),
-            })
+            records.append(
+                {
+                    "event": "step",
+                    "step": entry["step"],
+                    "max_steps": max_steps,
+                    "loss": loss,
+                    "lr": entry.get("learning_rate"),
+                    "grad_norm": entry.get("grad_norm"),
+                    "epoch": entry.get("epoch"),
+                }
+            )
     step = state.get("global_step")
     if isinstance(step, int):
-        records.append({"event": "checkpoint_saved", "step": step, "ts": mtime,
-                        "max_steps": max_steps})
+        records.append(
+            {"event": "checkpoint_saved", "step": step, "ts": mtime, "max_steps": max_steps}
+        )
     return records

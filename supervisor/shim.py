@@ -14,6 +14,7 @@ ties the trainer's life to the daemon's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -73,8 +74,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         lock_fd = outlock.acquire(args.output_dir, holder)
     except outlock.OutputLocked as exc:
-        _write_exit(attempt_dir, error="locked", message=str(exc), holder=exc.holder,
-                    started_at=started_at, returncode=None, signal=None)
+        _write_exit(
+            attempt_dir,
+            error="locked",
+            message=str(exc),
+            holder=exc.holder,
+            started_at=started_at,
+            returncode=None,
+            signal=None,
+        )
         return 1
 
     state = _StopState()
@@ -93,20 +101,29 @@ def run(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
-        _write_exit(attempt_dir, error="spawn", message=f"cannot start {args.argv[0]!r}: {exc}",
-                    started_at=started_at, returncode=127, signal=None)
+        _write_exit(
+            attempt_dir,
+            error="spawn",
+            message=f"cannot start {args.argv[0]!r}: {exc}",
+            started_at=started_at,
+            returncode=127,
+            signal=None,
+        )
         return 1
     os.close(lock_fd)  # the trainer holds it now; it is released when the trainer dies
 
     pgid = child.pid
-    write_json_atomic(attempt_dir / PIDS_FILE, {
-        "shim_pid": os.getpid(),
-        "shim_start": process_start_time(os.getpid()),
-        "trainer_pid": child.pid,
-        "trainer_start": process_start_time(child.pid),
-        "pgid": pgid,
-        "started_at": started_at,
-    })
+    write_json_atomic(
+        attempt_dir / PIDS_FILE,
+        {
+            "shim_pid": os.getpid(),
+            "shim_start": process_start_time(os.getpid()),
+            "trainer_pid": child.pid,
+            "trainer_start": process_start_time(child.pid),
+            "pgid": pgid,
+            "started_at": started_at,
+        },
+    )
     _install_handlers(state, pgid, args.grace)
     status = _wait(child, state, pgid, wake_r)
     # Anything left in the group (dataloader workers, torchrun children) goes too.
@@ -155,17 +172,15 @@ def _wait(child: subprocess.Popen[bytes], state: _StopState, pgid: int, wake_r: 
             _, status = os.waitpid(child.pid, 0)
             os.close(pidfd)
             return status
-        if state.kill_deadline is not None and not state.escalated:
-            if time.monotonic() >= state.kill_deadline:
-                state.escalated = True
-                _killpg(pgid, signal.SIGKILL)
+        deadline = state.kill_deadline
+        if deadline is not None and not state.escalated and time.monotonic() >= deadline:
+            state.escalated = True
+            _killpg(pgid, signal.SIGKILL)
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

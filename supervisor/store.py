@@ -138,8 +138,17 @@ class Store:
         self._db.close()
 
     # jobs -----------------------------------------------------------------
-    def upsert_job(self, *, name: str, spec_path: str, spec_text: str, kind: str,
-                   output_dir: str, state: str, accept_drift: bool = False) -> None:
+    def upsert_job(
+        self,
+        *,
+        name: str,
+        spec_path: str,
+        spec_text: str,
+        kind: str,
+        output_dir: str,
+        state: str,
+        accept_drift: bool = False,
+    ) -> None:
         """Submit a job; a finished job of the same name is replaced, its history kept."""
         now = time.time()
         first = self.next_attempt_number(name)
@@ -152,8 +161,18 @@ class Store:
                  output_dir=excluded.output_dir, state=excluded.state, reason=NULL,
                  updated_at=excluded.updated_at, accept_drift=excluded.accept_drift,
                  first_attempt=excluded.first_attempt, next_start_at=NULL""",
-            (name, spec_path, spec_text, kind, output_dir, state, now, now, int(accept_drift),
-             first),
+            (
+                name,
+                spec_path,
+                spec_text,
+                kind,
+                output_dir,
+                state,
+                now,
+                now,
+                int(accept_drift),
+                first,
+            ),
         )
 
     def reset_first_attempt(self, name: str) -> None:
@@ -162,8 +181,9 @@ class Store:
             "UPDATE jobs SET first_attempt=? WHERE name=?", (self.next_attempt_number(name), name)
         )
 
-    def set_job_state(self, name: str, state: str, reason: str | None = None,
-                      next_start_at: float | None = None) -> None:
+    def set_job_state(
+        self, name: str, state: str, reason: str | None = None, next_start_at: float | None = None
+    ) -> None:
         self._db.execute(
             "UPDATE jobs SET state=?, reason=?, next_start_at=?, updated_at=? WHERE name=?",
             (state, reason, next_start_at, time.time(), name),
@@ -189,8 +209,9 @@ class Store:
         row = self._db.execute("SELECT MAX(n) FROM attempts WHERE job=?", (job,)).fetchone()
         return int(row[0] or 0) + 1
 
-    def add_attempt(self, *, job: str, n: int, started_at: float, resume_from: str | None,
-                    start_step: int) -> None:
+    def add_attempt(
+        self, *, job: str, n: int, started_at: float, resume_from: str | None, start_step: int
+    ) -> None:
         self._db.execute(
             """INSERT INTO attempts(job, n, started_at, resume_from, start_step, last_step)
                VALUES (?, ?, ?, ?, ?, ?)""",
@@ -219,19 +240,32 @@ class Store:
         return _attempt(row) if row else None
 
     # events ---------------------------------------------------------------
-    def add_event(self, job: str | None, kind: str, message: str,
-                  data: dict[str, Any] | None = None, ts: float | None = None) -> dict[str, Any]:
+    def add_event(
+        self,
+        job: str | None,
+        kind: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        ts: float | None = None,
+    ) -> dict[str, Any]:
         ts = time.time() if ts is None else ts
         payload = json.dumps(data, default=str) if data else None
         cursor = self._db.execute(
             "INSERT INTO events(ts, job, kind, message, data) VALUES (?, ?, ?, ?, ?)",
             (ts, job, kind, message, payload),
         )
-        return {"id": cursor.lastrowid, "ts": ts, "job": job, "kind": kind,
-                "message": message, "data": data or {}}
+        return {
+            "id": cursor.lastrowid,
+            "ts": ts,
+            "job": job,
+            "kind": kind,
+            "message": message,
+            "data": data or {},
+        }
 
-    def events(self, job: str | None = None, *, limit: int = 100,
-               after_id: int = 0) -> list[dict[str, Any]]:
+    def events(
+        self, job: str | None = None, *, limit: int = 100, after_id: int = 0
+    ) -> list[dict[str, Any]]:
         query = "SELECT * FROM events WHERE id > ?"
         args: list[Any] = [after_id]
         if job is not None:
@@ -243,9 +277,17 @@ class Store:
         return [_event(r) for r in reversed(rows)]
 
     # checkpoints ----------------------------------------------------------
-    def record_checkpoint(self, job: str, *, path: str, step: int | None,
-                          size_bytes: int | None, valid: bool, resumable: bool,
-                          reason: str | None) -> None:
+    def record_checkpoint(
+        self,
+        job: str,
+        *,
+        path: str,
+        step: int | None,
+        size_bytes: int | None,
+        valid: bool,
+        resumable: bool,
+        reason: str | None,
+    ) -> None:
         self._db.execute(
             """INSERT INTO checkpoints(job, path, step, size_bytes, valid, resumable, reason,
                                        seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -256,9 +298,7 @@ class Store:
         )
 
     def checkpoints(self, job: str) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT * FROM checkpoints WHERE job=? ORDER BY step", (job,)
-        )
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE job=? ORDER BY step", (job,))
         return [dict(r) for r in rows]
 
     def iter_live_jobs(self) -> Iterator[JobRow]:

@@ -6,6 +6,7 @@ started) is killed at teardown by process group, even when the test failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,8 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 TOY_TRAINER = REPO / "tests" / "scripts" / "toy_trainer.py"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -45,16 +50,23 @@ class Harness:
         self.work = self.root / "work"
         self.work.mkdir()
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.env = {**os.environ, "FTSUP_STATE_DIR": str(self.state_dir),
-                    "FTSUP_RUNTIME_DIR": str(self.runtime_dir), "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "FTSUP_STATE_DIR": str(self.state_dir),
+            "FTSUP_RUNTIME_DIR": str(self.runtime_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
 
     # daemon ----------------------------------------------------------------
     def start_daemon(self) -> subprocess.Popen[bytes]:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = (self.state_dir / "daemon-test.log").open("ab")
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "ftsup.supervisor", "daemon"], env=self.env,
-            stdout=log, stderr=log, start_new_session=True,
+            [sys.executable, "-m", "ftsup.supervisor", "daemon"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         wait_for(lambda: self.cli("ls", check=False).returncode == 0, 20, 0.1, "the daemon")
         return self.daemon
@@ -71,13 +83,21 @@ class Harness:
         return path.read_text() if path.exists() else ""
 
     # CLI -------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True, timeout: float = 60
-            ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "ftsup.supervisor", *args],
-                                env=self.env, capture_output=True, text=True, timeout=timeout)
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "ftsup.supervisor", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"ftsup {' '.join(args)} exited {result.returncode}\n"
-                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+            raise AssertionError(
+                f"ftsup {' '.join(args)} exited {result.returncode}\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            )
         return result
 
     def cli_json(self, *args: str, check: bool = True) -> Any:
@@ -95,12 +115,20 @@ class Harness:
         return dict(wait_for(reached, timeout, 0.1, f"{job} to be {'/'.join(states)}"))
 
     # jobs ------------------------------------------------------------------
-    def toy_job(self, name: str, *trainer_args: str, restart: str = "",
-                resume: bool = True, output: str | None = None, extra: str = "") -> Path:
+    def toy_job(
+        self,
+        name: str,
+        *trainer_args: str,
+        restart: str = "",
+        resume: bool = True,
+        output: str | None = None,
+        extra: str = "",
+    ) -> Path:
         output_dir = self.work / (output or name)
         argv = [sys.executable, str(TOY_TRAINER), "--output-dir", str(output_dir), *trainer_args]
         resume_line = 'resume_args = ["--resume_from_checkpoint", "{checkpoint}"]' if resume else ""
-        text = textwrap.dedent(f"""\
+        text = (
+            textwrap.dedent(f"""\
             [job]
             name = "{name}"
             output_dir = "{output_dir}"
@@ -113,7 +141,9 @@ class Harness:
             backoff = "0.1s"
             backoff_max = "1s"
             {restart}
-            """) + extra
+            """)
+            + extra
+        )
         path = self.work / f"{name}.toml"
         path.write_text(text)
         return path
@@ -138,10 +168,8 @@ class Harness:
             pids = json.loads(pids_file.read_text())
             if is_same_process(pids["shim_pid"], pids["shim_start"]):
                 os.kill(pids["shim_pid"], signal.SIGKILL)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pids["pgid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         # A daemon started by `ftsup start` (not by this harness) records its pid here.
         lock = self.state_dir / "daemon.lock"
         if lock.exists() and lock.read_text().strip().isdigit():

@@ -35,7 +35,8 @@ def test_exit_2_gives_up_at_once() -> None:
 
 def test_exit_75_resumes_immediately_unless_stop_was_requested() -> None:
     assert decide([AttemptOutcome(75, None, 0, 40)], POLICY) == Restart(
-        0.0, "the trainer saved and stopped (exit code 75): resuming")
+        0.0, "the trainer saved and stopped (exit code 75): resuming"
+    )
     stopped = decide([AttemptOutcome(75, None, 0, 40, stop_requested=True)], POLICY)
     assert isinstance(stopped, Stopped) and "saved and stopped" in stopped.reason
 

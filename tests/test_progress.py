@@ -57,14 +57,19 @@ def test_replayed_lines_of_earlier_attempts_do_not_count_as_progress() -> None:
 
 def test_trainer_state_log_history_becomes_progress(tmp_path: Path) -> None:
     state_file = tmp_path / "trainer_state.json"
-    state_file.write_text(json.dumps({
-        "global_step": 20, "max_steps": 100,
-        "log_history": [
-            {"step": 10, "loss": 2.0, "learning_rate": 1e-4, "epoch": 0.1},
-            {"step": 20, "loss": 1.5, "learning_rate": 9e-5, "epoch": 0.2},
-            {"step": 20, "eval_loss": 1.7},
-        ],
-    }))
+    state_file.write_text(
+        json.dumps(
+            {
+                "global_step": 20,
+                "max_steps": 100,
+                "log_history": [
+                    {"step": 10, "loss": 2.0, "learning_rate": 1e-4, "epoch": 0.1},
+                    {"step": 20, "loss": 1.5, "learning_rate": 9e-5, "epoch": 0.2},
+                    {"step": 20, "eval_loss": 1.7},
+                ],
+            }
+        )
+    )
     state = ProgressState()
     for record in records_from_trainer_state(state_file):
         state.apply(record)

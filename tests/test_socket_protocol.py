@@ -125,7 +125,7 @@ def test_peer_with_another_uid_is_refused(daemon: Harness) -> None:
         finally:
             os._exit(0)
     os.close(write_end)
-    _, status = os.waitpid(pid, 0)
+    _, _status = os.waitpid(pid, 0)
     answer = os.read(read_end, 1024).decode()
     os.close(read_end)
     assert answer == "forbidden"

@@ -13,15 +13,19 @@ from tests.supervisor_harness import Harness, wait_for
 
 
 def test_crashes_twice_then_finishes_resuming_from_newest_checkpoint(daemon: Harness) -> None:
-    job = daemon.toy_job("crashy", "--max-steps", "30", "--save-steps", "5",
-                         "--crash-at", "12", "--crash-at", "23")
+    job = daemon.toy_job(
+        "crashy", "--max-steps", "30", "--save-steps", "5", "--crash-at", "12", "--crash-at", "23"
+    )
     daemon.cli("start", str(job))
     status = daemon.wait_state("crashy", "finished", "gave_up", "failed")
     assert status["state"] == "finished", status
     assert status["attempts"] == 3 and status["restarts"] == 2
     history = status["attempt_history"]
     assert [a["resume_from"] and os.path.basename(a["resume_from"]) for a in history] == [
-        None, "checkpoint-10", "checkpoint-20"]
+        None,
+        "checkpoint-10",
+        "checkpoint-20",
+    ]
     # Each restart re-runs only the steps after the newest checkpoint, exactly once.
     assert daemon.steps("crashy") == [*range(1, 13), *range(11, 24), *range(21, 31)]
     final = json.loads((daemon.work / "crashy" / "final.json").read_text())
@@ -64,8 +68,9 @@ def test_run_that_ends_while_the_daemon_is_down_is_recorded(daemon: Harness) -> 
 
 
 def test_crash_loop_gives_up_with_reason_and_log_tail(daemon: Harness) -> None:
-    job = daemon.toy_job("loopy", "--max-steps", "30", "--crash-always-at", "3",
-                         restart="crash_loop = 3")
+    job = daemon.toy_job(
+        "loopy", "--max-steps", "30", "--crash-always-at", "3", restart="crash_loop = 3"
+    )
     daemon.cli("start", str(job))
     status = daemon.wait_state("loopy", "gave_up", "finished", "failed")
     assert status["state"] == "gave_up"
@@ -128,8 +133,7 @@ def test_output_dir_locked_by_a_foreign_trainer_is_refused(daemon: Harness) -> N
 
 
 def test_stop_is_graceful_first_and_leaves_no_orphans(daemon: Harness) -> None:
-    job = daemon.toy_job("stoppable", "--max-steps", "500", "--step-time", "0.05",
-                         "--spawn-child")
+    job = daemon.toy_job("stoppable", "--max-steps", "500", "--step-time", "0.05", "--spawn-child")
     daemon.cli("start", str(job))
     wait_for(lambda: daemon.status("stoppable")["progress"]["step"] >= 5, what="step 5")
     pgid = daemon.attempt_pids("stoppable")[0]["pgid"]
@@ -143,8 +147,16 @@ def test_stop_is_graceful_first_and_leaves_no_orphans(daemon: Harness) -> None:
 
 
 def test_stop_escalates_to_sigkill_after_the_grace_period(daemon: Harness) -> None:
-    job = daemon.toy_job("stubborn", "--max-steps", "500", "--step-time", "0.05",
-                         "--ignore-term", "--spawn-child", restart='stop_grace = "1s"')
+    job = daemon.toy_job(
+        "stubborn",
+        "--max-steps",
+        "500",
+        "--step-time",
+        "0.05",
+        "--ignore-term",
+        "--spawn-child",
+        restart='stop_grace = "1s"',
+    )
     daemon.cli("start", str(job))
     wait_for(lambda: daemon.status("stubborn")["progress"]["step"] >= 3, what="step 3")
     pgid = daemon.attempt_pids("stubborn")[0]["pgid"]
@@ -157,8 +169,15 @@ def test_stop_escalates_to_sigkill_after_the_grace_period(daemon: Harness) -> No
 
 
 def test_stop_now_kills_at_once(daemon: Harness) -> None:
-    job = daemon.toy_job("urgent", "--max-steps", "500", "--step-time", "0.05", "--ignore-term",
-                         restart='stop_grace = "60s"')
+    job = daemon.toy_job(
+        "urgent",
+        "--max-steps",
+        "500",
+        "--step-time",
+        "0.05",
+        "--ignore-term",
+        restart='stop_grace = "60s"',
+    )
     daemon.cli("start", str(job))
     wait_for(lambda: daemon.status("urgent")["progress"]["step"] >= 2, what="step 2")
     began = time.monotonic()
@@ -181,10 +200,10 @@ def test_restart_resumes_from_the_checkpoint_saved_on_stop(daemon: Harness) -> N
     assert len(steps) == 60 and sorted(steps) == list(range(1, 61))
 
 
-def test_command_without_progress_file_is_followed_through_trainer_state(
-        daemon: Harness) -> None:
-    job = daemon.toy_job("plainhf", "--max-steps", "20", "--save-steps", "5", "--no-progress",
-                         "--step-time", "0.05")
+def test_command_without_progress_file_is_followed_through_trainer_state(daemon: Harness) -> None:
+    job = daemon.toy_job(
+        "plainhf", "--max-steps", "20", "--save-steps", "5", "--no-progress", "--step-time", "0.05"
+    )
     daemon.cli("start", str(job))
     status = daemon.wait_state("plainhf", "finished", "gave_up", "failed")
     assert status["state"] == "finished"
@@ -224,8 +243,9 @@ def test_cli_without_daemon_says_so(harness: Harness) -> None:
 
 def test_invalid_job_file_starts_nothing(harness: Harness) -> None:
     bad = harness.work / "bad.toml"
-    bad.write_text('[job]\nname = "x"\noutput_dir = "out"\n[command]\nargv = []\n'
-                   '[restart]\nbackof = "1s"\n')
+    bad.write_text(
+        '[job]\nname = "x"\noutput_dir = "out"\n[command]\nargv = []\n[restart]\nbackof = "1s"\n'
+    )
     result = harness.cli("start", str(bad), check=False)
     assert result.returncode == 2
     assert "bad.toml:7: [restart] backof: unknown key" in result.stderr
@@ -234,10 +254,8 @@ def test_invalid_job_file_starts_nothing(harness: Harness) -> None:
     assert not (harness.work / "out").exists()
 
 
-def test_half_written_newest_checkpoint_is_quarantined_and_never_resumed(
-        daemon: Harness) -> None:
-    job = daemon.toy_job("careful", "--max-steps", "30", "--save-steps", "5",
-                         "--crash-at", "17")
+def test_half_written_newest_checkpoint_is_quarantined_and_never_resumed(daemon: Harness) -> None:
+    job = daemon.toy_job("careful", "--max-steps", "30", "--save-steps", "5", "--crash-at", "17")
     out = daemon.work / "careful"
     # A save that was killed midway: the folder exists, trainer_state.json parses, the
     # optimizer file is cut short (its zip central directory is missing).
@@ -255,16 +273,20 @@ def test_half_written_newest_checkpoint_is_quarantined_and_never_resumed(
     assert status["state"] == "finished"
     assert os.path.basename(status["attempt_history"][0]["resume_from"]) == "checkpoint-20"
     quarantined = sorted(p.name for p in out.iterdir() if ".invalid-" in p.name)
-    assert [name.split(".invalid-")[0] for name in quarantined] == ["checkpoint-25",
-                                                                    "checkpoint-30"]
+    assert [name.split(".invalid-")[0] for name in quarantined] == [
+        "checkpoint-25",
+        "checkpoint-30",
+    ]
     events = daemon.cli_json("events", "careful")["events"]
     assert any(e["kind"] == "quarantine" and "optimizer.pt" in e["message"] for e in events)
 
 
 def test_command_that_cannot_start_gives_up_at_once(daemon: Harness) -> None:
     job = daemon.work / "missing.toml"
-    job.write_text(f'[job]\nname = "missing"\noutput_dir = "{daemon.work / "m"}"\n'
-                   '[command]\nargv = ["/nonexistent/trainer"]\n')
+    job.write_text(
+        f'[job]\nname = "missing"\noutput_dir = "{daemon.work / "m"}"\n'
+        '[command]\nargv = ["/nonexistent/trainer"]\n'
+    )
     daemon.cli("start", str(job))
     status = daemon.wait_state("missing", "gave_up", "failed", "finished")
     assert status["state"] in ("gave_up", "failed") and status["attempts"] == 1

@@ -25,10 +25,18 @@ ERROR_EXIT_CODES = {
 
 def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     group = parser.add_argument_group("daemon")
-    group.add_argument("--state-dir", type=Path, default=None,
-                       help="state folder (default: $FTSUP_STATE_DIR or $XDG_STATE_HOME/ftsup)")
-    group.add_argument("--runtime-dir", type=Path, default=None,
-                       help="socket folder (default: $FTSUP_RUNTIME_DIR or $XDG_RUNTIME_DIR/ftsup)")
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="state folder (default: $FTSUP_STATE_DIR or $XDG_STATE_HOME/ftsup)",
+    )
+    group.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=None,
+        help="socket folder (default: $FTSUP_RUNTIME_DIR or $XDG_RUNTIME_DIR/ftsup)",
+    )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -41,9 +49,11 @@ def connect(args: argparse.Namespace) -> Client:
     return Client(layout_from(args).socket)
 
 
-def run_request(args: argparse.Namespace,
-                action: Callable[[Client], dict[str, Any]],
-                render: Callable[[dict[str, Any]], None]) -> int:
+def run_request(
+    args: argparse.Namespace,
+    action: Callable[[Client], dict[str, Any]],
+    render: Callable[[dict[str, Any]], None],
+) -> int:
     """Connect, run one action, print the result (rich or JSON), map errors to exit codes."""
     try:
         with connect(args) as client:
@@ -63,15 +73,19 @@ def report_unavailable(args: argparse.Namespace, exc: DaemonUnavailable) -> int:
     if getattr(args, "json", False):
         output.print_json({"ok": False, "error": {"code": "no_daemon", "message": str(exc)}})
     else:
-        output.error(str(exc), hint="`ftsup start JOB.toml` starts a daemon; "
-                     "or run `ftsup daemon` (or the systemd unit)")
+        output.error(
+            str(exc),
+            hint="`ftsup start JOB.toml` starts a daemon; "
+            "or run `ftsup daemon` (or the systemd unit)",
+        )
     return output.EXIT_NO_DAEMON
 
 
 def report_request_error(args: argparse.Namespace, exc: RequestError) -> int:
     if getattr(args, "json", False):
-        output.print_json({"ok": False, "error": {"code": exc.code, "message": exc.message,
-                                                  "data": exc.data}})
+        output.print_json(
+            {"ok": False, "error": {"code": exc.code, "message": exc.message, "data": exc.data}}
+        )
     else:
         output.error(exc.message)
     return ERROR_EXIT_CODES.get(exc.code, output.EXIT_FAILED)

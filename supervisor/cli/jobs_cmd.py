@@ -26,10 +26,14 @@ TERMINAL = ("finished", "stopped", "gave_up", "failed")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("start", help="submit a job file to the daemon (starts one if needed)")
     p.add_argument("job_file", type=Path)
-    p.add_argument("--accept-drift", action="store_true",
-                   help="resume even if the batch size, world size, ... changed")
-    p.add_argument("--wait", action="store_true",
-                   help="wait until the job ends; exit 0 only if it finished")
+    p.add_argument(
+        "--accept-drift",
+        action="store_true",
+        help="resume even if the batch size, world size, ... changed",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="wait until the job ends; exit 0 only if it finished"
+    )
     add_common(p)
     p.set_defaults(func=cmd_start)
 
@@ -52,8 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("restart", help="restart a job now (graceful stop, then resume)")
     p.add_argument("job")
     add_common(p)
-    p.set_defaults(func=lambda a: run_request(
-        a, lambda c: c.request("restart", job=a.job), render.print_job))
+    p.set_defaults(
+        func=lambda a: run_request(a, lambda c: c.request("restart", job=a.job), render.print_job)
+    )
 
     p = sub.add_parser("logs", help="the trainer's output")
     p.add_argument("job")
@@ -73,24 +78,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("checkpoint", help="ask the trainer to save a checkpoint now (SIGUSR2)")
     p.add_argument("job")
     add_common(p)
-    p.set_defaults(func=lambda a: run_request(
-        a, lambda c: c.request("checkpoint", job=a.job),
-        lambda r: output.stdout.print(f"asked {a.job} to save a checkpoint")))
+    p.set_defaults(
+        func=lambda a: run_request(
+            a,
+            lambda c: c.request("checkpoint", job=a.job),
+            lambda r: output.stdout.print(f"asked {a.job} to save a checkpoint"),
+        )
+    )
 
-    p = sub.add_parser("signal", help="send a signal to the trainer's process group "
-                       "(e.g. KILL to test recovery)")
+    p = sub.add_parser(
+        "signal", help="send a signal to the trainer's process group (e.g. KILL to test recovery)"
+    )
     p.add_argument("job")
     p.add_argument("signal", help="name, e.g. KILL, TERM, USR2")
     add_common(p)
-    p.set_defaults(func=lambda a: run_request(
-        a, lambda c: c.request("signal", job=a.job, signal=a.signal),
-        lambda r: output.stdout.print(f"sent {r['sent']} to {a.job}")))
+    p.set_defaults(
+        func=lambda a: run_request(
+            a,
+            lambda c: c.request("signal", job=a.job, signal=a.signal),
+            lambda r: output.stdout.print(f"sent {r['sent']} to {a.job}"),
+        )
+    )
 
     p = sub.add_parser("shutdown", help="stop the daemon; running jobs keep running")
     add_common(p)
-    p.set_defaults(func=lambda a: run_request(
-        a, lambda c: c.request("shutdown"),
-        lambda r: output.stdout.print("daemon shutting down; runs keep running")))
+    p.set_defaults(
+        func=lambda a: run_request(
+            a,
+            lambda c: c.request("shutdown"),
+            lambda r: output.stdout.print("daemon shutting down; runs keep running"),
+        )
+    )
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -98,8 +116,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         spec = load_spec(args.job_file)
     except SpecError as exc:
         if args.json:
-            output.print_json({"ok": False, "error": {"code": "invalid_spec",
-                                                      "message": str(exc)}})
+            output.print_json({"ok": False, "error": {"code": "invalid_spec", "message": str(exc)}})
         else:
             output.error(f"{args.job_file} is not a valid job:\n{exc}")
         return output.EXIT_BAD_INPUT
@@ -110,11 +127,16 @@ def cmd_start(args: argparse.Namespace) -> int:
         return report_unavailable(args, exc)
     with client:
         if started_pid is not None and not args.json:
-            output.stderr.print(f"started the ftsup daemon (pid {started_pid}); "
-                                f"its log: {layout.daemon_log}")
+            output.stderr.print(
+                f"started the ftsup daemon (pid {started_pid}); its log: {layout.daemon_log}"
+            )
         try:
-            job = client.request("start", spec_path=str(spec.source.absolute()),
-                                 spec_text=spec.text, accept_drift=args.accept_drift)
+            job = client.request(
+                "start",
+                spec_path=str(spec.source.absolute()),
+                spec_text=spec.text,
+                accept_drift=args.accept_drift,
+            )
         except RequestError as exc:
             return report_request_error(args, exc)
         if not args.wait:
@@ -135,8 +157,9 @@ def _report_started(args: argparse.Namespace, job: dict[str, Any]) -> None:
         output.print_json(job)
         return
     name = job["name"]
-    output.stdout.print(f"job [bold]{name}[/] submitted ({job['kind']}); output in "
-                        f"{job['output_dir']}")
+    output.stdout.print(
+        f"job [bold]{name}[/] submitted ({job['kind']}); output in {job['output_dir']}"
+    )
     output.stdout.print(f"  watch it:  ftsup status {name}   ftsup logs -f {name}   ftsup tui")
 
 
@@ -166,8 +189,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     try:
         with Client(layout.socket) as client:
-            result = client.request("logs", job=args.job, attempt=args.attempt,
-                                    lines=args.lines)
+            result = client.request("logs", job=args.job, attempt=args.attempt, lines=args.lines)
             if args.json and not args.follow:
                 output.print_json(result)
                 return output.EXIT_OK

@@ -12,8 +12,14 @@ from ftsup.supervisor.cli.output import stdout
 from ftsup.supervisor.durations import format_duration
 
 STATE_STYLE = {
-    "running": "green", "starting": "cyan", "pending": "cyan", "backoff": "yellow",
-    "stopping": "yellow", "finished": "bold green", "stopped": "dim", "gave_up": "bold red",
+    "running": "green",
+    "starting": "cyan",
+    "pending": "cyan",
+    "backoff": "yellow",
+    "stopping": "yellow",
+    "finished": "bold green",
+    "stopped": "dim",
+    "gave_up": "bold red",
     "failed": "bold red",
 }
 
@@ -43,10 +49,14 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
         progress = job.get("progress") or {}
         eta = progress.get("eta_s")
         table.add_row(
-            job["name"], state_text(job["state"]), step_text(progress), _fmt(progress.get("loss")),
+            job["name"],
+            state_text(job["state"]),
+            step_text(progress),
+            _fmt(progress.get("loss")),
             _fmt(progress.get("steps_per_s"), ".3g"),
             format_duration(eta) if eta is not None and job["state"] == "running" else "-",
-            str(job.get("restarts", 0)), job["output_dir"],
+            str(job.get("restarts", 0)),
+            job["output_dir"],
         )
     return table
 
@@ -61,8 +71,10 @@ def print_jobs(result: dict[str, Any]) -> None:
 
 def print_job(job: dict[str, Any]) -> None:
     progress = job.get("progress") or {}
-    stdout.print(f"[bold]{job['name']}[/]  {state_text(job['state'])}"
-                 + (f"  [dim]{job['reason']}[/]" if job.get("reason") else ""))
+    stdout.print(
+        f"[bold]{job['name']}[/]  {state_text(job['state'])}"
+        + (f"  [dim]{job['reason']}[/]" if job.get("reason") else "")
+    )
     rows = [
         ("kind", job["kind"]),
         ("output", job["output_dir"]),
@@ -76,13 +88,13 @@ def print_job(job: dict[str, Any]) -> None:
     ]
     if progress.get("last_checkpoint_step") is not None:
         age = time.time() - (progress.get("last_checkpoint_time") or time.time())
-        rows.append(("checkpoint", f"step {progress['last_checkpoint_step']}, "
-                     f"{format_duration(age)} ago"))
+        rows.append(
+            ("checkpoint", f"step {progress['last_checkpoint_step']}, {format_duration(age)} ago")
+        )
     current = job.get("current_attempt")
     if current:
         source = current.get("resume_from") or "scratch"
-        rows.append(("attempt", f"#{current['n']} pid {current.get('trainer_pid')} "
-                     f"from {source}"))
+        rows.append(("attempt", f"#{current['n']} pid {current.get('trainer_pid')} from {source}"))
     if job.get("next_start_at"):
         rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))
     last = job.get("last_exit")

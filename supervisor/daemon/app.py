@@ -46,14 +46,19 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             raise DaemonAlreadyRunning(
-                f"another ftsup daemon uses {self.layout.state_dir}") from None
+                f"another ftsup daemon uses {self.layout.state_dir}"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
     def hello_info(self) -> dict[str, Any]:
-        return {"daemon_pid": os.getpid(), "daemon_version": __version__,
-                "started_at": self.started_at, "state_dir": str(self.layout.state_dir)}
+        return {
+            "daemon_pid": os.getpid(),
+            "daemon_version": __version__,
+            "started_at": self.started_at,
+            "state_dir": str(self.layout.state_dir),
+        }
 
     def request_shutdown(self) -> None:
         self._stop.set()

@@ -40,11 +40,18 @@ class EventBus:
         self._store = store
         self._subscriptions: list[Subscription] = []
 
-    def emit(self, job: str | None, kind: str, message: str = "",
-             data: dict[str, Any] | None = None) -> dict[str, Any]:
+    def emit(
+        self, job: str | None, kind: str, message: str = "", data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if kind in STREAM_ONLY:
-            event = {"id": None, "ts": time.time(), "job": job, "kind": kind,
-                     "message": message, "data": data or {}}
+            event = {
+                "id": None,
+                "ts": time.time(),
+                "job": job,
+                "kind": kind,
+                "message": message,
+                "data": data or {},
+            }
         else:
             event = self._store.add_event(job, kind, message, data)
         self._publish(event)

@@ -14,8 +14,9 @@ import subprocess
 from ftsup.supervisor.procinfo import is_same_process
 
 
-async def wait_for_exit(pid: int, start_time: int | None,
-                        child: subprocess.Popen[bytes] | None = None) -> None:
+async def wait_for_exit(
+    pid: int, start_time: int | None, child: subprocess.Popen[bytes] | None = None
+) -> None:
     """Return when the process `pid` (started at `start_time`) has exited."""
     if child is None and not is_same_process(pid, start_time):
         return

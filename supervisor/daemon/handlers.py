@@ -32,8 +32,7 @@ def _int_arg(request: dict[str, Any], key: str, default: int) -> int:
 
 
 class Handlers:
-    def __init__(self, manager: JobManager, store: Store, layout: Layout,
-                 on_shutdown: Any) -> None:
+    def __init__(self, manager: JobManager, store: Store, layout: Layout, on_shutdown: Any) -> None:
         self.manager = manager
         self.store = store
         self.layout = layout
@@ -41,9 +40,16 @@ class Handlers:
 
     def table(self) -> dict[str, Any]:
         return {
-            "ping": self.ping, "start": self.start, "status": self.status, "list": self.list,
-            "stop": self.stop, "restart": self.restart, "signal": self.signal,
-            "checkpoint": self.checkpoint, "logs": self.logs, "events": self.events,
+            "ping": self.ping,
+            "start": self.start,
+            "status": self.status,
+            "list": self.list,
+            "stop": self.stop,
+            "restart": self.restart,
+            "signal": self.signal,
+            "checkpoint": self.checkpoint,
+            "logs": self.logs,
+            "events": self.events,
             "shutdown": self.shutdown,
         }
 
@@ -63,8 +69,10 @@ class Handlers:
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:
         name = request.get("job")
         if name is None:
-            return {"jobs": [self.job_json(job.name) for job in self.store.jobs()],
-                    "counts": self.manager.summary()}
+            return {
+                "jobs": [self.job_json(job.name) for job in self.store.jobs()],
+                "counts": self.manager.summary(),
+            }
         return self.job_json(_str_arg(request, "job"), detail=True)
 
     async def list(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -116,15 +124,23 @@ class Handlers:
         if not isinstance(n, int) or all(a.n != n for a in attempts):
             raise RequestError("not_found", f"job {name!r} has no attempt {n!r}")
         path = self.layout.attempt_dir(name, n) / LOG_FILE
-        return {"attempt": n, "path": str(path),
-                "lines": tail_lines(path, _int_arg(request, "lines", 100))}
+        return {
+            "attempt": n,
+            "path": str(path),
+            "lines": tail_lines(path, _int_arg(request, "lines", 100)),
+        }
 
     async def events(self, request: dict[str, Any]) -> dict[str, Any]:
         job = request.get("job")
         if job is not None:
             self._job(_str_arg(request, "job"))
-        return {"events": self.store.events(job, limit=_int_arg(request, "limit", 100),
-                                            after_id=_int_arg(request, "after_id", 0))}
+        return {
+            "events": self.store.events(
+                job,
+                limit=_int_arg(request, "limit", 100),
+                after_id=_int_arg(request, "after_id", 0),
+            )
+        }
 
     async def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         self.on_shutdown()
@@ -144,10 +160,16 @@ class Handlers:
         ended = [a for a in attempts if a.ended_at is not None]
         outcomes = runner.history() if runner else []
         data: dict[str, Any] = {
-            "name": job.name, "kind": job.kind, "state": job.state, "reason": job.reason,
-            "output_dir": job.output_dir, "spec_path": job.spec_path,
-            "created_at": job.created_at, "updated_at": job.updated_at,
-            "next_start_at": job.next_start_at, "attempts": len(attempts),
+            "name": job.name,
+            "kind": job.kind,
+            "state": job.state,
+            "reason": job.reason,
+            "output_dir": job.output_dir,
+            "spec_path": job.spec_path,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "next_start_at": job.next_start_at,
+            "attempts": len(attempts),
             "restarts": failure_restarts(outcomes),
             "progress": runner.progress.to_json() if runner else None,
             "current_attempt": runner.status()["current_attempt"] if runner else None,

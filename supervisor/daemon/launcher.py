@@ -22,8 +22,16 @@ from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec, LaunchSection
 
 # systemd's variables must never reach a trainer (it would ping the daemon's watchdog).
-_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                "LISTEN_FDNAMES", "JOURNAL_STREAM", "INVOCATION_ID")
+_PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,9 @@ class AttemptPlan:
 def trainer_config(spec: JobSpec) -> dict[str, Any]:
     """What `python -m ftsup.trainer --config` reads (a snapshot of the spec)."""
     assert spec.train is not None
-    train = {k: list(v) if isinstance(v, tuple) else v
-             for k, v in dataclasses.asdict(spec.train).items()}
+    train = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec.train).items()
+    }
     return {
         "job_name": spec.name,
         "output_dir": str(spec.output_dir),
@@ -58,16 +67,24 @@ def torchrun_prefix(launch: LaunchSection, python: str) -> list[str]:
     return argv
 
 
-def plan_attempt(spec: JobSpec, layout: Layout, *, attempt: int,
-                 resume_from: Path | None, base_env: Mapping[str, str]) -> AttemptPlan:
+def plan_attempt(
+    spec: JobSpec,
+    layout: Layout,
+    *,
+    attempt: int,
+    resume_from: Path | None,
+    base_env: Mapping[str, str],
+) -> AttemptPlan:
     env = {k: v for k, v in base_env.items() if k not in _PRIVATE_ENV}
-    env.update({
-        "FTSUP_JOB": spec.name,
-        "FTSUP_ATTEMPT": str(attempt),
-        "FTSUP_OUTPUT_DIR": str(spec.output_dir),
-        "FTSUP_PROGRESS_FILE": str(layout.progress_file(spec.name)),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FTSUP_JOB": spec.name,
+            "FTSUP_ATTEMPT": str(attempt),
+            "FTSUP_OUTPUT_DIR": str(spec.output_dir),
+            "FTSUP_PROGRESS_FILE": str(layout.progress_file(spec.name)),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if resume_from is not None:
         env["FTSUP_RESUME_FROM"] = str(resume_from)
     if spec.gpu.devices is not None:
@@ -91,21 +108,30 @@ def plan_attempt(spec: JobSpec, layout: Layout, *, attempt: int,
     return AttemptPlan(argv, env, spec.source.parent)
 
 
-def spawn_shim(spec: JobSpec, layout: Layout, *, attempt: int,
-               plan: AttemptPlan) -> subprocess.Popen[bytes]:
+def spawn_shim(
+    spec: JobSpec, layout: Layout, *, attempt: int, plan: AttemptPlan
+) -> subprocess.Popen[bytes]:
     """Start the shim in its own session; it outlives the daemon."""
     attempt_dir = layout.attempt_dir(spec.name, attempt)
     attempt_dir.mkdir(parents=True, exist_ok=True)
     (attempt_dir / LOG_FILE).touch()
     write_json_atomic(attempt_dir / "command.json", {"argv": plan.argv, "cwd": str(plan.cwd)})
     shim_argv = [
-        sys.executable, "-m", "ftsup.supervisor.shim",
-        "--attempt-dir", str(attempt_dir),
-        "--output-dir", str(spec.output_dir),
-        "--job", spec.name,
-        "--attempt", str(attempt),
-        "--grace", str(spec.restart.stop_grace),
-        "--", *plan.argv,
+        sys.executable,
+        "-m",
+        "ftsup.supervisor.shim",
+        "--attempt-dir",
+        str(attempt_dir),
+        "--output-dir",
+        str(spec.output_dir),
+        "--job",
+        spec.name,
+        "--attempt",
+        str(attempt),
+        "--grace",
+        str(spec.restart.stop_grace),
+        "--",
+        *plan.argv,
     ]
     shim_log = (attempt_dir / "shim.log").open("ab")
     try:

@@ -39,8 +39,7 @@ def select_resume(spec: JobSpec) -> ResumePoint:
 
 
 class JobManager:
-    def __init__(self, store: Store, bus: EventBus, layout: Layout,
-                 env: dict[str, str]) -> None:
+    def __init__(self, store: Store, bus: EventBus, layout: Layout, env: dict[str, str]) -> None:
         self.store = store
         self.bus = bus
         self.layout = layout
@@ -49,8 +48,15 @@ class JobManager:
         self._pump_task: asyncio.Task[None] | None = None
 
     def _runner(self, spec: JobSpec) -> JobRunner:
-        runner = JobRunner(spec, store=self.store, bus=self.bus, layout=self.layout,
-                           select_resume=select_resume, classify=classify_attempt, env=self.env)
+        runner = JobRunner(
+            spec,
+            store=self.store,
+            bus=self.bus,
+            layout=self.layout,
+            select_resume=select_resume,
+            classify=classify_attempt,
+            env=self.env,
+        )
         self.runners[spec.name] = runner
         return runner
 
@@ -58,25 +64,41 @@ class JobManager:
     def submit(self, spec: JobSpec, *, accept_drift: bool = False) -> JobRunner:
         existing = self.store.get_job(spec.name)
         if existing is not None and existing.live:
-            raise RequestError("job_exists", f"a job named {spec.name!r} is already "
-                               f"{existing.state}; stop it first or choose another [job] name")
+            raise RequestError(
+                "job_exists",
+                f"a job named {spec.name!r} is already "
+                f"{existing.state}; stop it first or choose another [job] name",
+            )
         holder = self.store.live_job_on(str(spec.output_dir))
         if holder is not None:
-            raise RequestError("output_locked", f"{spec.output_dir} is in use by job "
-                               f"{holder.name!r} ({holder.state}); two runs must never write "
-                               "the same checkpoints", {"holder": holder.name})
+            raise RequestError(
+                "output_locked",
+                f"{spec.output_dir} is in use by job "
+                f"{holder.name!r} ({holder.state}); two runs must never write "
+                "the same checkpoints",
+                {"holder": holder.name},
+            )
         if outlock.is_locked(spec.output_dir):
             who = outlock.read_holder(spec.output_dir) or {}
-            raise RequestError("output_locked", f"{spec.output_dir} is locked by job "
-                               f"{who.get('job')!r} (pid {who.get('pid')}), outside this "
-                               "daemon's jobs", {"holder": who.get("job")})
+            raise RequestError(
+                "output_locked",
+                f"{spec.output_dir} is locked by job "
+                f"{who.get('job')!r} (pid {who.get('pid')}), outside this "
+                "daemon's jobs",
+                {"holder": who.get("job")},
+            )
         run_dir = self.layout.run_dir(spec.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.toml").write_text(spec.text)
-        self.store.upsert_job(name=spec.name, spec_path=str(spec.source), spec_text=spec.text,
-                              kind="command" if spec.command else "train",
-                              output_dir=str(spec.output_dir), state="pending",
-                              accept_drift=accept_drift)
+        self.store.upsert_job(
+            name=spec.name,
+            spec_path=str(spec.source),
+            spec_text=spec.text,
+            kind="command" if spec.command else "train",
+            output_dir=str(spec.output_dir),
+            state="pending",
+            accept_drift=accept_drift,
+        )
         self.bus.emit(spec.name, "submitted", f"job {spec.name} submitted from {spec.source}")
         runner = self._runner(spec)
         runner.start()
@@ -116,9 +138,12 @@ class JobManager:
                 runner.stop_requested = attempt.stop_requested
                 runner._begin_attempt(live)
                 runner.start(adopt=live)
-                self.bus.emit(job.name, "adopted",
-                              f"re-adopted attempt {attempt.n} (shim pid {live.shim_pid})",
-                              {"attempt": attempt.n, "shim_pid": live.shim_pid})
+                self.bus.emit(
+                    job.name,
+                    "adopted",
+                    f"re-adopted attempt {attempt.n} (shim pid {live.shim_pid})",
+                    {"attempt": attempt.n, "shim_pid": live.shim_pid},
+                )
             elif job.state == "backoff" and job.next_start_at is not None:
                 runner.start(delay=max(0.0, job.next_start_at - time.time()))
             else:
@@ -130,10 +155,15 @@ class JobManager:
         if shim_pid is None:  # the daemon died between spawning the shim and recording it
             pids = read_json(attempt_dir / PIDS_FILE) or {}
             shim_pid, shim_start = pids.get("shim_pid", -1), pids.get("shim_start")
-        return LiveAttempt(n=attempt.n, attempt_dir=attempt_dir, shim_pid=int(shim_pid or -1),
-                           shim_start=shim_start, start_step=attempt.start_step,
-                           resume_from=Path(attempt.resume_from) if attempt.resume_from else None,
-                           started_at=attempt.started_at)
+        return LiveAttempt(
+            n=attempt.n,
+            attempt_dir=attempt_dir,
+            shim_pid=int(shim_pid or -1),
+            shim_start=shim_start,
+            start_step=attempt.start_step,
+            resume_from=Path(attempt.resume_from) if attempt.resume_from else None,
+            started_at=attempt.started_at,
+        )
 
     # following ------------------------------------------------------------
     def start_pump(self) -> None:

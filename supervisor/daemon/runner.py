@@ -1,4 +1,4 @@
-"""One job's lifecycle: launch an attempt, wait for it, judge the exit, restart.
+r"""One job's lifecycle: launch an attempt, wait for it, judge the exit, restart.
 
     pending -> starting -> running -> (exit) -> backoff -> starting -> ...
                                    \-> finished | stopped | gave_up | failed
@@ -64,9 +64,17 @@ class LiveAttempt:
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, *, store: Store, bus: EventBus, layout: Layout,
-                 select_resume: ResumeSelector, classify: Classifier,
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        store: Store,
+        bus: EventBus,
+        layout: Layout,
+        select_resume: ResumeSelector,
+        classify: Classifier,
+        env: dict[str, str],
+    ) -> None:
         self.spec = spec
         self.store = store
         self.bus = bus
@@ -116,8 +124,12 @@ class JobRunner:
                     self.bus.emit(self.name, "restart", "restarting on request")
                     continue
                 if isinstance(decision, policy.Restart):
-                    self.bus.emit(self.name, "restart", decision.reason,
-                                  {"after": decision.after, "attempt": row.n})
+                    self.bus.emit(
+                        self.name,
+                        "restart",
+                        decision.reason,
+                        {"after": decision.after, "attempt": row.n},
+                    )
                     if not await self._backoff(decision.after, decision.reason):
                         return self._finish("stopped", "stopped on request while waiting")
                     continue
@@ -137,7 +149,9 @@ class JobRunner:
         else:
             state = "failed" if row.returncode == policy.EXIT_CONFIG else "gave_up"
             tail = tail_lines(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
-            reason = f"{decision.reason}; last attempt: {row.reason}" if row.reason else decision.reason
+            reason = (
+                f"{decision.reason}; last attempt: {row.reason}" if row.reason else decision.reason
+            )
             self._finish(state, reason, {"log_tail": tail})
 
     def _finish(self, state: str, reason: str, data: dict[str, Any] | None = None) -> None:
@@ -145,8 +159,9 @@ class JobRunner:
         self.bus.emit(self.name, state, reason, data)
         self.bus.emit(self.name, "state", state, {"state": state, "reason": reason})
 
-    def _set_state(self, state: str, reason: str | None = None,
-                   next_start_at: float | None = None) -> None:
+    def _set_state(
+        self, state: str, reason: str | None = None, next_start_at: float | None = None
+    ) -> None:
         self.store.set_job_state(self.name, state, reason, next_start_at)
         self.bus.emit(self.name, "state", state, {"state": state, "reason": reason})
 
@@ -168,8 +183,11 @@ class JobRunner:
         first = job.first_attempt if job else 1
         return [
             policy.AttemptOutcome(
-                returncode=a.returncode, signal=a.signal, start_step=a.start_step,
-                last_step=a.last_step, stop_requested=a.stop_requested,
+                returncode=a.returncode,
+                signal=a.signal,
+                start_step=a.start_step,
+                last_step=a.last_step,
+                stop_requested=a.stop_requested,
                 failure_kind=a.failure_kind,
             )
             for a in self.store.attempts(self.name)
@@ -181,36 +199,62 @@ class JobRunner:
         self._set_state("starting")
         resume = await asyncio.to_thread(self._select_resume, self.spec)
         for path, reason in resume.quarantined:
-            self.bus.emit(self.name, "quarantine", f"{path.name}: {reason}",
-                          {"path": str(path), "reason": reason})
+            self.bus.emit(
+                self.name,
+                "quarantine",
+                f"{path.name}: {reason}",
+                {"path": str(path), "reason": reason},
+            )
         if resume.path is None and resume.quarantined and not self.spec.checkpoint.allow_scratch:
-            self._finish("gave_up", "no valid checkpoint left to resume from and "
-                         "[checkpoint] allow_scratch = false")
+            self._finish(
+                "gave_up",
+                "no valid checkpoint left to resume from and [checkpoint] allow_scratch = false",
+            )
             return None
         n = self.store.next_attempt_number(self.name)
         now = time.time()
-        self.store.add_attempt(job=self.name, n=n, started_at=now,
-                               resume_from=str(resume.path) if resume.path else None,
-                               start_step=resume.step)
-        plan = plan_attempt(self.spec, self.layout, attempt=n, resume_from=resume.path,
-                            base_env=self._env)
+        self.store.add_attempt(
+            job=self.name,
+            n=n,
+            started_at=now,
+            resume_from=str(resume.path) if resume.path else None,
+            start_step=resume.step,
+        )
+        plan = plan_attempt(
+            self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=self._env
+        )
         try:
             child = spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
         except OSError as exc:
             self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
             self._finish("failed", f"cannot start the shim: {exc}")
             return None
-        attempt = LiveAttempt(n=n, attempt_dir=self.layout.attempt_dir(self.name, n),
-                              shim_pid=child.pid, shim_start=process_start_time(child.pid),
-                              start_step=resume.step, resume_from=resume.path,
-                              started_at=now, child=child)
-        self.store.update_attempt(self.name, n, shim_pid=attempt.shim_pid,
-                                  shim_start=attempt.shim_start)
+        attempt = LiveAttempt(
+            n=n,
+            attempt_dir=self.layout.attempt_dir(self.name, n),
+            shim_pid=child.pid,
+            shim_start=process_start_time(child.pid),
+            start_step=resume.step,
+            resume_from=resume.path,
+            started_at=now,
+            child=child,
+        )
+        self.store.update_attempt(
+            self.name, n, shim_pid=attempt.shim_pid, shim_start=attempt.shim_start
+        )
         self._set_state("running")
         where = f"from {resume.path.name}" if resume.path else "from scratch"
-        self.bus.emit(self.name, "attempt_started", f"attempt {n} started {where}",
-                      {"attempt": n, "resume_from": str(resume.path) if resume.path else None,
-                       "start_step": resume.step, "argv": plan.argv})
+        self.bus.emit(
+            self.name,
+            "attempt_started",
+            f"attempt {n} started {where}",
+            {
+                "attempt": n,
+                "resume_from": str(resume.path) if resume.path else None,
+                "start_step": resume.step,
+                "argv": plan.argv,
+            },
+        )
         self._begin_attempt(attempt)
         return attempt
 
@@ -232,19 +276,32 @@ class JobRunner:
         stop_requested = bool(exit_info.get("stop_requested")) or self.stop_requested
         fields: dict[str, Any] = dict(
             ended_at=exit_info.get("ended_at", time.time()),
-            returncode=exit_info.get("returncode"), signal=exit_info.get("signal"),
-            stop_requested=stop_requested, last_step=last_step, failure_kind=kind,
+            returncode=exit_info.get("returncode"),
+            signal=exit_info.get("signal"),
+            stop_requested=stop_requested,
+            last_step=last_step,
+            failure_kind=kind,
             reason=reason,
         )
         if pids:
-            fields.update(trainer_pid=pids.get("trainer_pid"),
-                          trainer_start=pids.get("trainer_start"))
+            fields.update(
+                trainer_pid=pids.get("trainer_pid"), trainer_start=pids.get("trainer_start")
+            )
         self.store.update_attempt(self.name, attempt.n, **fields)
         self.attempt = None
-        self.bus.emit(self.name, "attempt_exited", f"attempt {attempt.n}: {reason}",
-                      {"attempt": attempt.n, "returncode": fields["returncode"],
-                       "signal": fields["signal"], "failure_kind": kind,
-                       "last_step": last_step, "start_step": attempt.start_step})
+        self.bus.emit(
+            self.name,
+            "attempt_exited",
+            f"attempt {attempt.n}: {reason}",
+            {
+                "attempt": attempt.n,
+                "returncode": fields["returncode"],
+                "signal": fields["signal"],
+                "failure_kind": kind,
+                "last_step": last_step,
+                "start_step": attempt.start_step,
+            },
+        )
         row = self.store.last_attempt(self.name)
         assert row is not None
         return row
@@ -254,11 +311,18 @@ class JobRunner:
         pids = attempt.pids()
         trainer, start = pids.get("trainer_pid"), pids.get("trainer_start")
         if isinstance(trainer, int) and is_same_process(trainer, start):
-            self.bus.emit(self.name, "warning", f"attempt {attempt.n}: shim lost; "
-                          "following the trainer directly")
+            self.bus.emit(
+                self.name,
+                "warning",
+                f"attempt {attempt.n}: shim lost; following the trainer directly",
+            )
             await _poll_until_gone(trainer, start)
-        return {"returncode": None, "signal": None, "error": "shim_lost",
-                "message": "the shim died; the trainer's exit status is unknown"}
+        return {
+            "returncode": None,
+            "signal": None,
+            "error": "shim_lost",
+            "message": "the shim died; the trainer's exit status is unknown",
+        }
 
     def _attempt_last_step(self, attempt: LiveAttempt) -> int:
         return self.progress.attempt_max_step
@@ -317,7 +381,9 @@ class JobRunner:
         reached = self.progress.attempt_max_step
         if attempt is not None and reached != self._last_stored_step:
             self._last_stored_step = reached
-            self.store.update_attempt(self.name, attempt.n, last_step=max(reached, attempt.start_step))
+            self.store.update_attempt(
+                self.name, attempt.n, last_step=max(reached, attempt.start_step)
+            )
 
     def _trainer_state_records(self) -> list[dict[str, Any]]:
         """For commands that write no progress.jsonl: the newest checkpoint's log_history."""
@@ -332,8 +398,11 @@ class JobRunner:
         if mtime <= self._trainer_state_mtime:
             return []
         self._trainer_state_mtime = mtime
-        return [r for r in records_from_trainer_state(state_file)
-                if r.get("event") != "step" or r.get("step", 0) > self.progress.step]
+        return [
+            r
+            for r in records_from_trainer_state(state_file)
+            if r.get("event") != "step" or r.get("step", 0) > self.progress.step
+        ]
 
     def status(self) -> dict[str, Any]:
         job = self.store.get_job(self.name)
@@ -341,12 +410,19 @@ class JobRunner:
         current = None
         if attempt is not None:
             pids = attempt.pids()
-            current = {"n": attempt.n, "started_at": attempt.started_at,
-                       "resume_from": str(attempt.resume_from) if attempt.resume_from else None,
-                       "start_step": attempt.start_step, "shim_pid": attempt.shim_pid,
-                       "trainer_pid": pids.get("trainer_pid")}
-        return {"state": job.state if job else "unknown", "current_attempt": current,
-                "progress": self.progress.to_json()}
+            current = {
+                "n": attempt.n,
+                "started_at": attempt.started_at,
+                "resume_from": str(attempt.resume_from) if attempt.resume_from else None,
+                "start_step": attempt.start_step,
+                "shim_pid": attempt.shim_pid,
+                "trainer_pid": pids.get("trainer_pid"),
+            }
+        return {
+            "state": job.state if job else "unknown",
+            "current_attempt": current,
+            "progress": self.progress.to_json(),
+        }
 
 
 def _signal_pid(pid: int, start: int | None, sig: signal.Signals) -> None:

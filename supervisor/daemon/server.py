@@ -56,8 +56,13 @@ class Connection:
 
 
 class SocketServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus,
-                 hello_info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Handler],
+        bus: EventBus,
+        hello_info: Callable[[], dict[str, Any]],
+    ) -> None:
         self.path = path
         self.handlers = handlers
         self.bus = bus
@@ -89,8 +94,7 @@ class SocketServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    async def _on_connect(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -101,8 +105,15 @@ class SocketServer:
             uid = peer_uid(writer.get_extra_info("socket"))
             if not peer_allowed(uid):
                 log.warning("refused a connection from uid %d", uid)
-                await conn.send({"type": "error", "error": {
-                    "code": "forbidden", "message": f"uid {uid} may not use this daemon"}})
+                await conn.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "code": "forbidden",
+                            "message": f"uid {uid} may not use this daemon",
+                        },
+                    }
+                )
                 return
             await self._handshake(conn)
             while True:
@@ -119,8 +130,9 @@ class SocketServer:
         except ProtocolError as exc:
             log.info("closing a connection that broke the protocol: %s", exc)
             with contextlib.suppress(Exception):
-                await conn.send({"type": "error", "error": {"code": "protocol",
-                                                            "message": str(exc)}})
+                await conn.send(
+                    {"type": "error", "error": {"code": "protocol", "message": str(exc)}}
+                )
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -142,8 +154,9 @@ class SocketServer:
             raise ProtocolError("the first frame must be a hello")
         version = message.get("version")
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {version!r} not supported "
-                                f"(daemon speaks {PROTOCOL_VERSION})")
+            raise ProtocolError(
+                f"protocol version {version!r} not supported (daemon speaks {PROTOCOL_VERSION})"
+            )
         await conn.send({"type": "hello", "version": PROTOCOL_VERSION, **self.hello_info()})
 
     def _subscribe(self, message: dict[str, Any]) -> Subscription:
@@ -158,8 +171,16 @@ class SocketServer:
             while True:
                 event = await subscription.queue.get()
                 if subscription.lagged:
-                    await conn.send({"type": "event", "event": {
-                        "kind": "lagged", "job": None, "data": {"dropped": subscription.lagged}}})
+                    await conn.send(
+                        {
+                            "type": "event",
+                            "event": {
+                                "kind": "lagged",
+                                "job": None,
+                                "data": {"dropped": subscription.lagged},
+                            },
+                        }
+                    )
                     subscription.lagged = 0
                 await conn.send({"type": "event", "event": event})
 
@@ -168,15 +189,24 @@ class SocketServer:
         kind = message.get("type")
         handler = self.handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            return {"id": request_id, "ok": False, "error": {
-                "code": "unknown_request", "message": f"unknown request type {kind!r}"}}
+            return {
+                "id": request_id,
+                "ok": False,
+                "error": {"code": "unknown_request", "message": f"unknown request type {kind!r}"},
+            }
         try:
             result = await handler(message)
         except RequestError as exc:
-            return {"id": request_id, "ok": False,
-                    "error": {"code": exc.code, "message": exc.message, "data": exc.data}}
+            return {
+                "id": request_id,
+                "ok": False,
+                "error": {"code": exc.code, "message": exc.message, "data": exc.data},
+            }
         except Exception as exc:
             log.exception("request %s failed", kind)
-            return {"id": request_id, "ok": False,
-                    "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+            return {
+                "id": request_id,
+                "ok": False,
+                "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"},
+            }
         return {"id": request_id, "ok": True, "result": result}

@@ -40,14 +40,13 @@ def write_safetensors(path: Path, value: int) -> None:
     """A real one-tensor safetensors file (I64[1]), written without torch."""
     header = json.dumps({"value": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})
     header_bytes = header.encode() + b" " * (-len(header) % 8)
-    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes
-                     + struct.pack("<q", value))
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + struct.pack("<q", value))
 
 
 def read_safetensors(path: Path) -> int:
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    return int(struct.unpack("<q", data[8 + length:16 + length])[0])
+    return int(struct.unpack("<q", data[8 + length : 16 + length])[0])
 
 
 def write_torch_zip(path: Path, payload: dict) -> None:
@@ -76,17 +75,28 @@ def main() -> int:
     parser.add_argument("--save-steps", type=int, default=5)
     parser.add_argument("--step-time", type=float, default=0.05)
     parser.add_argument("--resume_from_checkpoint", type=Path, default=None)
-    parser.add_argument("--crash-at", type=int, action="append", default=[],
-                        help="exit 1 the first time this step is reached (repeatable)")
-    parser.add_argument("--crash-always-at", type=int, default=None,
-                        help="exit 1 every time this step is reached")
-    parser.add_argument("--fail-at-start", type=int, default=None,
-                        help="exit with this code before any step")
+    parser.add_argument(
+        "--crash-at",
+        type=int,
+        action="append",
+        default=[],
+        help="exit 1 the first time this step is reached (repeatable)",
+    )
+    parser.add_argument(
+        "--crash-always-at", type=int, default=None, help="exit 1 every time this step is reached"
+    )
+    parser.add_argument(
+        "--fail-at-start", type=int, default=None, help="exit with this code before any step"
+    )
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (stubborn)")
-    parser.add_argument("--spawn-child", action="store_true",
-                        help="start a sleeping child in the same process group")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="write no progress file (like a plain HF script)")
+    parser.add_argument(
+        "--spawn-child",
+        action="store_true",
+        help="start a sleeping child in the same process group",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="write no progress file (like a plain HF script)"
+    )
     args = parser.parse_args()
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +125,7 @@ def main() -> int:
         history = state["log_history"]
 
     progress_path = os.environ.get("FTSUP_PROGRESS_FILE")
-    progress = open(progress_path, "a") if progress_path and not args.no_progress else None
+    progress = open(progress_path, "a") if progress_path and not args.no_progress else None  # noqa: SIM115
 
     def report(record: dict) -> None:
         if progress is not None:
@@ -123,7 +133,7 @@ def main() -> int:
             progress.flush()
 
     report({"event": "train_start", "step": step, "max_steps": args.max_steps})
-    steps_log = open(out / "steps.log", "a")
+    steps_log = open(out / "steps.log", "a")  # noqa: SIM115 (open for the whole run)
     while step < args.max_steps:
         time.sleep(args.step_time)
         step += 1
