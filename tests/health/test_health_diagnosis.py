@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ftsup.supervisor.health.diagnosis import (
     KILLED_BY_HANG,
     KILLED_BY_USER,

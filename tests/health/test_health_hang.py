@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftsup.supervisor.health.hang import HangDetector, HangPolicy
-from ftsup.supervisor.spec_types import HealthSection
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ftsup.supervisor.health.hang import HangDetector, HangPolicy
+from ftsup.supervisor.spec_types import HealthSection
 
 
 def test_reason_names_the_rule() -> None:

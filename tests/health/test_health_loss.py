@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from ftsup.supervisor.health.loss import LossAnomalyDetector
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ftsup.supervisor.health.loss import LossAnomalyDetector
 
 
 def test_nan_names_the_window_since_the_last_good_step() -> None:

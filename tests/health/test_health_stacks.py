@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from ftsup.supervisor.health.stacks import (
     STACK_DUMP_SIGNAL,
     capture_stacks,
