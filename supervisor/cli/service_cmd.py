@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any
 
+from rich.markup import escape
+
 from ftsup.supervisor.cli import output
 from ftsup.supervisor.service.install import (
     Plan,
@@ -18,7 +20,6 @@ from ftsup.supervisor.service.install import (
     write_unit,
 )
 from ftsup.supervisor.service.units import Scope
-from rich.markup import escape
 
 
 def register(subparsers: Any) -> None:

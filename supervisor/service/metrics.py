@@ -71,6 +71,7 @@ def _prometheus() -> Any:
 
 
 # (metric name, help, attribute); None values are left out rather than exported as NaN.
+# The label is `job_name`, not `job`: Prometheus sets `job` on every target itself.
 _JOB_GAUGES = (
     ("ftsup_job_step", "Last reported training step.", "step"),
     ("ftsup_job_max_steps", "Planned training steps.", "max_steps"),
@@ -115,10 +116,10 @@ class SnapshotCollector:
     def _jobs(self, jobs: Sequence[JobMetrics]) -> Iterator[Any]:
         core = self._core
         state = core.GaugeMetricFamily(
-            "ftsup_job_state", "1 for the job's current state.", labels=["job", "state"]
+            "ftsup_job_state", "1 for the job's current state.", labels=["job_name", "state"]
         )
         restarts = core.CounterMetricFamily(
-            "ftsup_job_restarts", "Restarts of the job so far.", labels=["job"]
+            "ftsup_job_restarts", "Restarts of the job so far.", labels=["job_name"]
         )
         for job in jobs:
             state.add_metric([job.name, job.state], 1)
@@ -126,7 +127,7 @@ class SnapshotCollector:
         yield state
         yield restarts
         for name, doc, attr in _JOB_GAUGES:
-            family = core.GaugeMetricFamily(name, doc, labels=["job"])
+            family = core.GaugeMetricFamily(name, doc, labels=["job_name"])
             for job in jobs:
                 if (value := getattr(job, attr)) is not None:
                     family.add_metric([job.name], float(value))

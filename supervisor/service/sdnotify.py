@@ -6,8 +6,8 @@ abstract namespace). With `Type=notify` the unit is "started" only once we send
 stops arriving. The pings are sent by a coroutine on the daemon's event loop
 (`watchdog_loop`), so a blocked loop stops them by construction.
 
-Sending never raises and never blocks: the daemon must not die or stall because
-systemd is busy, and outside systemd everything here is a no-op.
+Sending never raises and waits at most `SEND_TIMEOUT`: the daemon must not
+die or stall because systemd is busy. Outside systemd everything is a no-op.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 0.1  # seconds the event loop may wait for a busy systemd
+
 # Variables systemd hands to the service itself. A trainer that inherited them
 # could send READY/WATCHDOG in our name or think it was socket-activated.
-_CHILD_ENV_DROP = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"})
+_CHILD_ENV_DROP = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"}
+)
 _CHILD_ENV_DROP_PREFIXES = ("LISTEN_",)
 
 
@@ -97,7 +101,8 @@ class Notifier:
         try:
             if self._sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)  # a full queue drops a message, never stalls the loop
+                # systemd drains its queue at once; if it cannot, wait briefly, then drop.
+                sock.settimeout(SEND_TIMEOUT)
                 self._sock = sock
             self._sock.sendto(payload, self._address)
         except OSError as exc:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ftsup.supervisor.service.install import plan_install, plan_uninstall
 from ftsup.supervisor.service.units import (
     TEMPLATE_FILES,

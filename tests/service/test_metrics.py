@@ -8,6 +8,7 @@ import textwrap
 import urllib.request
 
 import pytest
+
 from ftsup.supervisor.service.metrics import (
     GpuMetrics,
     JobMetrics,
@@ -60,13 +61,13 @@ def test_serves_a_running_job(monkeypatch: pytest.MonkeyPatch) -> None:
         server.close()
     for expected in (
         "ftsup_snapshot_ok 1.0",
-        'ftsup_job_state{job="qwen-lora",state="running"} 1.0',
-        'ftsup_job_state{job="queued-job",state="waiting"} 1.0',
-        'ftsup_job_step{job="qwen-lora"} 120.0',
-        'ftsup_job_max_steps{job="qwen-lora"} 3000.0',
-        'ftsup_job_loss{job="qwen-lora"} 1.25',
-        'ftsup_job_restarts_total{job="qwen-lora"} 2.0',
-        'ftsup_job_seconds_since_checkpoint{job="qwen-lora"} 42.5',
+        'ftsup_job_state{job_name="qwen-lora",state="running"} 1.0',
+        'ftsup_job_state{job_name="queued-job",state="waiting"} 1.0',
+        'ftsup_job_step{job_name="qwen-lora"} 120.0',
+        'ftsup_job_max_steps{job_name="qwen-lora"} 3000.0',
+        'ftsup_job_loss{job_name="qwen-lora"} 1.25',
+        'ftsup_job_restarts_total{job_name="qwen-lora"} 2.0',
+        'ftsup_job_seconds_since_checkpoint{job_name="qwen-lora"} 42.5',
         'ftsup_gpu_utilization_percent{gpu="0",name="NVIDIA H100"} 97.0',
         'ftsup_gpu_temperature_celsius{gpu="0",name="NVIDIA H100"} 64.0',
         'ftsup_gpu_power_watts{gpu="0",name="NVIDIA H100"} 612.5',
@@ -77,8 +78,8 @@ def test_serves_a_running_job(monkeypatch: pytest.MonkeyPatch) -> None:
     assert float(samples['ftsup_gpu_memory_total_bytes{gpu="0",name="NVIDIA H100"}']) == 80 * 2**30
     assert "process_resident_memory_bytes" in samples  # the daemon's own process
     # Unknown values are absent, not NaN.
-    assert not any(line.startswith('ftsup_job_loss{job="queued-job"') for line in lines)
-    assert 'ftsup_job_step{job="qwen-lora"} 130.0' in again  # fresh snapshot per scrape
+    assert not any(line.startswith('ftsup_job_loss{job_name="queued-job"') for line in lines)
+    assert 'ftsup_job_step{job_name="qwen-lora"} 130.0' in again  # fresh snapshot per scrape
 
 
 def test_failing_snapshot_is_reported() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ftsup.supervisor.service.notify import (
     CommandHook,
     Notification,

@@ -85,6 +85,7 @@ def test_clean_child_env() -> None:
         "LISTEN_PID": "12",
         "LISTEN_FDNAMES": "x",
         "JOURNAL_STREAM": "8:123",
+        "INVOCATION_ID": "0123abcd",
         "CUDA_VISIBLE_DEVICES": "0",
     }
     assert clean_child_env(env) == {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0"}
