@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pynvml
-from nvml_double import FakeGpu, FakeNvml, GiB
 
 from ftsup.supervisor.health.gpu import GpuMonitor
 from ftsup.supervisor.health.gpu_checks import (
@@ -14,6 +13,7 @@ from ftsup.supervisor.health.gpu_checks import (
     supports_bf16,
     wait_for_memory_release,
 )
+from tests.health.nvml_double import FakeGpu, FakeNvml, GiB
 
 
 def test_devices_exist_and_answer() -> None:
