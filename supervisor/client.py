@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextlib
 import itertools
 import os
 import socket
@@ -74,8 +75,14 @@ class Client:
                 f"no daemon answers on {socket_path} ({exc.strerror})"
             ) from None
         self._ids = itertools.count(1)
-        self._sock.sendall(encode_frame(hello(name)))
-        self.daemon = _check_hello(recv_frame_blocking(self._sock))
+        # A refused peer: the daemon spoke first and closed; its reason is read below.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._sock.sendall(encode_frame(hello(name)))
+        try:
+            self.daemon = _check_hello(recv_frame_blocking(self._sock))
+        except BaseException:
+            self._sock.close()
+            raise
 
     def close(self) -> None:
         self._sock.close()
