@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ftsup.supervisor import spec_types
 from ftsup.supervisor.spec import SpecError, SpecIssue, load_spec, parse_spec, spec_to_json
 from ftsup.supervisor.spec_types import CheckpointSection, HealthSection, RestartSection
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 
