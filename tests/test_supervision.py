@@ -291,3 +291,72 @@ def test_command_that_cannot_start_gives_up_at_once(daemon: Harness) -> None:
     status = daemon.wait_state("missing", "gave_up", "failed", "finished")
     assert status["state"] in ("gave_up", "failed") and status["attempts"] == 1
     assert "/nonexistent/trainer" in status["reason"]
+
+
+def test_hung_trainer_is_detected_stacks_captured_killed_and_restarted(
+    daemon: Harness,
+) -> None:
+    job = daemon.toy_job(
+        "hangs",
+        "--max-steps",
+        "20",
+        "--step-time",
+        "0.05",
+        "--hang-at",
+        "7",
+        restart='stop_grace = "1s"',
+        extra='\n[health]\nhang_timeout = "2s"\nstartup_timeout = "30s"\n',
+    )
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("hangs", "finished", "gave_up", "failed", timeout=60)
+    assert status["state"] == "finished"
+    first = status["attempt_history"][0]
+    assert first["failure_kind"] == "hang" and first["signal"] == signal.SIGKILL
+    events = daemon.cli_json("events", "hangs")["events"]
+    hung = [e for e in events if e["kind"] == "hung"]
+    assert len(hung) == 1 and "no progress for" in hung[0]["message"]
+    stacks = [e for e in events if e["kind"] == "stacks"]
+    assert stacks, events
+    # py-spy where installed; else the trainer's faulthandler writes them into its log.
+    attempt_dir = daemon.state_dir / "runs" / "hangs" / "attempt-1"
+    captured = (attempt_dir / "stacks.txt").read_text() + (attempt_dir / "stdout.log").read_text()
+    assert "toy_trainer.py" in captured and "main" in captured, captured
+
+
+def test_stopped_process_sigstop_is_a_hang(daemon: Harness) -> None:
+    job = daemon.toy_job(
+        "frozen",
+        "--max-steps",
+        "30",
+        "--step-time",
+        "0.05",
+        restart='stop_grace = "1s"',
+        extra='\n[health]\nhang_timeout = "2s"\n',
+    )
+    daemon.cli("start", str(job))
+    wait_for(lambda: daemon.status("frozen")["progress"]["step"] >= 5, what="step 5")
+    os.kill(daemon.attempt_pids("frozen")[0]["trainer_pid"], signal.SIGSTOP)
+    status = daemon.wait_state("frozen", "finished", "gave_up", "failed", timeout=60)
+    assert status["state"] == "finished"
+    assert status["attempt_history"][0]["failure_kind"] == "hang"
+
+
+def test_slow_but_alive_trainer_is_never_killed(daemon: Harness) -> None:
+    """Adaptive timeout: 10 x the median step; long saves are judged by save time."""
+    job = daemon.toy_job(
+        "slowpoke",
+        "--max-steps",
+        "12",
+        "--step-time",
+        "0.4",
+        "--save-steps",
+        "4",
+        "--save-time",
+        "2.5",
+        extra='\n[health]\nhang_floor = "1s"\n',
+    )
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("slowpoke", "finished", "gave_up", "failed", timeout=60)
+    assert status["state"] == "finished" and status["attempts"] == 1
+    kinds = [e["kind"] for e in daemon.cli_json("events", "slowpoke")["events"]]
+    assert "hung" not in kinds

@@ -174,6 +174,7 @@ class JobManager:
             for runner in list(self.runners.values()):
                 try:
                     runner.pump()
+                    runner.check_hang()
                 except Exception:
                     log.exception("job %s: reading progress failed", runner.name)
             await asyncio.sleep(PUMP_INTERVAL)

@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor import policy
-from ftsup.supervisor.atomicio import read_json, tail_lines
+from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
 from ftsup.supervisor.follow import LineFollower
+from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
+from ftsup.supervisor.health.hang import HangDetector, HangPolicy
+from ftsup.supervisor.health.stacks import capture_stacks
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import is_same_process, process_start_time, signal_group
 from ftsup.supervisor.progress import JsonlFollower, ProgressState, records_from_trainer_state
@@ -40,6 +43,7 @@ from ftsup.supervisor.store import AttemptRow, Store
 log = logging.getLogger("ftsup.daemon")
 
 LOG_RING = 500
+KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
 TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
 ResumeSelector = Callable[[JobSpec], ResumePoint]
@@ -94,6 +98,9 @@ class JobRunner:
         self._last_stored_step = -1
         self._trainer_state_mtime = 0.0
         self._progress_seen = False
+        self._hang: HangDetector | None = None
+        self._hang_handled = False
+        self._hang_task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -261,6 +268,11 @@ class JobRunner:
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
         self.progress.begin_attempt(attempt.started_at, attempt.start_step)
+        # Monotonic clock from here on: an adopted attempt gets a fresh start-up allowance.
+        self._hang = HangDetector(
+            HangPolicy.from_spec(self.spec.health), started_at=time.monotonic()
+        )
+        self._hang_handled = False
         self._log_follower = LineFollower(attempt.attempt_dir / LOG_FILE)
 
     async def _wait(self, attempt: LiveAttempt) -> AttemptRow:
@@ -268,6 +280,8 @@ class JobRunner:
         exit_info = read_json(attempt.attempt_dir / EXIT_FILE)
         if exit_info is None:
             exit_info = await self._wait_orphaned_trainer(attempt)
+        exit_info.update(read_json(attempt.attempt_dir / KILL_FILE) or {})
+        self._hang = None
         self.pump()  # the last progress and log lines before judging
         pids = attempt.pids()
         last_step = max(attempt.start_step, self._attempt_last_step(attempt))
@@ -365,16 +379,72 @@ class JobRunner:
             records = self._trainer_state_records()
         for record in records:
             self.progress.apply(record)
+            self._feed_hang_detector(record)
         if records:
             self.bus.emit(self.name, "progress", "", self.progress.to_json())
             self._store_step()
         if self._log_follower is not None:
             lines = [ln.decode(errors="replace") for ln in self._log_follower.read_lines()]
+            if lines and not self._progress_seen and self._hang is not None:
+                self._hang.heartbeat(time.monotonic())  # output is all a plain command shows
             if lines:
                 self.log_ring.extend(lines)
                 if self.bus.has_subscribers("log"):
                     attempt = self.attempt.n if self.attempt else None
                     self.bus.emit(self.name, "log", "", {"lines": lines, "attempt": attempt})
+
+    def _feed_hang_detector(self, record: dict[str, Any]) -> None:
+        detector, attempt = self._hang, self.attempt
+        if detector is None or attempt is None:
+            return
+        ts = record.get("ts")
+        if isinstance(ts, int | float) and ts < attempt.started_at:
+            return  # replayed from an earlier attempt
+        now = time.monotonic()
+        event, step = record.get("event", "step"), record.get("step")
+        if event == "step" and isinstance(step, int):
+            detector.step(step, now)
+        elif event == "checkpoint_start":
+            detector.checkpoint_started(now)
+        elif event == "checkpoint_saved":
+            detector.checkpoint_finished(now)
+        else:
+            detector.heartbeat(now)
+
+    def check_hang(self) -> None:
+        """Called by the pump: a hung attempt gets its stacks captured, then is stopped."""
+        detector, attempt = self._hang, self.attempt
+        if detector is None or attempt is None or self._hang_handled or self.stop_requested:
+            return
+        verdict = detector.is_hung(time.monotonic())
+        if verdict is None:
+            return
+        self._hang_handled = True
+        self.bus.emit(
+            self.name,
+            "hung",
+            f"attempt {attempt.n}: {verdict.reason}",
+            {
+                "attempt": attempt.n,
+                "idle_s": verdict.idle_s,
+                "timeout_s": verdict.timeout_s,
+                "phase": verdict.phase,
+            },
+        )
+        write_json_atomic(
+            attempt.attempt_dir / KILL_FILE, {"killed_by": KILLED_BY_HANG, "reason": verdict.reason}
+        )
+        self._hang_task = asyncio.create_task(self._stop_hung(attempt))
+
+    async def _stop_hung(self, attempt: LiveAttempt) -> None:
+        pids = attempt.pids()
+        trainer = pids.get("trainer_pid")
+        targets = [trainer] if isinstance(trainer, int) else []
+        stacks = attempt.attempt_dir / "stacks.txt"
+        summary = await asyncio.to_thread(capture_stacks, targets, stacks, 20.0)
+        self.bus.emit(self.name, "stacks", summary, {"path": str(stacks)})
+        # SIGTERM first (a chance to save), SIGKILL after stop_grace: the shim escalates.
+        _signal_pid(attempt.shim_pid, attempt.shim_start, signal.SIGTERM)
 
     def _store_step(self) -> None:
         attempt = self.attempt

@@ -14,6 +14,7 @@ value proves the run took the same path as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import pickle
@@ -88,6 +89,15 @@ def main() -> int:
     parser.add_argument(
         "--fail-at-start", type=int, default=None, help="exit with this code before any step"
     )
+    parser.add_argument(
+        "--hang-at",
+        type=int,
+        default=None,
+        help="the first time this step is reached, sleep forever inside it",
+    )
+    parser.add_argument(
+        "--save-time", type=float, default=0.0, help="seconds each checkpoint save takes"
+    )
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (stubborn)")
     parser.add_argument(
         "--spawn-child",
@@ -110,6 +120,8 @@ def main() -> int:
 
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 
+    # The stack-dump convention of ftsup's hang handling (see docs/health.md).
+    faulthandler.register(signal.SIGRTMIN + 2, all_threads=True)
     stop = {"requested": False}
 
     def on_term(signum: int, frame: object) -> None:
@@ -149,10 +161,18 @@ def main() -> int:
             marker.touch()
             print(f"RuntimeError: toy crash at step {step}", file=sys.stderr, flush=True)
             return 1
+        hang_marker = out / f".hung-at-{step}"
+        if args.hang_at == step and not hang_marker.exists():
+            hang_marker.touch()
+            print(f"hanging inside step {step}", flush=True)
+            while True:
+                time.sleep(3600)
         if args.crash_always_at == step:
             print(f"RuntimeError: toy crash at step {step}", file=sys.stderr, flush=True)
             return 1
         if step % args.save_steps == 0 or step == args.max_steps:
+            report({"event": "checkpoint_start", "step": step})
+            time.sleep(args.save_time)
             save(out, step, value, args.max_steps, history)
             report({"event": "checkpoint_saved", "step": step})
         if stop["requested"]:
