@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ftsup.supervisor.checkpoints.discovery import list_checkpoints, select_resume
 from ftsup.supervisor.checkpoints.quarantine import (
     list_quarantined,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ftsup.supervisor.checkpoints.discovery import select_resume
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyEmitter
+
 from ftsup.supervisor.checkpoints.quarantine import quarantine
 from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.watch import CheckpointWatcher
 from ftsup.supervisor.manifest import MANIFEST_NAME
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyEmitter
 
 SETTLE = 0.3
 POLL = 0.1
