@@ -9,7 +9,7 @@ ftsup or by the trainer's own "latest checkpoint" logic) trips over it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .ftsup_format import has_manifest
@@ -103,16 +103,25 @@ def select_resume(
     except one written to within the last `skip_newer_than` seconds: its writer
     may still be at work, so it is skipped and left alone. Call this only when
     no trainer of the job runs; `skip_newer_than` is the safety net.
+    `world_size`: the job's process count. A checkpoint complete for fewer
+    processes is accepted when the job grew since (see `_judge`), and refused
+    when an older checkpoint shows it lost ranks.
     """
     if require_manifest is None:
         require_manifest = manifests_expected(output_dir)
     now = time.time() if now is None else now
     moved: list[Quarantined] = []
     skipped: list[CheckpointReport] = []
-    for path in reversed(list_checkpoints(output_dir)):
+    paths = list_checkpoints(output_dir)
+    for index in range(len(paths) - 1, -1, -1):
+        path = paths[index]
         try:
-            report = validate_checkpoint(
-                path, deep=deep, world_size=world_size, require_manifest=require_manifest
+            report = _judge(
+                path,
+                older=paths[:index],
+                world_size=world_size,
+                deep=deep,
+                require_manifest=require_manifest,
             )
         except FileNotFoundError:
             continue
@@ -124,3 +133,44 @@ def select_resume(
             continue
         moved.append(Quarantined(report, _quarantine(path, report.reason or "invalid")))
     return ResumeChoice(None, tuple(moved), tuple(skipped))
+
+
+def _judge(
+    path: Path,
+    *,
+    older: list[Path],
+    world_size: int | None,
+    deep: bool,
+    require_manifest: bool,
+) -> CheckpointReport:
+    """Validate against the job's world size, but tell a grown job from lost ranks.
+
+    A checkpoint complete for fewer processes than the job now runs was either
+    written before the job grew (drift: the drift guard's business, never a
+    reason to quarantine) or lost its highest ranks' files in a crash. The
+    nearest older valid checkpoint decides: if it was written by more processes
+    than this one holds, ranks were lost.
+    """
+    report = validate_checkpoint(
+        path, deep=deep, world_size=world_size, require_manifest=require_manifest
+    )
+    if report.valid or not world_size:
+        return report
+    alone = validate_checkpoint(path, deep=deep, require_manifest=require_manifest)
+    own = alone.details.get("world_size")
+    if not alone.valid or not isinstance(own, int) or own >= world_size:
+        return report
+    for previous in reversed(older):
+        try:
+            other = validate_checkpoint(previous, require_manifest=require_manifest)
+        except FileNotFoundError:
+            continue
+        if other.valid:
+            other_size = other.details.get("world_size")
+            if isinstance(other_size, int) and other_size > own:
+                return report
+            break
+    note = f"written by {own} processes; the job runs {world_size} (the world size changed)"
+    details = dict(alone.details)
+    details["notes"] = [*alone.notes, note]
+    return replace(alone, details=details)

@@ -125,6 +125,36 @@ def test_a_folder_still_being_written_is_left_alone(output_dir: Factory) -> None
     assert [q.report.step for q in later.quarantined] == [6]
 
 
+def _set_ranks(ckpt: Path, ranks: int) -> None:
+    """Make the folder look saved by `ranks` processes (one RNG file each)."""
+    rng = next(ckpt.glob("rng_state*.pth")).read_bytes()
+    for old in ckpt.glob("rng_state*.pth"):
+        old.unlink()
+    for rank in range(ranks):
+        (ckpt / f"rng_state_{rank}.pth").write_bytes(rng)
+
+
+def test_a_grown_job_keeps_the_checkpoints_of_its_smaller_past(output_dir: Factory) -> None:
+    out = output_dir("hf2")  # saved by 2 processes; the job now runs 4
+    choice = select_resume(out, world_size=4)
+    assert choice.step == 6 and choice.quarantined == ()
+    assert choice.checkpoint is not None
+    assert any("the world size changed" in n for n in choice.checkpoint.notes)
+
+
+def test_lost_highest_ranks_are_told_from_a_grown_job(output_dir: Factory) -> None:
+    out = output_dir("hf")
+    for step in (2, 4):
+        _set_ranks(out / f"checkpoint-{step}", 4)
+    _set_ranks(out / "checkpoint-6", 2)  # ranks 2 and 3 died before writing theirs
+    assert select_resume(out, quarantine=False).step == 6  # invisible without the world size
+    choice = select_resume(out, world_size=4)
+    assert choice.step == 4
+    assert [q.report.reason for q in choice.quarantined] == [
+        "rng_state_2.pth missing (world size 4)"
+    ]
+
+
 def test_resume_from_the_choice_finishes_the_run(output_dir: Factory) -> None:
     out = output_dir("hf")
     builders.truncate(out / "checkpoint-6" / "optimizer.pt")
