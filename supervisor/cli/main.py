@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "ftsup.supervisor.cli.jobs_cmd",
     "ftsup.supervisor.cli.check_cmd",
     "ftsup.supervisor.cli.daemon_cmd",
+    "ftsup.supervisor.cli.service_cmd",
 )
 
 

@@ -21,7 +21,9 @@ from ftsup.supervisor.daemon.handlers import Handlers
 from ftsup.supervisor.daemon.launcher import default_env
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.daemon.server import SocketServer
+from ftsup.supervisor.daemon.services import DaemonServices, MetricsOptions
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.service.logging_setup import setup_daemon_logging
 from ftsup.supervisor.store import Store
 
 log = logging.getLogger("ftsup.daemon")
@@ -32,8 +34,9 @@ class DaemonAlreadyRunning(Exception):
 
 
 class Daemon:
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, metrics: MetricsOptions | None = None) -> None:
         self.layout = layout
+        self.metrics = metrics or MetricsOptions()
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
@@ -78,12 +81,15 @@ class Daemon:
         manager.restore()
         manager.start_pump()
         await server.start()
+        services = DaemonServices(manager, bus, self.metrics)
+        services.start()  # READY=1: the socket is bound and every run re-adopted
         bus.emit(None, "daemon_started", f"daemon {os.getpid()} listening on {self.layout.socket}")
         log.info("listening on %s (state in %s)", self.layout.socket, self.layout.state_dir)
         try:
             await self._stop.wait()
         finally:
             log.info("shutting down; running jobs keep running")
+            await services.close()
             await server.close()
             await manager.close()
             store.close()
@@ -101,10 +107,10 @@ def _socket_answers(layout: Layout) -> bool:
     return True
 
 
-def run_daemon(layout: Layout) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def run_daemon(layout: Layout, metrics: MetricsOptions | None = None) -> int:
+    setup_daemon_logging(logging.INFO)
     try:
-        asyncio.run(Daemon(layout).run())
+        asyncio.run(Daemon(layout, metrics).run())
     except DaemonAlreadyRunning as exc:
         log.error("%s", exc)
         return 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ class EventBus:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._subscriptions: list[Subscription] = []
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Called on the loop for every event (notifications); must not block."""
+        self._listeners.append(listener)
 
     def emit(
         self, job: str | None, kind: str, message: str = "", data: dict[str, Any] | None = None
@@ -70,6 +76,8 @@ class EventBus:
             self._subscriptions.remove(subscription)
 
     def _publish(self, event: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            listener(event)
         for subscription in self._subscriptions:
             if not subscription.wants(event):
                 continue

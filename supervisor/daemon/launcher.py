@@ -18,20 +18,9 @@ from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec, LaunchSection
-
-# systemd's variables must never reach a trainer (it would ping the daemon's watchdog).
-_PRIVATE_ENV = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "JOURNAL_STREAM",
-    "INVOCATION_ID",
-)
 
 
 @dataclass(frozen=True)
@@ -75,7 +64,7 @@ def plan_attempt(
     resume_from: Path | None,
     base_env: Mapping[str, str],
 ) -> AttemptPlan:
-    env = {k: v for k, v in base_env.items() if k not in _PRIVATE_ENV}
+    env = clean_child_env(base_env)  # systemd's notify/watchdog variables stay with the daemon
     env.update(
         {
             "FTSUP_JOB": spec.name,
