@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from ftsup.trainer import dist
 from ftsup.trainer.checkpointing import Checkpointer, retire_checkpoints_after
 from ftsup.trainer.progress import ProgressWriter
 from ftsup.trainer.signals import REQUESTS, install_handlers
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
 class FtsupCallback(TrainerCallback):  # type: ignore[misc]

@@ -80,10 +80,15 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
         job_name=str(raw.get("job_name", "ftsup")),
         source=path,
     )
-    check_train_section(train)
-    check_environment(train)
-    if check_files:
-        check_data(train)
+    problems: list[str] = []
+    checks = [check_train_section, check_environment] + ([check_data] if check_files else [])
+    for check in checks:
+        try:
+            check(train)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
     return config
 
 

@@ -79,13 +79,14 @@ def configure_determinism(seed: int) -> None:
 
 def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any]:
     """Data, model, TrainingArguments and the callbacks, assembled into a Trainer."""
+    from transformers import Trainer
+
     from ftsup.trainer.batching import ExampleDataset, PadCollator
     from ftsup.trainer.callback import FtsupCallback
     from ftsup.trainer.checkpointing import Checkpointer, fingerprint
     from ftsup.trainer.data import encode_all, load_conversations, split_eval
     from ftsup.trainer.faults import FaultInjector
     from ftsup.trainer.model import load_model, load_tokenizer
-    from transformers import Trainer
 
     train = config.train
     configure_determinism(train.seed)
@@ -139,6 +140,7 @@ def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
             else {"eval_strategy": "epoch"}
         )
     distributed = dist.world_size() > 1
+    cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(config.output_dir),
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -165,7 +167,11 @@ def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
-        ddp_backend=("nccl" if torch.cuda.is_available() else "gloo") if distributed else None,
+        # Without use_cpu, accelerate on a CPU-only box shards the data across ranks
+        # but never wraps the model in DDP: gradients are silently not averaged.
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        ddp_backend=("nccl" if cuda else "gloo") if distributed else None,
         ddp_find_unused_parameters=False if distributed else None,
         **eval_kwargs,
     )

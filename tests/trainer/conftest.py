@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
 
+from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
 from tests.trainer.trainer_helpers import TrainerProcess
 
 

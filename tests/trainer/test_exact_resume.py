@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ftsup.supervisor.manifest import MANIFEST_NAME, read_manifest
 from ftsup.trainer.checkpointing import list_checkpoints, newest_complete_checkpoint
-
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
 
 MAX_STEPS = 16
@@ -89,6 +89,7 @@ def test_sigkill_three_times_then_resume_is_bit_exact(
     # 1. SIGKILL from outside between checkpoints (step 5 ends an epoch).
     first = start_trainer(config)
     first.wait_for_step(5)
+    first.wait_for_saved(3)
     first.kill_group()
     resume = resume_point(out)
     assert resume is not None and resume.name == "checkpoint-3"

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.spec_types import LaunchSection
+from ftsup.trainer.launch import build_trainer_argv
+
 # One thread per process: the CI box has 2 shared cores, and the reference and
 # resumed runs must use the same thread count to be comparable bit for bit.
 TRAINER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,14 +48,13 @@ class TrainerProcess:
         *,
         resume_from: Path | None = None,
         env: dict[str, str] | None = None,
-        argv_prefix: list[str] | None = None,
+        launch: LaunchSection | None = None,
     ) -> None:
         run_dir = config.parent
         self.progress = run_dir / "progress.jsonl"
         self.log_path = run_dir / f"trainer-{time.monotonic_ns()}.log"
-        argv = [*(argv_prefix or [sys.executable, "-m", "ftsup.trainer"]), "--config", str(config)]
-        if resume_from is not None:
-            argv += ["--resume-from", str(resume_from)]
+        # The daemon's own command line: plain module, or the torchrun wrapper.
+        argv = build_trainer_argv(config, resume_from, launch or LaunchSection(), sys.executable)
         full_env = {**os.environ, **TRAINER_ENV, "FTSUP_PROGRESS_FILE": str(self.progress)}
         full_env.update(env or {})
         self._log = self.log_path.open("wb")
@@ -81,6 +83,16 @@ class TrainerProcess:
 
         self.wait_until(reached, timeout)
 
+    def wait_for_saved(self, step: int, timeout: float = 120.0) -> None:
+        """Until checkpoint `step` is complete (its manifest may be written asynchronously)."""
+
+        def saved() -> bool:
+            return any(
+                e["event"] == "checkpoint_saved" and e["step"] == step for e in self.events()
+            )
+
+        self.wait_until(saved, timeout)
+
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
@@ -98,7 +110,8 @@ class TrainerProcess:
             self._log.close()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
 

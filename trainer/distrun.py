@@ -1,0 +1,92 @@
+"""`python -m ftsup.trainer.distrun <torchrun arguments>`: torchrun that keeps ftsup's contract.
+
+Runs `torch.distributed.run` in this process (the workers are its children)
+and adds what the supervisor relies on:
+
+* exit codes: 75 when the workers stopped on request, 2 for a configuration
+  error, instead of torchrun's 1 for any worker failure;
+* signals: SIGTERM/SIGUSR1/SIGUSR2 are forwarded to the workers, which act at
+  the next step boundary (torchrun would kill them after 30 s on SIGTERM, and
+  die itself on SIGUSR1/SIGUSR2);
+* SIGKILL: workers run in their own sessions, so each worker asks the kernel
+  to kill it when this launcher dies (`ftsup.trainer.dist.die_with_parent`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# torchrun's own handlers, minus SIGTERM, which must not tear the workers down.
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+EXIT_CONFIG, EXIT_STOPPED = 2, 75
+
+
+def child_pids(parent: int) -> list[int]:
+    """Direct children of `parent`, from /proc (the workers of this launcher)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # Field 4 (ppid) comes after the command name, which may hold spaces.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == parent:
+            pids.append(int(entry))
+    return pids
+
+
+def _forward(signum: int, _frame: FrameType | None) -> None:
+    for pid in child_pids(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
+    """One exit code for the job from the failed workers' codes (`first` failed first).
+
+    When a worker exits, torchrun SIGTERMs the others; one that is already
+    past its last barrier may die of it during interpreter shutdown. So a stop
+    (75) is judged by the first worker to exit, and SIGTERM/SIGKILL deaths
+    after it are collateral.
+    """
+    codes = [first, *others]
+    if EXIT_CONFIG in codes:
+        return EXIT_CONFIG
+    collateral = {EXIT_STOPPED, -int(signal.SIGTERM), -int(signal.SIGKILL)}
+    if first == EXIT_STOPPED and all(code in collateral for code in others):
+        return EXIT_STOPPED
+    failures = [code for code in codes if code > 0 and code != EXIT_STOPPED]
+    return failures[0] if failures else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for sig in FORWARDED:
+        signal.signal(sig, _forward)
+    args = parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(argv or sys.argv[1:])])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        first_rank, first = exc.get_first_failure()
+        others = [f.exitcode for rank, f in exc.failures.items() if rank != first_rank]
+        return exit_code_for(first.exitcode, others)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The trainer's command line, as the daemon starts it (stdlib only: the daemon imports it).
+
+One process: `python -m ftsup.trainer --config ... [--resume-from ...]`.
+Several: the same module under `python -m ftsup.trainer.distrun`, which is
+torchrun (`torch.distributed.run`, same arguments) run in-process by a thin
+wrapper that keeps ftsup's contract, which plain torchrun breaks: exit code
+75 and 2 survive (torchrun turns any worker failure into 1), SIGUSR1/SIGUSR2
+reach the workers (they would kill torchrun), SIGTERM is forwarded as a
+save-and-stop request, and workers die with the launcher on SIGKILL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftsup.supervisor.spec_types import LaunchSection
+
+TRAINER_MODULE = "ftsup.trainer"
+DISTRUN_MODULE = "ftsup.trainer.distrun"
+
+
+def trainer_args(config_path: Path, resume_from: Path | None) -> list[str]:
+    args = ["--config", str(config_path)]
+    if resume_from is not None:
+        args += ["--resume-from", str(resume_from)]
+    return args
+
+
+def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
+    """torchrun options for `launch`; single-node runs rendezvous on a free local port."""
+    args = [f"--nproc-per-node={launch.nproc_per_node}", "--max-restarts=0"]
+    if launch.nnodes == 1:
+        return [*args, "--standalone"]
+    if not launch.rdzv_endpoint:
+        raise ValueError("[launch] nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+    args += [
+        f"--nnodes={launch.nnodes}",
+        f"--rdzv-backend={launch.rdzv_backend}",
+        f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id={launch.rdzv_id or rdzv_id}",
+    ]
+    if launch.rdzv_backend == "static":
+        host, _, port = launch.rdzv_endpoint.rpartition(":")
+        args += [f"--node-rank={launch.node_rank}", f"--master-addr={host}"]
+        args += [f"--master-port={port}"]
+    return args
+
+
+def build_trainer_argv(
+    config_path: Path, resume_from: Path | None, launch: LaunchSection, python: str
+) -> list[str]:
+    """The argv that runs the built-in trainer for one attempt."""
+    if launch.deepspeed:
+        raise ValueError("[launch] deepspeed is not supported by the built-in trainer")
+    tail = trainer_args(config_path, resume_from)
+    if not launch.distributed:
+        return [python, "-m", TRAINER_MODULE, *tail]
+    rdzv_id = f"ftsup-{Path(config_path).parent.name}"
+    launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]
+    return [*launcher, "-m", TRAINER_MODULE, *tail]
