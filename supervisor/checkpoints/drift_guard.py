@@ -39,6 +39,7 @@ RULES: Mapping[str, _Rule] = {
         ("sequence_length", "max_seq_length", "seq_len", "max_length"),
     ),
     "seed": _Rule("seed", True, False),
+    "finetuning_type": _Rule("fine-tuning type", False, True),
 }
 
 

@@ -128,3 +128,15 @@ def test_sequence_length_and_unknown_keys_are_reported_not_refused() -> None:
 
 def test_missing_keys_are_not_compared() -> None:
     assert compare_fingerprints({"model": "m"}, _fp()) == []
+
+
+def test_the_built_in_trainers_fingerprint_shape() -> None:
+    """trainer/checkpointing.fingerprint: datasets as {path, size}, plus finetuning_type."""
+    old = {"dataset": [{"path": "a.jsonl", "size": 10}], "finetuning_type": "lora", "seed": 1}
+    grown = {"dataset": [{"path": "a.jsonl", "size": 12}], "finetuning_type": "full", "seed": 1}
+    drifts = diff_fingerprints(old, grown)
+    assert [d.key for d in drifts] == ["dataset", "finetuning_type"]
+    assert all(d.refused for d in drifts)
+    assert drifts[1].message == (
+        "fine-tuning type changed from 'lora' to 'full': changes the optimizer state"
+    )
