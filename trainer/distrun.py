@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # torchrun's own handlers, minus SIGTERM, which must not tear the workers down.
@@ -70,15 +71,16 @@ def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     for sig in FORWARDED:
         signal.signal(sig, _forward)
-    args = parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(argv or sys.argv[1:])])
+    launcher: Any = torchrun
+    args = launcher.parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(argv or sys.argv[1:])])
     try:
-        run(args)
+        launcher.run(args)
     except ChildFailedError as exc:
         first_rank, first = exc.get_first_failure()
         others = [f.exitcode for rank, f in exc.failures.items() if rank != first_rank]
