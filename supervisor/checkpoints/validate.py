@@ -82,7 +82,7 @@ def _check_layout(
     if deepspeed:
         check_deepspeed(folder, found, world_size=world_size, deep=deep)
         world_size = world_size or found.details.get("world_size")
-    if (folder / TRAINER_STATE).exists() or (not deepspeed and looks_hf(folder)):
+    if looks_hf(folder):  # also an HF Trainer checkpoint made with DeepSpeed
         check_hf(
             folder,
             found,

@@ -136,7 +136,7 @@ def make_deepspeed(output_dir: Path, *, steps: tuple[int, ...] = (2, 4, 6), rank
     for step in steps:
         tag = f"global_step{step}"
         folder = output_dir / f"checkpoint-{step}" / tag
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         torch.save(
             {"module": {"w": torch.randn(8, 8)}, "step": step},
             folder / "mp_rank_00_model_states.pt",
@@ -145,6 +145,15 @@ def make_deepspeed(output_dir: Path, *, steps: tuple[int, ...] = (2, 4, 6), rank
             state = {"optimizer_state_dict": {"exp_avg": torch.randn(64)}, "rank": rank}
             torch.save(state, folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         (output_dir / f"checkpoint-{step}" / "latest").write_text(tag)
+
+
+def make_hf_deepspeed(output_dir: Path) -> None:
+    """An HF Trainer checkpoint saved through DeepSpeed: optimizer and scheduler
+    live in the DeepSpeed folder, not in optimizer.pt / scheduler.pt."""
+    for ckpt in checkpoints(output_dir):
+        (ckpt / "optimizer.pt").unlink()
+        (ckpt / "scheduler.pt").unlink()
+    make_deepspeed(output_dir, steps=(2, 4, 6), ranks=1)
 
 
 def strip_training_state(output_dir: Path) -> None:

@@ -25,6 +25,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("ftsup", builders.add_manifests),
         ("sharded", builders.make_sharded),
         ("weights_only", builders.strip_training_state),
+        ("hf_deepspeed", builders.make_hf_deepspeed),
     ):
         shutil.copytree(hf, root / name)
         change(root / name)

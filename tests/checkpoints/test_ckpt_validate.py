@@ -13,7 +13,7 @@ from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 from .builders import DAMAGE, flip_bit, truncate
 from .conftest import Factory
 
-KINDS = ("hf", "hf2", "ftsup", "ftsup2", "sharded", "deepspeed")
+KINDS = ("hf", "hf2", "ftsup", "ftsup2", "sharded", "deepspeed", "hf_deepspeed")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -39,6 +39,7 @@ def test_formats_are_recognised(pristine: dict[str, Path]) -> None:
         "ftsup2": "ftsup",
         "sharded": "hf",
         "deepspeed": "deepspeed",
+        "hf_deepspeed": "deepspeed",
     }
 
 
@@ -337,3 +338,19 @@ def test_deepspeed_model_states_damage(output_dir: Factory, damage: str) -> None
     }[damage]
     assert validate_checkpoint(out / "checkpoint-6").reason == expected
     _assert_falls_back(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("trainer_state.json", "trainer_state.json missing (the trainer writes it last"),
+        ("rng_state.pth", "rng_state.pth missing"),
+        ("latest", "latest missing (DeepSpeed writes it last"),
+    ],
+)
+def test_hf_with_deepspeed_needs_both_markers(output_dir: Factory, name: str, reason: str) -> None:
+    out = output_dir("hf_deepspeed")
+    (out / "checkpoint-6" / name).unlink()
+    report = validate_checkpoint(out / "checkpoint-6")
+    assert report.reason is not None and report.reason.startswith(reason), report.reason
+    _assert_falls_back(out, reason)
