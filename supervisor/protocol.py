@@ -42,6 +42,7 @@ REQUEST_TYPES = frozenset(
         "events",
         "checkpoints",
         "gpus",
+        "gpu_reset",
         "subscribe",
         "shutdown",
     }

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "ftsup.supervisor.cli.check_cmd",
     "ftsup.supervisor.cli.daemon_cmd",
     "ftsup.supervisor.cli.service_cmd",
+    "ftsup.supervisor.cli.gpus_cmd",
 )
 
 

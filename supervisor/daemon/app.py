@@ -12,11 +12,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor import __version__
 from ftsup.supervisor.daemon.bus import EventBus
+from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.handlers import Handlers
 from ftsup.supervisor.daemon.launcher import default_env
 from ftsup.supervisor.daemon.manager import JobManager
@@ -34,9 +37,15 @@ class DaemonAlreadyRunning(Exception):
 
 
 class Daemon:
-    def __init__(self, layout: Layout, metrics: MetricsOptions | None = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        metrics: MetricsOptions | None = None,
+        nvml: ModuleType | None = None,
+    ) -> None:
         self.layout = layout
         self.metrics = metrics or MetricsOptions()
+        self.nvml = nvml  # None: the real pynvml (tests pass a replaying double)
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
@@ -73,17 +82,25 @@ class Daemon:
         store = Store(self.layout.db)
         bus = EventBus(store)
         manager = JobManager(store, bus, self.layout, default_env())
-        handlers = Handlers(manager, store, self.layout, self.request_shutdown)
+        gpus = GpuSupervision(bus, manager.runners, self.nvml)
+        manager.preflight = gpus.preflight
+        handlers = Handlers(manager, store, self.layout, self.request_shutdown, gpus)
         server = SocketServer(self.layout.socket, handlers.table(), bus, self.hello_info)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_shutdown)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_shutdown)
+        gpu_status = await gpus.start()
         manager.restore()
         manager.start_pump()
         await server.start()
         services = DaemonServices(manager, bus, self.metrics)
         services.start()  # READY=1: the socket is bound and every run re-adopted
-        bus.emit(None, "daemon_started", f"daemon {os.getpid()} listening on {self.layout.socket}")
+        bus.emit(
+            None,
+            "daemon_started",
+            f"daemon {os.getpid()} listening on {self.layout.socket}; {gpu_status}",
+        )
         log.info("listening on %s (state in %s)", self.layout.socket, self.layout.state_dir)
         try:
             await self._stop.wait()
@@ -92,6 +109,7 @@ class Daemon:
             await services.close()
             await server.close()
             await manager.close()
+            await gpus.close()
             store.close()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import tail_lines
+from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.policy import failure_restarts
@@ -32,7 +33,15 @@ def _int_arg(request: dict[str, Any], key: str, default: int) -> int:
 
 
 class Handlers:
-    def __init__(self, manager: JobManager, store: Store, layout: Layout, on_shutdown: Any) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        store: Store,
+        layout: Layout,
+        on_shutdown: Any,
+        gpus: GpuSupervision,
+    ) -> None:
+        self.gpus = gpus
         self.manager = manager
         self.store = store
         self.layout = layout
@@ -51,6 +60,8 @@ class Handlers:
             "logs": self.logs,
             "events": self.events,
             "shutdown": self.shutdown,
+            "gpus": self.gpus_view,
+            "gpu_reset": self.gpu_reset,
         }
 
     async def ping(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +152,16 @@ class Handlers:
                 after_id=_int_arg(request, "after_id", 0),
             )
         }
+
+    async def gpus_view(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.gpus.snapshot()
+
+    async def gpu_reset(self, request: dict[str, Any]) -> dict[str, Any]:
+        index = _int_arg(request, "index", -1)
+        if index < 0:
+            raise RequestError("bad_request", "gpu_reset: 'index' must be a GPU index")
+        self.gpus.mark_healthy(index)
+        return self.gpus.snapshot()
 
     async def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         self.on_shutdown()

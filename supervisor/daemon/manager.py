@@ -13,7 +13,7 @@ from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
-from ftsup.supervisor.daemon.runner import JobRunner, LiveAttempt
+from ftsup.supervisor.daemon.runner import JobRunner, LiveAttempt, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.resume import ResumePoint
@@ -39,8 +39,16 @@ def select_resume(spec: JobSpec) -> ResumePoint:
 
 
 class JobManager:
-    def __init__(self, store: Store, bus: EventBus, layout: Layout, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        layout: Layout,
+        env: dict[str, str],
+        preflight: Preflight | None = None,
+    ) -> None:
         self.store = store
+        self.preflight = preflight
         self.bus = bus
         self.layout = layout
         self.env = env
@@ -56,6 +64,7 @@ class JobManager:
             select_resume=select_resume,
             classify=classify_attempt,
             env=self.env,
+            preflight=self.preflight,
         )
         self.runners[spec.name] = runner
         return runner

@@ -47,6 +47,9 @@ KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its
 TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
 ResumeSelector = Callable[[JobSpec], ResumePoint]
+# ("ok" | "wait" | "fail", why): may an attempt be launched now (GPUs present and healthy)?
+Preflight = Callable[[JobSpec], tuple[str, str]]
+PREFLIGHT_RETRY = 30.0
 Classifier = Callable[[dict[str, Any], list[str], "LiveAttempt"], tuple[str | None, str]]
 
 
@@ -78,6 +81,7 @@ class JobRunner:
         select_resume: ResumeSelector,
         classify: Classifier,
         env: dict[str, str],
+        preflight: Preflight | None = None,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -85,6 +89,7 @@ class JobRunner:
         self.layout = layout
         self._select_resume = select_resume
         self._classify = classify
+        self._preflight = preflight
         self._env = env
         self.progress = ProgressState()
         self._progress_follower = JsonlFollower(layout.progress_file(spec.name))
@@ -203,6 +208,8 @@ class JobRunner:
 
     # one attempt ----------------------------------------------------------
     async def _launch(self) -> LiveAttempt | None:
+        if not await self._wait_until_launchable():
+            return None
         self._set_state("starting")
         resume = await asyncio.to_thread(self._select_resume, self.spec)
         for path, reason in resume.quarantined:
@@ -264,6 +271,21 @@ class JobRunner:
         )
         self._begin_attempt(attempt)
         return attempt
+
+    async def _wait_until_launchable(self) -> bool:
+        """Pre-launch checks; a job whose GPUs are unhealthy waits for their reset."""
+        while self._preflight is not None:
+            verdict, why = self._preflight(self.spec)
+            if verdict == "ok":
+                return True
+            if verdict == "fail":
+                self._finish("failed", why)
+                return False
+            self.bus.emit(self.name, "gpu_wait", why)
+            if not await self._backoff(PREFLIGHT_RETRY, why):
+                self._finish("stopped", "stopped on request while waiting for GPUs")
+                return False
+        return True
 
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
@@ -353,6 +375,10 @@ class JobRunner:
         if now:
             self.signal_trainer(signal.SIGKILL)
         _signal_pid(attempt.shim_pid, attempt.shim_start, signal.SIGTERM)
+
+    def wake(self) -> None:
+        """End a wait early (its condition may have changed); stop flags are kept."""
+        self._wake.set()
 
     def request_restart(self) -> None:
         self.restart_requested = True
