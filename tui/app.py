@@ -1,0 +1,468 @@
+"""`FtsupApp`: the Textual application behind `ftsup tui`.
+
+Data flow: a `Source` (the live `DaemonConnection`, or a `RecordedSource`)
+runs in a worker and posts messages; the app folds each into its `TuiState`
+(pure, bounded) and tells the topmost data screen what changed. Requests run
+in workers too, so the UI never waits on the daemon. The only timer ticks once
+a second, for ages ("3m ago"); everything else is redrawn on events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+
+from ftsup.supervisor.protocol import RequestError
+from ftsup.tui.messages import Connected, DaemonEvent, Disconnected
+from ftsup.tui.model import Change, TuiState
+from ftsup.tui.screens.base import StateScreen
+from ftsup.tui.screens.confirm import ConfirmScreen
+from ftsup.tui.screens.dashboard import DashboardScreen
+from ftsup.tui.screens.help import HelpScreen
+from ftsup.tui.screens.job import JobScreen
+from ftsup.tui.screens.start_job import StartJobScreen
+from ftsup.tui.source import NotConnected, Source
+from ftsup.tui.widgets.log_view import LogView
+
+log = logging.getLogger("ftsup.tui")
+
+JOB_PARTS = ("detail", "events", "history", "logs", "checkpoints", "gpus")
+HISTORY_EVENTS = 300  # durable events fetched at (re)connect
+JOB_EVENTS = 200
+LOG_TAIL = 1000
+GPU_POLL_S = 5.0
+
+
+class FtsupApp(App[None]):
+    """The TUI. `source` is where the data comes from (see `ftsup.tui.source`)."""
+
+    TITLE = "ftsup"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("question_mark", "help", "Help", tooltip="this screen"),
+        Binding(
+            "s",
+            "stop_job",
+            "Stop",
+            tooltip="stop the job gracefully: it saves a checkpoint, then exits",
+        ),
+        Binding("k", "kill_job", "Kill", tooltip="kill the job now (no checkpoint)"),
+        Binding("r", "restart_job", "Restart", tooltip="restart from the newest valid checkpoint"),
+        Binding("c", "checkpoint_job", "Ckpt", tooltip="ask the trainer to save a checkpoint now"),
+        Binding("n", "start_job", "New", tooltip="start a job from a job file"),
+        Binding("q", "quit", "Quit", tooltip="leave the TUI (jobs keep running)"),
+    ]
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.source = source
+        self.state = TuiState()
+        self.state.connection.target = source.target
+        self.synced = asyncio.Event()  # set after each complete (re)load; tests wait on it
+        self._refetch_dirty = False
+        self._refetch_running = False
+        self._job_pending: dict[str, set[str]] = {}
+        self._job_loading: set[str] = set()
+        self._last_gpu_sample = 0.0
+        self._ever_connected = False
+        self.actions_sent: list[tuple[str, dict[str, Any]]] = []
+
+    # lifecycle ------------------------------------------------------------------
+    def on_mount(self) -> None:
+        self.push_screen(DashboardScreen(self.state, self.source.now))
+        self.run_worker(
+            self._connection_loop(), name="connection", group="connection", exit_on_error=False
+        )
+        self.set_interval(1.0, self._tick)
+
+    async def _connection_loop(self) -> None:
+        """The source's loop, restarted if it ever fails: a lost daemon must not end the app."""
+        while True:
+            try:
+                await self.source.run(self.post_message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug; keep the UI alive and say so
+                log.exception("the connection worker failed")
+                self.post_message(Disconnected(f"internal error: {exc!r}", 1, 1.0))
+                await asyncio.sleep(1.0)
+
+    async def on_unmount(self) -> None:
+        await self.source.close()
+
+    def _tick(self) -> None:
+        screen = self._data_screen()
+        if screen is not None:
+            screen.tick()
+        gpus = self.state.gpus
+        now = self.source.now()
+        if (
+            gpus.available
+            and self.state.connection.state == "connected"
+            and (now - self._last_gpu_sample > GPU_POLL_S)
+        ):
+            self._last_gpu_sample = now
+            self.run_worker(self._load_gpus(), group="gpus")
+
+    # messages from the source ---------------------------------------------------
+    def on_connected(self, message: Connected) -> None:
+        connection = self.state.connection
+        connection.state = "replay" if message.daemon.get("replay") else "connected"
+        self._ever_connected = True
+        connection.daemon = message.daemon
+        connection.reason, connection.attempt, connection.retry_in = None, 0, None
+        self._apply(Change(connection=True))
+        self.run_worker(self._load_all(), name="load", group="load")
+
+    def on_disconnected(self, message: Disconnected) -> None:
+        connection = self.state.connection
+        connection.state = "reconnecting" if self._ever_connected else "connecting"
+        connection.reason = message.reason
+        connection.attempt = message.attempt
+        connection.retry_in = message.retry_in
+        self.synced.clear()
+        self._apply(Change(connection=True))
+
+    def on_daemon_event(self, message: DaemonEvent) -> None:
+        event = message.event
+        if event.get("kind") == "gpu":
+            self._last_gpu_sample = self.source.now()
+        self._apply(self.state.apply_event(event))
+
+    # applying changes -----------------------------------------------------------
+    def _data_screen(self) -> StateScreen | None:
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, StateScreen):
+                return screen
+        return None
+
+    def _apply(self, change: Change) -> None:
+        if not change:
+            return
+        if change.resync:
+            self.run_worker(self._load_all(), name="load", group="load")
+        if change.refetch:
+            self.schedule_refetch()
+        top = self._data_screen()
+        for screen in self.screen_stack:
+            if not isinstance(screen, StateScreen):
+                continue
+            if screen is top and screen.is_mounted and not screen._stale:
+                screen.sync(change)
+            else:
+                screen.mark_stale()
+
+    # loading --------------------------------------------------------------------
+    async def _request(self, kind: str, **args: Any) -> dict[str, Any] | None:
+        """A request whose failure is shown, not raised; None when it failed."""
+        try:
+            return await self.source.request(kind, **args)
+        except NotConnected:
+            return None
+        except RequestError as exc:
+            if exc.code not in ("not_found", "unknown_request", "not_recorded"):
+                self.notify(f"{kind}: {exc.message}", severity="warning")
+            return None
+
+    async def _load_all(self) -> None:
+        try:
+            status = await self.source.request("status")
+            change = self.state.apply_status_list(status)
+            history = await self.source.request(
+                "events", limit=HISTORY_EVENTS, after_id=self.state.last_event_id
+            )
+            change |= self.state.apply_history(history.get("events", []))
+            for job in list(self.state.jobs.values()):
+                if not job.events:  # its newest event is older than the global window
+                    answer = await self.source.request("events", job=job.name, limit=5)
+                    change |= self.state.apply_history(answer.get("events", []))
+            change.refetch = False
+            change.roster = True
+            self._apply(change)
+            await self._load_gpus()
+        except NotConnected:
+            return
+        except RequestError as exc:
+            self.notify(f"loading from the daemon failed: {exc.message}", severity="error")
+            return
+        for screen in self.screen_stack:
+            if isinstance(screen, JobScreen):
+                self.reload_job(screen.job_name, JOB_PARTS)
+        self.synced.set()
+
+    async def _load_gpus(self) -> None:
+        try:
+            result = await self.source.request("gpus")
+        except RequestError as exc:
+            reason = (
+                "not available: this daemon has no `gpus` request"
+                if exc.code in ("unknown_request", "not_recorded")
+                else exc.message
+            )
+            self.state.gpus.unavailable(f"GPU monitor {reason}")
+        else:
+            self.state.gpus.apply(result, sample=False)
+        self._apply(Change(gpus=True))
+
+    def schedule_refetch(self) -> None:
+        """Ask for `status` again soon; bursts of events cause one request, not many."""
+        self._refetch_dirty = True
+        if not self._refetch_running:
+            self._refetch_running = True
+            self.run_worker(self._refetch(), group="refetch")
+
+    async def _refetch(self) -> None:
+        try:
+            while self._refetch_dirty:
+                self._refetch_dirty = False
+                status = await self._request("status")
+                if status is None:
+                    return
+                change = self.state.apply_status_list(status)
+                change.refetch = False
+                self._apply(change)
+        finally:
+            self._refetch_running = False
+
+    def reload_job(self, name: str, parts: Iterable[str]) -> None:
+        """(Re)load parts of one job's detail (see JOB_PARTS), coalescing bursts."""
+        self._job_pending.setdefault(name, set()).update(parts)
+        if name not in self._job_loading:
+            self._job_loading.add(name)
+            self.run_worker(self._load_job(name), group=f"job:{name}")
+
+    async def _load_job(self, name: str) -> None:
+        try:
+            while pending := self._job_pending.pop(name, set()):
+                for part in JOB_PARTS:
+                    if part in pending:
+                        await self._load_part(name, part)
+                for screen in self.screen_stack:
+                    if isinstance(screen, JobScreen) and screen.job_name == name:
+                        screen.loaded.set()
+        except NotConnected:
+            self._job_pending.pop(name, None)
+        finally:
+            self._job_loading.discard(name)
+
+    async def _load_part(self, name: str, part: str) -> None:
+        source, state = self.source, self.state
+        try:
+            if part == "detail":
+                change = state.apply_job_status(
+                    await source.request("status", job=name), detail=True
+                )
+            elif part == "events":
+                answer = await source.request("events", job=name, limit=JOB_EVENTS)
+                change = state.apply_history(answer.get("events", []))
+                change.refetch = False
+            elif part == "history":
+                try:
+                    answer = await source.request("progress_history", job=name, limit=2000)
+                except RequestError as exc:
+                    if exc.code not in ("unknown_request", "not_recorded"):
+                        raise
+                    state.job(name).series_note = "since the TUI attached"
+                    change = Change(series={name})
+                else:
+                    change = state.apply_progress_history(name, answer)
+            elif part == "logs":
+                buffer = state.job(name).log
+                before = buffer.seq
+                answer = await source.request("logs", job=name, lines=LOG_TAIL)
+                since = buffer.newer_than(before) or []
+                change = state.apply_logs(name, answer, since)
+            elif part == "checkpoints":
+                try:
+                    answer = await source.request("checkpoints", job=name)
+                except RequestError as exc:
+                    if exc.code not in ("unknown_request", "not_recorded"):
+                        raise
+                    change = state.apply_checkpoints(
+                        name,
+                        None,
+                        "checkpoint list not available: this daemon has no `checkpoints` request",
+                    )
+                else:
+                    change = state.apply_checkpoints(name, answer)
+            elif part == "gpus":
+                await self._load_gpus()
+                return
+            else:  # pragma: no cover - JOB_PARTS is closed
+                return
+        except RequestError as exc:
+            if exc.code != "not_found":
+                self.notify(f"{name}: {part}: {exc.message}", severity="warning")
+            return
+        self._apply(change)
+
+    # actions --------------------------------------------------------------------
+    def current_job(self) -> str | None:
+        screen = self._data_screen()
+        return screen.current_job() if screen is not None else None
+
+    def action_open_job(self, name: str | None = None) -> None:
+        job = name or self.current_job()
+        if job is None:
+            return
+        self.push_screen(JobScreen(self.state, self.source.now, job, self.reload_job))
+        self.reload_job(job, JOB_PARTS)
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        sections: list[tuple[str, Iterable[Any]]] = [
+            ("Everywhere", self.BINDINGS),
+            (
+                "Dashboard",
+                [
+                    Binding("enter", "", "open the highlighted job"),
+                    Binding("up,down", "", "choose a job"),
+                ],
+            ),
+            (
+                "Job screen",
+                [
+                    Binding("escape", "", "back to the dashboard"),
+                    Binding("1,2,3,4", "", "tabs: curves, checkpoints, events, log"),
+                ],
+            ),
+            ("Log tab", LogView.BINDINGS),
+            ("Command palette", [Binding("ctrl+p", "", "every action, searchable")]),
+        ]
+        self.push_screen(HelpScreen(sections))
+
+    def _confirm_then(
+        self,
+        title: str,
+        body: str,
+        confirm: str,
+        kind: str,
+        done: str,
+        *,
+        dangerous: bool = False,
+        **args: Any,
+    ) -> None:
+        job = self.current_job()
+        if job is None:
+            self.notify("No job selected.", severity="warning")
+            return
+
+        def answered(ok: bool | None) -> None:
+            if ok:
+                self.run_worker(
+                    self._send(kind, done.format(job=job), job=job, **args), group="actions"
+                )
+
+        self.push_screen(
+            ConfirmScreen(
+                title.format(job=job), body.format(job=job), confirm, dangerous=dangerous
+            ),
+            answered,
+        )
+
+    async def _send(self, kind: str, done: str, **args: Any) -> None:
+        self.actions_sent.append((kind, args))
+        try:
+            await self.source.request(kind, **args)
+        except NotConnected as exc:
+            self.notify(f"Not sent: the daemon is not reachable ({exc}).", severity="error")
+            return
+        except RequestError as exc:
+            self.notify(exc.message, title=f"{kind} refused", severity="error", timeout=8)
+            return
+        self.notify(done)
+        self.schedule_refetch()
+
+    def action_stop_job(self) -> None:
+        self._confirm_then(
+            "Stop {job} gracefully?",
+            "The trainer gets SIGTERM, saves a checkpoint at the next step and exits; "
+            "after the job's stop_grace it is killed. It is not restarted.",
+            "Stop",
+            "stop",
+            "Stopping {job} (graceful).",
+            now=False,
+        )
+
+    def action_kill_job(self) -> None:
+        self._confirm_then(
+            "Kill {job} now?",
+            "SIGKILL to the trainer's whole process group: no checkpoint is saved; work "
+            "since the last checkpoint is lost. It is not restarted.",
+            "Kill",
+            "stop",
+            "Killed {job}.",
+            dangerous=True,
+            now=True,
+        )
+
+    def action_restart_job(self) -> None:
+        self._confirm_then(
+            "Restart {job}?",
+            "A running trainer is stopped gracefully (it saves a checkpoint) and started "
+            "again from the newest valid checkpoint; a finished or failed job starts again.",
+            "Restart",
+            "restart",
+            "Restarting {job}.",
+        )
+
+    def action_checkpoint_job(self) -> None:
+        self._confirm_then(
+            "Save a checkpoint of {job} now?",
+            "The trainer is asked (SIGUSR2) to save at the next step boundary; training goes on.",
+            "Save",
+            "checkpoint",
+            "Asked {job} to save a checkpoint.",
+        )
+
+    def action_start_job(self) -> None:
+        self.push_screen(StartJobScreen(), self._start_from)
+
+    def _start_from(self, path: str | None) -> None:
+        if path:
+            self.run_worker(self._start(Path(path).expanduser()), group="actions")
+
+    async def _start(self, path: Path) -> None:
+        try:
+            text = await asyncio.to_thread(path.read_text)
+        except (OSError, UnicodeDecodeError) as exc:
+            self.notify(f"Cannot read {path}: {exc}", severity="error")
+            return
+        await self._send(
+            "start", f"Submitted {path.name}.", spec_path=str(path.absolute()), spec_text=text
+        )
+
+    # command palette ------------------------------------------------------------
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        job = self.current_job()
+        on = f" ({job})" if job else ""
+        yield SystemCommand(
+            f"Stop job gracefully{on}", "SIGTERM, save, exit; no restart", self.action_stop_job
+        )
+        yield SystemCommand(f"Kill job{on}", "SIGKILL now; no checkpoint", self.action_kill_job)
+        yield SystemCommand(
+            f"Restart job{on}", "from the newest valid checkpoint", self.action_restart_job
+        )
+        yield SystemCommand(
+            f"Checkpoint now{on}", "ask the trainer to save", self.action_checkpoint_job
+        )
+        yield SystemCommand(
+            "Start a job from a job file", "ftsup start JOB.toml", self.action_start_job
+        )
+        for name in sorted(self.state.jobs):
+            yield SystemCommand(
+                f"Open job {name}",
+                "curves, checkpoints, events, log",
+                partial(self.action_open_job, name),
+                discover=False,
+            )
+        yield SystemCommand("Help", "every key", self.action_help)
+        yield from super().get_system_commands(screen)

@@ -1,0 +1,90 @@
+"""The top line: whether the daemon is reachable, and how many jobs are in which state.
+
+It is the one place that says "reconnecting…", so a person never mistakes a
+frozen picture for a healthy run. It renders at its real width (shortening the
+labels at 80 columns), so `show` only stores what to draw.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import RenderResult
+from textual.widget import Widget
+
+from ftsup.tui.format import shorten
+from ftsup.tui.model import ConnectionInfo
+
+LONG_LABELS = ("running", "failing", "finished", "stopped")
+SHORT_LABELS = ("run", "fail", "done", "stop")
+STYLES = ("green", "red", "blue", "")
+
+
+def counts_text(counts: dict[str, int], labels: tuple[str, ...]) -> Text:
+    text = Text()
+    for key, label, style in zip(LONG_LABELS, labels, STYLES, strict=True):
+        if text:
+            text.append(" · ", style="dim")
+        text.append(str(counts.get(key, 0)), style=f"bold {style}".strip())
+        text.append(f" {label}")
+    return text
+
+
+def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> Text:
+    up = connection.state in ("connected", "replay")
+    head = Text("ftsup ", style="bold")
+    if up:
+        head.append("● ", style="bold green")
+        head.append("connected")
+        pid = connection.daemon.get("daemon_pid")
+        detail = f" (daemon {pid})" if pid else ""
+    else:
+        label = "connecting…" if connection.state == "connecting" else "reconnecting…"
+        head.append(f"◌ {label}", style="bold yellow")
+        detail = ""
+        if connection.attempt:
+            detail = f" try {connection.attempt + 1}"
+            if connection.retry_in is not None:
+                detail += f" in {connection.retry_in:.1f}s"
+        if connection.reason:
+            detail += f": {connection.reason}"
+    summary = counts_text(counts, LONG_LABELS)
+    if len(head) + len(summary) + 2 > width:
+        summary = counts_text(counts, SHORT_LABELS)
+    room = width - len(head) - len(summary) - 2
+    if up and len(detail) > room:
+        detail = ""  # the counts matter more than the daemon's pid
+    if detail and room > 0:
+        head.append(shorten(detail, room), style="" if up else "dim")
+    head.append(" " * max(2, width - len(head) - len(summary)))
+    head.append_text(summary)
+    head.truncate(width)
+    return head
+
+
+class ConnectionBar(Widget):
+    DEFAULT_CSS = """
+    ConnectionBar {
+        height: 1;
+        background: $panel;
+        color: $text;
+        padding: 0 1;
+    }
+    ConnectionBar.-down {
+        background: $error 40%;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._connection = ConnectionInfo()
+        self._counts: dict[str, int] = {}
+
+    def show(self, connection: ConnectionInfo, counts: dict[str, int]) -> None:
+        """Draw `connection` and the job `counts` (from TuiState.counts)."""
+        self._connection = connection
+        self._counts = dict(counts)
+        self.set_class(connection.state == "reconnecting", "-down")
+        self.refresh()
+
+    def render(self) -> RenderResult:
+        return bar_text(self._connection, self._counts, self.content_size.width or 78)
