@@ -11,9 +11,13 @@ save-and-stop request, and workers die with the launcher on SIGKILL.
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from ftsup.supervisor.spec_types import LaunchSection
+from ftsup.supervisor.spec_types import LaunchSection, TrainSection
 
 TRAINER_MODULE = "ftsup.trainer"
 DISTRUN_MODULE = "ftsup.trainer.distrun"
@@ -58,3 +62,29 @@ def build_trainer_argv(
     rdzv_id = f"ftsup-{Path(config_path).parent.name}"
     launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]
     return [*launcher, "-m", TRAINER_MODULE, *tail]
+
+
+def train_json(
+    train: TrainSection, *, output_dir: Path, async_save: bool = True, job_name: str = "ftsup"
+) -> dict[str, Any]:
+    """The `train.json` payload the trainer reads (`--config`): tuples become lists."""
+    return {
+        "train": {key: _plain(value) for key, value in asdict(train).items()},
+        "output_dir": str(output_dir),
+        "async_save": async_save,
+        "job_name": job_name,
+    }
+
+
+def write_train_json(path: Path, train: TrainSection, **kwargs: Any) -> Path:
+    """Write `train_json(...)` atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(train_json(train, **kwargs), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value

@@ -102,6 +102,11 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        # With the default init (std 0.02) and a final RMSNorm, a frozen output
+        # layer caps every logit near 1: LoRA could never make a confident
+        # prediction. Unit-variance logits leave it room, as a trained base has.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, hidden**-0.5)
     model.generation_config.pad_token_id = vocab[PAD]
     model.save_pretrained(str(out_dir), safe_serialization=True)
     build_tiny_tokenizer(out_dir)
