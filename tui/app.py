@@ -132,9 +132,12 @@ class FtsupApp(App[None]):
 
     def on_daemon_event(self, message: DaemonEvent) -> None:
         event = message.event
-        if event.get("kind") == "gpu":
+        kind = event.get("kind")
+        if kind == "gpu":
             self._last_gpu_sample = self.source.now()
         self._apply(self.state.apply_event(event))
+        if kind in ("gpu_fault", "gpu_reset"):  # health changed: show it now, not at the poll
+            self.run_worker(self._load_gpus(), group="gpus")
 
     # applying changes -----------------------------------------------------------
     def _data_screen(self) -> StateScreen | None:

@@ -204,12 +204,41 @@ class JobModel:
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_MAX))
     log: LogBuffer = field(default_factory=LogBuffer)
     detail: dict[str, Any] | None = None
-    checkpoints: list[dict[str, Any]] | None = None
+    checkpoints: list[dict[str, Any]] | None = None  # the `checkpoints` answer
     checkpoints_note: str | None = None
+    # Verdicts from `checkpoint` events (path -> report), minus what retention deleted:
+    # the list when the daemon has no `checkpoints` request.
+    seen_checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     history_loaded: bool = False
     series_note: str = ""  # why the curves may not start at step 0
     _last_step: float | None = None
     _last_eval: float | None = None
+
+    def checkpoint_rows(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The checkpoints to show, newest first, and a note on where they come from."""
+        if self.checkpoints is not None:
+            return self.checkpoints, self.checkpoints_note
+        if self.seen_checkpoints:
+            rows = sorted(
+                self.seen_checkpoints.values(),
+                key=lambda c: as_int(c.get("step")) or -1,
+                reverse=True,
+            )
+            return rows, "from the daemon's checkpoint events (it has no `checkpoints` request)"
+        return None, self.checkpoints_note
+
+    def fold_checkpoint_event(self, kind: str, data: dict[str, Any]) -> bool:
+        """Keep `seen_checkpoints` current; True when it changed."""
+        if kind == "checkpoint" and isinstance(data.get("path"), str):
+            self.seen_checkpoints[data["path"]] = dict(data)
+            return True
+        if kind == "retention" and isinstance(data.get("deleted"), list):
+            for path in data["deleted"]:
+                self.seen_checkpoints.pop(str(path), None)
+            return True
+        if kind == "quarantine" and isinstance(data.get("path"), str):
+            return self.seen_checkpoints.pop(data["path"], None) is not None
+        return False
 
     @property
     def last_event(self) -> dict[str, Any] | None:
@@ -525,9 +554,13 @@ class TuiState:
         change = Change(events={""}, refetch=event.get("kind") in REFETCH_KINDS)
         if isinstance(name, str):
             change.roster = name not in self.jobs
-            _insert_sorted(self.job(name).events, event)
+            model = self.job(name)
+            _insert_sorted(model.events, event)
             change.events.add(name)
             change.jobs.add(name)
+            data = event.get("data")
+            if isinstance(data, dict) and model.fold_checkpoint_event(str(event.get("kind")), data):
+                change.detail.add(name)
         return change
 
 

@@ -154,9 +154,8 @@ class JobScreen(StateScreen):
             lr_chart.styles.height = 5 if len(job.lr) else 2  # a note, not an empty box
             self._draw_gpus()
         elif tab == "checkpoints":
-            self.query_one(CheckpointTable).show(
-                job.checkpoints, job.checkpoints_note, self.clock()
-            )
+            rows, note = job.checkpoint_rows()
+            self.query_one(CheckpointTable).show(rows, note, self.clock())
         elif tab == "events":
             self.query_one(EventTimeline).show(list(job.events))
         elif tab == "log":

@@ -28,8 +28,10 @@ class GpuRow(Horizontal):
     GpuRow Sparkline { width: 1fr; max-width: 24; height: 1; margin: 0 1 0 0; }
     GpuRow .gpu-util { width: 5; }
     GpuRow .gpu-mem { width: 8; }
-    GpuRow .gpu-sensors { width: auto; }
-    GpuRow.-unhealthy .gpu-name { color: $error; text-style: bold; }
+    GpuRow .gpu-sensors { width: 16; }
+    GpuRow.-unhealthy .gpu-name, GpuRow.-unhealthy .gpu-sensors {
+        color: $error; text-style: bold;
+    }
     """
 
     def __init__(self, index: int) -> None:
@@ -46,6 +48,7 @@ class GpuRow(Horizontal):
 
     def show(self, gpu: dict[str, Any], series: Mapping[str, Sequence[float]]) -> None:
         name = str(gpu.get("name") or "")
+        name = name.removeprefix("NVIDIA ")
         self.query_one(".gpu-name", Label).update(shorten(f"{self.index} {name}", 13))
         self.query_one(".util-spark", Sparkline).data = list(series.get("util", ()))
         self.query_one(".mem-spark", Sparkline).data = list(series.get("mem", ()))
@@ -57,7 +60,9 @@ class GpuRow(Horizontal):
         sensors = f"{temp}°C" if temp is not None else DASH
         sensors += f" {power:.0f}W" if power is not None else ""
         healthy = gpu.get("healthy", True) is not False
-        if not healthy:
-            sensors += f" FAULT: {gpu.get('unhealthy_reason') or 'unhealthy'}"
-        self.query_one(".gpu-sensors", Label).update(sensors)
+        reason = str(gpu.get("unhealthy_reason") or "unhealthy")
+        # The full reason is in the tooltip and in the events (gpu_fault): the row
+        # keeps its sparklines at 80 columns.
+        self.query_one(".gpu-sensors", Label).update(sensors + ("" if healthy else " FAULT"))
+        self.tooltip = None if healthy else f"GPU {self.index}: {reason}"
         self.set_class(not healthy, "-unhealthy")
