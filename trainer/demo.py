@@ -93,6 +93,7 @@ def demo_fault_env(workdir: Path, step: int) -> dict[str, str]:
 def _load_for_generation(model_dir: Path, trained_dir: Path | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model: Any
     if trained_dir is not None and (trained_dir / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -1,0 +1,136 @@
+"""`ftsup export`: a checkpoint as a standalone model that `from_pretrained` loads.
+
+A LoRA checkpoint is either merged into its base model (one ordinary model
+folder, no peft needed to use it) or exported as an adapter folder that names
+its base (transformers loads it when peft is installed). A full fine-tuning
+checkpoint is re-saved without the optimizer and trainer state. The result is
+written to a temporary folder and renamed, so a crash never leaves half a model
+at `out_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ExportError(f"dtype {name!r}: use one of {', '.join(sorted(set(DTYPES)))}")
+    return getattr(torch, DTYPES[name])
+
+
+def adapter_base(checkpoint_dir: Path) -> str | None:
+    """The base model a LoRA checkpoint was trained on, as recorded by peft."""
+    config = Path(checkpoint_dir) / "adapter_config.json"
+    if not config.exists():
+        return None
+    value = json.loads(config.read_text()).get("base_model_name_or_path")
+    return str(value) if value else None
+
+
+def export_model(
+    checkpoint_dir: Path,
+    base_model: str | Path | None,
+    out_dir: Path,
+    merge: bool = True,
+    dtype: str = "float32",
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a standalone model for `checkpoint_dir` to `out_dir` and return it.
+
+    `base_model` defaults to the one recorded in the adapter config.
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    torch_dtype = _torch_dtype(dtype)
+    if not checkpoint_dir.is_dir():
+        raise ExportError(f"{checkpoint_dir}: no such checkpoint folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+    is_lora = (checkpoint_dir / "adapter_config.json").exists()
+    base = str(base_model) if base_model else adapter_base(checkpoint_dir)
+    if is_lora and not base:
+        raise ExportError(f"{checkpoint_dir}: a LoRA checkpoint needs its base model")
+    tmp = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if is_lora and merge:
+            _export_merged(checkpoint_dir, str(base), tmp, torch_dtype)
+        elif is_lora:
+            _export_adapter(checkpoint_dir, str(base), tmp, torch_dtype)
+        else:
+            _export_full(checkpoint_dir, tmp, torch_dtype)
+        _copy_tokenizer(checkpoint_dir if _has_tokenizer(checkpoint_dir) else Path(str(base)), tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _export_merged(checkpoint_dir: Path, base: str, out: Path, dtype: Any) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # Merge in float32, then cast: merging in half precision loses the adapter's small deltas.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    merged = PeftModel.from_pretrained(model, str(checkpoint_dir)).merge_and_unload()
+    merged.to(dtype).save_pretrained(str(out), safe_serialization=True)
+
+
+def _export_adapter(checkpoint_dir: Path, base: str, out: Path, dtype: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(checkpoint_dir / "adapter_model.safetensors"))
+    save_file({k: v.to(dtype) for k, v in weights.items()}, str(out / "adapter_model.safetensors"))
+    config = json.loads((checkpoint_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _export_full(checkpoint_dir: Path, out: Path, dtype: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype)
+    model.save_pretrained(str(out), safe_serialization=True)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _TOKENIZER_FILES)
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    """Tokenizer files travel with the model (hub ids are loaded and re-saved)."""
+    from transformers import AutoTokenizer
+
+    if not source.exists() and not _looks_like_hub_id(str(source)):
+        return
+    with contextlib.suppress(OSError, ValueError):  # a model without a tokenizer is still one
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith(("/", "."))
