@@ -297,6 +297,12 @@ class Store:
             (job, path, step, size_bytes, int(valid), int(resumable), reason, time.time()),
         )
 
+    def checkpoint(self, job: str, path: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT * FROM checkpoints WHERE job=? AND path=?", (job, path)
+        ).fetchone()
+        return dict(row) if row else None
+
     def checkpoints(self, job: str) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM checkpoints WHERE job=? ORDER BY step", (job,))
         return [dict(r) for r in rows]

@@ -161,9 +161,15 @@ class Harness:
 
     # teardown --------------------------------------------------------------
     def cleanup(self) -> None:
+        self.cleanup_processes()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def cleanup_processes(self) -> None:
+        """Kill the daemon and every shim and trainer it started (by process group)."""
         if self.daemon is not None:
             self.daemon.kill()
             self.daemon.wait(10)
+            self.daemon = None
         for pids_file in self.state_dir.glob("runs/*/attempt-*/pids.json"):
             pids = json.loads(pids_file.read_text())
             if is_same_process(pids["shim_pid"], pids["shim_start"]):
@@ -182,4 +188,3 @@ class Harness:
                 Path(f"/proc/{pid}/environ").read_bytes() + cmdline
             ):
                 os.killpg(pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -80,7 +80,7 @@ def test_no_run_is_placed_on_an_unhealthy_gpu_until_it_is_reset(
     job = h.toy_job("patient", "--max-steps", "3", extra=GPU_JOB)
     h.cli("start", str(job))
     wait_for(
-        lambda: any(e["kind"] == "gpu_wait" for e in _events(h, "patient")),
+        lambda: any(e["kind"] == "launch_wait" for e in _events(h, "patient")),
         10,
         what="the job to wait for its GPU",
     )

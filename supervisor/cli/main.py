@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "ftsup.supervisor.cli.daemon_cmd",
     "ftsup.supervisor.cli.service_cmd",
     "ftsup.supervisor.cli.gpus_cmd",
+    "ftsup.supervisor.cli.ckpt_cmd",
 )
 
 

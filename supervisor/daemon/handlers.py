@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import tail_lines
+from ftsup.supervisor.checkpoints import discovery
+from ftsup.supervisor.checkpoints.quarantine import list_quarantined
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.paths import Layout
@@ -61,6 +64,7 @@ class Handlers:
             "events": self.events,
             "shutdown": self.shutdown,
             "gpus": self.gpus_view,
+            "checkpoints": self.checkpoints,
             "gpu_reset": self.gpu_reset,
         }
 
@@ -151,6 +155,18 @@ class Handlers:
                 limit=_int_arg(request, "limit", 100),
                 after_id=_int_arg(request, "after_id", 0),
             )
+        }
+
+    async def checkpoints(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Every checkpoint of the job, validated now (off the loop), newest last."""
+        job = self._job(_str_arg(request, "job"))
+        output_dir = Path(job.output_dir)
+        reports = await asyncio.to_thread(discovery.validate_all, output_dir)
+        resume = next((r for r in reversed(reports) if r.resumable), None)
+        return {
+            "output_dir": job.output_dir,
+            "checkpoints": [{**r.to_json(), "resume_candidate": r is resume} for r in reports],
+            "quarantined": [str(p) for p in list_quarantined(output_dir)],
         }
 
     async def gpus_view(self, request: dict[str, Any]) -> dict[str, Any]:

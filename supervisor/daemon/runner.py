@@ -27,6 +27,7 @@ from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
+from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
@@ -49,7 +50,7 @@ TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 ResumeSelector = Callable[[JobSpec], ResumePoint]
 # ("ok" | "wait" | "fail", why): may an attempt be launched now (GPUs present and healthy)?
 Preflight = Callable[[JobSpec], tuple[str, str]]
-PREFLIGHT_RETRY = 30.0
+PREFLIGHT_RETRY = 5.0
 Classifier = Callable[[dict[str, Any], list[str], "LiveAttempt"], tuple[str | None, str]]
 
 
@@ -90,6 +91,7 @@ class JobRunner:
         self._select_resume = select_resume
         self._classify = classify
         self._preflight = preflight
+        self.checkpoints = JobCheckpoints(spec, store, bus, on_disk_pause=self.pause_for_disk)
         self._env = env
         self.progress = ProgressState()
         self._progress_follower = JsonlFollower(layout.progress_file(spec.name))
@@ -116,6 +118,7 @@ class JobRunner:
         self.task = asyncio.create_task(self._run(adopt, delay), name=f"job:{self.name}")
 
     async def _run(self, adopt: LiveAttempt | None, delay: float) -> None:
+        self.checkpoints.start()
         try:
             if delay > 0 and not await self._sleep(delay):
                 return self._finish("stopped", "stopped on request while waiting to restart")
@@ -152,6 +155,8 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s: supervision failed", self.name)
             self._finish("failed", f"internal error in the supervisor: {exc!r}")
+        finally:
+            self.checkpoints.stop()
 
     def _conclude(self, decision: policy.Decision, row: AttemptRow) -> None:
         if isinstance(decision, policy.Done):
@@ -272,20 +277,27 @@ class JobRunner:
         self._begin_attempt(attempt)
         return attempt
 
+    def _preflight_checks(self) -> tuple[str, str]:
+        """The first pre-launch check that is not ok (GPUs, then disk space), else ok."""
+        if self._preflight is not None:
+            verdict = self._preflight(self.spec)
+            if verdict[0] != "ok":
+                return verdict
+        return self.checkpoints.preflight()
+
     async def _wait_until_launchable(self) -> bool:
-        """Pre-launch checks; a job whose GPUs are unhealthy waits for their reset."""
-        while self._preflight is not None:
-            verdict, why = self._preflight(self.spec)
+        """A job whose GPUs are unhealthy, or whose disk is full, waits; it never crashes."""
+        while True:
+            verdict, why = self._preflight_checks()
             if verdict == "ok":
                 return True
             if verdict == "fail":
                 self._finish("failed", why)
                 return False
-            self.bus.emit(self.name, "gpu_wait", why)
+            self.bus.emit(self.name, "launch_wait", why)
             if not await self._backoff(PREFLIGHT_RETRY, why):
-                self._finish("stopped", "stopped on request while waiting for GPUs")
+                self._finish("stopped", "stopped on request while waiting to launch")
                 return False
-        return True
 
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
@@ -325,6 +337,7 @@ class JobRunner:
             )
         self.store.update_attempt(self.name, attempt.n, **fields)
         self.attempt = None
+        await self.checkpoints.sweep()
         self.bus.emit(
             self.name,
             "attempt_exited",
@@ -376,6 +389,11 @@ class JobRunner:
             self.signal_trainer(signal.SIGKILL)
         _signal_pid(attempt.shim_pid, attempt.shim_start, signal.SIGTERM)
 
+    def pause_for_disk(self, reason: str) -> None:
+        """Ask the trainer to save and exit (75) without a stop request: the next
+        launch then waits in its pre-launch check until disk space returns."""
+        self.signal_trainer(signal.SIGTERM)
+
     def wake(self) -> None:
         """End a wait early (its condition may have changed); stop flags are kept."""
         self._wake.set()
@@ -406,6 +424,9 @@ class JobRunner:
         for record in records:
             self.progress.apply(record)
             self._feed_hang_detector(record)
+            step = record.get("step")
+            if record.get("event") == "checkpoint_saved" and isinstance(step, int):
+                self.checkpoints.after_save(step)
         if records:
             self.bus.emit(self.name, "progress", "", self.progress.to_json())
             self._store_step()

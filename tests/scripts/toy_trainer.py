@@ -57,10 +57,15 @@ def write_torch_zip(path: Path, payload: dict) -> None:
         archive.writestr("archive/version", "3\n")
 
 
+PADDING = {"bytes": 0}
+
+
 def save(output_dir: Path, step: int, value: int, max_steps: int, history: list[dict]) -> None:
     """The file set of an HF Trainer checkpoint, `trainer_state.json` last as HF does."""
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True, exist_ok=True)
+    if PADDING["bytes"]:
+        write_torch_zip(folder / "extra_state.pt", {"pad": b"\0" * PADDING["bytes"]})
     write_safetensors(folder / "model.safetensors", value)
     write_torch_zip(folder / "optimizer.pt", {"step": step})
     write_torch_zip(folder / "scheduler.pt", {"last_epoch": step})
@@ -98,6 +103,12 @@ def main() -> int:
     parser.add_argument(
         "--save-time", type=float, default=0.0, help="seconds each checkpoint save takes"
     )
+    parser.add_argument(
+        "--ckpt-padding",
+        type=int,
+        default=0,
+        help="bytes of extra state per checkpoint (to fill disks in tests)",
+    )
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (stubborn)")
     parser.add_argument(
         "--spawn-child",
@@ -109,6 +120,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     out: Path = args.output_dir
+    PADDING["bytes"] = args.ckpt_padding
     out.mkdir(parents=True, exist_ok=True)
     print(f"toy trainer pid {os.getpid()} resume={args.resume_from_checkpoint}", flush=True)
 
