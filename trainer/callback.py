@@ -92,7 +92,8 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         REQUESTS.save = False
         if stop:
             REQUESTS.stop = False
-            self.stopped = True
+            # A stop during the last step is just the end of training (exit 0).
+            self.stopped = state.global_step < state.max_steps
             control.should_training_stop = True
         if stop or save:
             control.should_save = True

@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     if args.resume_from is not None and not args.resume_from.is_dir():
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
+    if args.resume_from is not None:
+        warn_if_fingerprint_changed(config, args.resume_from)
     try:
         trainer, callback = build_trainer(config, args.resume_from)
     except (ConfigError, DataError) as exc:
@@ -65,6 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume = str(args.resume_from) if args.resume_from else None
     trainer.train(resume_from_checkpoint=resume)
     return EXIT_STOPPED if callback.stopped else EXIT_OK
+
+
+def warn_if_fingerprint_changed(config: RunConfig, checkpoint: Path) -> None:
+    """Resuming under other settings works, but the run is no longer exact: say so."""
+    from ftsup.supervisor.manifest import ManifestError, read_manifest
+    from ftsup.trainer.checkpointing import fingerprint
+
+    try:
+        saved = dict(read_manifest(checkpoint).fingerprint)
+    except ManifestError:
+        return  # not written by ftsup; the supervisor judged it resumable
+    now = fingerprint(config.train, dist.world_size())
+    changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+    if changed and dist.rank() == 0:
+        print(
+            f"ftsup trainer: warning: resuming {checkpoint} with changed {', '.join(changed)}; "
+            "the data order or batches differ from the original run",
+            file=sys.stderr,
+        )
 
 
 def configure_determinism(seed: int) -> None:

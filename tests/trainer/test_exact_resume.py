@@ -182,3 +182,27 @@ def test_sigusr2_saves_and_keeps_training(
     saves = [e["step"] for e in process.events() if e["event"] == "checkpoint_saved"]
     assert len(saves) == 2 and saves[0] < 8 and saves[1] == 8
     assert newest_complete_checkpoint(config.parent / "out") is not None
+
+
+@pytest.mark.slow
+def test_resume_exactly_at_an_epoch_boundary(
+    tiny_model: Path,
+    arith_data: Path,
+    tmp_path: Path,
+    reference: dict[str, Any],
+    start_trainer: Callable[..., TrainerProcess],
+) -> None:
+    """5 optimizer steps per epoch: checkpoint 10 ends epoch 2, so nothing is skipped on
+    resume and HF restores the RNG before building the next epoch's iterator."""
+    table = {**train_table(tiny_model, arith_data), "save_steps": 5}
+    config = write_config(tmp_path / "run", table, async_save=False)
+    out = config.parent / "out"
+    crashed = start_trainer(config, env={"FTSUP_FAULT_AT_STEP": "12"})
+    assert crashed.wait() == -signal.SIGKILL, crashed.log()
+    resume = resume_point(out)
+    assert resume is not None and resume.name == "checkpoint-10"
+    resumed = start_trainer(config, resume_from=resume)
+    assert resumed.wait() == 0, resumed.log()
+    final = out / f"checkpoint-{MAX_STEPS}" / "adapter_model.safetensors"
+    assert final.read_bytes() == reference["adapter"]
+    assert_matches_reference(resumed.events(), reference)

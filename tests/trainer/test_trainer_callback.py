@@ -62,3 +62,41 @@ def test_any_hf_script_gets_progress_and_signal_handling(tiny_model: Path, tmp_p
         folder = Path(str(event["path"]))
         assert (folder / "trainer_state.json").exists() and (folder / "model.safetensors").exists()
     assert events[-1]["event"] == "train_end" and events[-1]["reason"] == "stopped"
+
+
+def test_time_based_save_and_stop_flags(tmp_path: Path) -> None:
+    """The callback's decisions at a step boundary, on real HF state objects."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ftsup.trainer.callback import FtsupCallback
+    from ftsup.trainer.signals import REQUESTS
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    state = TrainerState(max_steps=10)
+    progress = tmp_path / "progress.jsonl"
+    callback = FtsupCallback(progress, save_every=0.05, install_signal_handlers=False)
+    callback.on_train_begin(args, state, TrainerControl())
+
+    state.global_step = 1
+    control = TrainerControl()
+    callback.on_step_end(args, state, control)
+    assert not control.should_save  # save_every not yet elapsed
+    time.sleep(0.06)
+    state.global_step = 2
+    callback.on_step_end(args, state, control)
+    assert control.should_save and not control.should_training_stop
+
+    REQUESTS.stop = True
+    state.global_step = 3
+    control = TrainerControl()
+    callback.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop and callback.stopped
+    assert not REQUESTS.stop, "a request is consumed once"
+
+    REQUESTS.stop = True  # during the last step: training simply ends
+    state.global_step = 10
+    callback.stopped = False
+    callback.on_step_end(args, state, control := TrainerControl())
+    assert control.should_training_stop and not callback.stopped
+    steps = [e["step"] for e in read_events(progress) if e["event"] == "step"]
+    assert steps == [1, 2, 3, 10]
