@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
+from textual.timer import Timer
 
 from ftsup.supervisor.protocol import RequestError
 from ftsup.tui.messages import Connected, DaemonEvent, Disconnected
@@ -39,6 +40,7 @@ HISTORY_EVENTS = 300  # durable events fetched at (re)connect
 JOB_EVENTS = 200
 LOG_TAIL = 1000
 GPU_POLL_S = 5.0
+SYNC_DELAY_S = 0.03
 
 
 class FtsupApp(App[None]):
@@ -72,6 +74,8 @@ class FtsupApp(App[None]):
         self._job_loading: set[str] = set()
         self._last_gpu_sample = 0.0
         self._ever_connected = False
+        self._unsynced = Change()
+        self._flush_timer: Timer | None = None
         self.actions_sent: list[tuple[str, dict[str, Any]]] = []
 
     # lifecycle ------------------------------------------------------------------
@@ -146,13 +150,32 @@ class FtsupApp(App[None]):
                 return screen
         return None
 
-    def _apply(self, change: Change) -> None:
+    def _apply(self, change: Change, *, now: bool = False) -> None:
+        """Act on a change at once (requests); show it within SYNC_DELAY_S.
+
+        Events come in bursts (the daemon reads every job's progress in the same
+        pass): screens are synced once per burst instead of once per event, which
+        halves the frames drawn while jobs stream, for a tenth of a second of delay.
+        """
         if not change:
             return
         if change.resync:
             self.run_worker(self._load_all(), name="load", group="load")
         if change.refetch:
             self.schedule_refetch()
+        self._unsynced |= change
+        if now or SYNC_DELAY_S <= 0:
+            self._flush_changes()
+        elif self._flush_timer is None:
+            self._flush_timer = self.set_timer(SYNC_DELAY_S, self._flush_changes)
+
+    def _flush_changes(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+            self._flush_timer = None
+        change, self._unsynced = self._unsynced, Change()
+        if not change:
+            return
         top = self._data_screen()
         for screen in self.screen_stack:
             if not isinstance(screen, StateScreen):
@@ -188,7 +211,7 @@ class FtsupApp(App[None]):
                     change |= self.state.apply_history(answer.get("events", []))
             change.refetch = False
             change.roster = True
-            self._apply(change)
+            self._apply(change, now=True)
             await self._load_gpus()
         except NotConnected:
             return
@@ -212,7 +235,7 @@ class FtsupApp(App[None]):
             self.state.gpus.unavailable(f"GPU monitor {reason}")
         else:
             self.state.gpus.apply(result, sample=False)
-        self._apply(Change(gpus=True))
+        self._apply(Change(gpus=True), now=True)
 
     def schedule_refetch(self) -> None:
         """Ask for `status` again soon; bursts of events cause one request, not many."""
@@ -304,7 +327,7 @@ class FtsupApp(App[None]):
             if exc.code != "not_found":
                 self.notify(f"{name}: {part}: {exc.message}", severity="warning")
             return
-        self._apply(change)
+        self._apply(change, now=True)
 
     # actions --------------------------------------------------------------------
     def current_job(self) -> str | None:

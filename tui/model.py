@@ -520,10 +520,11 @@ class TuiState:
         if not isinstance(name, str):
             return self._add_durable(event) if event.get("id") is not None else Change()
         if kind == "progress":
-            if name not in self.jobs:
-                return Change(refetch=True)
-            changed = self.jobs[name].add_progress(data)
-            return Change(jobs={name}, series={name}) if changed else Change()
+            new = name not in self.jobs  # submitted by someone else: ask for its summary
+            changed = self.job(name).add_progress(data)
+            if not changed and not new:
+                return Change()
+            return Change(jobs={name}, series={name}, roster=new, refetch=new)
         if kind == "log":
             lines = [str(x) for x in data.get("lines", []) if isinstance(x, str)]
             self.job(name).log.append(lines, as_int(data.get("attempt")))

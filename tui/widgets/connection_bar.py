@@ -48,7 +48,8 @@ def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> 
         if connection.reason:
             detail += f": {connection.reason}"
     summary = counts_text(counts, LONG_LABELS)
-    if len(head) + len(summary) + 2 > width:
+    wanted = len(head) + len(summary) + 2 + (0 if up else len(detail))
+    if wanted > width:  # a reconnect's reason matters more than long labels
         summary = counts_text(counts, SHORT_LABELS)
     room = width - len(head) - len(summary) - 2
     if up and len(detail) > room:
@@ -78,9 +79,21 @@ class ConnectionBar(Widget):
         super().__init__(id=id)
         self._connection = ConnectionInfo()
         self._counts: dict[str, int] = {}
+        self._key: object = None
 
     def show(self, connection: ConnectionInfo, counts: dict[str, int]) -> None:
         """Draw `connection` and the job `counts` (from TuiState.counts)."""
+        key = (
+            connection.state,
+            connection.attempt,
+            connection.reason,
+            connection.retry_in,
+            connection.daemon.get("daemon_pid"),
+            sorted(counts.items()),
+        )
+        if key == self._key:
+            return  # unchanged: no repaint
+        self._key = key
         self._connection = connection
         self._counts = dict(counts)
         self.set_class(connection.state == "reconnecting", "-down")

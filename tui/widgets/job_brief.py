@@ -55,5 +55,12 @@ class JobBrief(Static):
     }
     """
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._shown: Text | None = None
+
     def show(self, job: JobModel | None, now: float) -> None:
-        self.update(brief_text(job, now))
+        text = brief_text(job, now)
+        if text != self._shown:  # most progress events change nothing here: no repaint
+            self._shown = text
+            self.update(text)

@@ -55,5 +55,12 @@ class JobHeader(Static):
                 text-overflow: ellipsis; }
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: Text | None = None
+
     def show(self, job: JobModel, now: float) -> None:
-        self.update(header_text(job, now))
+        text = header_text(job, now)
+        if text != self._shown:
+            self._shown = text
+            self.update(text)
