@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "ftsup.supervisor.cli.service_cmd",
     "ftsup.supervisor.cli.gpus_cmd",
     "ftsup.supervisor.cli.ckpt_cmd",
+    "ftsup.supervisor.cli.demo_cmd",
 )
 
 
