@@ -21,4 +21,14 @@ def test_demo_runs_crashes_once_resumes_and_answers(harness: Harness) -> None:
     events = harness.cli_json("events", "ftsup-demo")["events"]
     exits = [e for e in events if e["kind"] == "attempt_exited"]
     assert "SIGKILL" in exits[0]["message"] and "finished" in exits[1]["message"]
+
+    # `ftsup export JOB`: the job's newest checkpoint, LoRA merged, loads without peft.
+    out = harness.work / "exported"
+    exported = json.loads(harness.cli("export", "ftsup-demo", "--out", str(out), "--json").stdout)
+    assert exported["checkpoint"].endswith("checkpoint-90") and exported["merged"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not (out / "adapter_config.json").exists()
     harness.cli("shutdown")

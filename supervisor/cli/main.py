@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "ftsup.supervisor.cli.gpus_cmd",
     "ftsup.supervisor.cli.ckpt_cmd",
     "ftsup.supervisor.cli.demo_cmd",
+    "ftsup.supervisor.cli.export_cmd",
+    "ftsup.supervisor.cli.tui_cmd",
 )
 
 
