@@ -25,14 +25,17 @@ from typing import Any
 
 from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
+from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
+from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.hang import HangDetector, HangPolicy
 from ftsup.supervisor.health.stacks import capture_stacks
+from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import is_same_process, process_start_time, signal_group
 from ftsup.supervisor.progress import JsonlFollower, ProgressState, records_from_trainer_state
@@ -224,6 +227,8 @@ class JobRunner:
                 f"{path.name}: {reason}",
                 {"path": str(path), "reason": reason},
             )
+        if resume.path is not None and not self._drift_allowed(resume.path):
+            return None
         if resume.path is None and resume.quarantined and not self.spec.checkpoint.allow_scratch:
             self._finish(
                 "gave_up",
@@ -298,6 +303,36 @@ class JobRunner:
             if not await self._backoff(PREFLIGHT_RETRY, why):
                 self._finish("stopped", "stopped on request while waiting to launch")
                 return False
+
+    def _drift_allowed(self, checkpoint: Path) -> bool:
+        """Refuse a resume whose data order or optimizer state would silently change."""
+        if self.spec.train is None:
+            return True  # a command's configuration is opaque to ftsup
+        try:
+            recorded = read_manifest(checkpoint).fingerprint
+        except ManifestError:
+            return True  # no fingerprint to compare (validation decided it is resumable)
+        world_size = self.spec.launch.nproc_per_node * self.spec.launch.nnodes
+        drifts = diff_fingerprints(recorded, train_fingerprint(self.spec.train, world_size))
+        if not drifts:
+            return True
+        changes = "; ".join(d.message for d in drifts)
+        job = self.store.get_job(self.name)
+        if not drift_refused(drifts) or (job is not None and job.accept_drift):
+            self.bus.emit(
+                self.name,
+                "drift",
+                f"resuming {checkpoint.name} although {changes}",
+                {"changes": [d.message for d in drifts]},
+            )
+            return True
+        self._finish(
+            "failed",
+            f"refusing to resume from {checkpoint.name}: {changes}. "
+            "Undo the change, or start the job with `ftsup start --accept-drift` "
+            "to resume anyway.",
+        )
+        return False
 
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
