@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from ftsup.tui.app import FtsupApp  # noqa: E402
 from ftsup.tui.connection import DaemonConnection  # noqa: E402
 from ftsup.tui.screens.job import JobScreen  # noqa: E402
-from ftsup.tui.widgets.jobs_table import JobsTable  # noqa: E402
+from ftsup.tui.widgets.job_row import JobRow  # noqa: E402
 from tests.supervisor_harness import Harness, wait_for  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,17 +60,16 @@ async def measure_latency(harness: Harness, samples: int) -> list[float]:
             original_display(screen, renderable)
 
         app._display = display  # type: ignore[method-assign]
-        table = app.screen.query_one(JobsTable)
-        original_update = table.update_cell
+        original_show = JobRow.show
 
-        def update_cell(row: Any, column: Any, value: Any, **kw: Any) -> None:
-            if str(getattr(column, "value", column)) == "progress":
-                text = value.plain.split()[-1]
+        def show(row: JobRow, cells: dict[str, Any]) -> None:
+            if row.job_name == "lat":
+                text = cells["progress"].plain.split()[-1]
                 if text[0].isdigit():
                     shown_at.setdefault(int(text.split("/")[0]), time.time())
-            original_update(row, column, value, **kw)
+            original_show(row, cells)
 
-        table.update_cell = update_cell  # type: ignore[method-assign]
+        JobRow.show = show  # type: ignore[method-assign]
         deadline = time.monotonic() + samples * 0.5 + 30
         while len(shown_at) < samples + 2 and time.monotonic() < deadline:
             await pilot.pause(0.1)

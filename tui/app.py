@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Coroutine, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.worker import Worker, WorkerState
 
 from ftsup.supervisor.protocol import RequestError
 from ftsup.tui.messages import Connected, DaemonEvent, Disconnected
@@ -76,7 +78,8 @@ class FtsupApp(App[None]):
         self._ever_connected = False
         self._unsynced = Change()
         self._flush_timer: Timer | None = None
-        self.actions_sent: list[tuple[str, dict[str, Any]]] = []
+        self.actions_sent: deque[tuple[str, dict[str, Any]]] = deque(maxlen=50)  # for tests
+        self._unsupported: set[str] = set()  # requests this daemon answered "unknown_request"
 
     # lifecycle ------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -98,6 +101,18 @@ class FtsupApp(App[None]):
                 self.post_message(Disconnected(f"internal error: {exc!r}", 1, 1.0))
                 await asyncio.sleep(1.0)
 
+    def _spawn(self, work: Coroutine[Any, Any, None], group: str) -> None:
+        """Run `work` in a worker whose failure is reported, never fatal to the app."""
+        self.run_worker(work, group=group, exit_on_error=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.group != "connection":
+            error = event.worker.error
+            log.error("worker %s failed: %r", event.worker.group, error)
+            self.notify(
+                f"internal error in {event.worker.group}: {error!r}", severity="error", timeout=10
+            )
+
     async def on_unmount(self) -> None:
         await self.source.close()
 
@@ -113,17 +128,18 @@ class FtsupApp(App[None]):
             and (now - self._last_gpu_sample > GPU_POLL_S)
         ):
             self._last_gpu_sample = now
-            self.run_worker(self._load_gpus(), group="gpus")
+            self._spawn(self._load_gpus(), "gpus")
 
     # messages from the source ---------------------------------------------------
     def on_connected(self, message: Connected) -> None:
         connection = self.state.connection
         connection.state = "replay" if message.daemon.get("replay") else "connected"
         self._ever_connected = True
+        self._unsupported.clear()  # a restarted daemon may be a newer one
         connection.daemon = message.daemon
         connection.reason, connection.attempt, connection.retry_in = None, 0, None
         self._apply(Change(connection=True))
-        self.run_worker(self._load_all(), name="load", group="load")
+        self._spawn(self._load_all(), "load")
 
     def on_disconnected(self, message: Disconnected) -> None:
         connection = self.state.connection
@@ -141,7 +157,7 @@ class FtsupApp(App[None]):
             self._last_gpu_sample = self.source.now()
         self._apply(self.state.apply_event(event))
         if kind in ("gpu_fault", "gpu_reset"):  # health changed: show it now, not at the poll
-            self.run_worker(self._load_gpus(), group="gpus")
+            self._spawn(self._load_gpus(), "gpus")
 
     # applying changes -----------------------------------------------------------
     def _data_screen(self) -> StateScreen | None:
@@ -160,7 +176,7 @@ class FtsupApp(App[None]):
         if not change:
             return
         if change.resync:
-            self.run_worker(self._load_all(), name="load", group="load")
+            self._spawn(self._load_all(), "load")
         if change.refetch:
             self.schedule_refetch()
         self._unsynced |= change
@@ -242,7 +258,7 @@ class FtsupApp(App[None]):
         self._refetch_dirty = True
         if not self._refetch_running:
             self._refetch_running = True
-            self.run_worker(self._refetch(), group="refetch")
+            self._spawn(self._refetch(), "refetch")
 
     async def _refetch(self) -> None:
         try:
@@ -262,7 +278,7 @@ class FtsupApp(App[None]):
         self._job_pending.setdefault(name, set()).update(parts)
         if name not in self._job_loading:
             self._job_loading.add(name)
-            self.run_worker(self._load_job(name), group=f"job:{name}")
+            self._spawn(self._load_job(name), f"job:{name}")
 
     async def _load_job(self, name: str) -> None:
         try:
@@ -290,15 +306,12 @@ class FtsupApp(App[None]):
                 change = state.apply_history(answer.get("events", []))
                 change.refetch = False
             elif part == "history":
-                try:
-                    answer = await source.request("progress_history", job=name, limit=2000)
-                except RequestError as exc:
-                    if exc.code not in ("unknown_request", "not_recorded"):
-                        raise
+                history = await self._optional("progress_history", job=name, limit=2000)
+                if history is None:
                     state.job(name).series_note = "since the TUI attached"
                     change = Change(series={name})
                 else:
-                    change = state.apply_progress_history(name, answer)
+                    change = state.apply_progress_history(name, history)
             elif part == "logs":
                 buffer = state.job(name).log
                 before = buffer.seq
@@ -306,18 +319,9 @@ class FtsupApp(App[None]):
                 since = buffer.newer_than(before) or []
                 change = state.apply_logs(name, answer, since)
             elif part == "checkpoints":
-                try:
-                    answer = await source.request("checkpoints", job=name)
-                except RequestError as exc:
-                    if exc.code not in ("unknown_request", "not_recorded"):
-                        raise
-                    change = state.apply_checkpoints(
-                        name,
-                        None,
-                        "checkpoint list not available: this daemon has no `checkpoints` request",
-                    )
-                else:
-                    change = state.apply_checkpoints(name, answer)
+                listing = await self._optional("checkpoints", job=name)
+                note = "checkpoint list not available: this daemon has no `checkpoints` request"
+                change = state.apply_checkpoints(name, listing, None if listing else note)
             elif part == "gpus":
                 await self._load_gpus()
                 return
@@ -328,6 +332,18 @@ class FtsupApp(App[None]):
                 self.notify(f"{name}: {part}: {exc.message}", severity="warning")
             return
         self._apply(change, now=True)
+
+    async def _optional(self, kind: str, **args: Any) -> dict[str, Any] | None:
+        """A request older daemons lack: None (and not asked again) when unknown."""
+        if kind in self._unsupported:
+            return None
+        try:
+            return await self.source.request(kind, **args)
+        except RequestError as exc:
+            if exc.code not in ("unknown_request", "not_recorded"):
+                raise
+            self._unsupported.add(kind)
+            return None
 
     # actions --------------------------------------------------------------------
     def current_job(self) -> str | None:
@@ -383,9 +399,7 @@ class FtsupApp(App[None]):
 
         def answered(ok: bool | None) -> None:
             if ok:
-                self.run_worker(
-                    self._send(kind, done.format(job=job), job=job, **args), group="actions"
-                )
+                self._spawn(self._send(kind, done.format(job=job), job=job, **args), "actions")
 
         self.push_screen(
             ConfirmScreen(
@@ -454,7 +468,7 @@ class FtsupApp(App[None]):
 
     def _start_from(self, path: str | None) -> None:
         if path:
-            self.run_worker(self._start(Path(path).expanduser()), group="actions")
+            self._spawn(self._start(Path(path).expanduser()), "actions")
 
     async def _start(self, path: Path) -> None:
         try:

@@ -83,7 +83,7 @@ async def test_command_palette_offers_the_actions() -> None:
         assert isinstance(app.screen, ConfirmScreen) and "qwen-lora" in app.screen.title_text
         await pilot.press("escape")
         await pilot.pause()
-        assert app.actions_sent == []
+        assert not app.actions_sent
 
 
 def test_cli_options() -> None:

@@ -52,7 +52,7 @@ async def start_job(harness: Harness, name: str, *args: str, **kwargs: Any) -> N
 def shown_step(app: FtsupApp, name: str) -> int:
     """The step in the job's progress cell, as drawn in the table (0 if none yet)."""
     table = app.screen.query_one(JobsTable)
-    cell = table.get_cell(name, "progress").plain.split()[-1]
+    cell = (table.cell_text(name, "progress").split() or ["–"])[-1]
     return int(cell.split("/")[0]) if cell[0].isdigit() else 0
 
 
@@ -120,7 +120,7 @@ async def test_a_crash_shows_up_as_an_event_and_a_restart(daemon: Harness) -> No
             "the resumed attempt running past the crash",
         )
         table = app.screen.query_one(JobsTable)
-        assert table.get_cell("crashy", "restarts").plain == "1"
+        assert table.cell_text("crashy", "restarts") == "1"
         text = screen_text(app)
         assert "restart" in text and "exit code 1" in text  # the dashboard's recent events
 
@@ -134,12 +134,12 @@ async def test_stop_action_asks_then_stops_the_job(daemon: Harness) -> None:
         await pilot.press("k")  # kill asks first; "n" cancels and sends nothing
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("n")
-        assert not isinstance(app.screen, ConfirmScreen) and app.actions_sent == []
+        assert not isinstance(app.screen, ConfirmScreen) and not app.actions_sent
         await pilot.press("s")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
         await wait_until(pilot, lambda: app.actions_sent, "the stop request")
-        assert app.actions_sent == [("stop", {"job": "stoppable", "now": False})]
+        assert list(app.actions_sent) == [("stop", {"job": "stoppable", "now": False})]
         await wait_until(
             pilot,
             lambda: (m := job(app, "stoppable")) and m.state == "stopped",

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
 
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
-from textual.widgets import DataTable, Footer
+from textual.widgets import Footer
 
 from ftsup.tui.model import Change, TuiState
 from ftsup.tui.screens.base import StateScreen
@@ -19,10 +17,6 @@ from ftsup.tui.widgets.jobs_table import JobsTable
 
 
 class DashboardScreen(StateScreen):
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "app.open_job", "Open", priority=False),
-    ]
-
     def __init__(self, state: TuiState, clock: Callable[[], float]) -> None:
         super().__init__(state, clock)
 
@@ -86,9 +80,5 @@ class DashboardScreen(StateScreen):
         job = self.state.jobs.get(name) if name else None
         self.query_one(JobBrief).show(job, self.clock())
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_jobs_table_highlighted(self, event: JobsTable.Highlighted) -> None:
         self._show_brief()
-
-    async def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        await self.run_action("app.open_job")

@@ -1,8 +1,7 @@
-"""The dashboard's table: one row per job, updated cell by cell.
+"""The dashboard's table: a header and one `JobRow` per job, with a cursor.
 
-Rows are keyed by job name and only cells whose text changed are written, so
-a progress event costs a few cell updates, not a table rebuild, and the cursor
-stays on the job the person is looking at.
+Only rows whose text changed repaint, so a progress event costs one line; the
+cursor stays on the job the person is looking at when jobs come and go.
 """
 
 from __future__ import annotations
@@ -10,36 +9,26 @@ from __future__ import annotations
 from typing import ClassVar
 
 from rich.text import Text
-from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.reactive import reactive
 
 from ftsup.tui import format as fmt
 from ftsup.tui.model import JobModel, TuiState, as_float
+from ftsup.tui.widgets.job_row import JobRow
 from ftsup.tui.widgets.state_text import event_kind_text, state_text
 
 BAR_WIDTH = 6
-MIN_LAST_WIDTH = 16
-# (key, header, width)
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("job", "job", 14),
-    ("state", "state", 8),
-    ("progress", "progress", BAR_WIDTH + 10),
-    ("loss", "loss", 6),
-    ("rate", "st/s", 5),
-    ("eta", "ETA", 5),
-    ("restarts", "rst", 3),
-    ("ckpt", "ckpt", 5),
-    ("last", "last event", 44),
-)
 
 
-def job_cells(job: JobModel, now: float, last_width: int = 44) -> dict[str, Text]:
+def job_cells(job: JobModel, now: float) -> dict[str, Text]:
     """The cells of `job`'s row at wall time `now`."""
     progress = job.progress
     bar = fmt.bar(job.fraction, BAR_WIDTH) if job.fraction is not None else " " * BAR_WIDTH
     cells = {
-        "job": Text(fmt.shorten(job.name, 14), style="bold"),
+        "job": Text(job.name, style="bold"),
         "state": state_text(job.state),
         "progress": Text(f"{bar} {fmt.step_of(job.step, job.max_steps)}"),
         "loss": Text(fmt.number(as_float(progress.get("loss")), 4)),
@@ -52,105 +41,108 @@ def job_cells(job: JobModel, now: float, last_width: int = 44) -> dict[str, Text
     if last is None:
         cells["last"] = Text(fmt.DASH)
     else:
-        kind = str(last.get("kind", ""))
-        text = event_kind_text(kind)
-        text.append(" " + fmt.shorten(str(last.get("message", "")), last_width - len(kind) - 1))
+        text = event_kind_text(str(last.get("kind", "")))
+        text.append(" " + str(last.get("message", "")))
         cells["last"] = text
     return cells
 
 
-class JobsTable(DataTable[Text]):
+class JobsTable(Vertical, can_focus=True):
     DEFAULT_CSS = """
     JobsTable { height: 1fr; }
+    JobsTable > VerticalScroll { height: 1fr; }
     """
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select_cursor", "Open")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "app.open_job", "Open"),
+        Binding("up", "move(-1)", "Up", show=False),
+        Binding("down", "move(1)", "Down", show=False),
+        Binding("home", "move(-1000000)", show=False),
+        Binding("end", "move(1000000)", show=False),
+        Binding("pageup", "move(-10)", show=False),
+        Binding("pagedown", "move(10)", show=False),
+    ]
+
+    cursor_row: reactive[int] = reactive(0)
+
+    class Highlighted(Message):
+        """The cursor moved to another job."""
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, cursor_type="row", zebra_stripes=False)
-        self._shown: dict[str, dict[str, str]] = {}
+        super().__init__(id=id)
+        self._rows: dict[str, JobRow] = {}
         self._order: list[str] = []
-        self._state: TuiState | None = None
-        self._now = 0.0
-        self.last_width = COLUMNS[-1][2]
-        self.with_last = True
 
-    def on_mount(self) -> None:
-        self._add_columns()
-
-    def _add_columns(self) -> None:
-        for key, header, width in COLUMNS:
-            if key != "last" or self.with_last:
-                self.add_column(header, width=self.last_width if key == "last" else width, key=key)
-
-    def on_resize(self, event: events.Resize) -> None:
-        """Give "last event" the width the other columns leave; drop it when that is too little.
-
-        (At 80 columns the brief under the table spells the last event out.)
-        """
-        fixed = sum(width + 2 * self.cell_padding for _, _, width in COLUMNS[:-1])
-        room = event.size.width - fixed - 2 * self.cell_padding - 1
-        with_last = room >= MIN_LAST_WIDTH
-        width = max(MIN_LAST_WIDTH, room)
-        if with_last == self.with_last and (not with_last or width == self.last_width):
-            return
-        self.with_last, self.last_width = with_last, width
-        selected = self.selected_job
-        self.clear(columns=True)
-        self._add_columns()
-        if self._state is not None:
-            order = [job.name for job in self._state.ordered_jobs()]
-            self._rebuild(self._state, order, self._now, selected)
+    def compose(self) -> ComposeResult:
+        yield JobRow("", header=True)
+        yield VerticalScroll(can_focus=False)
 
     @property
     def selected_job(self) -> str | None:
-        if not self._order or self.cursor_row < 0 or self.cursor_row >= len(self._order):
-            return None
-        return self._order[self.cursor_row]
+        if 0 <= self.cursor_row < len(self._order):
+            return self._order[self.cursor_row]
+        return None
 
+    def cell_text(self, name: str, key: str) -> str:
+        """What the row of `name` shows in column `key` (tests and the benchmark)."""
+        row = self._rows.get(name)
+        return row.cell_text(key) if row is not None else ""
+
+    # data ----------------------------------------------------------------------
     def sync(
         self, state: TuiState, now: float, names: set[str] | None = None, *, roster: bool = False
     ) -> None:
         """Bring rows up to date: all of them, or the jobs in `names`."""
-        self._state, self._now = state, now
         order = [job.name for job in state.ordered_jobs()]
-        if roster or set(order) != set(self._order):
-            self._rebuild(state, order, now)
-            return
+        if roster or (order != self._order and set(order) != set(self._order)):
+            self._rebuild(order)
+            names = None
         for name in self._order if names is None else names:
-            job = state.jobs.get(name)
-            if job is not None:
-                self._update_row(job, now)
+            job, row = state.jobs.get(name), self._rows.get(name)
+            if job is not None and row is not None:
+                row.show(job_cells(job, now))
 
     def tick(self, state: TuiState, now: float) -> None:
-        """Refresh the cells that age with the clock (the time since the last checkpoint)."""
-        for name in self._order:
-            job = state.jobs.get(name)
-            if job is not None:
-                self._update_row(job, now, only=("ckpt",))
+        """Refresh what ages with the clock (rows repaint only if their text changed)."""
+        self.sync(state, now)
 
-    def _rebuild(
-        self, state: TuiState, order: list[str], now: float, selected: str | None = None
-    ) -> None:
-        selected = selected or self.selected_job
-        self.clear()
-        self._shown = {}
+    def _rebuild(self, order: list[str]) -> None:
+        selected = self.selected_job
+        body = self.query_one(VerticalScroll)
+        for name in set(self._rows) - set(order):
+            self._rows.pop(name).remove()
+        new = [JobRow(name) for name in order if name not in self._rows]
+        self._rows.update({row.job_name: row for row in new})
+        if new:
+            body.mount_all(new)
+        for index, name in enumerate(order):  # keep the widgets in table order
+            row = self._rows[name]
+            if index < len(body.children) and body.children[index] is not row:
+                body.move_child(row, before=index)
         self._order = order
-        for name in order:
-            cells = job_cells(state.jobs[name], now, self.last_width)
-            self._shown[name] = {k: v.plain for k, v in cells.items()}
-            self.add_row(
-                *(cells[k] for k, _, _ in COLUMNS if k != "last" or self.with_last), key=name
-            )
-        if selected in order:
-            self.move_cursor(row=order.index(selected), animate=False)
+        self.cursor_row = order.index(selected) if selected in order else 0
+        self._show_cursor()
 
-    def _update_row(self, job: JobModel, now: float, only: tuple[str, ...] | None = None) -> None:
-        shown = self._shown.get(job.name)
-        if shown is None:
-            return
-        for key, cell in job_cells(job, now, self.last_width).items():
-            if (only is not None and key not in only) or (key == "last" and not self.with_last):
-                continue
-            if shown.get(key) != cell.plain:
-                shown[key] = cell.plain
-                self.update_cell(job.name, key, cell)
+    # cursor --------------------------------------------------------------------
+    def action_move(self, delta: int) -> None:
+        if self._order:
+            self.cursor_row = max(0, min(len(self._order) - 1, self.cursor_row + delta))
+
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        self._show_cursor()
+        if old != new:
+            self.post_message(self.Highlighted())
+
+    def _show_cursor(self) -> None:
+        for index, name in enumerate(self._order):
+            row = self._rows[name]
+            row.set_class(index == self.cursor_row, "-cursor")
+            if index == self.cursor_row and row.is_mounted:
+                self.query_one(VerticalScroll).scroll_to_widget(row, animate=False)
+
+    async def on_job_row_clicked(self, event: JobRow.Clicked) -> None:
+        event.stop()
+        if event.row.job_name in self._order:
+            self.focus()
+            self.cursor_row = self._order.index(event.row.job_name)
+            if event.chain >= 2:
+                await self.run_action("app.open_job")
