@@ -360,3 +360,67 @@ def test_slow_but_alive_trainer_is_never_killed(daemon: Harness) -> None:
     assert status["state"] == "finished" and status["attempts"] == 1
     kinds = [e["kind"] for e in daemon.cli_json("events", "slowpoke")["events"]]
     assert "hung" not in kinds
+
+
+def test_nan_loss_rolls_back_past_the_bad_data_and_finishes(daemon: Harness) -> None:
+    job = daemon.toy_job("nanny", "--max-steps", "20", "--save-steps", "5", "--nan-at", "15")
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("nanny", "finished", "gave_up", "failed", "stopped")
+    assert status["state"] == "finished"
+    first, second = status["attempt_history"]
+    assert "loss-anomaly" in first["reason"]
+    # checkpoint-15 was saved with the NaN step's weights: set aside, resumed from 10.
+    assert second["resume_from"].endswith("checkpoint-10")
+    out = daemon.work / "nanny"
+    assert [p.name.split(".invalid-")[0] for p in out.glob("*.invalid-*")] == ["checkpoint-15"]
+    events = daemon.cli_json("events", "nanny")["events"]
+    anomaly = [e for e in events if e["kind"] == "loss_anomaly"]
+    assert len(anomaly) == 1
+    assert "skipping the data of steps 15-15" in anomaly[0]["message"]
+    skip_file = daemon.state_dir / "runs" / "nanny" / "skip_steps.json"
+    assert json.loads(skip_file.read_text()) == [[15, 15]]
+    # The resumed attempt was told which data to skip: its step 15 has a finite loss.
+    progress = (daemon.state_dir / "runs" / "nanny" / "progress.jsonl").read_text()
+    losses_at_15 = [
+        r["loss"]
+        for r in map(json.loads, progress.splitlines())
+        if r.get("event") == "step" and r["step"] == 15
+    ]
+    assert len(losses_at_15) == 2
+    assert losses_at_15[0] != losses_at_15[0] and losses_at_15[1] == 10.0 / 15  # NaN, then fine
+
+
+def test_nan_loss_with_policy_stop_stops_without_saving(daemon: Harness) -> None:
+    job = daemon.toy_job(
+        "strict",
+        "--max-steps",
+        "20",
+        "--save-steps",
+        "5",
+        "--nan-at",
+        "12",
+        "--step-time",
+        "0.1",
+        extra='\n[health]\nloss_anomaly = "stop"\n',
+    )
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("strict", "stopped", "finished", "gave_up", "failed")
+    assert status["state"] == "stopped"
+    assert "loss anomaly" in status["reason"] and "step 12" in status["reason"]
+    assert not (daemon.work / "strict" / "checkpoint-12").exists()
+
+
+def test_nan_loss_with_policy_warn_only_warns(daemon: Harness) -> None:
+    job = daemon.toy_job(
+        "relaxed",
+        "--max-steps",
+        "15",
+        "--nan-at",
+        "12",
+        extra='\n[health]\nloss_anomaly = "warn"\n',
+    )
+    daemon.cli("start", str(job))
+    status = daemon.wait_state("relaxed", "finished", "gave_up", "failed", "stopped")
+    assert status["state"] == "finished" and status["attempts"] == 1
+    kinds = [e["kind"] for e in daemon.cli_json("events", "relaxed")["events"]]
+    assert kinds.count("loss_anomaly") == 1

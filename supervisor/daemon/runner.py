@@ -25,15 +25,19 @@ from typing import Any
 
 from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
+from ftsup.supervisor.checkpoints.discovery import list_checkpoints
 from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
+from ftsup.supervisor.checkpoints.quarantine import quarantine as quarantine_checkpoint
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
+from ftsup.supervisor.daemon.loss_watch import LossWatch
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.hang import HangDetector, HangPolicy
+from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.health.stacks import capture_stacks
 from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
@@ -47,6 +51,8 @@ from ftsup.supervisor.store import AttemptRow, Store
 log = logging.getLogger("ftsup.daemon")
 
 LOG_RING = 500
+SKIP_FILE = "skip_steps.json"  # data windows skipped after loss anomalies, [[from, to], ...]
+KILLED_BY_LOSS = "ftsup-loss-anomaly"
 KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
 TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
@@ -111,6 +117,16 @@ class JobRunner:
         self._hang: HangDetector | None = None
         self._hang_handled = False
         self._hang_task: asyncio.Task[None] | None = None
+        self.loss_watch = LossWatch(
+            spec.health, lambda kind, message, data: self.bus.emit(self.name, kind, message, data)
+        )
+        self._anomaly_handled = False
+        self._rollback_from: int | None = None
+        self._stop_reason: str | None = None
+        saved = read_json(layout.run_dir(spec.name) / SKIP_FILE)
+        self.skip_windows: list[tuple[int, int]] = (
+            [(int(a), int(b)) for a, b in saved] if isinstance(saved, list) else []
+        )
 
     @property
     def name(self) -> str:
@@ -165,7 +181,7 @@ class JobRunner:
         if isinstance(decision, policy.Done):
             self._finish("finished", decision.reason)
         elif isinstance(decision, policy.Stopped):
-            self._finish("stopped", decision.reason)
+            self._finish("stopped", self._stop_reason or decision.reason)
         else:
             state = "failed" if row.returncode == policy.EXIT_CONFIG else "gave_up"
             tail = tail_lines(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
@@ -219,6 +235,7 @@ class JobRunner:
         if not await self._wait_until_launchable():
             return None
         self._set_state("starting")
+        await asyncio.to_thread(self._set_aside_after_rollback)
         resume = await asyncio.to_thread(self._select_resume, self.spec)
         for path, reason in resume.quarantined:
             self.bus.emit(
@@ -244,8 +261,11 @@ class JobRunner:
             resume_from=str(resume.path) if resume.path else None,
             start_step=resume.step,
         )
+        env = dict(self._env)
+        if self.skip_windows:  # the data a loss anomaly rolled back past
+            env["FTSUP_SKIP_STEPS"] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
         plan = plan_attempt(
-            self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=self._env
+            self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=env
         )
         try:
             child = spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
@@ -337,6 +357,8 @@ class JobRunner:
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
         self.progress.begin_attempt(attempt.started_at, attempt.start_step)
+        self.loss_watch.begin_attempt(attempt.start_step)
+        self._anomaly_handled = False
         # Monotonic clock from here on: an adopted attempt gets a fresh start-up allowance.
         self._hang = HangDetector(
             HangPolicy.from_spec(self.spec.health), started_at=time.monotonic()
@@ -459,6 +481,7 @@ class JobRunner:
         for record in records:
             self.progress.apply(record)
             self._feed_hang_detector(record)
+            self._watch_loss(record, self._of_current_attempt(record))
             step = record.get("step")
             if record.get("event") == "checkpoint_saved" and isinstance(step, int):
                 self.checkpoints.after_save(step)
@@ -475,13 +498,86 @@ class JobRunner:
                     attempt = self.attempt.n if self.attempt else None
                     self.bus.emit(self.name, "log", "", {"lines": lines, "attempt": attempt})
 
-    def _feed_hang_detector(self, record: dict[str, Any]) -> None:
-        detector, attempt = self._hang, self.attempt
-        if detector is None or attempt is None:
+    def _of_current_attempt(self, record: dict[str, Any]) -> bool:
+        """False for lines an earlier attempt wrote (replayed after a daemon restart)."""
+        attempt, ts = self.attempt, record.get("ts")
+        if attempt is None:
+            return False
+        return not (isinstance(ts, int | float) and ts < attempt.started_at)
+
+    def _watch_loss(self, record: dict[str, Any], current: bool) -> None:
+        step, loss = record.get("step"), record.get("loss")
+        if record.get("event", "step") != "step" or not isinstance(step, int):
             return
-        ts = record.get("ts")
-        if isinstance(ts, int | float) and ts < attempt.started_at:
-            return  # replayed from an earlier attempt
+        if not isinstance(loss, int | float) or isinstance(loss, bool):
+            return
+        if not current:
+            self.loss_watch.remember(step, float(loss))
+            return
+        anomaly = self.loss_watch.observe(step, float(loss))
+        if anomaly is not None:
+            self._on_loss_anomaly(anomaly)
+
+    def _on_loss_anomaly(self, anomaly: Anomaly) -> None:
+        """`[health] loss_anomaly`: warn, stop, or roll back past the bad data."""
+        attempt, action = self.attempt, self.spec.health.loss_anomaly
+        if attempt is None or self._anomaly_handled:
+            return
+        data = {
+            "step": anomaly.step,
+            "loss": repr(anomaly.loss),
+            "kind": anomaly.kind,
+            "skip_from": anomaly.skip_from,
+            "skip_to": anomaly.skip_to,
+            "action": action,
+        }
+        if action == "warn":
+            self.bus.emit(self.name, "loss_anomaly", f"{anomaly.reason} (warning only)", data)
+            return
+        self._anomaly_handled = True
+        # No save on the way out: the weights after a NaN are poisoned.
+        write_json_atomic(
+            attempt.attempt_dir / KILL_FILE, {"killed_by": KILLED_BY_LOSS, "reason": anomaly.reason}
+        )
+        if action == "stop":
+            self.bus.emit(self.name, "loss_anomaly", f"{anomaly.reason}; stopping the run", data)
+            self._stop_reason = f"stopped after a loss anomaly: {anomaly.reason}"
+            self.request_stop(now=True)
+            return
+        self.skip_windows.append((anomaly.skip_from, anomaly.skip_to))
+        write_json_atomic(self.layout.run_dir(self.name) / SKIP_FILE, self.skip_windows)
+        self._rollback_from = anomaly.skip_from
+        self.bus.emit(
+            self.name,
+            "loss_anomaly",
+            f"{anomaly.reason}; rolling back to a checkpoint before step {anomaly.skip_from} "
+            f"and skipping the data of steps {anomaly.skip_from}-{anomaly.skip_to}",
+            data,
+        )
+        self.loss_watch.rolled_back()
+        self.signal_trainer(signal.SIGKILL)
+
+    def _set_aside_after_rollback(self) -> None:
+        """Checkpoints saved at or after the anomaly hold poisoned weights: quarantine them."""
+        if self._rollback_from is None:
+            return
+        first_bad, self._rollback_from = self._rollback_from, None
+        for path in list_checkpoints(self.spec.output_dir):
+            step = checkpoint_step(path)
+            if step is not None and step >= first_bad:
+                reason = f"saved after the loss anomaly at step {first_bad}"
+                moved = quarantine_checkpoint(path, reason)
+                self.bus.emit(
+                    self.name,
+                    "quarantine",
+                    f"{path.name}: {reason}",
+                    {"path": str(moved), "reason": reason},
+                )
+
+    def _feed_hang_detector(self, record: dict[str, Any]) -> None:
+        detector = self._hang
+        if detector is None or not self._of_current_attempt(record):
+            return
         now = time.monotonic()
         event, step = record.get("event", "step"), record.get("step")
         if event == "step" and isinstance(step, int):

@@ -74,6 +74,15 @@ def save(output_dir: Path, step: int, value: int, max_steps: int, history: list[
     (folder / "trainer_state.json").write_text(json.dumps(state))
 
 
+def skipped(step: int) -> bool:
+    """Whether ftsup told this run to skip the data of `step` (after a loss anomaly)."""
+    for window in filter(None, os.environ.get("FTSUP_SKIP_STEPS", "").split(",")):
+        first, last = (int(x) for x in window.split("-"))
+        if first <= step <= last:
+            return True
+    return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -99,6 +108,13 @@ def main() -> int:
         type=int,
         default=None,
         help="the first time this step is reached, sleep forever inside it",
+    )
+    parser.add_argument(
+        "--nan-at",
+        type=int,
+        action="append",
+        default=[],
+        help="report a NaN loss at this step, unless FTSUP_SKIP_STEPS skips it",
     )
     parser.add_argument(
         "--save-time", type=float, default=0.0, help="seconds each checkpoint save takes"
@@ -163,6 +179,8 @@ def main() -> int:
         step += 1
         value = update(value, step)
         loss = 10.0 / step
+        if step in args.nan_at and not skipped(step):
+            loss = float("nan")  # the data of this step is poison
         steps_log.write(f"{os.getpid()} {step} {value}\n")
         steps_log.flush()
         history.append({"step": step, "loss": loss, "learning_rate": 1e-4})
