@@ -1,18 +1,31 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
 from tests.supervisor_harness import Harness
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, Any, None]:
+    """Remember each phase's outcome on the test item (the harness reads it)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture
-def harness() -> Iterator[Harness]:
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     h = Harness()
     try:
         yield h
     finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            # The daemon's own log explains most failures; show it with the test's output.
+            print(f"--- daemon log ({h.state_dir}) ---\n{h.daemon_log()[-6000:]}")
         h.cleanup()
 
 

@@ -99,4 +99,5 @@ def test_decide_always_answers_and_restarts_are_bounded(history: list[AttemptOut
     assert isinstance(decision, Restart | GiveUp | Done | Stopped)
     if isinstance(decision, Restart):
         assert 0 <= decision.after <= POLICY.backoff_max
-        assert sum(1 for o in history if o.is_failure) <= POLICY.max_restarts
+        if history[-1].is_failure:  # a clean save-and-stop (75) resumes whatever came before
+            assert sum(1 for o in history if o.is_failure) <= POLICY.max_restarts
