@@ -46,6 +46,7 @@ def test_demo_job_crashes_once_resumes_and_learns(
         spec.train,
         output_dir=spec.output_dir,
         job_name=spec.name,
+        async_save=False,  # checkpoint 36 is complete before the planned crash at 48
     )
     fault = demo_fault_env(job.parent, step=48)
     crashed = start_trainer(config, env=fault)
