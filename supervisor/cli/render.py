@@ -97,6 +97,20 @@ def print_job(job: dict[str, Any]) -> None:
         rows.append(("attempt", f"#{current['n']} pid {current.get('trainer_pid')} from {source}"))
     if job.get("next_start_at"):
         rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))
+    goodput = job.get("goodput")
+    if goodput and goodput.get("goodput") is not None:
+        rows.append(("goodput", _goodput_text(goodput)))
+        advice = goodput.get("checkpoint_advice")
+        if advice and advice.get("recommended_steps"):
+            configured = advice.get("configured_steps")
+            rows.append(
+                (
+                    "ckpt advice",
+                    f"every {advice['recommended_steps']} steps "
+                    f"(~{format_duration(advice['recommended_interval_s'])}, Young/Daly)"
+                    + (f"; configured every {configured}" if configured else ""),
+                )
+            )
     last = job.get("last_exit")
     if last:
         rows.append(("last exit", f"#{last['n']}: {last.get('reason')}"))
@@ -107,6 +121,16 @@ def print_job(job: dict[str, Any]) -> None:
         stdout.print("  [dim]last log lines:[/]")
         for line in tail:
             stdout.print(f"    {line}", markup=False)
+
+
+def _goodput_text(goodput: dict[str, Any]) -> str:
+    parts = [
+        ("stall", goodput["checkpoint_stall_s"]),
+        ("downtime", goodput["restart_downtime_s"]),
+        ("recomputed", goodput["recomputed_s"]),
+    ]
+    details = ", ".join(f"{name} {format_duration(value)}" for name, value in parts)
+    return f"{goodput['goodput']:.0%} of {format_duration(goodput['wall_s'])} ({details})"
 
 
 def print_events(events: list[dict[str, Any]]) -> None:

@@ -211,6 +211,7 @@ class Handlers:
             "progress": runner.progress.to_json() if runner else None,
             "current_attempt": runner.status()["current_attempt"] if runner else None,
             "last_exit": ended[-1].to_json() if ended else None,
+            "goodput": runner.goodput_report() if runner else None,
         }
         if detail:
             data["attempt_history"] = [a.to_json() for a in attempts]

@@ -35,6 +35,7 @@ from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
 from ftsup.supervisor.daemon.loss_watch import LossWatch
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.follow import LineFollower
+from ftsup.supervisor.goodput import GoodputTracker, checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.hang import HangDetector, HangPolicy
 from ftsup.supervisor.health.loss import Anomaly
@@ -123,6 +124,8 @@ class JobRunner:
         self._anomaly_handled = False
         self._rollback_from: int | None = None
         self._stop_reason: str | None = None
+        self.goodput = GoodputTracker()
+        self._refresh_attempt_starts()
         saved = read_json(layout.run_dir(spec.name) / SKIP_FILE)
         self.skip_windows: list[tuple[int, int]] = (
             [(int(a), int(b)) for a, b in saved] if isinstance(saved, list) else []
@@ -358,6 +361,7 @@ class JobRunner:
         self.attempt = attempt
         self.progress.begin_attempt(attempt.started_at, attempt.start_step)
         self.loss_watch.begin_attempt(attempt.start_step)
+        self._refresh_attempt_starts()
         self._anomaly_handled = False
         # Monotonic clock from here on: an adopted attempt gets a fresh start-up allowance.
         self._hang = HangDetector(
@@ -480,6 +484,7 @@ class JobRunner:
             records = self._trainer_state_records()
         for record in records:
             self.progress.apply(record)
+            self.goodput.feed(record)
             self._feed_hang_detector(record)
             self._watch_loss(record, self._of_current_attempt(record))
             step = record.get("step")
@@ -497,6 +502,32 @@ class JobRunner:
                 if self.bus.has_subscribers("log"):
                     attempt = self.attempt.n if self.attempt else None
                     self.bus.emit(self.name, "log", "", {"lines": lines, "attempt": attempt})
+
+    def _refresh_attempt_starts(self) -> None:
+        job = self.store.get_job(self.name)
+        first = job.first_attempt if job else 1
+        self.goodput.set_attempt_starts(
+            [a.started_at for a in self.store.attempts(self.name) if a.n >= first]
+        )
+
+    def goodput_report(self) -> dict[str, Any] | None:
+        """Wall time split into productive, stall, recomputed and downtime, plus advice."""
+        job = self.store.get_job(self.name)
+        attempts = [
+            a
+            for a in self.store.attempts(self.name)
+            if job is not None and a.n >= job.first_attempt
+        ]
+        if job is None or not attempts:
+            return None
+        until = time.time() if job.live else max(a.ended_at or a.started_at for a in attempts)
+        report = self.goodput.report(attempts[0].started_at, until)
+        failures = sum(1 for o in self.history() if o.is_failure)
+        configured = self.spec.train.save_steps if self.spec.train else None
+        advice = checkpoint_advice(
+            self.goodput, wall_s=report.wall_s, failures=failures, configured_steps=configured
+        )
+        return {**report.to_json(), "checkpoint_advice": advice}
 
     def _of_current_attempt(self, record: dict[str, Any]) -> bool:
         """False for lines an earlier attempt wrote (replayed after a daemon restart)."""

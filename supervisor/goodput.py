@@ -1,0 +1,138 @@
+"""Goodput: the share of wall-clock time that turned into training progress.
+
+Fed the progress lines of a job (live, or replayed after a daemon restart) and
+the start times of its attempts, it splits the job's wall time into:
+
+* productive: time between consecutive steps that reached new ground,
+* checkpoint stall: the part of those intervals spent in a save
+  (`checkpoint_start` -> `checkpoint_saved`, or the trainer's own `stall_s`),
+* recomputed: steps an attempt re-ran because they came after the checkpoint it
+  resumed from,
+* restart downtime: everything else — detection, backoff, start-up and loading
+  up to an attempt's first step, and the work lost after its last step.
+
+The four add up to the wall time by construction. Pure (no clock reads).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Goodput:
+    wall_s: float
+    productive_s: float
+    checkpoint_stall_s: float
+    recomputed_s: float
+    restart_downtime_s: float
+
+    @property
+    def ratio(self) -> float | None:
+        return self.productive_s / self.wall_s if self.wall_s > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wall_s": self.wall_s,
+            "productive_s": self.productive_s,
+            "checkpoint_stall_s": self.checkpoint_stall_s,
+            "recomputed_s": self.recomputed_s,
+            "restart_downtime_s": self.restart_downtime_s,
+            "goodput": self.ratio,
+        }
+
+
+class GoodputTracker:
+    def __init__(self) -> None:
+        self._attempt_starts: list[float] = []
+        self._attempt: int | None = None
+        self._prev_step_ts: float | None = None
+        self._high_water = 0
+        self._high_water_before = 0
+        self._save_started: float | None = None
+        self._pending_stall = 0.0
+        self.productive = 0.0
+        self.stall = 0.0
+        self.recomputed = 0.0
+        self.save_costs: deque[float] = deque(maxlen=50)
+        self.step_intervals: deque[float] = deque(maxlen=200)
+
+    def set_attempt_starts(self, starts: list[float]) -> None:
+        """Start times of the job's attempts (records are attributed by their time)."""
+        self._attempt_starts = sorted(starts)
+
+    def feed(self, record: dict[str, Any]) -> None:
+        ts = record.get("ts")
+        if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+            return
+        attempt = bisect.bisect_right(self._attempt_starts, ts)
+        if attempt != self._attempt:
+            self._attempt, self._prev_step_ts = attempt, None
+            self._high_water_before = self._high_water
+            self._save_started, self._pending_stall = None, 0.0
+        event = record.get("event", "step")
+        if event == "checkpoint_start":
+            self._save_started = ts
+        elif event == "checkpoint_saved":
+            self._saved(ts, record.get("stall_s"))
+        elif event == "step" and isinstance(record.get("step"), int):
+            self._step(ts, int(record["step"]))
+
+    def _saved(self, ts: float, reported_stall: Any) -> None:
+        if isinstance(reported_stall, int | float) and not isinstance(reported_stall, bool):
+            stall = max(0.0, float(reported_stall))  # an async save stalls less than it lasts
+        elif self._save_started is not None:
+            stall = max(0.0, ts - self._save_started)
+        else:
+            return
+        self._pending_stall += stall
+        self.save_costs.append(stall)
+        self._save_started = None
+
+    def _step(self, ts: float, step: int) -> None:
+        if self._prev_step_ts is not None:
+            interval = max(0.0, ts - self._prev_step_ts)
+            stall = min(self._pending_stall, interval)
+            self.stall += stall
+            if step <= self._high_water_before:
+                self.recomputed += interval - stall
+            else:
+                self.productive += interval - stall
+                self.step_intervals.append(interval - stall)
+        self._prev_step_ts, self._pending_stall = ts, 0.0
+        self._high_water = max(self._high_water, step)
+
+    def report(self, started_at: float, until: float) -> Goodput:
+        wall = max(0.0, until - started_at)
+        busy = self.productive + self.stall + self.recomputed
+        return Goodput(wall, self.productive, self.stall, self.recomputed, max(0.0, wall - busy))
+
+
+def young_daly_interval(save_cost_s: float, mtbf_s: float) -> float:
+    """The checkpoint interval that minimises expected waste: sqrt(2 * C * MTBF)."""
+    return math.sqrt(2.0 * save_cost_s * mtbf_s)
+
+
+def checkpoint_advice(
+    tracker: GoodputTracker, *, wall_s: float, failures: int, configured_steps: int | None
+) -> dict[str, Any] | None:
+    """Young/Daly's interval next to the configured one, once there is data for both."""
+    if not tracker.save_costs or not tracker.step_intervals or failures == 0:
+        return None
+    cost = statistics.median(tracker.save_costs)
+    step_s = statistics.median(tracker.step_intervals)
+    mtbf = wall_s / failures
+    interval = young_daly_interval(cost, mtbf)
+    return {
+        "save_cost_s": cost,
+        "mtbf_s": mtbf,
+        "recommended_interval_s": interval,
+        "recommended_steps": max(1, round(interval / step_s)) if step_s > 0 else None,
+        "configured_steps": configured_steps,
+        "configured_interval_s": configured_steps * step_s if configured_steps else None,
+    }
