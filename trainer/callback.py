@@ -15,6 +15,7 @@ with a manifest and rotates old ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ftsup.trainer import dist
 from ftsup.trainer.checkpointing import Checkpointer, retire_checkpoints_after
 from ftsup.trainer.progress import ProgressWriter
 from ftsup.trainer.signals import REQUESTS, install_handlers
+from ftsup.trainer.skipping import in_windows
 
 
 class FtsupCallback(TrainerCallback):  # type: ignore[misc]
@@ -37,8 +39,10 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         checkpointer: Checkpointer | None = None,
         resumed_from: str | Path | None = None,
         install_signal_handlers: bool = True,
+        skip_steps: Sequence[tuple[int, int]] = (),
     ) -> None:
-        """`progress_file` defaults to `$FTSUP_PROGRESS_FILE`; `save_every` is in seconds."""
+        """`progress_file` defaults to `$FTSUP_PROGRESS_FILE`; `save_every` is in seconds;
+        steps in `skip_steps` windows are reported with `"skipped": true` and no loss."""
         self.progress = (
             ProgressWriter(progress_file) if progress_file else ProgressWriter.from_env()
         )
@@ -46,6 +50,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self.checkpointer = checkpointer
         self.resumed_from = str(resumed_from) if resumed_from else None
         self.stopped = False  # True once training ended on a stop request
+        self.skip_steps = tuple(skip_steps)
         if install_signal_handlers:
             install_handlers()
         if checkpointer is not None and checkpointer.on_saved is None:
@@ -162,6 +167,9 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self._last_step_time, self._last_tokens = now, tokens
 
     def _emit_step(self, state: TrainerState, logs: dict[str, float]) -> None:
+        extra: dict[str, Any] = {}
+        if in_windows(state.global_step, self.skip_steps):
+            logs, extra = {}, {"skipped": True}  # no loss: this step's data was not used
         self._emit(
             "step",
             step=state.global_step,
@@ -171,6 +179,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             grad_norm=logs.get("grad_norm"),
             tokens_per_s=None if self._tokens_per_s is None else round(self._tokens_per_s, 1),
             epoch=state.epoch,
+            **extra,
         )
 
     def _report_saved(self, ckpt: Path, step: int, seconds: float) -> None:

@@ -108,8 +108,13 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
     from ftsup.trainer.data import encode_all, load_conversations, split_eval
     from ftsup.trainer.faults import FaultInjector
     from ftsup.trainer.model import load_model, load_tokenizer
+    from ftsup.trainer.skipping import skip_windows_from_env, with_skipped_steps
 
     train = config.train
+    try:
+        skip = skip_windows_from_env()
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
     configure_determinism(train.seed)
     conversations = load_conversations(train.dataset, train.format)
     train_rows, eval_rows = split_eval(conversations, train.val_size, train.seed)
@@ -129,10 +134,13 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
     if fault is not None:
         callbacks.append(fault)
     progress = FtsupCallback(
-        save_every=train.save_every, checkpointer=checkpointer, resumed_from=resume_from
+        save_every=train.save_every,
+        checkpointer=checkpointer,
+        resumed_from=resume_from,
+        skip_steps=skip,
     )
     callbacks.append(progress)
-    trainer = Trainer(
+    trainer = with_skipped_steps(Trainer, skip)(
         model=model,
         args=training_arguments(config, has_eval=len(eval_set) > 0),
         train_dataset=train_set,
