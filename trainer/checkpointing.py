@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -38,23 +39,10 @@ SavedHook = Callable[[Path, int, float], None]
 def fingerprint(train: TrainSection, world_size: int) -> dict[str, Any]:
     """What must not change across a resume for it to be exact.
 
-    A checkpoint written under another fingerprint can still be loaded, but the
-    data order or the batch composition would differ from the original run.
+    One definition for both sides (`ftsup.supervisor.fingerprint`): the daemon
+    compares it with the job's at resume (its drift guard).
     """
-    datasets = []
-    for name in train.dataset:
-        path = Path(name)
-        datasets.append({"path": str(path), "size": path.stat().st_size if path.exists() else None})
-    return {
-        "model": train.model,
-        "dataset": datasets,
-        "per_device_train_batch_size": train.per_device_train_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "world_size": world_size,
-        "cutoff_len": train.cutoff_len,
-        "seed": train.seed,
-        "finetuning_type": train.finetuning_type,
-    }
+    return train_fingerprint(train, world_size)
 
 
 def checkpoint_step(path: Path) -> int | None:
