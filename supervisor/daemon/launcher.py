@@ -7,20 +7,18 @@ through torchrun when `[launch]` asks for more than one process.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.shim import LOG_FILE
-from ftsup.supervisor.spec_types import JobSpec, LaunchSection
+from ftsup.supervisor.spec_types import JobSpec
 
 
 @dataclass(frozen=True)
@@ -28,32 +26,6 @@ class AttemptPlan:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
-
-
-def trainer_config(spec: JobSpec) -> dict[str, Any]:
-    """What `python -m ftsup.trainer --config` reads (a snapshot of the spec)."""
-    assert spec.train is not None
-    train = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec.train).items()
-    }
-    return {
-        "job_name": spec.name,
-        "output_dir": str(spec.output_dir),
-        "async_save": spec.checkpoint.async_save,
-        "train": train,
-    }
-
-
-def torchrun_prefix(launch: LaunchSection, python: str) -> list[str]:
-    argv = [python, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
-    if launch.nnodes == 1:
-        return [*argv, "--standalone"]
-    argv += [f"--nnodes={launch.nnodes}", f"--rdzv_backend={launch.rdzv_backend}"]
-    if launch.rdzv_endpoint:
-        argv.append(f"--rdzv_endpoint={launch.rdzv_endpoint}")
-    if launch.rdzv_id:
-        argv.append(f"--rdzv_id={launch.rdzv_id}")
-    return argv
 
 
 def plan_attempt(
@@ -77,6 +49,7 @@ def plan_attempt(
     if resume_from is not None:
         env["FTSUP_RESUME_FROM"] = str(resume_from)
     if spec.gpu.devices is not None:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.gpu.devices)
     if spec.command is not None:
         env.update(spec.command.env)
@@ -84,16 +57,20 @@ def plan_attempt(
         if resume_from is not None:
             argv += [a.replace("{checkpoint}", str(resume_from)) for a in spec.command.resume_args]
         return AttemptPlan(argv, env, spec.command.cwd)
+    # The trainer owns its command line (torchrun through a wrapper that keeps the
+    # exit-code and signal contract); the module is stdlib-only, safe to import here.
+    from ftsup.trainer.launch import build_trainer_argv, write_train_json
+
+    assert spec.train is not None  # the spec has exactly one of [command] and [train]
     config_path = layout.run_dir(spec.name) / "train.json"
-    write_json_atomic(config_path, trainer_config(spec))
-    python = sys.executable
-    module = ["-m", "ftsup.trainer", "--config", str(config_path)]
-    if resume_from is not None:
-        module += ["--resume-from", str(resume_from)]
-    if spec.launch.distributed:
-        argv = [*torchrun_prefix(spec.launch, python), *module]
-    else:
-        argv = [python, *module]
+    write_train_json(
+        config_path,
+        spec.train,
+        output_dir=spec.output_dir,
+        async_save=spec.checkpoint.async_save,
+        job_name=spec.name,
+    )
+    argv = build_trainer_argv(config_path, resume_from, spec.launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
 
 

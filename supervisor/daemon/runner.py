@@ -267,9 +267,14 @@ class JobRunner:
         env = dict(self._env)
         if self.skip_windows:  # the data a loss anomaly rolled back past
             env["FTSUP_SKIP_STEPS"] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
-        plan = plan_attempt(
-            self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=env
-        )
+        try:
+            plan = plan_attempt(
+                self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=env
+            )
+        except ValueError as exc:  # a launch the trainer cannot do (e.g. deepspeed)
+            self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
+            self._finish("failed", f"cannot launch: {exc}")
+            return None
         try:
             child = spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
         except OSError as exc:
