@@ -286,8 +286,11 @@ class FtsupApp(App[None]):
                 for part in JOB_PARTS:
                     if part in pending:
                         await self._load_part(name, part)
+                self._flush_changes()
                 for screen in self.screen_stack:
                     if isinstance(screen, JobScreen) and screen.job_name == name:
+                        if screen is self._data_screen() and screen.is_mounted:
+                            screen.redraw_now()
                         screen.loaded.set()
         except NotConnected:
             self._job_pending.pop(name, None)

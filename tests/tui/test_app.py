@@ -154,3 +154,22 @@ async def test_writes_the_captures_that_the_docs_show() -> None:
     _write_if_changed(doc_path, doc)
     if os.environ.get("CI"):
         assert doc_path.read_text() == doc
+
+
+async def test_the_cursor_follows_its_job_when_jobs_come_and_go() -> None:
+    app = recorded_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until_synced(pilot)
+        screen = app.screen
+        assert isinstance(screen, DashboardScreen)
+        assert screen.current_job() == "qwen-lora"  # live jobs first
+        await pilot.press("down", "down")
+        assert screen.current_job() == "mistral-dpo"
+        assert "mistral-dpo gave_up" in screen_text(app)  # the brief follows the cursor
+        # A new job sorts before it: the cursor stays on mistral-dpo.
+        app.state.apply_job_status({"name": "aaa-new", "state": "running", "updated_at": 1})
+        app._apply(app.state.apply_job_status({"name": "aaa-new", "state": "running"}), now=True)
+        await pilot.pause()
+        assert screen.current_job() == "mistral-dpo"
+        await pilot.press("end")
+        assert screen.current_job() == "phi-full"

@@ -8,11 +8,13 @@ nothing while the curves are on screen, and the other way round.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.timer import Timer
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from ftsup.tui.model import Change, JobModel, TuiState, as_int
@@ -26,6 +28,7 @@ from ftsup.tui.widgets.line_chart import ChartSeries, LineChart
 from ftsup.tui.widgets.log_view import LogView
 
 TABS = ("curves", "checkpoints", "events", "log")
+MIN_REDRAW_INTERVAL_S = {"curves": 0.5, "log": 0.25}
 # What the app should (re)load for this screen: part names of FtsupApp.load_job.
 Reload = Callable[[str, tuple[str, ...]], None]
 
@@ -61,6 +64,8 @@ class JobScreen(StateScreen):
         self._stale_tabs: set[str] = set(TABS)
         self._last_ckpt_step: int | None = None
         self.loaded = asyncio.Event()  # set by the app once the first load has been shown
+        self._drawn_at: dict[str, float] = {}
+        self._redraw_timers: dict[str, Timer] = {}
 
     @property
     def job(self) -> JobModel:
@@ -135,9 +140,24 @@ class JobScreen(StateScreen):
         self.query_one(ConnectionBar).show(self.state.connection, self.state.counts())
         self.query_one(JobHeader).show(self.job, self.clock())
 
+    def redraw_now(self) -> None:
+        """Draw the active tab at once, throttle or not (a load just completed)."""
+        self._drawn_at.clear()
+        self._draw_header()
+        self._draw_tab(self.active_tab)
+
     def _draw_tab(self, tab: str) -> None:
         if tab not in self._stale_tabs:
             return
+        # A curve gains nothing from more than two redraws a second, a streaming
+        # log nothing from more than four (Textual relayouts a growing log).
+        interval = MIN_REDRAW_INTERVAL_S.get(tab, 0.0)
+        wait = interval - (time.monotonic() - self._drawn_at.get(tab, 0.0))
+        if wait > 0:
+            if tab not in self._redraw_timers:
+                self._redraw_timers[tab] = self.set_timer(wait, lambda: self._draw_later(tab))
+            return
+        self._drawn_at[tab] = time.monotonic()
         self._stale_tabs.discard(tab)
         job = self.job
         if tab == "curves":
@@ -160,6 +180,11 @@ class JobScreen(StateScreen):
             self.query_one(EventTimeline).show(list(job.events))
         elif tab == "log":
             self.query_one(LogView).show(job.log)
+
+    def _draw_later(self, tab: str) -> None:
+        self._redraw_timers.pop(tab, None)
+        if self.active_tab == tab:
+            self._draw_tab(tab)
 
     def _draw_gpus(self) -> None:
         job, gpus = self.job, self.state.gpus

@@ -49,13 +49,15 @@ class GpuRow(Horizontal):
     def show(self, gpu: dict[str, Any], series: Mapping[str, Sequence[float]]) -> None:
         name = str(gpu.get("name") or "")
         name = name.removeprefix("NVIDIA ")
-        self.query_one(".gpu-name", Label).update(shorten(f"{self.index} {name}", 13))
+        self.query_one(".gpu-name", Label).update(shorten(f"{self.index} {name}", 13), layout=False)
         self.query_one(".util-spark", Sparkline).data = list(series.get("util", ()))
         self.query_one(".mem-spark", Sparkline).data = list(series.get("mem", ()))
         util = as_float(gpu.get("util"))
-        self.query_one(".gpu-util", Label).update(f"{util:.0f}%" if util is not None else DASH)
+        self.query_one(".gpu-util", Label).update(
+            f"{util:.0f}%" if util is not None else DASH, layout=False
+        )
         mem = f"{_gib(gpu.get('mem_used'))}/{_gib(gpu.get('mem_total'))}G"
-        self.query_one(".gpu-mem", Label).update(mem)
+        self.query_one(".gpu-mem", Label).update(mem, layout=False)
         temp, power = as_int(gpu.get("temp")), as_float(gpu.get("power"))
         sensors = f"{temp}°C" if temp is not None else DASH
         sensors += f" {power:.0f}W" if power is not None else ""
@@ -63,6 +65,8 @@ class GpuRow(Horizontal):
         reason = str(gpu.get("unhealthy_reason") or "unhealthy")
         # The full reason is in the tooltip and in the events (gpu_fault): the row
         # keeps its sparklines at 80 columns.
-        self.query_one(".gpu-sensors", Label).update(sensors + ("" if healthy else " FAULT"))
+        self.query_one(".gpu-sensors", Label).update(
+            sensors + ("" if healthy else " FAULT"), layout=False
+        )
         self.tooltip = None if healthy else f"GPU {self.index}: {reason}"
         self.set_class(not healthy, "-unhealthy")

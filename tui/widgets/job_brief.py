@@ -63,4 +63,4 @@ class JobBrief(Static):
         text = brief_text(job, now)
         if text != self._shown:  # most progress events change nothing here: no repaint
             self._shown = text
-            self.update(text)
+            self.update(text, layout=False)  # fixed height: no relayout

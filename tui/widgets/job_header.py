@@ -63,4 +63,4 @@ class JobHeader(Static):
         text = header_text(job, now)
         if text != self._shown:
             self._shown = text
-            self.update(text)
+            self.update(text, layout=False)  # fixed height: no relayout

@@ -119,14 +119,24 @@ def render_chart(
         )
         line = Text(label.rjust(label_width), style="dim")
         line.append("┤" if label else "│", style="dim")
+        # Runs of cells with one style become one span (a chart is redrawn often).
+        run: list[str] = []
+        run_style = ""
         for col in range(cols):
             if (row, col) in marks:
                 item = series[marks[(row, col)]]
-                line.append(item.marker or "•", style=item.style)
+                char, style = item.marker or "•", item.style
             elif bits[row][col]:
-                line.append(chr(0x2800 + bits[row][col]), style=series[owner[row][col]].style)
+                char, style = chr(0x2800 + bits[row][col]), series[owner[row][col]].style
             else:
-                line.append(" ")
+                char, style = " ", ""
+            if style != run_style and run:
+                line.append("".join(run), style=run_style)
+                run = []
+            run_style = style
+            run.append(char)
+        if run:
+            line.append("".join(run), style=run_style)
         lines.append(line)
     left, right = f"step {x_min:.0f}", f"{x_max:.0f}"
     axis = Text(" " * label_width + "└", style="dim")

@@ -74,6 +74,7 @@ class LogView(Vertical):
         self._mode = "search"
         self._seq = -1
         self._buffer: LogBuffer | None = None
+        self._status = ""
 
     def compose(self) -> ComposeResult:
         yield Log(max_lines=self.max_lines, auto_scroll=True, highlight=False)
@@ -214,4 +215,7 @@ class LogView(Vertical):
         shown = self.log_widget.line_count
         total = len(self._buffer.lines) if self._buffer is not None else 0
         parts.append(f"{shown} of {total} lines (keeps {self.max_lines})")
-        self.query_one(".log-status", Static).update(" · ".join(parts))
+        status = " · ".join(parts)
+        if status != self._status:  # one line, fixed size: repaint only, no relayout
+            self._status = status
+            self.query_one(".log-status", Static).update(status, layout=False)
