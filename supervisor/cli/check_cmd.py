@@ -10,13 +10,14 @@ import argparse
 import shlex
 from pathlib import Path
 
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
 from ftsup.supervisor.cli import output
 from ftsup.supervisor.durations import format_duration
 from ftsup.supervisor.spec import SpecError, load_spec, spec_to_json
 from ftsup.supervisor.spec_types import CommandSection, JobSpec, RestartSection, TrainSection
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
