@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ftsup.supervisor.health.diagnosis import FailureKind, classify_failure
 
 if TYPE_CHECKING:
-    from ftsup.supervisor.daemon.runner import LiveAttempt
+    from ftsup.supervisor.daemon.attempt import LiveAttempt
 
 
 def classify_attempt(

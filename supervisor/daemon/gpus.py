@@ -17,8 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
+from ftsup.supervisor.daemon.attempt import KILL_FILE
 from ftsup.supervisor.daemon.bus import EventBus
-from ftsup.supervisor.daemon.runner import KILL_FILE, JobRunner
+from ftsup.supervisor.daemon.runner import JobRunner
 from ftsup.supervisor.health.gpu import GpuEvent, GpuMonitor
 from ftsup.supervisor.health.xid import XidPolicy
 from ftsup.supervisor.spec_types import JobSpec

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.checkpoints.guards import DiskVerdict, check_disk
+from ftsup.supervisor.checkpoints.quarantine import quarantine
 from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.retention import apply_retention, plan_retention
 from ftsup.supervisor.checkpoints.watch import CheckpointWatcher
 from ftsup.supervisor.daemon.bus import EventBus
+from ftsup.supervisor.resume import checkpoint_step
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
 
@@ -86,6 +88,19 @@ class JobCheckpoints:
         if self._watcher is not None:
             self._watcher.stop(timeout=2.0)
             self._watcher = None
+
+    def set_aside_from(self, first_step: int, reason: str) -> None:
+        """Quarantine every checkpoint at or after `first_step` (e.g. saved after a NaN)."""
+        for path in discovery.list_checkpoints(self.spec.output_dir):
+            step = checkpoint_step(path)
+            if step is not None and step >= first_step:
+                moved = quarantine(path, reason)
+                self.bus.emit(
+                    self.spec.name,
+                    "quarantine",
+                    f"{path.name}: {reason}",
+                    {"path": str(moved), "reason": reason},
+                )
 
     async def sweep(self) -> None:
         """Record what the watcher has not reported yet (it waits for writes to

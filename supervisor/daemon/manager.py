@@ -11,9 +11,10 @@ from typing import Any
 from ftsup.supervisor import outlock
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.checkpoints import discovery
+from ftsup.supervisor.daemon.attempt import LiveAttempt
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
-from ftsup.supervisor.daemon.runner import JobRunner, LiveAttempt, Preflight
+from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.resume import ResumePoint

@@ -5,7 +5,9 @@ r"""One job's lifecycle: launch an attempt, wait for it, judge the exit, restart
 
 The runner owns no process: the shim does. Everything the runner needs after a
 daemon restart is in the store and in the attempt folder, so a new runner can
-pick up an attempt that an earlier daemon launched (`adopt`).
+pick up an attempt that an earlier daemon launched (`adopt`). What the trainer
+is doing is read by the `RunFollower`; the runner decides and acts: restarts,
+stops, hang kills, loss-anomaly rollbacks, drift refusals.
 """
 
 from __future__ import annotations
@@ -13,72 +15,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import subprocess
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
-from ftsup.supervisor.checkpoints.discovery import list_checkpoints
 from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
-from ftsup.supervisor.checkpoints.quarantine import quarantine as quarantine_checkpoint
+from ftsup.supervisor.daemon.attempt import KILL_FILE, LiveAttempt, wait_until_gone
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
+from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
-from ftsup.supervisor.daemon.loss_watch import LossWatch
 from ftsup.supervisor.fingerprint import train_fingerprint
-from ftsup.supervisor.follow import LineFollower
-from ftsup.supervisor.goodput import GoodputTracker, checkpoint_advice
+from ftsup.supervisor.goodput import checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
-from ftsup.supervisor.health.hang import HangDetector, HangPolicy
 from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.health.stacks import capture_stacks
 from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.procinfo import is_same_process, process_start_time, signal_group
-from ftsup.supervisor.progress import JsonlFollower, ProgressState, records_from_trainer_state
-from ftsup.supervisor.resume import ResumePoint, checkpoint_step
-from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE, PIDS_FILE
+from ftsup.supervisor.procinfo import is_same_process, process_start_time
+from ftsup.supervisor.progress import ProgressState
+from ftsup.supervisor.resume import ResumePoint
+from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store
 
 log = logging.getLogger("ftsup.daemon")
 
-LOG_RING = 500
 SKIP_FILE = "skip_steps.json"  # data windows skipped after loss anomalies, [[from, to], ...]
 KILLED_BY_LOSS = "ftsup-loss-anomaly"
-KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
-TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
 ResumeSelector = Callable[[JobSpec], ResumePoint]
 # ("ok" | "wait" | "fail", why): may an attempt be launched now (GPUs present and healthy)?
 Preflight = Callable[[JobSpec], tuple[str, str]]
 PREFLIGHT_RETRY = 5.0
-Classifier = Callable[[dict[str, Any], list[str], "LiveAttempt"], tuple[str | None, str]]
-
-
-@dataclass
-class LiveAttempt:
-    """An attempt whose shim may still be running."""
-
-    n: int
-    attempt_dir: Path
-    shim_pid: int
-    shim_start: int | None
-    start_step: int
-    resume_from: Path | None
-    started_at: float
-    child: subprocess.Popen[bytes] | None = None  # set when this daemon started it
-
-    def pids(self) -> dict[str, Any]:
-        return read_json(self.attempt_dir / PIDS_FILE) or {}
+Classifier = Callable[[dict[str, Any], list[str], LiveAttempt], tuple[str | None, str]]
 
 
 class JobRunner:
@@ -101,39 +76,37 @@ class JobRunner:
         self._select_resume = select_resume
         self._classify = classify
         self._preflight = preflight
-        self.checkpoints = JobCheckpoints(spec, store, bus, on_disk_pause=self.pause_for_disk)
         self._env = env
-        self.progress = ProgressState()
-        self._progress_follower = JsonlFollower(layout.progress_file(spec.name))
-        self._log_follower: LineFollower | None = None
-        self.log_ring: deque[str] = deque(maxlen=LOG_RING)
+        self.checkpoints = JobCheckpoints(spec, store, bus, on_disk_pause=self.pause_for_disk)
+        self.follower = RunFollower(
+            spec,
+            layout.progress_file(spec.name),
+            lambda kind, message, data: self.bus.emit(self.name, kind, message, data),
+        )
         self.attempt: LiveAttempt | None = None
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.stop_requested = False
         self.restart_requested = False
+        self._stop_reason: str | None = None
         self._last_stored_step = -1
-        self._trainer_state_mtime = 0.0
-        self._progress_seen = False
-        self._hang: HangDetector | None = None
         self._hang_handled = False
         self._hang_task: asyncio.Task[None] | None = None
-        self.loss_watch = LossWatch(
-            spec.health, lambda kind, message, data: self.bus.emit(self.name, kind, message, data)
-        )
         self._anomaly_handled = False
         self._rollback_from: int | None = None
-        self._stop_reason: str | None = None
-        self.goodput = GoodputTracker()
-        self._refresh_attempt_starts()
         saved = read_json(layout.run_dir(spec.name) / SKIP_FILE)
         self.skip_windows: list[tuple[int, int]] = (
             [(int(a), int(b)) for a, b in saved] if isinstance(saved, list) else []
         )
+        self._refresh_attempt_starts()
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def progress(self) -> ProgressState:
+        return self.follower.progress
 
     # lifecycle ------------------------------------------------------------
     def start(self, *, adopt: LiveAttempt | None = None, delay: float = 0.0) -> None:
@@ -364,16 +337,12 @@ class JobRunner:
 
     def _begin_attempt(self, attempt: LiveAttempt) -> None:
         self.attempt = attempt
-        self.progress.begin_attempt(attempt.started_at, attempt.start_step)
-        self.loss_watch.begin_attempt(attempt.start_step)
         self._refresh_attempt_starts()
-        self._anomaly_handled = False
-        # Monotonic clock from here on: an adopted attempt gets a fresh start-up allowance.
-        self._hang = HangDetector(
-            HangPolicy.from_spec(self.spec.health), started_at=time.monotonic()
+        self.follower.begin_attempt(
+            attempt.attempt_dir, attempt.started_at, attempt.start_step, LOG_FILE
         )
+        self._anomaly_handled = False
         self._hang_handled = False
-        self._log_follower = LineFollower(attempt.attempt_dir / LOG_FILE)
 
     async def _wait(self, attempt: LiveAttempt) -> AttemptRow:
         await wait_for_exit(attempt.shim_pid, attempt.shim_start, attempt.child)
@@ -381,10 +350,10 @@ class JobRunner:
         if exit_info is None:
             exit_info = await self._wait_orphaned_trainer(attempt)
         exit_info.update(read_json(attempt.attempt_dir / KILL_FILE) or {})
-        self._hang = None
         self.pump()  # the last progress and log lines before judging
         pids = attempt.pids()
-        last_step = max(attempt.start_step, self._attempt_last_step(attempt))
+        last_step = max(attempt.start_step, self.follower.progress.attempt_max_step)
+        self.follower.end_attempt()
         log_tail = tail_lines(attempt.attempt_dir / LOG_FILE, 40)
         kind, reason = self._classify(exit_info, log_tail, attempt)
         stop_requested = bool(exit_info.get("stop_requested")) or self.stop_requested
@@ -431,16 +400,13 @@ class JobRunner:
                 "warning",
                 f"attempt {attempt.n}: shim lost; following the trainer directly",
             )
-            await _poll_until_gone(trainer, start)
+            await wait_until_gone(trainer, start)
         return {
             "returncode": None,
             "signal": None,
             "error": "shim_lost",
             "message": "the shim died; the trainer's exit status is unknown",
         }
-
-    def _attempt_last_step(self, attempt: LiveAttempt) -> int:
-        return self.progress.attempt_max_step
 
     # requests -------------------------------------------------------------
     def request_stop(self, *, now: bool) -> None:
@@ -453,7 +419,7 @@ class JobRunner:
         self._set_state("stopping", "kill requested" if now else "graceful stop requested")
         if now:
             self.signal_trainer(signal.SIGKILL)
-        _signal_pid(attempt.shim_pid, attempt.shim_start, signal.SIGTERM)
+        attempt.signal_shim(signal.SIGTERM)
 
     def pause_for_disk(self, reason: str) -> None:
         """Ask the trainer to save and exit (75) without a stop request: the next
@@ -470,48 +436,36 @@ class JobRunner:
 
     def signal_trainer(self, sig: signal.Signals) -> bool:
         """Send `sig` to the trainer's whole process group (checked by start time)."""
-        attempt = self.attempt
-        if attempt is None:
-            return False
-        pids = attempt.pids()
-        pgid, start = pids.get("pgid"), pids.get("trainer_start")
-        if not isinstance(pgid, int):
-            return False
-        return signal_group(pgid, sig, leader_start_time=start)
+        return self.attempt.signal_trainer(sig) if self.attempt is not None else False
 
     # following ------------------------------------------------------------
     def pump(self) -> None:
-        """Read new progress and log lines; called often from the daemon's loop."""
-        records = self._progress_follower.read_new()
-        if records:
-            self._progress_seen = True
-        elif not self._progress_seen and self.spec.command is not None:
-            records = self._trainer_state_records()
-        for record in records:
-            self.progress.apply(record)
-            self.goodput.feed(record)
-            self._feed_hang_detector(record)
-            self._watch_loss(record, self._of_current_attempt(record))
-            step = record.get("step")
-            if record.get("event") == "checkpoint_saved" and isinstance(step, int):
-                self.checkpoints.after_save(step)
-        if records:
-            self.bus.emit(self.name, "progress", "", self.progress.to_json())
+        """Read what the trainer wrote since the last call and act on it."""
+        seen = self.follower.read()
+        for step in seen.saved_steps:
+            self.checkpoints.after_save(step)
+        if seen.records:
+            self.bus.emit(self.name, "progress", "", self.follower.progress.to_json())
             self._store_step()
-        if self._log_follower is not None:
-            lines = [ln.decode(errors="replace") for ln in self._log_follower.read_lines()]
-            if lines and not self._progress_seen and self._hang is not None:
-                self._hang.heartbeat(time.monotonic())  # output is all a plain command shows
-            if lines:
-                self.log_ring.extend(lines)
-                if self.bus.has_subscribers("log"):
-                    attempt = self.attempt.n if self.attempt else None
-                    self.bus.emit(self.name, "log", "", {"lines": lines, "attempt": attempt})
+        if seen.anomaly is not None:
+            self._on_loss_anomaly(seen.anomaly)
+        if seen.log_lines and self.bus.has_subscribers("log"):
+            attempt = self.attempt.n if self.attempt else None
+            self.bus.emit(self.name, "log", "", {"lines": seen.log_lines, "attempt": attempt})
+
+    def _store_step(self) -> None:
+        attempt = self.attempt
+        reached = self.follower.progress.attempt_max_step
+        if attempt is not None and reached != self._last_stored_step:
+            self._last_stored_step = reached
+            self.store.update_attempt(
+                self.name, attempt.n, last_step=max(reached, attempt.start_step)
+            )
 
     def _refresh_attempt_starts(self) -> None:
         job = self.store.get_job(self.name)
         first = job.first_attempt if job else 1
-        self.goodput.set_attempt_starts(
+        self.follower.goodput.set_attempt_starts(
             [a.started_at for a in self.store.attempts(self.name) if a.n >= first]
         )
 
@@ -526,34 +480,18 @@ class JobRunner:
         if job is None or not attempts:
             return None
         until = time.time() if job.live else max(a.ended_at or a.started_at for a in attempts)
-        report = self.goodput.report(attempts[0].started_at, until)
+        report = self.follower.goodput.report(attempts[0].started_at, until)
         failures = sum(1 for o in self.history() if o.is_failure)
         configured = self.spec.train.save_steps if self.spec.train else None
         advice = checkpoint_advice(
-            self.goodput, wall_s=report.wall_s, failures=failures, configured_steps=configured
+            self.follower.goodput,
+            wall_s=report.wall_s,
+            failures=failures,
+            configured_steps=configured,
         )
         return {**report.to_json(), "checkpoint_advice": advice}
 
-    def _of_current_attempt(self, record: dict[str, Any]) -> bool:
-        """False for lines an earlier attempt wrote (replayed after a daemon restart)."""
-        attempt, ts = self.attempt, record.get("ts")
-        if attempt is None:
-            return False
-        return not (isinstance(ts, int | float) and ts < attempt.started_at)
-
-    def _watch_loss(self, record: dict[str, Any], current: bool) -> None:
-        step, loss = record.get("step"), record.get("loss")
-        if record.get("event", "step") != "step" or not isinstance(step, int):
-            return
-        if not isinstance(loss, int | float) or isinstance(loss, bool):
-            return
-        if not current:
-            self.loss_watch.remember(step, float(loss))
-            return
-        anomaly = self.loss_watch.observe(step, float(loss))
-        if anomaly is not None:
-            self._on_loss_anomaly(anomaly)
-
+    # interventions ------------------------------------------------------
     def _on_loss_anomaly(self, anomaly: Anomaly) -> None:
         """`[health] loss_anomaly`: warn, stop, or roll back past the bad data."""
         attempt, action = self.attempt, self.spec.health.loss_anomaly
@@ -590,7 +528,7 @@ class JobRunner:
             f"and skipping the data of steps {anomaly.skip_from}-{anomaly.skip_to}",
             data,
         )
-        self.loss_watch.rolled_back()
+        self.follower.loss_watch.rolled_back()
         self.signal_trainer(signal.SIGKILL)
 
     def _set_aside_after_rollback(self) -> None:
@@ -598,39 +536,15 @@ class JobRunner:
         if self._rollback_from is None:
             return
         first_bad, self._rollback_from = self._rollback_from, None
-        for path in list_checkpoints(self.spec.output_dir):
-            step = checkpoint_step(path)
-            if step is not None and step >= first_bad:
-                reason = f"saved after the loss anomaly at step {first_bad}"
-                moved = quarantine_checkpoint(path, reason)
-                self.bus.emit(
-                    self.name,
-                    "quarantine",
-                    f"{path.name}: {reason}",
-                    {"path": str(moved), "reason": reason},
-                )
-
-    def _feed_hang_detector(self, record: dict[str, Any]) -> None:
-        detector = self._hang
-        if detector is None or not self._of_current_attempt(record):
-            return
-        now = time.monotonic()
-        event, step = record.get("event", "step"), record.get("step")
-        if event == "step" and isinstance(step, int):
-            detector.step(step, now)
-        elif event == "checkpoint_start":
-            detector.checkpoint_started(now)
-        elif event == "checkpoint_saved":
-            detector.checkpoint_finished(now)
-        else:
-            detector.heartbeat(now)
+        reason = f"saved after the loss anomaly at step {first_bad}"
+        self.checkpoints.set_aside_from(first_bad, reason)
 
     def check_hang(self) -> None:
         """Called by the pump: a hung attempt gets its stacks captured, then is stopped."""
-        detector, attempt = self._hang, self.attempt
-        if detector is None or attempt is None or self._hang_handled or self.stop_requested:
+        attempt = self.attempt
+        if attempt is None or self._hang_handled or self.stop_requested:
             return
-        verdict = detector.is_hung(time.monotonic())
+        verdict = self.follower.hung()
         if verdict is None:
             return
         self._hang_handled = True
@@ -658,79 +572,12 @@ class JobRunner:
         summary = await asyncio.to_thread(capture_stacks, targets, stacks, 20.0)
         self.bus.emit(self.name, "stacks", summary, {"path": str(stacks)})
         # SIGTERM first (a chance to save), SIGKILL after stop_grace: the shim escalates.
-        _signal_pid(attempt.shim_pid, attempt.shim_start, signal.SIGTERM)
-
-    def _store_step(self) -> None:
-        attempt = self.attempt
-        reached = self.progress.attempt_max_step
-        if attempt is not None and reached != self._last_stored_step:
-            self._last_stored_step = reached
-            self.store.update_attempt(
-                self.name, attempt.n, last_step=max(reached, attempt.start_step)
-            )
-
-    def _trainer_state_records(self) -> list[dict[str, Any]]:
-        """For commands that write no progress.jsonl: the newest checkpoint's log_history."""
-        newest = _newest_checkpoint(self.spec.output_dir)
-        if newest is None:
-            return []
-        state_file = newest / "trainer_state.json"
-        try:
-            mtime = state_file.stat().st_mtime
-        except FileNotFoundError:
-            return []
-        if mtime <= self._trainer_state_mtime:
-            return []
-        self._trainer_state_mtime = mtime
-        return [
-            r
-            for r in records_from_trainer_state(state_file)
-            if r.get("event") != "step" or r.get("step", 0) > self.progress.step
-        ]
+        attempt.signal_shim(signal.SIGTERM)
 
     def status(self) -> dict[str, Any]:
         job = self.store.get_job(self.name)
-        attempt = self.attempt
-        current = None
-        if attempt is not None:
-            pids = attempt.pids()
-            current = {
-                "n": attempt.n,
-                "started_at": attempt.started_at,
-                "resume_from": str(attempt.resume_from) if attempt.resume_from else None,
-                "start_step": attempt.start_step,
-                "shim_pid": attempt.shim_pid,
-                "trainer_pid": pids.get("trainer_pid"),
-            }
         return {
             "state": job.state if job else "unknown",
-            "current_attempt": current,
-            "progress": self.progress.to_json(),
+            "current_attempt": self.attempt.to_json() if self.attempt else None,
+            "progress": self.follower.progress.to_json(),
         }
-
-
-def _signal_pid(pid: int, start: int | None, sig: signal.Signals) -> None:
-    if is_same_process(pid, start):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-async def _poll_until_gone(pid: int, start: int | None) -> None:
-    try:
-        await wait_for_exit(pid, start)
-    except OSError:
-        while is_same_process(pid, start):
-            await asyncio.sleep(0.5)
-
-
-def _newest_checkpoint(output_dir: Path) -> Path | None:
-    best: tuple[int, Path] | None = None
-    try:
-        children = list(output_dir.iterdir())
-    except FileNotFoundError:
-        return None
-    for child in children:
-        step = checkpoint_step(child)
-        if step is not None and (best is None or step > best[0]):
-            best = (step, child)
-    return best[1] if best else None
