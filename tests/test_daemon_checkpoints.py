@@ -37,6 +37,10 @@ def test_each_finished_checkpoint_is_recorded_and_announced(daemon: Harness) -> 
     assert steps == [3, 6, 9, 12]
     assert all(c["valid"] and c["resumable"] for c in listing["checkpoints"])
     assert [c["resume_candidate"] for c in listing["checkpoints"]] == [False] * 3 + [True]
+    # `ftsup ckpt ls JOB` asks the daemon for the job's output folder.
+    by_name = daemon.cli_json("ckpt", "ls", "watched")
+    assert [c["step"] for c in by_name["checkpoints"]] == [3, 6, 9, 12]
+    assert by_name["resume_from"].endswith("checkpoint-12")
 
 
 def test_keep_last_rotates_by_step_and_keeps_the_newest(daemon: Harness) -> None:

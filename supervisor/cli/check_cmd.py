@@ -10,7 +10,6 @@ import argparse
 import shlex
 from pathlib import Path
 
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -61,8 +60,7 @@ def _report_invalid(err: SpecError, path: Path, *, as_json: bool) -> None:
 def print_issues(err: SpecError) -> None:
     """Each issue on stderr with its hint; escaped, since `[restart]` is rich markup."""
     for issue in err.issues:
-        hint = escape(issue.hint) if issue.hint else None
-        output.error(escape(issue.render(hint=False)), hint=hint)
+        output.error(issue.render(hint=False), hint=issue.hint)
 
 
 def _print_summary(spec: JobSpec) -> None:

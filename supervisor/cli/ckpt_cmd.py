@@ -34,7 +34,15 @@ from ftsup.supervisor.checkpoints.quarantine import (
 from ftsup.supervisor.checkpoints.report import CheckpointReport, checkpoint_step
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 from ftsup.supervisor.cli import output
+from ftsup.supervisor.cli.common import (
+    add_common,
+    connect,
+    report_request_error,
+    report_unavailable,
+)
+from ftsup.supervisor.client import DaemonUnavailable
 from ftsup.supervisor.durations import format_duration
+from ftsup.supervisor.protocol import RequestError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,9 +72,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="list the checkpoints of an output folder",
         description="Step, time, size, validity and resumability of each checkpoint.",
     )
-    ls.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the job's output folder")
+    ls.add_argument(
+        "output_dir",
+        metavar="JOB|OUTPUT_DIR",
+        help="a job's name (asks the daemon for its output folder) or the folder",
+    )
     _add_world_size(ls)
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_common(ls, json_flag=False)
     ls.set_defaults(func=run_ls)
 
     quar = commands.add_parser(
@@ -139,10 +152,27 @@ def _print_reports(reports: list[CheckpointReport], *, verbose: bool) -> None:
 # -- ls -------------------------------------------------------------------------
 
 
+def _output_dir_of(args: argparse.Namespace) -> Path | int:
+    """The folder itself, or the output folder of the job of that name."""
+    out = Path(args.output_dir)
+    if out.is_dir() or "/" in args.output_dir:
+        return out
+    try:
+        with connect(args) as client:
+            return Path(client.request("status", job=args.output_dir)["output_dir"])
+    except DaemonUnavailable as exc:
+        return report_unavailable(args, exc)
+    except RequestError as exc:
+        return report_request_error(args, exc)
+
+
 def run_ls(args: argparse.Namespace) -> int:
-    out: Path = args.output_dir
+    found = _output_dir_of(args)
+    if isinstance(found, int):
+        return found
+    out = found
     if not out.is_dir():
-        output.error(escape(f"{out} is not a folder"))
+        output.error(f"{out} is not a folder")
         return output.EXIT_NOT_FOUND
     reports = validate_all(out, world_size=args.world_size)
     resume = next((r for r in reversed(reports) if r.resumable), None)
@@ -232,16 +262,16 @@ def _rename(args: argparse.Namespace, action: Callable[[Path], Path], verb: str)
     try:
         target = action(path)
     except FileNotFoundError as exc:
-        output.error(escape(str(exc)))
+        output.error(str(exc))
         return output.EXIT_NOT_FOUND
     except FileExistsError as exc:
-        output.error(escape(str(exc)))
+        output.error(str(exc))
         return output.EXIT_REFUSED
     except ValueError as exc:
-        output.error(escape(str(exc)))
+        output.error(str(exc))
         return output.EXIT_BAD_INPUT
     except OSError as exc:
-        output.error(escape(f"could not rename {path}: {exc}"))
+        output.error(f"could not rename {path}: {exc}")
         return output.EXIT_FAILED
     if args.json:
         output.print_json({"ok": True, "from": str(path), "to": str(target)})
