@@ -69,7 +69,7 @@ async def measure_latency(harness: Harness, samples: int) -> list[float]:
                     shown_at.setdefault(int(text.split("/")[0]), time.time())
             original_show(row, cells)
 
-        JobRow.show = show  # type: ignore[method-assign]
+        JobRow.show = show  # type: ignore[assignment,method-assign]
         deadline = time.monotonic() + samples * 0.5 + 30
         while len(shown_at) < samples + 2 and time.monotonic() < deadline:
             await pilot.pause(0.1)

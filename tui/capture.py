@@ -7,12 +7,13 @@ a test can assert on and what a README can show without an image viewer.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from rich.console import Console
 from textual.app import App
 
 
-def screen_text(app: App[object]) -> str:
+def screen_text(app: App[Any]) -> str:
     """The current screen as the terminal would show it, without styles."""
     width, height = app.size
     console = Console(
