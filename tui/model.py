@@ -487,6 +487,19 @@ class TuiState:
             model.checkpoints, model.checkpoints_note = None, note
         else:
             items = [c for c in result.get("checkpoints", []) if isinstance(c, dict)]
+            for path in result.get("quarantined", []):  # renamed aside, never deleted
+                name = str(path).rsplit("/", 1)[-1]
+                head, _, why = name.partition(".invalid-")
+                step = head.removeprefix("checkpoint-")
+                items.append(
+                    {
+                        "path": str(path),
+                        "step": int(step) if step.isdigit() else None,
+                        "valid": False,
+                        "resumable": False,
+                        "reason": f"quarantined ({why or 'invalid'})",
+                    }
+                )
             model.checkpoints = sorted(
                 items, key=lambda c: as_int(c.get("step")) or -1, reverse=True
             )

@@ -61,7 +61,9 @@ def job(app: FtsupApp, name: str) -> JobModel | None:
 
 
 async def test_dashboard_shows_the_job_and_its_step_advancing(daemon: Harness) -> None:
-    await start_job(daemon, "alpha", "--max-steps", "2000", "--step-time", "0.05")
+    await start_job(
+        daemon, "alpha", "--max-steps", "2000", "--step-time", "0.05", "--save-steps", "10"
+    )
     app = live_app(daemon)
     async with app.run_test(size=SIZE) as pilot:
         await asyncio.wait_for(app.synced.wait(), 20)
@@ -87,6 +89,15 @@ async def test_dashboard_shows_the_job_and_its_step_advancing(daemon: Harness) -
         await pilot.pause()
         assert view.filter_text == "loss"
         assert all("loss" in line for line in view.log_widget.lines)
+        # Checkpoints: the daemon's verdicts (from `checkpoints`, or its events).
+        await pilot.press("escape", "2")
+        await wait_until(
+            pilot,
+            lambda: (rows := screen.job.checkpoint_rows()[0]) and len(rows) >= 1,
+            "checkpoints",
+        )
+        await pilot.pause(0.3)
+        assert "checkpoint-" in screen_text(app) and "valid" in screen_text(app)
         await pilot.press("escape")  # back to the dashboard
         assert isinstance(app.screen, DashboardScreen)
 

@@ -146,3 +146,23 @@ def test_lagged_asks_for_a_resync_and_summary_events_for_a_refetch() -> None:
     assert state.apply_event({"kind": "lagged", "job": None, "data": {"dropped": 3}}).resync
     assert state.apply_event(event("attempt_exited", id=1)).refetch
     assert not state.apply_event(event("log", lines=["x"])).refetch
+
+
+def test_quarantined_checkpoints_are_listed_as_invalid() -> None:
+    state = TuiState()
+    answer = {
+        "checkpoints": [
+            {
+                "path": "/o/checkpoint-20",
+                "step": 20,
+                "valid": True,
+                "resumable": True,
+                "resume_candidate": True,
+            }
+        ],
+        "quarantined": ["/o/checkpoint-30.invalid-missing-rng-state"],
+    }
+    state.apply_checkpoints("a", answer)
+    rows, _ = state.jobs["a"].checkpoint_rows()
+    assert rows is not None and [(r["step"], r["valid"]) for r in rows] == [(30, False), (20, True)]
+    assert rows[0]["reason"] == "quarantined (missing-rng-state)"

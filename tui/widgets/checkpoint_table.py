@@ -1,4 +1,5 @@
-"""A job's checkpoints: step, age, size, valid (or why not), resumable.
+"""A job's checkpoints: step, age, size, valid (or why not), resumable ("next": the one
+a restart would resume from; quarantined folders are listed as invalid).
 
 The daemon validates checkpoints; this only shows its verdicts. An older daemon
 without the `checkpoints` request gets a one-line note instead of a table.
@@ -21,27 +22,28 @@ COLUMNS = (
     ("step", "step", 7),
     ("age", "age", 5),
     ("size", "size", 6),
-    ("valid", "valid", 30),
+    ("valid", "valid", 24),
     ("resumable", "resume", 6),
-    ("path", "folder", 30),
+    ("path", "folder", 60),
 )
 
 
 def checkpoint_cells(item: dict[str, Any], now: float) -> list[Text]:
     valid = item.get("valid") is True
-    verdict = (
-        Text("valid", style="green")
-        if valid
-        else Text(fmt.shorten(f"invalid: {item.get('reason') or '?'}", 30), style="bold red")
-    )
+    reason = fmt.shorten(f"invalid: {item.get('reason') or '?'}", 24)
+    verdict = Text("valid", style="green") if valid else Text(reason, style="bold red")
     resumable = item.get("resumable") is True
+    if item.get("resume_candidate") is True:  # what a restart would resume from
+        resume = Text("next", style="bold green")
+    else:
+        resume = Text("yes" if resumable else "no", style="" if resumable else "yellow")
     step = as_int(item.get("step"))
     return [
         Text(str(step) if step is not None else fmt.DASH, style="bold"),
         Text(fmt.age(as_float(item.get("mtime")), now)),
         Text(fmt.size(as_int(item.get("size_bytes")))),
         verdict,
-        Text("yes" if resumable else "no", style="" if resumable else "yellow"),
+        resume,
         Text(Path(str(item.get("path", ""))).name),
     ]
 
