@@ -41,6 +41,7 @@ REQUEST_TYPES = frozenset(
         "logs",
         "events",
         "checkpoints",
+        "progress_history",
         "gpus",
         "gpu_reset",
         "subscribe",

@@ -140,3 +140,16 @@ def test_frame_codec_round_trip_and_cap() -> None:
         encode_frame({"blob": "x" * (MAX_FRAME + 1)})
     with pytest.raises(ProtocolError):
         decode_payload(b"[1, 2]")
+
+
+def test_progress_history_returns_the_newest_lines(daemon: Harness) -> None:
+    job = daemon.toy_job("historic", "--max-steps", "12")
+    daemon.cli("start", str(job))
+    daemon.wait_state("historic", "finished", "gave_up", "failed")
+    with Client(daemon.runtime_dir / "ftsup.sock") as client:
+        records = client.request("progress_history", job="historic", limit=5)["records"]
+        assert len(records) == 5 and records[-1]["event"] == "train_end"
+        steps = [r["step"] for r in records if r["event"] == "step"]
+        assert steps == sorted(steps) and steps[-1] == 12
+        with pytest.raises(RequestError):
+            client.request("progress_history", job="nobody")

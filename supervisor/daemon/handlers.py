@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.store import JobRow, Store
+
+HISTORY_CAP = 20000
+HISTORY_BYTES = 8 * 1024 * 1024
+HISTORY_FIELDS = ("ts", "step", "event", "loss", "eval_loss", "lr", "grad_norm", "epoch")
 
 
 def _str_arg(request: dict[str, Any], key: str) -> str:
@@ -65,6 +70,7 @@ class Handlers:
             "shutdown": self.shutdown,
             "gpus": self.gpus_view,
             "checkpoints": self.checkpoints,
+            "progress_history": self.progress_history,
             "gpu_reset": self.gpu_reset,
         }
 
@@ -169,6 +175,23 @@ class Handlers:
             "quarantined": [str(p) for p in list_quarantined(output_dir)],
         }
 
+    async def progress_history(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The newest progress lines of a job (loss curves from before a client attached)."""
+        name = _str_arg(request, "job")
+        self._job(name)
+        limit = min(max(_int_arg(request, "limit", 2000), 1), HISTORY_CAP)
+        path = self.layout.progress_file(name)
+        lines = await asyncio.to_thread(tail_lines, path, limit, max_bytes=HISTORY_BYTES)
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append({k: record.get(k) for k in HISTORY_FIELDS if k in record})
+        return {"records": records}
+
     async def gpus_view(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.gpus.snapshot()
 
@@ -212,6 +235,9 @@ class Handlers:
             "current_attempt": runner.status()["current_attempt"] if runner else None,
             "last_exit": ended[-1].to_json() if ended else None,
             "goodput": runner.goodput_report() if runner else None,
+            "gpu_devices": list(runner.spec.gpu.devices)
+            if runner and runner.spec.gpu.devices is not None
+            else None,
         }
         if detail:
             data["attempt_history"] = [a.to_json() for a in attempts]

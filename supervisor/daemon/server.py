@@ -135,6 +135,8 @@ class SocketServer:
                 )
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the daemon is closing this connection on shutdown
         finally:
             if pusher is not None:
                 pusher.cancel()
