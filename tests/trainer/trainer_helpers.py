@@ -52,6 +52,8 @@ class TrainerProcess:
     ) -> None:
         run_dir = config.parent
         self.progress = run_dir / "progress.jsonl"
+        # Earlier processes of the same run share the file: only this one's lines count.
+        self._offset = self.progress.stat().st_size if self.progress.exists() else 0
         self.log_path = run_dir / f"trainer-{time.monotonic_ns()}.log"
         # The daemon's own command line: plain module, or the torchrun wrapper.
         argv = build_trainer_argv(config, resume_from, launch or LaunchSection(), sys.executable)
@@ -68,6 +70,15 @@ class TrainerProcess:
         lines = self.progress.read_text().splitlines()
         return [json.loads(line) for line in lines if line.endswith("}")]
 
+    def own_events(self) -> list[dict[str, Any]]:
+        """The lines this process wrote (waits must not be satisfied by an earlier one's)."""
+        if not self.progress.exists():
+            return []
+        with self.progress.open("rb") as handle:
+            handle.seek(self._offset)
+            lines = handle.read().decode().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -79,7 +90,7 @@ class TrainerProcess:
 
     def wait_for_step(self, step: int, timeout: float = 120.0) -> None:
         def reached() -> bool:
-            return any(e["event"] == "step" and e["step"] >= step for e in self.events())
+            return any(e["event"] == "step" and e["step"] >= step for e in self.own_events())
 
         self.wait_until(reached, timeout)
 
@@ -88,7 +99,7 @@ class TrainerProcess:
 
         def saved() -> bool:
             return any(
-                e["event"] == "checkpoint_saved" and e["step"] == step for e in self.events()
+                e["event"] == "checkpoint_saved" and e["step"] == step for e in self.own_events()
             )
 
         self.wait_until(saved, timeout)
