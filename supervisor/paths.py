@@ -53,6 +53,10 @@ class Layout:
         return self.state_dir / DB_NAME
 
     @property
+    def daemon_config(self) -> Path:
+        return self.state_dir / "daemon.toml"
+
+    @property
     def daemon_log(self) -> Path:
         return self.state_dir / "daemon.log"
 

@@ -27,6 +27,7 @@ from ftsup.supervisor.durations import parse_duration, parse_size
 from ftsup.supervisor.spec_types import (
     CheckpointSection,
     CommandSection,
+    DaemonConfig,
     GpuSection,
     HealthSection,
     JobSection,
@@ -891,6 +892,37 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_kind(data, issues)
     issues.raise_if_any()
     return JobSpec(source=absolute, text=text, **sections)
+
+
+DAEMON_TABLES = frozenset({"notify"})
+
+
+def parse_daemon_config(text: str, source: Path) -> DaemonConfig:
+    """Validate `daemon.toml` (daemon-wide defaults; only `[notify]` today) like a job file."""
+    data = _load_toml(text, source)
+    issues = _Collector(source, _LineIndex(text))
+    base = Path(os.path.abspath(os.path.expanduser(source))).parent
+    notify = None
+    for name, value in data.items():
+        if name not in DAEMON_TABLES:
+            issues.add((name,), "not a daemon setting", "daemon.toml holds a [notify] table")
+        elif not isinstance(value, dict):
+            issues.add((name,), f"expected a table, got {_describe(value)}", None)
+        else:
+            notify = _parse_section(name, _TABLES[name], value, base, issues)
+    issues.raise_if_any()
+    return DaemonConfig(source=source, notify=notify)
+
+
+def load_daemon_config(path: Path) -> DaemonConfig:
+    """The daemon's configuration; an absent file means the defaults."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return DaemonConfig()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecIssue(path, None, "", f"cannot read it: {exc}")]) from None
+    return parse_daemon_config(text, path)
 
 
 _TOML_POSITION_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")

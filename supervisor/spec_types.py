@@ -153,3 +153,11 @@ class JobSpec:
     @property
     def output_dir(self) -> Path:
         return self.job.output_dir
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """`daemon.toml` in the state folder: defaults for every job of one daemon."""
+
+    source: Path | None = None
+    notify: NotifySection | None = None  # used by jobs whose own [notify] names no receiver

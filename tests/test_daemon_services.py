@@ -126,3 +126,35 @@ def test_metrics_endpoint_serves_a_running_job(harness: Harness) -> None:
     text = wait_for(lambda: 'job_name="metered"' in (t := scrape()) and t, 10, what="metrics")
     lines = [ln for ln in text.splitlines() if ln.startswith("ftsup_job_step{")]
     assert lines and float(lines[0].split()[-1]) >= 3
+
+
+def test_daemon_wide_notify_default_serves_jobs_without_their_own(harness: Harness) -> None:
+    _Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        harness.state_dir.mkdir(parents=True)
+        (harness.state_dir / "daemon.toml").write_text(
+            f'[notify]\nwebhook = "http://127.0.0.1:{server.server_port}/all"\non = ["finished"]\n'
+        )
+        harness.start_daemon()
+        harness.cli("start", str(harness.toy_job("plain", "--max-steps", "2")))
+        wait_for(lambda: _Receiver.received, 30, what="the default webhook")
+        assert _Receiver.received[0]["job"] == "plain"
+        assert _Receiver.received[0]["event"] == "finished"
+    finally:
+        server.shutdown()
+
+
+def test_invalid_daemon_config_refuses_to_start_with_the_reason(harness: Harness) -> None:
+    harness.state_dir.mkdir(parents=True)
+    (harness.state_dir / "daemon.toml").write_text('[notfy]\nwebhook = "x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "ftsup.supervisor", "daemon"],
+        env=harness.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "daemon.toml:1: [notfy]: not a daemon setting" in result.stderr

@@ -27,6 +27,8 @@ from ftsup.supervisor.daemon.server import SocketServer
 from ftsup.supervisor.daemon.services import DaemonServices, MetricsOptions
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.service.logging_setup import setup_daemon_logging
+from ftsup.supervisor.spec import SpecError, load_daemon_config
+from ftsup.supervisor.spec_types import DaemonConfig
 from ftsup.supervisor.store import Store
 
 log = logging.getLogger("ftsup.daemon")
@@ -46,6 +48,7 @@ class Daemon:
         self.layout = layout
         self.metrics = metrics or MetricsOptions()
         self.nvml = nvml  # None: the real pynvml (tests pass a replaying double)
+        self.config = DaemonConfig()
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
@@ -76,6 +79,7 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> None:
+        self.config = load_daemon_config(self.layout.daemon_config)  # SpecError: refuse to start
         self._take_instance_lock()
         if _socket_answers(self.layout):
             raise DaemonAlreadyRunning(f"a daemon already answers on {self.layout.socket}")
@@ -94,7 +98,7 @@ class Daemon:
         manager.restore()
         manager.start_pump()
         await server.start()
-        services = DaemonServices(manager, bus, self.metrics)
+        services = DaemonServices(manager, bus, self.metrics, self.config.notify)
         services.start()  # READY=1: the socket is bound and every run re-adopted
         bus.emit(
             None,
@@ -132,4 +136,7 @@ def run_daemon(layout: Layout, metrics: MetricsOptions | None = None) -> int:
     except DaemonAlreadyRunning as exc:
         log.error("%s", exc)
         return 5
+    except SpecError as exc:
+        log.error("invalid daemon configuration:\n%s", exc)
+        return 2
     return 0

@@ -30,6 +30,7 @@ from ftsup.supervisor.service.notify import (
     wanted,
 )
 from ftsup.supervisor.service.sdnotify import Heartbeat, Notifier, watchdog_interval, watchdog_loop
+from ftsup.supervisor.spec_types import NotifySection
 
 log = logging.getLogger("ftsup.daemon")
 # Bus event kinds by the names users write in `[notify] on`.
@@ -44,8 +45,15 @@ class MetricsOptions:
 
 
 class DaemonServices:
-    def __init__(self, manager: JobManager, bus: EventBus, metrics: MetricsOptions) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        bus: EventBus,
+        metrics: MetricsOptions,
+        default_notify: NotifySection | None = None,
+    ) -> None:
         self.manager = manager
+        self.default_notify = default_notify  # daemon.toml's [notify]
         self.bus = bus
         self.notifier = Notifier.from_env()
         self.heartbeat = Heartbeat()
@@ -143,6 +151,8 @@ class DaemonServices:
         if runner is None:
             return
         section = runner.spec.notify
+        if section.webhook is None and section.command is None and self.default_notify:
+            section = self.default_notify  # the job names no receiver: the daemon's default
         kind = NOTIFY_KINDS.get(event["kind"], event["kind"])
         if not wanted(section, kind):
             return
