@@ -60,6 +60,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self._last_tokens = 0
         self._tokens_per_s: float | None = None
         self._save_started = time.monotonic()
+        self._start_pending = False
         self._is_zero = dist.rank() == 0
 
     # ------------------------------------------------------------- lifecycle
@@ -104,6 +105,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             control.should_save = True
         if control.should_save:
             self._save_started = time.monotonic()
+            self._start_pending = True  # announced right after this step's event
         if not control.should_log:  # otherwise on_log reports this step, with its loss
             self._emit_step(state, {})
 
@@ -133,16 +135,26 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
+        self._announce_save(state)  # if no step event came first (should not happen)
         ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         self._last_save = time.monotonic()
         if self.checkpointer is None:
-            self._report_saved(ckpt, state.global_step, time.monotonic() - self._save_started)
+            seconds = time.monotonic() - self._save_started
+            self._report_saved(ckpt, state.global_step, seconds, seconds)
             return
-        dist.barrier()  # every rank's files (rng_state_<rank>.pth ...) are on disk
+        # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on disk.
+        dist.barrier()
+        if self.checkpointer.async_save:
+            # Training goes on now: the stall ends here, the manifest comes later.
+            stall = time.monotonic() - self._save_started
+            if self._is_zero:
+                self.checkpointer.finalize(
+                    ckpt, state.global_step, self._save_started, stall_s=stall
+                )
+            return
         if self._is_zero:
             self.checkpointer.finalize(ckpt, state.global_step, self._save_started)
-        if not self.checkpointer.async_save:
-            dist.barrier()  # no rank moves on (or exits) before the manifest exists
+        dist.barrier()  # no rank moves on (or exits) before the manifest exists
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -181,9 +193,24 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             epoch=state.epoch,
             **extra,
         )
+        self._announce_save(state)
 
-    def _report_saved(self, ckpt: Path, step: int, seconds: float) -> None:
-        self._emit("checkpoint_saved", step=step, path=str(ckpt), seconds=round(seconds, 3))
+    def _announce_save(self, state: TrainerState) -> None:
+        """`checkpoint_start` after the saving step's event: the daemon's hang detector
+        and goodput accounting then attribute the slow interval that follows to the save."""
+        if self._start_pending:
+            self._start_pending = False
+            self._emit("checkpoint_start", step=state.global_step)
+
+    def _report_saved(self, ckpt: Path, step: int, seconds: float, stall_s: float) -> None:
+        """`seconds`: step end to manifest on disk; `stall_s`: of that, training was blocked."""
+        self._emit(
+            "checkpoint_saved",
+            step=step,
+            path=str(ckpt),
+            seconds=round(seconds, 3),
+            stall_s=round(stall_s, 3),
+        )
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self._is_zero:

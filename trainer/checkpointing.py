@@ -4,8 +4,10 @@ HF Trainer writes `checkpoint-<step>/`; this module makes it *complete* by
 writing `ftsup-manifest.json` last (through `ftsup.supervisor.manifest`), and
 only then rotates old checkpoints, so the newest complete checkpoint is never
 deleted. Hashing a large checkpoint takes a while, so it can run on a worker
-thread while training goes on (`async_save`). Stdlib only: the supervisor may
-import it.
+thread while training goes on (`async_save`). The built-in trainer's
+asynchronous save (`ftsup.trainer.async_save`) also hands its file writing to
+that thread (`Checkpointer.submit`), so the files are written, then sealed,
+strictly in order. Stdlib only: the supervisor may import it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ from ftsup.supervisor.spec_types import TrainSection
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-SavedHook = Callable[[Path, int, float], None]
+# (checkpoint folder, step, seconds from the save's start to its manifest,
+#  seconds training was blocked by it)
+SavedHook = Callable[[Path, int, float, float], None]
+# (step, point): the fault injector's hook (`ftsup.trainer.faults`), e.g. "before_manifest"
+PointHook = Callable[[int, str], None]
+_Item = tuple[str, Path, int, Any, float | None]
 
 
 def fingerprint(train: TrainSection, world_size: int) -> dict[str, Any]:
@@ -124,7 +131,9 @@ class Checkpointer:
     """Writes the manifest of each saved checkpoint, then rotates; optionally on a thread.
 
     Checkpoints are finalised strictly in order (one worker), so rotation for
-    step N never runs before the manifest of step N is on disk.
+    step N never runs before the manifest of step N is on disk. Background
+    writes (`submit`) go through the same worker, so a checkpoint's manifest
+    always follows its files; a failed write is never sealed.
     """
 
     def __init__(
@@ -136,6 +145,7 @@ class Checkpointer:
         keep: int | None = None,
         async_save: bool = False,
         on_saved: SavedHook | None = None,
+        on_point: PointHook | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.fingerprint = dict(fingerprint)
@@ -143,20 +153,36 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self.on_saved = on_saved
-        self._queue: queue.Queue[tuple[Path, int, float] | None] = queue.Queue()
+        self.on_point = on_point
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._failed: set[Path] = set()
 
-    def finalize(self, ckpt_dir: Path, step: int, started: float) -> None:
-        """Manifest + rotation for a folder HF has finished writing (now or queued)."""
+    def submit(self, ckpt_dir: Path, step: int, write: Callable[[], None]) -> None:
+        """Run `write` (the checkpoint's files) on the worker, before its manifest."""
+        self._raise_pending()
+        self._put(("write", Path(ckpt_dir), step, write, None))
+
+    def finalize(
+        self, ckpt_dir: Path, step: int, started: float, *, stall_s: float | None = None
+    ) -> None:
+        """Manifest + rotation for a folder whose files are written (or queued before it).
+
+        `stall_s` is how long training was blocked by this save; None means the
+        whole save (it is measured here, since the manifest is written now).
+        """
         self._raise_pending()
         if not self.async_save:
-            self._finalize_now(Path(ckpt_dir), step, started)
+            self._finalize_now(Path(ckpt_dir), step, started, stall_s)
             return
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="ftsup-manifest", daemon=True)
-            self._worker.start()
-        self._queue.put((Path(ckpt_dir), step, started))
+        self._put(("seal", Path(ckpt_dir), step, started, stall_s))
+
+    def wait_idle(self) -> None:
+        """Block until every queued write and manifest is done (at most one save in flight)."""
+        if self._worker is not None:
+            self._queue.join()
+        self._raise_pending()
 
     def wait(self) -> None:
         """Block until every queued checkpoint has its manifest (before exiting)."""
@@ -166,20 +192,47 @@ class Checkpointer:
             self._worker = None
         self._raise_pending()
 
+    def _put(self, item: _Item) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="ftsup-checkpoint", daemon=True)
+            self._worker.start()
+        self._queue.put(item)
+
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint manifest failed: {error}") from error
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            item = self._queue.get()
             try:
-                self._finalize_now(*item)
-            except BaseException as exc:  # surfaced on the training thread
-                print(f"ftsup: manifest for {item[0]} failed: {exc}", file=sys.stderr)
-                self._error = exc
+                if item is None:
+                    return
+                self._handle(item)
+            finally:
+                self._queue.task_done()
 
-    def _finalize_now(self, ckpt_dir: Path, step: int, started: float) -> None:
+    def _handle(self, item: _Item) -> None:
+        kind, ckpt_dir, step, payload, stall_s = item
+        try:
+            if kind == "write":
+                payload()
+            elif ckpt_dir in self._failed:
+                self._failed.discard(ckpt_dir)  # its files are incomplete: never seal them
+            else:
+                self._finalize_now(ckpt_dir, step, payload, stall_s)
+        except BaseException as exc:  # surfaced on the training thread
+            print(f"ftsup: checkpoint {ckpt_dir} failed: {exc}", file=sys.stderr)
+            if kind == "write":
+                self._failed.add(ckpt_dir)
+            self._error = exc
+
+    def _finalize_now(
+        self, ckpt_dir: Path, step: int, started: float, stall_s: float | None
+    ) -> None:
+        if self.on_point is not None:
+            self.on_point(step, "before_manifest")
         manifest = build_manifest(
             ckpt_dir,
             step=step,
@@ -191,7 +244,8 @@ class Checkpointer:
         if self.keep is not None:
             rotate(self.output_dir, self.keep)
         if self.on_saved is not None:
-            self.on_saved(ckpt_dir, step, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.on_saved(ckpt_dir, step, seconds, seconds if stall_s is None else stall_s)
 
 
 __all__ = [

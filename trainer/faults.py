@@ -2,9 +2,14 @@
 
 `FTSUP_FAULT_AT_STEP=N` kills the trainer with SIGKILL when step N ends, as a
 real crash would. `FTSUP_FAULT_POINT=before_manifest` instead kills it after
-Hugging Face wrote checkpoint N but before its manifest, i.e. in the middle of
-a checkpoint. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire only once
-(the file is created just before the kill), so the restarted run goes on.
+every file of checkpoint N is written but before its manifest, i.e. in the
+middle of a checkpoint; `after_weights`, `after_optimizer`, `after_scheduler`
+and `after_trainer_state` kill it inside an asynchronous save's background
+write, right after that file. `FTSUP_FAULT_WRITE_DELAY=seconds` makes the
+background writer sleep before each file, so that a kill from outside lands
+in the middle of a write. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
+only once (the file is created just before the kill), so the restarted run
+goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from transformers import TrainerCallback
 AT_STEP_ENV = "FTSUP_FAULT_AT_STEP"
 POINT_ENV = "FTSUP_FAULT_POINT"
 ONCE_ENV = "FTSUP_FAULT_ONCE_FILE"
-POINTS = ("step_end", "before_manifest")
+WRITE_DELAY_ENV = "FTSUP_FAULT_WRITE_DELAY"
+WRITE_POINTS = ("after_weights", "after_optimizer", "after_scheduler", "after_trainer_state")
+POINTS = ("step_end", "before_manifest", *WRITE_POINTS)
+
+
+def write_delay() -> float:
+    """Seconds the background writer sleeps before each file (tests only; 0 otherwise)."""
+    return float(os.environ.get(WRITE_DELAY_ENV) or 0.0)
 
 
 class FaultInjector(TrainerCallback):  # type: ignore[misc]
@@ -38,7 +50,8 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
         once = os.environ.get(ONCE_ENV)
         return cls(int(step), os.environ.get(POINT_ENV, "step_end"), Path(once) if once else None)
 
-    def _fire(self, step: int, point: str) -> None:
+    def fire(self, step: int, point: str) -> None:
+        """SIGKILL now if this is the chosen step and point (any thread may call it)."""
         if step != self.step or point != self.point:
             return
         if self.once_file is not None:
@@ -48,7 +61,6 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
         os.kill(os.getpid(), signal.SIGKILL)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._fire(state.global_step, "step_end")
-
-    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._fire(state.global_step, "before_manifest")
+        self.fire(state.global_step, "step_end")
+        # The other points are fired by the Checkpointer (before_manifest, through
+        # its on_point hook) and by the asynchronous writer (after_*).

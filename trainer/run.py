@@ -102,6 +102,7 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
     """Data, model, TrainingArguments and the callbacks, assembled into a Trainer."""
     from transformers import Trainer
 
+    from ftsup.trainer.async_save import with_async_save
     from ftsup.trainer.batching import ExampleDataset, PadCollator
     from ftsup.trainer.callback import FtsupCallback
     from ftsup.trainer.checkpointing import Checkpointer, fingerprint
@@ -122,15 +123,16 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
     train_set = ExampleDataset(encode_all(tokenizer, train_rows, train.cutoff_len))
     eval_set = ExampleDataset(encode_all(tokenizer, eval_rows, train.cutoff_len))
     model = load_model(train)
+    fault = FaultInjector.from_env()
     checkpointer = Checkpointer(
         config.output_dir,
         fingerprint=fingerprint(train, dist.world_size()),
         world_size=dist.world_size(),
         keep=train.save_total_limit,
         async_save=config.async_save,
+        on_point=fault.fire if fault is not None else None,
     )
     callbacks: list[Any] = []
-    fault = FaultInjector.from_env()
     if fault is not None:
         callbacks.append(fault)
     progress = FtsupCallback(
@@ -140,7 +142,10 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
         skip_steps=skip,
     )
     callbacks.append(progress)
-    trainer = with_skipped_steps(Trainer, skip)(
+    trainer_class = with_skipped_steps(Trainer, skip)
+    if config.async_save:
+        trainer_class = with_async_save(trainer_class, checkpointer)
+    trainer = trainer_class(
         model=model,
         args=training_arguments(config, has_eval=len(eval_set) > 0),
         train_dataset=train_set,

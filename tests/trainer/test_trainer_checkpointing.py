@@ -64,7 +64,7 @@ def test_checkpointer_rotates_only_after_its_manifest(tmp_path: Path) -> None:
         fingerprint={},
         keep=2,
         async_save=True,
-        on_saved=lambda path, step, seconds: saved.append(step),
+        on_saved=lambda path, step, seconds, stall: saved.append(step),
     )
     for step in (1, 2, 3):
         folder = fake_checkpoint(tmp_path, step, complete=False)

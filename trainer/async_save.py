@@ -1,0 +1,207 @@
+"""Asynchronous checkpoints: snapshot the training state to host memory, write it later.
+
+Hugging Face Trainer writes a checkpoint on the training thread, so training
+stalls for the whole write. Here the foreground part of a save only copies
+what training will change next (trainable weights, optimizer, scheduler and
+scaler state, trainer state) into host buffers, writes the few-KB RNG file
+(every rank's must be on disk at the barrier in `FtsupCallback.on_save`, and
+only rank 0 has a writer), and returns; the checkpointer's worker thread then
+writes the same files HF would (same names and formats: safetensors weights,
+`torch.save` for optimizer.pt / scheduler.pt / scaler.pt, trainer_state.json
+last) and seals the folder with the manifest. Until then the folder has no
+manifest, so a kill leaves the previous checkpoint the newest complete one.
+
+At most one save is in flight: the next save first waits for the previous
+one (that save is delayed, neither is corrupted), which also makes reusing
+the host buffers safe. On GPU the buffers are pinned and filled with
+non-blocking copies followed by one synchronize.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftsup.trainer import faults
+from ftsup.trainer.checkpointing import Checkpointer
+
+# The file names HF Trainer uses (transformers.trainer), kept identical.
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+SCALER_NAME = "scaler.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class HostBuffers:
+    """Host copies of tensors, reused from one save to the next.
+
+    Reuse matters: first-touching a fresh gigabyte (page faults, zeroing)
+    costs about as much as copying into it. Safe because at most one save is
+    in flight, and the next snapshot starts only after its write finished.
+    """
+
+    def __init__(self, *, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        source = tensor.detach()
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+            buffer = torch.empty(
+                source.shape, dtype=source.dtype, device="cpu", pin_memory=self.pin
+            )
+            self._buffers[key] = buffer
+        buffer.copy_(source, non_blocking=self.pin and source.device.type == "cuda")
+        return buffer
+
+    def to_host(self, value: Any, key: str) -> Any:
+        """`value` (nested dicts/lists/tuples) with every tensor copied to host memory."""
+        if isinstance(value, torch.Tensor):
+            return self.copy(key, value)
+        if isinstance(value, dict):
+            return {k: self.to_host(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.to_host(v, f"{key}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return tuple(self.to_host(v, f"{key}.{i}") for i, v in enumerate(value))
+        return copy.deepcopy(value)
+
+
+def model_snapshot(model: torch.nn.Module, buffers: HostBuffers) -> dict[str, torch.Tensor]:
+    """The model's state dict with trainable parameters and buffers copied to host.
+
+    Frozen parameters (a LoRA run's whole base model) never change during
+    training, so they are passed by reference instead of copied; peft's
+    `save_pretrained` keeps only the adapter's keys of it anyway. Tied
+    tensors stay tied (one copy per parameter object).
+    """
+    copies: dict[int, torch.Tensor] = {}
+    snapshot: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad:
+            snapshot[name] = tensor.detach()
+            continue
+        if id(tensor) not in copies:
+            copies[id(tensor)] = buffers.copy(f"model.{name}", tensor)
+        snapshot[name] = copies[id(tensor)]
+    return snapshot
+
+
+def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
+    """A subclass of `trainer_class` whose checkpoints are written in the background.
+
+    Falls back to HF's synchronous save where the layout is not plain
+    (DeepSpeed, FSDP, a model that is not a PreTrainedModel / PeftModel,
+    push_to_hub, best-model tracking).
+    """
+    from transformers import PreTrainedModel
+    from transformers.trainer_callback import ExportableState
+
+    supported: tuple[type, ...] = (PreTrainedModel,)
+    try:
+        from peft import PeftModel
+
+        supported = (PreTrainedModel, PeftModel)
+    except ImportError:  # pragma: no cover - peft is a dependency of the trainer
+        pass
+
+    class AsyncSaveTrainer(trainer_class):  # type: ignore[misc,valid-type]
+        _ftsup_buffers: HostBuffers | None = None
+
+        def _async_supported(self) -> bool:
+            args = self.args
+            return (
+                checkpointer.async_save
+                and not self.is_deepspeed_enabled
+                and not self.is_fsdp_enabled
+                and isinstance(self.model, supported)
+                and not args.push_to_hub
+                and not args.load_best_model_at_end
+                and not args.save_only_model
+                and args.save_total_limit is None
+            )
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            if not self._async_supported():
+                super()._save_checkpoint(model, trial)
+                return
+            # At most one save in flight: this one waits for the previous write.
+            checkpointer.wait_idle()
+            if self.hp_search_backend is None and trial is None:
+                self.store_flos()
+            step = self.state.global_step
+            output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{step}"
+            write = self._snapshot(output_dir) if self.args.should_save else None
+            self._save_rng_state(str(output_dir))  # tiny; every rank's file, now
+            if write is not None:
+                checkpointer.submit(output_dir, step, write)
+
+        def _snapshot(self, output_dir: Path) -> Callable[[], None]:
+            """Copy what training will change to host memory; return the writer."""
+            cuda = torch.cuda.is_available()
+            if self._ftsup_buffers is None:
+                self._ftsup_buffers = HostBuffers(pin=cuda)
+            buffers = self._ftsup_buffers
+            weights = model_snapshot(self.model, buffers)
+            optimizer = buffers.to_host(self.optimizer.state_dict(), "optimizer")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # HF silences the same scheduler warnings
+                scheduler = copy.deepcopy(self.lr_scheduler.state_dict())
+            scaler_obj = getattr(self.accelerator, "scaler", None)
+            scaler = None if scaler_obj is None else copy.deepcopy(scaler_obj.state_dict())
+            for cb in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(cb, ExportableState):  # as HF's _save_checkpoint does
+                    name, cb_state = cb.__class__.__name__, cb.state()
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(cb_state)
+                    else:
+                        self.state.stateful_callbacks[name] = cb_state
+            state = copy.deepcopy(self.state)
+            if cuda:
+                torch.cuda.synchronize()  # the non-blocking copies have landed
+            model_to_save, tokenizer, args = self.model, self.processing_class, self.args
+            step = self.state.global_step
+
+            def write() -> None:
+                delay = faults.write_delay()
+
+                def part(point: str | None, action: Callable[[], None]) -> None:
+                    if delay:
+                        time.sleep(delay)
+                    action()
+                    if point is not None and checkpointer.on_point is not None:
+                        checkpointer.on_point(step, point)  # fault injection (tests)
+
+                os.makedirs(output_dir, exist_ok=True)
+                part(
+                    "after_weights",
+                    lambda: model_to_save.save_pretrained(
+                        str(output_dir), state_dict=weights, is_main_process=True
+                    ),
+                )
+                if tokenizer is not None:
+                    part(None, lambda: tokenizer.save_pretrained(str(output_dir)))
+                part(None, lambda: torch.save(args, output_dir / TRAINING_ARGS_NAME))
+                part("after_optimizer", lambda: torch.save(optimizer, output_dir / OPTIMIZER_NAME))
+                part("after_scheduler", lambda: torch.save(scheduler, output_dir / SCHEDULER_NAME))
+                if scaler is not None:
+                    part(None, lambda: torch.save(scaler, output_dir / SCALER_NAME))
+                part(
+                    "after_trainer_state",
+                    lambda: state.save_to_json(str(output_dir / TRAINER_STATE_NAME)),
+                )
+                # The manifest (fsync of every file, then the seal) is the checkpointer's.
+
+            return write
+
+    AsyncSaveTrainer.__name__ = AsyncSaveTrainer.__qualname__ = f"AsyncSave{trainer_class.__name__}"
+    return AsyncSaveTrainer
