@@ -55,6 +55,7 @@ class GoodputTracker:
         self._high_water = 0
         self._high_water_before = 0
         self._save_started: float | None = None
+        self._steps_since_save_start = 0
         self._pending_stall = 0.0
         self.productive = 0.0
         self.stall = 0.0
@@ -77,7 +78,7 @@ class GoodputTracker:
             self._save_started, self._pending_stall = None, 0.0
         event = record.get("event", "step")
         if event == "checkpoint_start":
-            self._save_started = ts
+            self._save_started, self._steps_since_save_start = ts, 0
         elif event == "checkpoint_saved":
             self._saved(ts, record.get("stall_s"))
         elif event == "step" and isinstance(record.get("step"), int):
@@ -90,8 +91,15 @@ class GoodputTracker:
             stall = max(0.0, ts - self._save_started)
         else:
             return
-        self._pending_stall += stall
         self.save_costs.append(stall)
+        if self._save_started is not None and self._steps_since_save_start > 0:
+            # An asynchronous save reports after training went on: its stall sat in the
+            # step interval that followed `checkpoint_start`, already counted as training.
+            moved = min(stall, self.productive)
+            self.productive -= moved
+            self.stall += moved
+        else:
+            self._pending_stall += stall
         self._save_started = None
 
     def _step(self, ts: float, step: int) -> None:
@@ -106,6 +114,7 @@ class GoodputTracker:
                 self.step_intervals.append(interval - stall)
         self._prev_step_ts, self._pending_stall = ts, 0.0
         self._high_water = max(self._high_water, step)
+        self._steps_since_save_start += 1
 
     def report(self, started_at: float, until: float) -> Goodput:
         wall = max(0.0, until - started_at)

@@ -49,6 +49,20 @@ def test_checkpoint_stall_is_cut_out_of_the_step_interval() -> None:
     assert math.isclose(report.productive_s, 3.0 + 1.5 - 2.2)
 
 
+def test_an_async_save_reporting_later_moves_its_stall_out_of_training() -> None:
+    tracker = GoodputTracker()
+    tracker.set_attempt_starts([0.0])
+    tracker.feed({"ts": 1.0, "event": "step", "step": 1})
+    tracker.feed({"ts": 1.0, "event": "checkpoint_start", "step": 1})
+    tracker.feed({"ts": 2.5, "event": "step", "step": 2})  # blocked 0.4 s by the snapshot
+    tracker.feed({"ts": 3.5, "event": "step", "step": 3})
+    tracker.feed({"ts": 3.9, "event": "checkpoint_saved", "step": 1, "stall_s": 0.4})
+    tracker.feed({"ts": 4.5, "event": "step", "step": 4})
+    report = tracker.report(0.0, 5.0)
+    assert math.isclose(report.checkpoint_stall_s, 0.4)
+    assert math.isclose(report.productive_s, 3.5 - 0.4)
+
+
 records = st.lists(
     st.tuples(
         st.floats(0, 1000),
