@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.checkpoints.discovery import list_checkpoints
 from ftsup.supervisor.daemon.loss_watch import Emit, LossWatch
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.goodput import GoodputTracker
 from ftsup.supervisor.health.hang import HangDetector, HangPolicy, HangVerdict
 from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.progress import JsonlFollower, ProgressState, records_from_trainer_state
-from ftsup.supervisor.resume import checkpoint_step
 from ftsup.supervisor.spec_types import JobSpec
 
 LOG_RING = 500
@@ -128,9 +128,10 @@ class RunFollower:
 
     def _trainer_state_records(self) -> list[dict[str, Any]]:
         """For commands that write no progress.jsonl: the newest checkpoint's log_history."""
-        newest = _newest_checkpoint(self.spec.output_dir)
-        if newest is None:
+        found = list_checkpoints(self.spec.output_dir)  # by step, quarantined ones excluded
+        if not found:
             return []
+        newest = found[-1]
         state_file = newest / "trainer_state.json"
         try:
             mtime = state_file.stat().st_mtime
@@ -144,16 +145,3 @@ class RunFollower:
             for r in records_from_trainer_state(state_file)
             if r.get("event") != "step" or r.get("step", 0) > self.progress.step
         ]
-
-
-def _newest_checkpoint(output_dir: Path) -> Path | None:
-    best: tuple[int, Path] | None = None
-    try:
-        children = list(output_dir.iterdir())
-    except FileNotFoundError:
-        return None
-    for child in children:
-        step = checkpoint_step(child)
-        if step is not None and (best is None or step > best[0]):
-            best = (step, child)
-    return best[1] if best else None

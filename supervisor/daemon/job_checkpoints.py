@@ -19,11 +19,10 @@ from pathlib import Path
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.checkpoints.guards import DiskVerdict, check_disk
 from ftsup.supervisor.checkpoints.quarantine import quarantine
-from ftsup.supervisor.checkpoints.report import CheckpointReport
+from ftsup.supervisor.checkpoints.report import CheckpointReport, checkpoint_step
 from ftsup.supervisor.checkpoints.retention import apply_retention, plan_retention
 from ftsup.supervisor.checkpoints.watch import CheckpointWatcher
 from ftsup.supervisor.daemon.bus import EventBus
-from ftsup.supervisor.resume import checkpoint_step
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
 
