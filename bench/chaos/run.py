@@ -59,25 +59,52 @@ BACKOFF = "0.5s"
 
 
 class Reaper:
-    """Remembers every process group this benchmark started and kills them all at the end."""
+    """Remembers every process group this benchmark started and kills them all at the end.
+
+    Daemons first (so that none starts another attempt meanwhile), then the
+    shims and trainers their `pids.json` files name, then anything still
+    running whose command line names this invocation's temporary folder (a
+    shim started just before its daemon died, before its `pids.json`).
+    """
 
     def __init__(self) -> None:
         self.pgids: set[int] = set()
         self.state_dirs: list[Path] = []
+        self.root: Path | None = None
 
     def add(self, pgid: int) -> None:
         self.pgids.add(pgid)
 
     def kill_all(self) -> None:
-        for state in self.state_dirs:  # the shims' and trainers' groups the daemons started
+        self._kill(self.pgids)
+        time.sleep(0.2)  # a daemon killed mid-spawn has finished dying
+        for state in self.state_dirs:
             for pids_file in state.glob("runs/*/attempt-*/pids.json"):
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     pids = json.loads(pids_file.read_text())
-                    self.pgids.update({int(pids["pgid"]), int(pids["shim_pid"])})
-        for pgid in self.pgids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
+                    self._kill({int(pids["pgid"]), int(pids["shim_pid"])})
+        if self.root is not None:
+            self._kill(set(self._pids_naming(str(self.root))))
         self.pgids.clear()
+
+    @staticmethod
+    def _kill(pgids: set[int]) -> None:
+        mine = os.getpgid(0)
+        for pgid in pgids:
+            if pgid != mine:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+
+    @staticmethod
+    def _pids_naming(text: str) -> list[int]:
+        """Process groups of processes whose command line contains `text`."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if text.encode() in (proc / "cmdline").read_bytes():
+                        found.append(os.getpgid(int(proc.name)))
+        return found
 
 
 REAPER = Reaper()
@@ -215,13 +242,22 @@ def drive_kills(
 # ------------------------------------------------------------------- metrics
 
 
+def _stall(saved: dict[str, Any]) -> float:
+    """How long a save blocked training: `stall_s` when the trainer reports it (an
+    asynchronous save blocks for less than it lasts), else its whole duration."""
+    value = saved.get("stall_s")
+    if value is None:
+        value = saved.get("seconds")
+    return float(value or 0.0)
+
+
 def measure(result: ModeResult, max_steps: int) -> dict[str, Any]:
     """Wall, goodput, kill-to-next-step and steps lost, the same way for every mode.
 
     Attempts are cut at the kill times. Within an attempt, the interval between
     two consecutive steps is productive when the later step is new ground (above
-    every step reached before the attempt), minus the reported save time of any
-    checkpoint saved in it; intervals of re-executed steps are recomputation;
+    every step reached before the attempt), minus the stall of any checkpoint
+    reported saved in it; intervals of re-executed steps are recomputation;
     everything else (start-up, restart, lost work) is downtime.
     """
     cuts = sorted(k.ts for k in result.kills if k.ts is not None)
@@ -240,7 +276,7 @@ def measure(result: ModeResult, max_steps: int) -> dict[str, Any]:
             attempt, prev, high_before = a, None, high
         if prev is not None:
             interval = r["ts"] - prev["ts"]
-            s = sum(x.get("seconds") or 0.0 for x in saves if prev["ts"] < x["ts"] <= r["ts"])
+            s = sum(_stall(x) for x in saves if prev["ts"] < x["ts"] <= r["ts"])
             s = min(s, interval)
             if r["step"] <= high_before:
                 recomputed += interval - s
@@ -552,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
     root = Path(tempfile.mkdtemp(prefix="ftc", dir="/tmp"))  # short: socket path limit
+    REAPER.root = root
     # One plan for every mode, so that they are killed at the same steps.
     plan = plan_kills(random.Random(args.seed), steps, save_steps, n_kills)
     modes: dict[str, dict[str, Any]] = {}
