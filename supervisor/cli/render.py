@@ -84,7 +84,7 @@ def print_job(job: dict[str, Any]) -> None:
         ("lr", _fmt(progress.get("lr"), ".3e")),
         ("steps/s", _fmt(progress.get("steps_per_s"), ".3g")),
         ("ETA", format_duration(progress["eta_s"]) if progress.get("eta_s") is not None else "-"),
-        ("attempts", f"{job['attempts']} ({job['restarts']} restarts after failures)"),
+        ("attempts", f"{job['attempts']} ({_plural(job['restarts'], 'restart')} after failures)"),
     ]
     if progress.get("last_checkpoint_step") is not None:
         age = time.time() - (progress.get("last_checkpoint_time") or time.time())
@@ -121,6 +121,10 @@ def print_job(job: dict[str, Any]) -> None:
         stdout.print("  [dim]last log lines:[/]")
         for line in tail:
             stdout.print(f"    {line}", markup=False)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _goodput_text(goodput: dict[str, Any]) -> str:
