@@ -86,6 +86,11 @@ class LaunchSection:
     def distributed(self) -> bool:
         return self.nproc_per_node > 1 or self.nnodes > 1
 
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole run (what rng_state_<rank> files and fingerprints count)."""
+        return self.nproc_per_node * self.nnodes
+
 
 @dataclass(frozen=True)
 class RestartSection:

@@ -63,7 +63,7 @@ class JobCheckpoints:
 
     @property
     def world_size(self) -> int:
-        return self.spec.launch.nproc_per_node * self.spec.launch.nnodes
+        return self.spec.launch.world_size
 
     def start(self) -> None:
         if self._watcher is not None:

@@ -33,8 +33,7 @@ def select_resume(spec: JobSpec) -> ResumePoint:
     Called only while no trainer of the job runs, so a half-written newest
     folder is an interrupted save, not one in progress.
     """
-    world_size = spec.launch.nproc_per_node * spec.launch.nnodes
-    choice = discovery.select_resume(spec.output_dir, world_size=world_size)
+    choice = discovery.select_resume(spec.output_dir, world_size=spec.launch.world_size)
     moved = [(q.moved_to, q.report.reason or "invalid") for q in choice.quarantined]
     return ResumePoint(choice.path, choice.step or 0, moved)
 

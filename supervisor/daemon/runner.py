@@ -313,8 +313,8 @@ class JobRunner:
             recorded = read_manifest(checkpoint).fingerprint
         except ManifestError:
             return True  # no fingerprint to compare (validation decided it is resumable)
-        world_size = self.spec.launch.nproc_per_node * self.spec.launch.nnodes
-        drifts = diff_fingerprints(recorded, train_fingerprint(self.spec.train, world_size))
+        job_fingerprint = train_fingerprint(self.spec.train, self.spec.launch.world_size)
+        drifts = diff_fingerprints(recorded, job_fingerprint)
         if not drifts:
             return True
         changes = "; ".join(d.message for d in drifts)
