@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None when the process is gone or a
+    zombie (it has exited; only its exit status is left)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return None if fields[0] == b"Z" else fields
+
+
+def _live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None:
+            yield int(entry), fields
 
 
 def process_start_time(pid: int) -> int | None:
     """Start time in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    state = fields[0]
-    if state == b"Z":  # a zombie has exited; only its exit status is left
-        return None
-    return int(fields[19])
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def is_same_process(pid: int, start_time: int | None) -> bool:
@@ -52,16 +63,9 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
 
 def group_members(pgid: int) -> list[int]:
     """Live pids whose process group is `pgid` (used to prove no orphans remain)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                data = handle.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
+
+
+def child_pids(parent: int) -> list[int]:
+    """Live direct children of `parent` (field 4, the ppid)."""
+    return [pid for pid, fields in _live_processes() if int(fields[1]) == parent]

@@ -22,28 +22,12 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from ftsup.supervisor.procinfo import child_pids
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # torchrun's own handlers, minus SIGTERM, which must not tear the workers down.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 EXIT_CONFIG, EXIT_STOPPED = 2, 75
-
-
-def child_pids(parent: int) -> list[int]:
-    """Direct children of `parent`, from /proc (the workers of this launcher)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # Field 4 (ppid) comes after the command name, which may hold spaces.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) == parent:
-            pids.append(int(entry))
-    return pids
 
 
 def _forward(signum: int, _frame: FrameType | None) -> None:

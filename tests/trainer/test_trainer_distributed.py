@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor.manifest import read_manifest
+from ftsup.supervisor.procinfo import child_pids
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.trainer.checkpointing import newest_complete_checkpoint
-from ftsup.trainer.distrun import child_pids, exit_code_for
+from ftsup.trainer.distrun import exit_code_for
 from ftsup.trainer.launch import build_trainer_argv
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
 
