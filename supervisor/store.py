@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 LIVE_STATES = ("pending", "starting", "running", "backoff", "stopping")
+TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,16 @@ class Store:
     def attempts(self, job: str) -> list[AttemptRow]:
         rows = self._db.execute("SELECT * FROM attempts WHERE job=? ORDER BY n", (job,))
         return [_attempt(r) for r in rows]
+
+    def current_attempts(self, job: str) -> list[AttemptRow]:
+        """The attempts of the current submission (a new `start` or a manual restart
+        begins a fresh restart budget; earlier attempts stay for the record)."""
+        row = self._db.execute(
+            "SELECT * FROM attempts WHERE job=? AND n >= "
+            "(SELECT first_attempt FROM jobs WHERE name=?) ORDER BY n",
+            (job, job),
+        )
+        return [_attempt(r) for r in row]
 
     def last_attempt(self, job: str) -> AttemptRow | None:
         row = self._db.execute(

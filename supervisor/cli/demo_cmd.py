@@ -20,9 +20,9 @@ from ftsup.supervisor.cli import output
 from ftsup.supervisor.cli.common import add_common, layout_from, report_request_error
 from ftsup.supervisor.client import Client, DaemonUnavailable, ensure_daemon
 from ftsup.supervisor.protocol import RequestError
+from ftsup.supervisor.store import TERMINAL_STATES
 
 DEMO_JOB = "ftsup-demo"
-TERMINAL = ("finished", "stopped", "gave_up", "failed")
 NARRATED = (
     "attempt_started",
     "attempt_exited",
@@ -114,7 +114,7 @@ def _clear_previous_run(client: Client, workdir: Path) -> None:
         job = client.request("status", job=DEMO_JOB)
     except RequestError:
         job = None
-    if job is not None and job["state"] not in TERMINAL:
+    if job is not None and job["state"] not in TERMINAL_STATES:
         raise RequestError(
             "job_exists",
             f"the demo job is still {job['state']}; stop it with `ftsup stop {DEMO_JOB}` first",
@@ -168,7 +168,7 @@ def _follow(
         task = progress.add_task("training", total=steps, loss="")
         while True:
             job = client.request("status", job=DEMO_JOB)
-            step = _current_step(job) if job["state"] not in TERMINAL else steps
+            step = _current_step(job) if job["state"] not in TERMINAL_STATES else steps
             loss = (job.get("progress") or {}).get("loss")
             progress.update(task, completed=step, loss=f"loss {loss:.3f}" if loss else "")
             events = client.request("events", job=DEMO_JOB, after_id=seen_event, limit=100)
@@ -186,7 +186,7 @@ def _follow(
                     crashed = True
                 except RequestError:
                     pass  # between attempts; try again on the next poll
-            if job["state"] in TERMINAL:
+            if job["state"] in TERMINAL_STATES:
                 say.progress = None
                 return job
             time.sleep(0.25)

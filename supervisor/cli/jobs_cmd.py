@@ -19,8 +19,7 @@ from ftsup.supervisor.cli.common import (
 from ftsup.supervisor.client import Client, DaemonUnavailable, ensure_daemon
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.spec import SpecError, load_spec
-
-TERMINAL = ("finished", "stopped", "gave_up", "failed")
+from ftsup.supervisor.store import TERMINAL_STATES
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,7 +165,7 @@ def _report_started(args: argparse.Namespace, job: dict[str, Any]) -> None:
 def _wait_terminal(client: Client, name: str, poll: float = 0.5) -> dict[str, Any]:
     while True:
         job = client.request("status", job=name)
-        if job["state"] in TERMINAL:
+        if job["state"] in TERMINAL_STATES:
             return job
         time.sleep(poll)
 

@@ -216,7 +216,7 @@ class Handlers:
     def job_json(self, name: str, *, detail: bool = False) -> dict[str, Any]:
         job = self._job(name)
         runner = self.manager.runners.get(name)
-        attempts = [a for a in self.store.attempts(name) if a.n >= job.first_attempt]
+        attempts = self.store.current_attempts(name)
         ended = [a for a in attempts if a.ended_at is not None]
         outcomes = runner.history() if runner else []
         data: dict[str, Any] = {

@@ -191,8 +191,6 @@ class JobRunner:
         return not self.stop_requested
 
     def history(self) -> list[policy.AttemptOutcome]:
-        job = self.store.get_job(self.name)
-        first = job.first_attempt if job else 1
         return [
             policy.AttemptOutcome(
                 returncode=a.returncode,
@@ -202,8 +200,8 @@ class JobRunner:
                 stop_requested=a.stop_requested,
                 failure_kind=a.failure_kind,
             )
-            for a in self.store.attempts(self.name)
-            if a.n >= first and a.ended_at is not None
+            for a in self.store.current_attempts(self.name)
+            if a.ended_at is not None
         ]
 
     # one attempt ----------------------------------------------------------
@@ -463,20 +461,14 @@ class JobRunner:
             )
 
     def _refresh_attempt_starts(self) -> None:
-        job = self.store.get_job(self.name)
-        first = job.first_attempt if job else 1
         self.follower.goodput.set_attempt_starts(
-            [a.started_at for a in self.store.attempts(self.name) if a.n >= first]
+            [a.started_at for a in self.store.current_attempts(self.name)]
         )
 
     def goodput_report(self) -> dict[str, Any] | None:
         """Wall time split into productive, stall, recomputed and downtime, plus advice."""
         job = self.store.get_job(self.name)
-        attempts = [
-            a
-            for a in self.store.attempts(self.name)
-            if job is not None and a.n >= job.first_attempt
-        ]
+        attempts = self.store.current_attempts(self.name)
         if job is None or not attempts:
             return None
         until = time.time() if job.live else max(a.ended_at or a.started_at for a in attempts)
