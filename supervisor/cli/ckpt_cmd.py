@@ -34,15 +34,8 @@ from ftsup.supervisor.checkpoints.quarantine import (
 from ftsup.supervisor.checkpoints.report import CheckpointReport, checkpoint_step
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 from ftsup.supervisor.cli import output
-from ftsup.supervisor.cli.common import (
-    add_common,
-    connect,
-    report_request_error,
-    report_unavailable,
-)
-from ftsup.supervisor.client import DaemonUnavailable
+from ftsup.supervisor.cli.common import add_common, ask
 from ftsup.supervisor.durations import format_duration
-from ftsup.supervisor.protocol import RequestError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -157,13 +150,8 @@ def _output_dir_of(args: argparse.Namespace) -> Path | int:
     out = Path(args.output_dir)
     if out.is_dir() or "/" in args.output_dir:
         return out
-    try:
-        with connect(args) as client:
-            return Path(client.request("status", job=args.output_dir)["output_dir"])
-    except DaemonUnavailable as exc:
-        return report_unavailable(args, exc)
-    except RequestError as exc:
-        return report_request_error(args, exc)
+    job = ask(args, lambda client: client.request("status", job=args.output_dir))
+    return job if isinstance(job, int) else Path(job["output_dir"])
 
 
 def run_ls(args: argparse.Namespace) -> int:

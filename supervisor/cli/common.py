@@ -55,18 +55,28 @@ def run_request(
     render: Callable[[dict[str, Any]], None],
 ) -> int:
     """Connect, run one action, print the result (rich or JSON), map errors to exit codes."""
-    try:
-        with connect(args) as client:
-            result = action(client)
-    except DaemonUnavailable as exc:
-        return report_unavailable(args, exc)
-    except RequestError as exc:
-        return report_request_error(args, exc)
+    result = ask(args, action)
+    if isinstance(result, int):
+        return result
     if getattr(args, "json", False):
         output.print_json(result)
     else:
         render(result)
     return output.EXIT_OK
+
+
+def ask(
+    args: argparse.Namespace, action: Callable[[Client], dict[str, Any]]
+) -> dict[str, Any] | int:
+    """Connect and run one action; on failure the error is reported and its exit code
+    returned instead (the caller returns it)."""
+    try:
+        with connect(args) as client:
+            return action(client)
+    except DaemonUnavailable as exc:
+        return report_unavailable(args, exc)
+    except RequestError as exc:
+        return report_request_error(args, exc)
 
 
 def report_unavailable(args: argparse.Namespace, exc: DaemonUnavailable) -> int:

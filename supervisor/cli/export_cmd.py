@@ -13,14 +13,7 @@ from pathlib import Path
 
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.cli import output
-from ftsup.supervisor.cli.common import (
-    add_common,
-    connect,
-    report_request_error,
-    report_unavailable,
-)
-from ftsup.supervisor.client import DaemonUnavailable
-from ftsup.supervisor.protocol import RequestError
+from ftsup.supervisor.cli.common import add_common, ask
 from ftsup.supervisor.spec import SpecError, parse_spec
 
 
@@ -49,13 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _from_job(args: argparse.Namespace) -> tuple[Path, str | None] | int:
-    try:
-        with connect(args) as client:
-            job = client.request("status", job=args.source)
-    except DaemonUnavailable as exc:
-        return report_unavailable(args, exc)
-    except RequestError as exc:
-        return report_request_error(args, exc)
+    job = ask(args, lambda client: client.request("status", job=args.source))
+    if isinstance(job, int):
+        return job
     choice = discovery.select_resume(Path(job["output_dir"]), quarantine=False)
     if choice.path is None:
         output.error(f"job {args.source!r} has no valid checkpoint in {job['output_dir']}")
