@@ -473,7 +473,7 @@ class JobRunner:
             return None
         until = time.time() if job.live else max(a.ended_at or a.started_at for a in attempts)
         report = self.follower.goodput.report(attempts[0].started_at, until)
-        failures = sum(1 for o in self.history() if o.is_failure)
+        failures = policy.failure_restarts(self.history())
         configured = self.spec.train.save_steps if self.spec.train else None
         advice = checkpoint_advice(
             self.follower.goodput,

@@ -16,6 +16,7 @@ from typing import Any
 
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.policy import failure_restarts
 from ftsup.supervisor.service.metrics import (
     JobMetrics,
     MetricsServer,
@@ -128,7 +129,7 @@ class DaemonServices:
             since = None
             if progress is not None and progress.last_checkpoint_time is not None:
                 since = max(0.0, now - progress.last_checkpoint_time)
-            restarts = sum(1 for o in runner.history() if o.is_failure) if runner else 0
+            restarts = failure_restarts(runner.history()) if runner else 0
             jobs.append(
                 JobMetrics(
                     name=job.name,
