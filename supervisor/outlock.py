@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,27 @@ def acquire(output_dir: Path, holder: dict[str, Any]) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     return fd
+
+
+def acquire_after_predecessor(
+    output_dir: Path, holder: dict[str, Any], *, timeout: float = 30.0
+) -> int:
+    """`acquire`, but wait while the holder is an earlier attempt of the same job.
+
+    A killed trainer's process group dies asynchronously (data-loader workers
+    inherit the descriptor), so the next attempt can be ready a few
+    milliseconds before the kernel drops the lock; another job's lock, or one
+    held longer than `timeout`, is refused at once or then.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return acquire(output_dir, holder)
+        except OutputLocked as exc:
+            same_job = exc.holder is not None and exc.holder.get("job") == holder.get("job")
+            if not same_job or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
 
 
 def is_locked(output_dir: Path) -> bool:

@@ -102,13 +102,16 @@ def failure_restarts(history: Sequence[AttemptOutcome]) -> int:
 
 
 def backoff_delay(stalled_failures: int, policy: RestartSection) -> float:
-    """base * 2^(n-1) for the n-th failure in a row without progress, capped.
+    """0 after a failure that made progress; base * 2^(n-1) for the n-th failure
+    in a row without progress, capped.
 
-    A failure after progress restarts after the base delay: a run that trained
-    for hours and then crashed once is not punished like a crash loop.
+    A run that trained for hours and then crashed once restarts at once: every
+    second before its next step is lost goodput, and nothing suggests that
+    waiting would help. Failures that get nowhere back off, then give up.
     """
-    exponent = max(0, stalled_failures - 1)
-    return float(min(policy.backoff_max, policy.backoff * (2**exponent)))
+    if stalled_failures == 0:
+        return 0.0
+    return float(min(policy.backoff_max, policy.backoff * (2 ** (stalled_failures - 1))))
 
 
 def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decision:
@@ -141,8 +144,7 @@ def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decisio
         )
     delay = backoff_delay(stalled, policy)
     kind = f" ({last.failure_kind})" if last.failure_kind else ""
+    when = f"in {format_duration(delay)}" if delay else "at once (it made progress)"
     return Restart(
-        delay,
-        f"{_describe(last)}{kind}; restart {failures} of {policy.max_restarts} "
-        f"in {format_duration(delay)}",
+        delay, f"{_describe(last)}{kind}; restart {failures} of {policy.max_restarts} {when}"
     )

@@ -62,19 +62,18 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _write_exit(attempt_dir: Path, **fields: object) -> None:
+def write_exit(attempt_dir: Path, **fields: object) -> None:
     write_json_atomic(attempt_dir / EXIT_FILE, {"ended_at": time.time(), **fields})
 
 
-def run(args: argparse.Namespace) -> int:
-    attempt_dir: Path = args.attempt_dir
-    attempt_dir.mkdir(parents=True, exist_ok=True)
-    started_at = time.time()
-    holder = {"job": args.job, "attempt": args.attempt, "pid": os.getpid()}
+def lock_for_attempt(
+    output_dir: Path, attempt_dir: Path, holder: dict[str, object], started_at: float
+) -> int | None:
+    """The output-folder lock, or None after writing a `locked` exit.json."""
     try:
-        lock_fd = outlock.acquire(args.output_dir, holder)
+        return outlock.acquire_after_predecessor(output_dir, holder)
     except outlock.OutputLocked as exc:
-        _write_exit(
+        write_exit(
             attempt_dir,
             error="locked",
             message=str(exc),
@@ -83,12 +82,18 @@ def run(args: argparse.Namespace) -> int:
             returncode=None,
             signal=None,
         )
-        return 1
+        return None
 
-    state = _StopState()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
+
+def run(args: argparse.Namespace) -> int:
+    attempt_dir: Path = args.attempt_dir
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    started_at = time.time()
+    holder = {"job": args.job, "attempt": args.attempt, "pid": os.getpid()}
+    lock_fd = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
+    if lock_fd is None:
+        return 1
+    wake_r = wakeup_pipe()
     log = (attempt_dir / LOG_FILE).open("ab", buffering=0)
     try:
         child = subprocess.Popen(
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
-        _write_exit(
+        write_exit(
             attempt_dir,
             error="spawn",
             message=f"cannot start {args.argv[0]!r}: {exc}",
@@ -111,7 +116,26 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     os.close(lock_fd)  # the trainer holds it now; it is released when the trainer dies
+    return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
 
+
+def wakeup_pipe() -> int:
+    """A pipe the signal machinery writes to, so `select` wakes up for handlers."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    return wake_r
+
+
+def supervise(
+    child: subprocess.Popen[bytes],
+    attempt_dir: Path,
+    *,
+    started_at: float,
+    grace: float,
+    wake_r: int,
+) -> int:
+    """From a started trainer to `exit.json`: pids, stop handling, the group's end."""
     pgid = child.pid
     write_json_atomic(
         attempt_dir / PIDS_FILE,
@@ -124,12 +148,13 @@ def run(args: argparse.Namespace) -> int:
             "started_at": started_at,
         },
     )
-    _install_handlers(state, pgid, args.grace)
+    state = _StopState()
+    _install_handlers(state, pgid, grace)
     status = _wait(child, state, pgid, wake_r)
     # Anything left in the group (dataloader workers, torchrun children) goes too.
-    _killpg(pgid, signal.SIGKILL)
+    killpg(pgid, signal.SIGKILL)
     returncode = os.waitstatus_to_exitcode(status)
-    _write_exit(
+    write_exit(
         attempt_dir,
         started_at=started_at,
         returncode=returncode if returncode >= 0 else None,
@@ -146,10 +171,10 @@ def _install_handlers(state: _StopState, pgid: int, grace: float) -> None:
         if not state.stop_requested:
             state.stop_requested = True
             state.kill_deadline = time.monotonic() + grace
-            _killpg(pgid, signal.SIGTERM)
+            killpg(pgid, signal.SIGTERM)
 
     def on_forward(signum: int, _frame: FrameType | None) -> None:
-        _killpg(pgid, signal.Signals(signum))
+        killpg(pgid, signal.Signals(signum))
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -175,10 +200,10 @@ def _wait(child: subprocess.Popen[bytes], state: _StopState, pgid: int, wake_r: 
         deadline = state.kill_deadline
         if deadline is not None and not state.escalated and time.monotonic() >= deadline:
             state.escalated = True
-            _killpg(pgid, signal.SIGKILL)
+            killpg(pgid, signal.SIGKILL)
 
 
-def _killpg(pgid: int, sig: signal.Signals) -> None:
+def killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 

@@ -760,6 +760,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("backoff_max", _duration()),
             _Field("crash_loop", _POSITIVE_INT),
             _Field("stop_grace", _duration()),
+            _Field("standby", _boolean),
         ),
         "health": _table(
             HealthSection,

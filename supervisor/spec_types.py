@@ -99,6 +99,7 @@ class RestartSection:
     backoff_max: float = 600.0
     crash_loop: int = 3
     stop_grace: float = 120.0
+    standby: bool = True  # a warm standby trainer ([train] jobs, one process)
 
 
 @dataclass(frozen=True)

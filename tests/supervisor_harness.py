@@ -170,7 +170,8 @@ class Harness:
             self.daemon.kill()
             self.daemon.wait(10)
             self.daemon = None
-        for pids_file in self.state_dir.glob("runs/*/attempt-*/pids.json"):
+        standbys = self.state_dir.glob("runs/*/standby-*/standby.json")
+        for pids_file in [*self.state_dir.glob("runs/*/attempt-*/pids.json"), *standbys]:
             pids = json.loads(pids_file.read_text())
             if is_same_process(pids["shim_pid"], pids["shim_start"]):
                 os.kill(pids["shim_pid"], signal.SIGKILL)
@@ -188,3 +189,31 @@ class Harness:
                 Path(f"/proc/{pid}/environ").read_bytes() + cmdline
             ):
                 os.killpg(pid, signal.SIGKILL)
+
+
+# standby shims ----------------------------------------------------------------
+def start_standby_shim(
+    standby_dir: Path, output_dir: Path, daemon_pid: int, argv: list[str], job: str = "j"
+) -> subprocess.Popen[bytes]:
+    """`standby_shim` as the daemon starts it (FIFO made first), in its own session."""
+    from ftsup.supervisor.procinfo import process_start_time
+    from ftsup.supervisor.standby_shim import FIFO_NAME
+
+    standby_dir.mkdir(parents=True)
+    os.mkfifo(standby_dir / FIFO_NAME)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shim_argv = [sys.executable, "-m", "ftsup.supervisor.standby_shim"]
+    shim_argv += ["--standby-dir", str(standby_dir), "--output-dir", str(output_dir)]
+    shim_argv += ["--job", job, "--grace", "5", "--daemon-pid", str(daemon_pid)]
+    shim_argv += ["--daemon-start", str(process_start_time(daemon_pid)), "--", *argv]
+    return subprocess.Popen(shim_argv, start_new_session=True)
+
+
+def activate_standby(standby_dir: Path, attempt_dir: Path, activation: dict[str, Any]) -> None:
+    """What the daemon does: activation.json, rename to the attempt, path to the FIFO."""
+    from ftsup.supervisor.atomicio import write_json_atomic
+    from ftsup.supervisor.standby_shim import ACTIVATION_FILE, FIFO_NAME
+
+    write_json_atomic(standby_dir / ACTIVATION_FILE, activation)
+    standby_dir.rename(attempt_dir)
+    (attempt_dir / FIFO_NAME).write_text(f"{attempt_dir}\n")

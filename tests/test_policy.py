@@ -53,7 +53,7 @@ def test_hang_kill_is_a_failure_even_though_ftsup_stopped_it() -> None:
 
 def test_backoff_doubles_per_stalled_failure_and_is_capped() -> None:
     history = [crash(0, 10)]
-    assert decide(history, POLICY) == Restart(10.0, decide(history, POLICY).reason)  # type: ignore[union-attr]
+    assert decide(history, POLICY) == Restart(0.0, decide(history, POLICY).reason)  # type: ignore[union-attr]
     history.append(crash(10, 10))
     assert decide(history, POLICY).after == 10.0  # type: ignore[union-attr]
     history.append(crash(10, 10))
@@ -61,10 +61,11 @@ def test_backoff_doubles_per_stalled_failure_and_is_capped() -> None:
     assert backoff_delay(10, POLICY) == 60.0
 
 
-def test_progress_resets_the_backoff() -> None:
+def test_a_failure_after_progress_restarts_at_once() -> None:
     history = [crash(0, 10), crash(10, 10), crash(10, 25)]
     decision = decide(history, POLICY)
-    assert isinstance(decision, Restart) and decision.after == 10.0
+    assert isinstance(decision, Restart) and decision.after == 0.0
+    assert decision.reason.endswith("restart 3 of 5 at once (it made progress)"), decision.reason
 
 
 def test_crash_loop_counts_failures_that_get_no_further() -> None:

@@ -21,6 +21,7 @@ from ftsup.supervisor.spec_types import LaunchSection, TrainSection
 
 TRAINER_MODULE = "ftsup.trainer"
 DISTRUN_MODULE = "ftsup.trainer.distrun"
+STANDBY_MODULE = "ftsup.trainer.standby"
 
 
 def trainer_args(config_path: Path, resume_from: Path | None) -> list[str]:
@@ -62,6 +63,24 @@ def build_trainer_argv(
     rdzv_id = f"ftsup-{Path(config_path).parent.name}"
     launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]
     return [*launcher, "-m", TRAINER_MODULE, *tail]
+
+
+def split_single_process_argv(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(interpreter prefix, trainer arguments) of a one-process trainer argv; None
+    for torchrun launches, which a warm standby cannot take over."""
+    if len(argv) >= 3 and argv[1:3] == ["-m", TRAINER_MODULE]:
+        return argv[:3], argv[3:]
+    return None
+
+
+def standby_argv(trainer_argv: list[str]) -> list[str] | None:
+    """The warm standby that can run `trainer_argv` (any resume point), or None."""
+    split = split_single_process_argv(trainer_argv)
+    if split is None:
+        return None
+    (python, _, _), args = split
+    config = args[args.index("--config") + 1]
+    return [python, "-m", STANDBY_MODULE, "--config", config]
 
 
 def train_json(

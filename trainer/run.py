@@ -20,6 +20,7 @@ from typing import Any
 from ftsup.trainer import dist
 from ftsup.trainer.config import ConfigError, RunConfig, load_run_config
 from ftsup.trainer.data import DataError
+from ftsup.trainer.prepared import PreparedData
 from ftsup.trainer.signals import install_handlers
 
 EXIT_OK = 0
@@ -47,7 +48,8 @@ def fail(message: str) -> int:
     return EXIT_CONFIG
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = None) -> int:
+    """`prepared`: data a warm standby tokenized before it was activated."""
     args = parse_args(argv)
     install_handlers()  # before the slow imports: a stop request is never lost
     if dist.world_size() > 1:
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume_from is not None:
         warn_if_fingerprint_changed(config, args.resume_from)
     try:
-        trainer, callback = build_trainer(config, args.resume_from)
+        trainer, callback = build_trainer(config, args.resume_from, prepared)
     except (ConfigError, DataError) as exc:
         return fail(str(exc))
     resume = str(args.resume_from) if args.resume_from else None
@@ -98,17 +100,19 @@ def configure_determinism(seed: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any]:
+def build_trainer(
+    config: RunConfig, resume_from: Path | None, prepared: PreparedData | None = None
+) -> tuple[Any, Any]:
     """Data, model, TrainingArguments and the callbacks, assembled into a Trainer."""
     from transformers import Trainer
 
     from ftsup.trainer.async_save import with_async_save
-    from ftsup.trainer.batching import ExampleDataset, PadCollator
+    from ftsup.trainer.batching import PadCollator
     from ftsup.trainer.callback import FtsupCallback
     from ftsup.trainer.checkpointing import Checkpointer, fingerprint
-    from ftsup.trainer.data import encode_all, load_conversations, split_eval
     from ftsup.trainer.faults import FaultInjector
-    from ftsup.trainer.model import load_model, load_tokenizer
+    from ftsup.trainer.model import load_model
+    from ftsup.trainer.prepared import reuse_or_prepare
     from ftsup.trainer.skipping import skip_windows_from_env, with_skipped_steps
 
     train = config.train
@@ -117,11 +121,8 @@ def build_trainer(config: RunConfig, resume_from: Path | None) -> tuple[Any, Any
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
     configure_determinism(train.seed)
-    conversations = load_conversations(train.dataset, train.format)
-    train_rows, eval_rows = split_eval(conversations, train.val_size, train.seed)
-    tokenizer = load_tokenizer(train)
-    train_set = ExampleDataset(encode_all(tokenizer, train_rows, train.cutoff_len))
-    eval_set = ExampleDataset(encode_all(tokenizer, eval_rows, train.cutoff_len))
+    data = reuse_or_prepare(train, prepared)
+    tokenizer, train_set, eval_set = data.tokenizer, data.train_set, data.eval_set
     model = load_model(train)
     fault = FaultInjector.from_env()
     checkpointer = Checkpointer(

@@ -4,7 +4,10 @@ Modes, all in one invocation, on the same LoRA job (`prepare_demo`: tiny
 offline Llama model, arithmetic data):
 
 * `ftsup`: the built-in trainer under a daemon in temporary folders; the
-  trainer's process group is SIGKILLed and the daemon restarts it.
+  trainer's process group is SIGKILLed and the daemon restarts it (its warm
+  standby takes over when one is ready).
+* `ftsup_cold`: the same with `[restart] standby = false`: every restart is a
+  cold start of the trainer.
 * `baseline`: plain transformers Trainer (`hf_train.py`) under a restart loop
   that does what `while ! python hf_train.py --resume_from_checkpoint
   <newest checkpoint-* by number>; do :; done` does: restart at once.
@@ -383,7 +386,7 @@ class Daemon:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def write_job(work: Path, steps: int, save_steps: int, kills: int) -> Path:
+def write_job(work: Path, steps: int, save_steps: int, kills: int, *, standby: bool) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
 
@@ -393,6 +396,7 @@ def write_job(work: Path, steps: int, save_steps: int, kills: int) -> Path:
     restart = (
         f'\n[restart]\nbackoff = "{BACKOFF}"\nbackoff_max = "1s"\n'
         f"max_restarts = {kills + 5}\ncrash_loop = {kills + 5}\n"
+        f"standby = {'true' if standby else 'false'}\n"
     )
     job.write_text(text + restart)
     return job
@@ -408,11 +412,11 @@ def run_ftsup(
     mode: str,
 ) -> ModeResult:
     """Built-in trainer under the daemon; trainer kills (`ftsup`) or daemon kills."""
-    job = write_job(root / "w", steps, save_steps, len(kills))
+    job = write_job(root / "w", steps, save_steps, len(kills), standby=mode != "ftsup_cold")
     daemon = Daemon(root, env)
     daemon.start()
     result = ModeResult(mode=mode, launched=time.time(), kills=kills)
-    result.kills_trainer = mode == "ftsup"
+    result.kills_trainer = mode != "daemon_kill"
     daemon.cli("start", str(job))
     tail = Tail(daemon.state / "runs" / JOB / "progress.jsonl")
 
@@ -420,7 +424,7 @@ def run_ftsup(
         return any(r.get("event") == "train_end" for r in tail.records)
 
     deadline = time.time() + timeout
-    if mode == "ftsup":
+    if mode != "daemon_kill":
         drive_kills(tail, kills, daemon.kill_trainer, finished, deadline, save_steps)
     else:
         restarts: list[float] = []
@@ -451,6 +455,9 @@ def run_ftsup(
     result.extra["daemon_state"] = status.get("state")
     result.extra["daemon_goodput"] = status.get("goodput")
     result.extra["attempts"] = len(list((daemon.state / "runs" / JOB).glob("attempt-*")))
+    events = json.loads(daemon.cli("events", JOB, "--json").stdout)["events"]
+    started = [e for e in events if e["kind"] == "attempt_started"]
+    result.extra["standby_takeovers"] = sum(1 for e in started if e["data"].get("standby"))
     daemon.kill()
     return result
 
@@ -577,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, help="kills per mode (default 4; --quick 2)")
     parser.add_argument("--save-steps", type=int, help="default: steps // 8, as the demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="ftsup,baseline,baseline_guarded,daemon_kill")
+    parser.add_argument("--modes", default="ftsup,ftsup_cold,baseline,baseline_guarded,daemon_kill")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mode")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)

@@ -95,6 +95,10 @@ def print_job(job: dict[str, Any]) -> None:
     if current:
         source = current.get("resume_from") or "scratch"
         rows.append(("attempt", f"#{current['n']} pid {current.get('trainer_pid')} from {source}"))
+    standby = job.get("standby")
+    if standby:
+        warm = f", warm in {standby['ready_s']:.1f}s" if standby.get("ready_s") else ""
+        rows.append(("standby", f"{standby['state']} (pid {standby.get('pid')}{warm})"))
     if job.get("next_start_at"):
         rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))
     goodput = job.get("goodput")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.procinfo import process_start_time
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.standby_shim import FIFO_NAME
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,43 @@ def spawn_shim(
         "--",
         *plan.argv,
     ]
-    shim_log = (attempt_dir / "shim.log").open("ab")
-    try:
+    return _start_shim(shim_argv, attempt_dir / "shim.log", plan)
+
+
+def spawn_standby_shim(
+    spec: JobSpec, standby_dir: Path, *, plan: AttemptPlan, standby_argv: list[str]
+) -> subprocess.Popen[bytes]:
+    """Start a warm standby (`standby_shim`) that dies with this daemon until activated."""
+    standby_dir.mkdir(parents=True)
+    os.mkfifo(standby_dir / FIFO_NAME, 0o600)
+    (standby_dir / LOG_FILE).touch()
+    shim_argv = [
+        sys.executable,
+        "-m",
+        "ftsup.supervisor.standby_shim",
+        "--standby-dir",
+        str(standby_dir),
+        "--output-dir",
+        str(spec.output_dir),
+        "--job",
+        spec.name,
+        "--grace",
+        str(spec.restart.stop_grace),
+        "--daemon-pid",
+        str(os.getpid()),
+        "--daemon-start",
+        str(process_start_time(os.getpid())),
+        "--",
+        *standby_argv,
+    ]
+    return _start_shim(shim_argv, standby_dir / "shim.log", plan)
+
+
+def _start_shim(argv: list[str], log: Path, plan: AttemptPlan) -> subprocess.Popen[bytes]:
+    """A shim in its own session (it outlives the daemon), its output in `log`."""
+    with log.open("ab") as shim_log:
         return subprocess.Popen(
-            shim_argv,
+            argv,
             cwd=plan.cwd,
             env=plan.env,
             stdin=subprocess.DEVNULL,
@@ -110,8 +145,6 @@ def spawn_shim(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    finally:
-        shim_log.close()
 
 
 def default_env() -> dict[str, str]:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,8 @@ from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
-from ftsup.supervisor.daemon.launcher import plan_attempt, spawn_shim
+from ftsup.supervisor.daemon.launcher import AttemptPlan, plan_attempt, spawn_shim
+from ftsup.supervisor.daemon.standby import StandbyKeeper
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.goodput import checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
@@ -78,6 +80,11 @@ class JobRunner:
         self._preflight = preflight
         self._env = env
         self.checkpoints = JobCheckpoints(spec, store, bus, on_disk_pause=self.pause_for_disk)
+        self.standbys = StandbyKeeper(
+            spec,
+            layout.run_dir(spec.name),
+            lambda kind, message, data: self.bus.emit(self.name, kind, message, data),
+        )
         self.follower = RunFollower(
             spec,
             layout.progress_file(spec.name),
@@ -152,6 +159,7 @@ class JobRunner:
             self._finish("failed", f"internal error in the supervisor: {exc!r}")
         finally:
             self.checkpoints.stop()
+            self.standbys.discard()
 
     def _conclude(self, decision: policy.Decision, row: AttemptRow) -> None:
         if isinstance(decision, policy.Done):
@@ -235,26 +243,23 @@ class JobRunner:
             resume_from=str(resume.path) if resume.path else None,
             start_step=resume.step,
         )
-        env = dict(self._env)
-        if self.skip_windows:  # the data a loss anomaly rolled back past
-            env["FTSUP_SKIP_STEPS"] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
         try:
-            plan = plan_attempt(
-                self.spec, self.layout, attempt=n, resume_from=resume.path, base_env=env
-            )
+            plan = self._plan(n, resume.path)
         except ValueError as exc:  # a launch the trainer cannot do (e.g. deepspeed)
             self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
             self._finish("failed", f"cannot launch: {exc}")
             return None
+        attempt_dir = self.layout.attempt_dir(self.name, n)
+        warm = await self._activate_standby(plan, n, attempt_dir)
         try:
-            child = spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
+            child = warm or spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
         except OSError as exc:
             self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
             self._finish("failed", f"cannot start the shim: {exc}")
             return None
         attempt = LiveAttempt(
             n=n,
-            attempt_dir=self.layout.attempt_dir(self.name, n),
+            attempt_dir=attempt_dir,
             shim_pid=child.pid,
             shim_start=process_start_time(child.pid),
             start_step=resume.step,
@@ -270,16 +275,49 @@ class JobRunner:
         self.bus.emit(
             self.name,
             "attempt_started",
-            f"attempt {n} started {where}",
+            f"attempt {n} started {where}" + (" (warm standby)" if warm else ""),
             {
                 "attempt": n,
                 "resume_from": str(resume.path) if resume.path else None,
                 "start_step": resume.step,
                 "argv": plan.argv,
+                "standby": warm is not None,
             },
         )
         self._begin_attempt(attempt)
         return attempt
+
+    def _plan(self, attempt: int, resume_from: Path | None) -> AttemptPlan:
+        env = dict(self._env)
+        if self.skip_windows:  # the data a loss anomaly rolled back past
+            env["FTSUP_SKIP_STEPS"] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
+        return plan_attempt(
+            self.spec, self.layout, attempt=attempt, resume_from=resume_from, base_env=env
+        )
+
+    async def _activate_standby(
+        self, plan: AttemptPlan, n: int, attempt_dir: Path
+    ) -> subprocess.Popen[bytes] | None:
+        """The warm standby's shim, now running attempt `n`; None: start cold."""
+        standby = self.standbys.take(plan)
+        if standby is None or attempt_dir.exists():
+            if standby is not None:
+                self.standbys.discard_taken(standby)
+            return None
+        if await asyncio.to_thread(standby.activate, attempt_dir, n, self.name, plan):
+            return standby.shim
+        self.standbys.discard_taken(standby)
+        return None
+
+    def _keep_standby_warm(self) -> None:
+        """A standby waits for the next restart once the attempt has stepped."""
+        attempt = self.attempt
+        start_one = (
+            attempt is not None
+            and not self.stop_requested
+            and self.follower.progress.attempt_max_step > attempt.start_step
+        )
+        self.standbys.keep_warm(lambda: self._plan(0, None), start_one)
 
     def _preflight_checks(self) -> tuple[str, str]:
         """The first pre-launch check that is not ok (GPUs, then disk space), else ok."""
@@ -414,6 +452,7 @@ class JobRunner:
         if attempt is None:
             return
         self.store.update_attempt(self.name, attempt.n, stop_requested=True)
+        self.standbys.discard()
         self._set_state("stopping", "kill requested" if now else "graceful stop requested")
         if now:
             self.signal_trainer(signal.SIGKILL)
@@ -450,6 +489,7 @@ class JobRunner:
         if seen.log_lines and self.bus.has_subscribers("log"):
             attempt = self.attempt.n if self.attempt else None
             self.bus.emit(self.name, "log", "", {"lines": seen.log_lines, "attempt": attempt})
+        self._keep_standby_warm()
 
     def _store_step(self) -> None:
         attempt = self.attempt

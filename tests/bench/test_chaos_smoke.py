@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("ftsup", "baseline", "baseline_guarded", "daemon_kill")
+MODES = ("ftsup", "ftsup_cold", "baseline", "baseline_guarded", "daemon_kill")
 KEYS = {
     "completed",
     "kills",
@@ -60,6 +60,8 @@ def test_chaos_smallest_configuration(tmp_path: Path) -> None:
         assert mode["kills"] == 1, (name, mode)
         assert 0 < mode["goodput"] <= 1, (name, mode)
     assert report["modes"]["ftsup"]["attempts"] == 2
+    assert report["modes"]["ftsup_cold"]["attempts"] == 2
+    assert report["modes"]["ftsup_cold"]["standby_takeovers"] == 0
     assert report["modes"]["baseline"]["attempts"] == 2
     assert report["modes"]["baseline_guarded"]["attempts"] == 2
     assert report["modes"]["daemon_kill"]["attempts"] == 1  # the run survived the daemon

@@ -1,0 +1,221 @@
+"""One job's warm standby, as the daemon keeps it (see `ftsup.supervisor.standby_shim`).
+
+The runner asks `StandbyKeeper.keep_warm` on every pump while an attempt
+trains, and `take` when it launches the next attempt: a ready (or still
+warming) standby that can run exactly the planned command becomes the new
+attempt, so the restart skips the cold start. One standby per job, started
+only after the attempt's first step so that it never competes with the
+attempt's own start-up; a fresh one is started after each use. A standby that
+dies before use is reported (`standby_lost`, with its log's tail); after
+`MAX_LOSSES` the job runs without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
+from ftsup.supervisor.daemon.launcher import AttemptPlan, spawn_standby_shim
+from ftsup.supervisor.procinfo import is_same_process, process_start_time
+from ftsup.supervisor.shim import LOG_FILE
+from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.standby_shim import ACTIVATION_FILE, FIFO_NAME, STANDBY_FILE
+from ftsup.trainer.launch import split_single_process_argv, standby_argv
+
+# Set per attempt; every other variable must equal the standby's own environment,
+# which its imports may already have read (CUDA_VISIBLE_DEVICES, HF_HOME, ...).
+PER_ATTEMPT_ENV = frozenset({"FTSUP_ATTEMPT", "FTSUP_RESUME_FROM", "FTSUP_SKIP_STEPS"})
+MAX_LOSSES = 3
+STANDBY_PREFIX = "standby-"
+_numbers = itertools.count(1)
+
+Emit = Callable[[str, str, dict[str, Any] | None], object]
+
+
+@dataclass
+class Standby:
+    """A standby shim this daemon started, with what it was started to run."""
+
+    directory: Path
+    shim: subprocess.Popen[bytes]
+    shim_start: int | None
+    plan: AttemptPlan
+    spawned_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.directory / STANDBY_FILE) or {}
+
+    def alive(self) -> bool:
+        return self.shim.poll() is None
+
+    def can_run(self, plan: AttemptPlan) -> bool:
+        return can_take_over(self.plan, plan)
+
+    def activate(self, attempt_dir: Path, attempt: int, job: str, plan: AttemptPlan) -> bool:
+        """Turn the standby into `attempt`: its folder becomes the attempt's, the
+        shim is told where. False (folder renamed back) when the shim is gone."""
+        _, args = split_single_process_argv(plan.argv) or ([], [])
+        activation = {"attempt": attempt, "job": job, "args": args, "env": plan.env}
+        write_json_atomic(self.directory / ACTIVATION_FILE, activation)
+        write_json_atomic(
+            self.directory / "command.json", {"argv": plan.argv, "cwd": str(plan.cwd)}
+        )
+        self.directory.rename(attempt_dir)
+        try:
+            fifo = os.open(attempt_dir / FIFO_NAME, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader, the shim has died
+            attempt_dir.rename(self.directory)
+            return False
+        try:
+            os.write(fifo, f"{attempt_dir}\n".encode())
+        finally:
+            os.close(fifo)
+        self.directory = attempt_dir
+        return True
+
+    def discard(self) -> None:
+        """SIGTERM: the shim kills its trainer and removes its folder."""
+        if self.alive() and is_same_process(self.shim.pid, self.shim_start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.shim.pid, signal.SIGTERM)
+
+
+def can_take_over(standby_plan: AttemptPlan, plan: AttemptPlan) -> bool:
+    """The same interpreter, config and folder, and the same environment but for
+    the per-attempt variables: then activating the standby equals a cold start."""
+    mine = split_single_process_argv(standby_plan.argv)
+    theirs = split_single_process_argv(plan.argv)
+    if mine is None or theirs is None or mine[0] != theirs[0] or plan.cwd != standby_plan.cwd:
+        return False
+    config = mine[1][: mine[1].index("--config") + 2]
+    if theirs[1][: len(config)] != config:
+        return False
+    return _without_per_attempt(plan.env) == _without_per_attempt(standby_plan.env)
+
+
+def _without_per_attempt(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in PER_ATTEMPT_ENV}
+
+
+class StandbyKeeper:
+    """At most one standby for one job: started, watched, taken or discarded."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, emit: Emit) -> None:
+        self.enabled = (
+            spec.restart.standby and spec.train is not None and not spec.launch.distributed
+        )
+        self.spec = spec
+        self.run_dir = run_dir
+        self._emit = emit
+        self.current: Standby | None = None
+        self._discarded: list[Standby] = []  # reaped once their shims exit
+        self.losses = 0
+        self._ready_reported = False
+        self.remove_stale()
+
+    def remove_stale(self) -> None:
+        """Folders of standbys whose shims are gone (an earlier daemon's)."""
+        for folder in self.run_dir.glob(f"{STANDBY_PREFIX}*"):
+            info = read_json(folder / STANDBY_FILE) or {}
+            if not is_same_process(info.get("shim_pid", -1), info.get("shim_start")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def keep_warm(self, plan: Callable[[], AttemptPlan], start_one: bool) -> None:
+        """Called on every pump: notice a lost or ready standby; start one when
+        there is none and `start_one` (the current attempt has stepped)."""
+        self._reap()
+        standby = self.current
+        if standby is not None and not standby.alive():
+            self._lost(standby)
+            standby = self.current = None
+        if standby is not None:
+            self._report_ready(standby)
+        elif start_one and self.enabled and self.losses < MAX_LOSSES:
+            self._start(plan())
+
+    def _start(self, plan: AttemptPlan) -> None:
+        argv = standby_argv(plan.argv)
+        if argv is None:
+            return
+        folder = self.run_dir / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
+        try:
+            shim = spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv)
+        except OSError as exc:
+            self.losses += 1
+            self._emit("standby_lost", f"cannot start a warm standby: {exc}", None)
+            return
+        self.current = Standby(folder, shim, process_start_time(shim.pid), plan)
+        self._ready_reported = False
+
+    def _report_ready(self, standby: Standby) -> None:
+        info = standby.info()
+        if self._ready_reported or info.get("state") != "ready":
+            return
+        self._ready_reported = True
+        self._emit(
+            "standby_ready",
+            f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
+            {k: info.get(k) for k in ("trainer_pid", "ready_s", "data_prepared")},
+        )
+
+    def _lost(self, standby: Standby) -> None:
+        self.losses += 1
+        info = standby.info()
+        tail = tail_lines(standby.directory / LOG_FILE, 15)
+        how = f"exit code {info['returncode']}" if "returncode" in info else "its shim died"
+        gave_up = self.losses >= MAX_LOSSES
+        self._emit(
+            "standby_lost",
+            f"warm standby ended before use ({how})"
+            + ("; restarts start cold from now on" if gave_up else ""),
+            {"log_tail": tail, "losses": self.losses},
+        )
+        shutil.rmtree(standby.directory, ignore_errors=True)
+
+    def take(self, plan: AttemptPlan) -> Standby | None:
+        """The standby, handed over for `plan` (the caller activates it), or None."""
+        self._reap()
+        standby = self.current
+        if standby is None:
+            return None
+        self.current = None
+        # standby.json exists once the shim has opened its FIFO: activation can reach it.
+        if standby.alive() and standby.info() and standby.can_run(plan):
+            return standby
+        self.discard_taken(standby)
+        return None
+
+    def discard_taken(self, standby: Standby) -> None:
+        """Discard a standby that `take` handed out but that was not activated."""
+        standby.discard()
+        self._discarded.append(standby)
+
+    def discard(self) -> None:
+        if self.current is not None:
+            self.discard_taken(self.current)
+            self.current = None
+
+    def _reap(self) -> None:
+        self._discarded = [s for s in self._discarded if s.alive()]
+
+    def to_json(self) -> dict[str, Any] | None:
+        standby = self.current
+        if standby is None:
+            return None
+        info = standby.info()
+        return {
+            "state": info.get("state", "starting"),
+            "pid": info.get("trainer_pid"),
+            "ready_s": info.get("ready_s"),
+            "since": standby.spawned_at,
+        }

@@ -1,0 +1,120 @@
+"""The warm standby under a real daemon, with the real built-in trainer on a tiny model.
+
+A killed run is taken over by the standby (no new process) and ends bit-identical
+to the same run restarted cold; a standby never outlives its daemon, is replaced
+when it dies, and leaves nothing behind when the job stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.procinfo import group_members, is_same_process
+from ftsup.trainer.demo import prepare_demo
+from tests.supervisor_harness import Harness, wait_for
+
+STEPS = 400  # a checkpoint every 50 steps; about 15 s of training here
+
+
+def _demo_job(daemon: Harness, name: str, *, standby: bool = True) -> Path:
+    job = prepare_demo(daemon.work / name, steps=STEPS, name=name)
+    if not standby:
+        job.write_text(job.read_text().replace("[restart]\n", "[restart]\nstandby = false\n"))
+    return job
+
+
+def _events(daemon: Harness, job: str, kind: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.cli_json("events", job)["events"] if e["kind"] == kind]
+
+
+def _ready_standby(daemon: Harness, job: str, *, not_pid: int | None = None) -> dict[str, Any]:
+    """The job's standby once it reports ready (and is not the one with `not_pid`)."""
+
+    def ready() -> dict[str, Any] | None:
+        standby = daemon.status(job).get("standby")
+        if standby and standby["state"] == "ready" and standby["pid"] != not_pid:
+            return dict(standby)
+        return None
+
+    return dict(wait_for(ready, 120, 0.2, f"a ready standby for {job}"))
+
+
+def _kill_trainer(daemon: Harness, job: str) -> int:
+    pids = daemon.attempt_pids(job)[-1]
+    os.killpg(pids["pgid"], signal.SIGKILL)
+    return int(pids["trainer_pid"])
+
+
+def _losses(daemon: Harness, job: str) -> dict[int, float]:
+    """Per step, the loss logged last (re-executed steps overwrite the dead attempt's)."""
+    progress = daemon.state_dir / "runs" / job / "progress.jsonl"
+    losses: dict[int, float] = {}
+    for line in progress.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "step" and record.get("loss") is not None:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_standby_takes_over_a_killed_run_identical_to_a_cold_restart(daemon: Harness) -> None:
+    daemon.env["OMP_NUM_THREADS"] = "1"  # the same thread count in both runs
+    daemon.kill_daemon()
+    daemon.start_daemon()
+    daemon.cli("start", str(_demo_job(daemon, "warm")))
+    daemon.cli("start", str(_demo_job(daemon, "cold", standby=False)))
+    standby = _ready_standby(daemon, "warm")
+    for job in ("warm", "cold"):
+        wait_for(
+            lambda job=job: (daemon.work / job / "output" / "checkpoint-50").is_dir(),
+            120,
+            what=f"{job}'s first checkpoint",
+        )
+        assert daemon.status(job)["progress"]["step"] < STEPS, "killed too late to resume"
+        _kill_trainer(daemon, job)
+
+    for job in ("warm", "cold"):
+        finished = daemon.wait_state(job, "finished", "failed", "gave_up", timeout=240)
+        assert finished["state"] == "finished", finished
+        assert finished["attempts"] == 2
+    warm_started = _events(daemon, "warm", "attempt_started")[-1]
+    assert warm_started["data"]["standby"] is True
+    assert "(warm standby)" in warm_started["message"]
+    assert daemon.attempt_pids("warm")[1]["trainer_pid"] == standby["pid"]
+    assert _events(daemon, "cold", "attempt_started")[-1]["data"]["standby"] is False
+    assert not _events(daemon, "cold", "standby_ready")
+
+    final = f"checkpoint-{STEPS}/adapter_model.safetensors"
+    warm_bytes = (daemon.work / "warm" / "output" / final).read_bytes()
+    assert warm_bytes == (daemon.work / "cold" / "output" / final).read_bytes()
+    assert _losses(daemon, "warm") == _losses(daemon, "cold")
+    assert not list((daemon.state_dir / "runs" / "warm").glob("standby-*"))
+
+
+def test_standby_is_replaced_when_lost_dies_with_its_daemon_and_goes_with_the_job(
+    daemon: Harness,
+) -> None:
+    daemon.cli("start", str(_demo_job(daemon, "life")))
+    first = _ready_standby(daemon, "life")
+    os.kill(first["pid"], signal.SIGKILL)
+    second = _ready_standby(daemon, "life", not_pid=first["pid"])
+    lost = _events(daemon, "life", "standby_lost")
+    assert lost and "exit code -9" in lost[0]["message"]
+
+    folder = next((daemon.state_dir / "runs" / "life").glob("standby-*"))
+    trainer = daemon.attempt_pids("life")[0]
+    daemon.kill_daemon()
+    wait_for(lambda: not folder.exists(), 20, what="the orphaned standby to remove itself")
+    assert not is_same_process(second["pid"], None)
+    assert is_same_process(trainer["trainer_pid"], trainer["trainer_start"]), "run must go on"
+
+    daemon.start_daemon()
+    third = _ready_standby(daemon, "life", not_pid=second["pid"])
+    stopped = daemon.cli_json("stop", "life", "--now", "--wait")
+    assert stopped["state"] == "stopped"
+    wait_for(lambda: not group_members(third["pid"]), 20, what="the standby to be gone")
+    assert not list((daemon.state_dir / "runs" / "life").glob("standby-*"))
+    assert daemon.status("life")["standby"] is None

@@ -1,0 +1,183 @@
+"""The standby shim's contract with real processes, with a small stand-in for the
+trainer (no torch): activation hands over arguments, environment and the output
+lock; discard and the daemon's death remove the standby; the lock is waited for
+while an earlier attempt of the same job still holds it, and only then."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ftsup.supervisor import outlock
+from ftsup.supervisor.atomicio import read_json
+from ftsup.supervisor.daemon.launcher import AttemptPlan
+from ftsup.supervisor.daemon.standby import can_take_over
+from ftsup.supervisor.procinfo import group_members
+from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE, PIDS_FILE
+from ftsup.supervisor.standby_shim import STANDBY_FILE
+from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
+
+# Stands in for `python -m ftsup.trainer.standby`: reports ready, waits for the
+# activation, then writes what it received and whether it holds the lock.
+STAND_IN = textwrap.dedent("""\
+    import fcntl, json, os, socket, sys
+    control = socket.socket(fileno=int(os.environ.pop("FTSUP_STANDBY_FD")))
+    control.send(json.dumps({"ready_s": 0.01}).encode())
+    message, fds, _, _ = socket.recv_fds(control, 1 << 20, 4)
+    if not message:
+        sys.exit(0)
+    got = json.loads(message)
+    probe = os.open(os.path.join(sys.argv[1], ".ftsup.lock"), os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = False
+    except BlockingIOError:
+        held = True
+    got["lock_held"] = held and len(fds) == 1
+    with open(sys.argv[2], "w") as out:
+        json.dump(got, out)
+    sys.exit(int(got["args"][0]))
+""")
+
+
+@pytest.fixture
+def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
+    """A process whose life stands for the daemon's."""
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _start_standby(tmp_path: Path, daemon: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    argv = [sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "got.json")]
+    shim = start_standby_shim(tmp_path / "standby-1", tmp_path / "out", daemon.pid, argv)
+    wait_for(
+        lambda: (read_json(tmp_path / "standby-1" / STANDBY_FILE) or {}).get("state") == "ready",
+        30,
+        what="the stand-in to report ready",
+    )
+    return shim
+
+
+@contextlib.contextmanager
+def _reaped(shim: subprocess.Popen[bytes]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shim.pid, signal.SIGKILL)
+        shim.wait()
+
+
+def test_activation_hands_over_args_env_and_the_lock(
+    tmp_path: Path, fake_daemon: subprocess.Popen[bytes]
+) -> None:
+    shim = _start_standby(tmp_path, fake_daemon)
+    with _reaped(shim):
+        info = read_json(tmp_path / "standby-1" / STANDBY_FILE)
+        assert info["ready_s"] == 0.01 and info["trainer_pid"] != shim.pid
+        activation = {"attempt": 4, "job": "j", "args": ["3", "--x"], "env": {"ONLY": "this"}}
+        attempt_dir = tmp_path / "attempt-4"
+        activate_standby(tmp_path / "standby-1", attempt_dir, activation)
+        fake_daemon.kill()  # an activated standby outlives its daemon
+        assert shim.wait(30) == 0
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got == {"args": ["3", "--x"], "env": {"ONLY": "this"}, "lock_held": True}
+    exit_info = read_json(attempt_dir / EXIT_FILE)
+    assert exit_info["returncode"] == 3 and exit_info["trainer_pid"] == info["trainer_pid"]
+    assert read_json(attempt_dir / PIDS_FILE)["trainer_pid"] == info["trainer_pid"]
+    assert outlock.read_holder(tmp_path / "out") == {"job": "j", "attempt": 4, "pid": shim.pid}
+    assert not outlock.is_locked(tmp_path / "out")
+    assert (attempt_dir / LOG_FILE).exists()
+
+
+@pytest.mark.parametrize("end", ["discard", "daemon_dies"])
+def test_an_unused_standby_goes_without_a_trace(
+    tmp_path: Path, fake_daemon: subprocess.Popen[bytes], end: str
+) -> None:
+    shim = _start_standby(tmp_path, fake_daemon)
+    with _reaped(shim):
+        trainer = read_json(tmp_path / "standby-1" / STANDBY_FILE)["trainer_pid"]
+        if end == "discard":
+            shim.send_signal(signal.SIGTERM)
+        else:
+            fake_daemon.kill()
+        assert shim.wait(30) == 0
+    assert not group_members(trainer)
+    assert not (tmp_path / "standby-1").exists()
+    assert not (tmp_path / "got.json").exists()
+
+
+LOCK_HOLDER = "import sys, time; from ftsup.supervisor import outlock; " + (
+    "fd = outlock.acquire(__import__('pathlib').Path(sys.argv[1]), "
+    "{'job': sys.argv[2]}); print('held', flush=True); time.sleep(float(sys.argv[3]))"
+)
+
+
+def _hold_lock(out: Path, job: str, seconds: float) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", LOCK_HOLDER, str(out), job, str(seconds)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_the_lock_is_waited_for_only_while_the_same_job_holds_it(tmp_path: Path) -> None:
+    dying = _hold_lock(tmp_path, "j", 0.5)  # the killed attempt's last process
+    try:
+        began = time.monotonic()
+        fd = outlock.acquire_after_predecessor(tmp_path, {"job": "j"}, timeout=20)
+        assert 0.2 < time.monotonic() - began < 15
+        os.close(fd)
+    finally:
+        dying.kill()
+        dying.wait()
+    other = _hold_lock(tmp_path, "someone-else", 30)
+    try:
+        began = time.monotonic()
+        with pytest.raises(outlock.OutputLocked):
+            outlock.acquire_after_predecessor(tmp_path, {"job": "j"}, timeout=20)
+        assert time.monotonic() - began < 1
+    finally:
+        other.kill()
+        other.wait()
+
+
+PYTHON = "/usr/bin/python3"
+BASE = AttemptPlan(
+    [PYTHON, "-m", "ftsup.trainer", "--config", "/r/train.json"],
+    {"CUDA_VISIBLE_DEVICES": "0", "FTSUP_ATTEMPT": "0"},
+    Path("/w"),
+)
+
+
+def _plan(argv_tail: list[str] | None = None, cwd: str = "/w", **env: str) -> AttemptPlan:
+    argv = [PYTHON, "-m", "ftsup.trainer", "--config", "/r/train.json", *(argv_tail or [])]
+    return AttemptPlan(argv, {**BASE.env, **env}, Path(cwd))
+
+
+def test_a_standby_runs_only_what_a_cold_start_would_run() -> None:
+    resumed = _plan(["--resume-from", "/o/checkpoint-9"], FTSUP_ATTEMPT="3")
+    assert can_take_over(BASE, resumed)
+    assert can_take_over(BASE, _plan(FTSUP_SKIP_STEPS="10-12", FTSUP_RESUME_FROM="/o/c"))
+    assert not can_take_over(BASE, _plan(CUDA_VISIBLE_DEVICES="1"))  # read before activation
+    assert not can_take_over(BASE, _plan(HF_HOME="/elsewhere"))
+    assert not can_take_over(BASE, _plan(cwd="/other"))
+    other_config = AttemptPlan(
+        [PYTHON, "-m", "ftsup.trainer", "--config", "/x.json"], BASE.env, BASE.cwd
+    )
+    assert not can_take_over(BASE, other_config)
+    torchrun = AttemptPlan([PYTHON, "-m", "ftsup.trainer.distrun", "-m", "x"], BASE.env, BASE.cwd)
+    assert not can_take_over(BASE, torchrun)

@@ -1,0 +1,63 @@
+"""The real `ftsup.trainer.standby` under the real standby shim: activated before it
+has even finished warming up, it runs the attempt to the end like a cold trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ftsup.supervisor.atomicio import read_json
+from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
+from ftsup.supervisor.spec_types import LaunchSection
+from ftsup.supervisor.standby_shim import STANDBY_FILE
+from ftsup.trainer.launch import build_trainer_argv, split_single_process_argv, standby_argv
+from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
+from tests.trainer.trainer_helpers import TRAINER_ENV, write_config
+
+
+@pytest.fixture
+def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_standby_activated_while_warming_runs_the_attempt(
+    tiny_model: Path, arith_data: Path, tmp_path: Path, fake_daemon: subprocess.Popen[bytes]
+) -> None:
+    train = {"model": str(tiny_model), "dataset": [str(arith_data)], "max_steps": 3}
+    config = write_config(tmp_path / "run", {**train, "save_steps": 3, "cutoff_len": 64})
+    cold = build_trainer_argv(config, None, LaunchSection(), sys.executable)
+    warm = standby_argv(cold)
+    assert warm is not None
+    output = tmp_path / "run" / "out"
+    shim = start_standby_shim(tmp_path / "standby-1", output, fake_daemon.pid, warm)
+    try:
+        progress = tmp_path / "progress.jsonl"
+        env = {**os.environ, **TRAINER_ENV, "FTSUP_PROGRESS_FILE": str(progress)}
+        args = (split_single_process_argv(cold) or ([], []))[1]
+        activation = {"attempt": 1, "job": "j", "args": args, "env": {**env, "FTSUP_ATTEMPT": "1"}}
+        attempt_dir = tmp_path / "attempt-1"
+        # Up (its FIFO open), its trainer still importing torch: activate now.
+        wait_for(lambda: read_json(tmp_path / "standby-1" / STANDBY_FILE), 30, what="the shim")
+        activate_standby(tmp_path / "standby-1", attempt_dir, activation)
+        assert shim.wait(180) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shim.pid, signal.SIGKILL)
+        shim.wait()
+    log = (attempt_dir / LOG_FILE).read_text()
+    assert read_json(attempt_dir / EXIT_FILE)["returncode"] == 0, log
+    assert "ftsup standby: taking over as attempt 1" in log
+    events = [json.loads(line)["event"] for line in progress.read_text().splitlines()]
+    assert events[0] == "train_start" and events[-1] == "train_end"
+    assert (output / "checkpoint-3" / "adapter_model.safetensors").is_file()
