@@ -99,6 +99,7 @@ def test_standby_is_replaced_when_lost_dies_with_its_daemon_and_goes_with_the_jo
 ) -> None:
     daemon.cli("start", str(_demo_job(daemon, "life")))
     first = _ready_standby(daemon, "life")
+    assert f"ready (pid {first['pid']}, warm in" in daemon.cli("status", "life").stdout
     os.kill(first["pid"], signal.SIGKILL)
     second = _ready_standby(daemon, "life", not_pid=first["pid"])
     lost = _events(daemon, "life", "standby_lost")

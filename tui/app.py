@@ -42,6 +42,7 @@ HISTORY_EVENTS = 300  # durable events fetched at (re)connect
 JOB_EVENTS = 200
 LOG_TAIL = 1000
 GPU_POLL_S = 5.0
+DETAIL_POLL_S = 10.0  # the open job's status: goodput and standby change without events
 SYNC_DELAY_S = 0.03
 
 
@@ -75,6 +76,7 @@ class FtsupApp(App[None]):
         self._job_pending: dict[str, set[str]] = {}
         self._job_loading: set[str] = set()
         self._last_gpu_sample = 0.0
+        self._last_detail_poll = 0.0
         self._ever_connected = False
         self._unsynced = Change()
         self._flush_timer: Timer | None = None
@@ -129,6 +131,14 @@ class FtsupApp(App[None]):
         ):
             self._last_gpu_sample = now
             self._spawn(self._load_gpus(), "gpus")
+        connected = self.state.connection.state == "connected"
+        if (
+            isinstance(screen, JobScreen)
+            and connected
+            and now - self._last_detail_poll > DETAIL_POLL_S
+        ):
+            self._last_detail_poll = now
+            self._spawn(self._load_part(screen.job_name, "detail"), "detail")
 
     # messages from the source ---------------------------------------------------
     def on_connected(self, message: Connected) -> None:

@@ -66,15 +66,18 @@ class Standby:
         shim is told where. False (folder renamed back) when the shim is gone."""
         _, args = split_single_process_argv(plan.argv) or ([], [])
         activation = {"attempt": attempt, "job": job, "args": args, "env": plan.env}
-        write_json_atomic(self.directory / ACTIVATION_FILE, activation)
-        write_json_atomic(
-            self.directory / "command.json", {"argv": plan.argv, "cwd": str(plan.cwd)}
-        )
-        self.directory.rename(attempt_dir)
+        command = {"argv": plan.argv, "cwd": str(plan.cwd), "standby": True}
+        try:  # a dying shim may be removing its folder right now
+            write_json_atomic(self.directory / ACTIVATION_FILE, activation)
+            write_json_atomic(self.directory / "command.json", command)
+            self.directory.rename(attempt_dir)
+        except OSError:
+            return False
         try:
             fifo = os.open(attempt_dir / FIFO_NAME, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:  # ENXIO: no reader, the shim has died
-            attempt_dir.rename(self.directory)
+            with contextlib.suppress(OSError):
+                attempt_dir.rename(self.directory)
             return False
         try:
             os.write(fifo, f"{attempt_dir}\n".encode())
@@ -112,7 +115,10 @@ class StandbyKeeper:
 
     def __init__(self, spec: JobSpec, run_dir: Path, emit: Emit) -> None:
         self.enabled = (
-            spec.restart.standby and spec.train is not None and not spec.launch.distributed
+            spec.restart.standby
+            and spec.train is not None
+            and not spec.launch.distributed
+            and not spec.launch.deepspeed
         )
         self.spec = spec
         self.run_dir = run_dir

@@ -80,3 +80,25 @@ def test_connection_bar_fits_80_columns_in_every_state() -> None:
         assert len(text) <= 78
         assert "12 run" in text and "140" in text
     assert "reconnecting… try 5 in 2.0s" in bar_text(reconnecting, counts, 78).plain
+
+
+def test_job_header_shows_goodput_advice_and_standby() -> None:
+    from ftsup.tui.widgets.job_header import goodput_text
+
+    info = {
+        "goodput": {
+            "goodput": 0.869,
+            "wall_s": 149.3,
+            "checkpoint_stall_s": 1.1,
+            "restart_downtime_s": 11.2,
+            "recomputed_s": 7.3,
+            "checkpoint_advice": {"recommended_steps": 11, "configured_steps": 20},
+        },
+        "standby": {"state": "ready", "pid": 7},
+    }
+    assert goodput_text(info).plain == (
+        "goodput 87% of 2m · stall 1s · downtime 11s · redo 7s"
+        " · ckpt advice every 11 steps (now 20) · standby ready"
+    )
+    assert goodput_text({"goodput": None, "standby": None}).plain == ""
+    assert goodput_text({"standby": {"state": "warming"}}).plain == "standby warming"

@@ -1,8 +1,11 @@
-"""The job screen's top lines: state, attempt, step, loss, rate, ETA, restarts, checkpoint."""
+"""The job screen's top lines: state, attempt, step, loss, rate, ETA, restarts,
+checkpoint; then where the wall time went (goodput), the checkpoint interval
+advice and the warm standby."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.text import Text
 from textual.widgets import Static
@@ -46,12 +49,44 @@ def header_text(job: JobModel, now: float) -> Text:
     if ckpt_step is not None:
         ckpt_age = fmt.age(as_float(p.get("last_checkpoint_time")), now)
         text.append(f" · ckpt {ckpt_step} ({ckpt_age} ago)")
+    goodput_line = goodput_text(job.info)
+    if goodput_line.plain:
+        text.append("\n")
+        text.append_text(goodput_line)
+    return text
+
+
+def goodput_text(info: dict[str, Any]) -> Text:
+    """`goodput 87% of 2m · stall 1s · downtime 11s · redo 7s · ckpt advice every 11
+    steps (now 20) · standby ready`: the parts of the job's wall time, as in `ftsup status`."""
+    text = Text()
+    goodput = info.get("goodput")
+    share = as_float(goodput.get("goodput")) if isinstance(goodput, dict) else None
+    if isinstance(goodput, dict) and share is not None:
+        text.append(f"goodput {share * 100:.0f}%", style="bold")
+        text.append(f" of {fmt.duration(as_float(goodput.get('wall_s')))}")
+        for label, key in (
+            ("stall", "checkpoint_stall_s"),
+            ("downtime", "restart_downtime_s"),
+            ("redo", "recomputed_s"),
+        ):
+            text.append(f" · {label} {fmt.duration(as_float(goodput.get(key)))}")
+        advice = goodput.get("checkpoint_advice")
+        steps = as_int(advice.get("recommended_steps")) if isinstance(advice, dict) else None
+        if isinstance(advice, dict) and steps is not None:
+            configured = as_int(advice.get("configured_steps"))
+            text.append(f" · ckpt advice every {steps} steps")
+            text.append(f" (now {configured})" if configured else "", style="dim")
+    standby = info.get("standby")
+    if isinstance(standby, dict):
+        text.append(" · " if text.plain else "")
+        text.append(f"standby {standby.get('state')}", style="green")
     return text
 
 
 class JobHeader(Static):
     DEFAULT_CSS = """
-    JobHeader { height: 2; padding: 0 1; background: $boost; text-wrap: nowrap;
+    JobHeader { height: auto; max-height: 3; padding: 0 1; background: $boost; text-wrap: nowrap;
                 text-overflow: ellipsis; }
     """
 
@@ -61,6 +96,9 @@ class JobHeader(Static):
 
     def show(self, job: JobModel, now: float) -> None:
         text = header_text(job, now)
-        if text != self._shown:
-            self._shown = text
-            self.update(text, layout=False)  # fixed height: no relayout
+        if text == self._shown:
+            return
+        lines = text.plain.count("\n")
+        relayout = self._shown is None or lines != self._shown.plain.count("\n")
+        self._shown = text
+        self.update(text, layout=relayout)  # relayout only when the line count changes
