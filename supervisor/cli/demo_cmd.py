@@ -25,6 +25,8 @@ from ftsup.supervisor.store import TERMINAL_STATES
 DEMO_JOB = "ftsup-demo"
 NARRATED = (
     "attempt_started",
+    "standby_ready",
+    "standby_lost",
     "attempt_exited",
     "restart",
     "quarantine",
