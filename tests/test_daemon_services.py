@@ -126,6 +126,10 @@ def test_metrics_endpoint_serves_a_running_job(harness: Harness) -> None:
     text = wait_for(lambda: 'job_name="metered"' in (t := scrape()) and t, 10, what="metrics")
     lines = [ln for ln in text.splitlines() if ln.startswith("ftsup_job_step{")]
     assert lines and float(lines[0].split()[-1]) >= 3
+    samples = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#"))
+    assert 0 < float(samples['ftsup_job_goodput{job_name="metered"}']) <= 1
+    assert float(samples['ftsup_job_time_seconds{job_name="metered",part="productive"}']) > 0
+    assert 'ftsup_job_standby_ready{job_name="metered"}' not in samples  # a command job
 
 
 def test_daemon_wide_notify_default_serves_jobs_without_their_own(harness: Harness) -> None:

@@ -181,3 +181,32 @@ def test_a_standby_runs_only_what_a_cold_start_would_run() -> None:
     assert not can_take_over(BASE, other_config)
     torchrun = AttemptPlan([PYTHON, "-m", "ftsup.trainer.distrun", "-m", "x"], BASE.env, BASE.cwd)
     assert not can_take_over(BASE, torchrun)
+
+
+def test_the_daemon_warns_when_a_standby_initialised_cuda(tmp_path: Path) -> None:
+    """`cuda_initialized` in standby.json (it never is on CPU) becomes a warning event."""
+    from ftsup.supervisor.daemon.standby import Standby, StandbyKeeper
+    from ftsup.supervisor.spec import parse_spec
+    from ftsup.supervisor.standby_shim import STANDBY_FILE as INFO
+
+    text = '[job]\nname = "x"\noutput_dir = "/tmp/o"\n[train]\nmodel = "m"\ndataset = ["d"]\n'
+    emitted: list[tuple[str, str]] = []
+    keeper = StandbyKeeper(
+        parse_spec(text, tmp_path / "x.toml"),
+        tmp_path,
+        lambda kind, message, _data: emitted.append((kind, message)),
+    )
+    folder = tmp_path / "standby-1"
+    folder.mkdir()
+    info = {"state": "ready", "ready_s": 4.0, "trainer_pid": 1, "cuda_initialized": True}
+    (folder / INFO).write_text(json.dumps(info))
+    shim = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        keeper.current = Standby(folder, shim, None, BASE)
+        keeper.keep_warm(lambda: BASE, start_one=False)
+        keeper.keep_warm(lambda: BASE, start_one=False)  # reported once
+    finally:
+        shim.kill()
+        shim.wait()
+    assert [kind for kind, _ in emitted] == ["standby_ready", "warning"]
+    assert "holds GPU memory" in emitted[1][1]

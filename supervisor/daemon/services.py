@@ -23,6 +23,7 @@ from ftsup.supervisor.service.metrics import (
     MetricsUnavailable,
     Snapshot,
     start_metrics_server,
+    with_goodput,
 )
 from ftsup.supervisor.service.notify import (
     Notification,
@@ -130,17 +131,18 @@ class DaemonServices:
             if progress is not None and progress.last_checkpoint_time is not None:
                 since = max(0.0, now - progress.last_checkpoint_time)
             restarts = failure_restarts(runner.history()) if runner else 0
-            jobs.append(
-                JobMetrics(
-                    name=job.name,
-                    state=job.state,
-                    step=progress.step if progress else None,
-                    max_steps=progress.max_steps if progress else None,
-                    loss=progress.loss if progress else None,
-                    restarts=restarts,
-                    seconds_since_checkpoint=since,
-                )
+            metrics = JobMetrics(
+                name=job.name,
+                state=job.state,
+                step=progress.step if progress else None,
+                max_steps=progress.max_steps if progress else None,
+                loss=progress.loss if progress else None,
+                restarts=restarts,
+                seconds_since_checkpoint=since,
             )
+            if runner is not None and self._metrics is not None:  # only scrapes need these
+                metrics = with_goodput(metrics, runner.goodput_report(), runner.standbys.to_json())
+            jobs.append(metrics)
         return Snapshot(jobs=tuple(jobs))
 
     # notifications --------------------------------------------------------

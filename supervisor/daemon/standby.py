@@ -173,6 +173,13 @@ class StandbyKeeper:
             f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
             {k: info.get(k) for k in ("trainer_pid", "ready_s", "data_prepared")},
         )
+        if info.get("cuda_initialized"):  # an import touched the GPU: it now holds memory
+            self._emit(
+                "warning",
+                "the warm standby initialised CUDA before it was needed and holds GPU memory; "
+                "set [restart] standby = false if that memory is short",
+                {"trainer_pid": info.get("trainer_pid")},
+            )
 
     def _lost(self, standby: Standby) -> None:
         self.losses += 1

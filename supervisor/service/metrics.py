@@ -9,6 +9,7 @@ never live state.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -35,6 +36,11 @@ class JobMetrics:
     loss: float | None = None
     restarts: int = 0
     seconds_since_checkpoint: float | None = None
+    goodput: float | None = None  # productive share of the wall time
+    # (part, seconds): productive, checkpoint_stall, recomputed, restart_downtime
+    time_split: Sequence[tuple[str, float]] = ()
+    advised_checkpoint_steps: int | None = None  # Young/Daly
+    standby_ready: bool | None = None  # None: the job keeps no warm standby now
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,30 @@ class Snapshot:
 
 
 SnapshotFn = Callable[[], Snapshot]
+
+_TIME_PARTS = (
+    ("productive", "productive_s"),
+    ("checkpoint_stall", "checkpoint_stall_s"),
+    ("recomputed", "recomputed_s"),
+    ("restart_downtime", "restart_downtime_s"),
+)
+
+
+def with_goodput(
+    job: JobMetrics, goodput: dict[str, Any] | None, standby: dict[str, Any] | None
+) -> JobMetrics:
+    """`job` plus the daemon's goodput report and standby state (their JSON forms)."""
+    goodput = goodput or {}
+    advice = goodput.get("checkpoint_advice") or {}
+    return dataclasses.replace(
+        job,
+        goodput=goodput.get("goodput"),
+        time_split=tuple(
+            (part, float(goodput[key])) for part, key in _TIME_PARTS if goodput.get(key) is not None
+        ),
+        advised_checkpoint_steps=advice.get("recommended_steps"),
+        standby_ready=None if standby is None else standby.get("state") == "ready",
+    )
 
 
 class MetricsUnavailable(RuntimeError):
@@ -80,6 +110,17 @@ _JOB_GAUGES = (
         "ftsup_job_seconds_since_checkpoint",
         "Seconds since the newest valid checkpoint was written.",
         "seconds_since_checkpoint",
+    ),
+    ("ftsup_job_goodput", "Share of the job's wall time that was productive training.", "goodput"),
+    (
+        "ftsup_job_advised_checkpoint_steps",
+        "Checkpoint interval in steps that the Young/Daly rule advises.",
+        "advised_checkpoint_steps",
+    ),
+    (
+        "ftsup_job_standby_ready",
+        "1 when a warm standby is ready, 0 while it warms.",
+        "standby_ready",
     ),
 )
 _GPU_GAUGES = (
@@ -121,11 +162,19 @@ class SnapshotCollector:
         restarts = core.CounterMetricFamily(
             "ftsup_job_restarts", "Restarts of the job so far.", labels=["job_name"]
         )
+        split = core.GaugeMetricFamily(
+            "ftsup_job_time_seconds",
+            "The job's wall time so far, by part.",
+            labels=["job_name", "part"],
+        )
         for job in jobs:
             state.add_metric([job.name, job.state], 1)
             restarts.add_metric([job.name], job.restarts)
+            for part, seconds in job.time_split:
+                split.add_metric([job.name, part], seconds)
         yield state
         yield restarts
+        yield split
         for name, doc, attr in _JOB_GAUGES:
             family = core.GaugeMetricFamily(name, doc, labels=["job_name"])
             for job in jobs:

@@ -14,6 +14,7 @@ from ftsup.supervisor.service.metrics import (
     JobMetrics,
     Snapshot,
     start_metrics_server,
+    with_goodput,
 )
 
 pytest.importorskip("prometheus_client")
@@ -25,20 +26,35 @@ def scrape(url: str) -> list[str]:
         return response.read().decode().splitlines()
 
 
+GOODPUT = {
+    "goodput": 0.871,
+    "wall_s": 142.875,
+    "productive_s": 124.5,
+    "checkpoint_stall_s": 0.875,
+    "recomputed_s": 7.0,
+    "restart_downtime_s": 10.5,
+    "checkpoint_advice": {"recommended_steps": 11, "configured_steps": 20},
+}
+
+
 def test_serves_a_running_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("http_proxy", raising=False)
     monkeypatch.delenv("HTTP_PROXY", raising=False)
     steps = iter(range(120, 200, 10))
 
     def snapshot() -> Snapshot:
-        job = JobMetrics(
-            name="qwen-lora",
-            state="running",
-            step=next(steps),
-            max_steps=3000,
-            loss=1.25,
-            restarts=2,
-            seconds_since_checkpoint=42.5,
+        job = with_goodput(
+            JobMetrics(
+                name="qwen-lora",
+                state="running",
+                step=next(steps),
+                max_steps=3000,
+                loss=1.25,
+                restarts=2,
+                seconds_since_checkpoint=42.5,
+            ),
+            GOODPUT,  # as `ftsup status --json` reports it
+            {"state": "ready", "pid": 7, "ready_s": 4.0, "since": 1.0},
         )
         idle = JobMetrics(name="queued-job", state="waiting")
         gpu = GpuMetrics(
@@ -68,6 +84,13 @@ def test_serves_a_running_job(monkeypatch: pytest.MonkeyPatch) -> None:
         'ftsup_job_loss{job_name="qwen-lora"} 1.25',
         'ftsup_job_restarts_total{job_name="qwen-lora"} 2.0',
         'ftsup_job_seconds_since_checkpoint{job_name="qwen-lora"} 42.5',
+        'ftsup_job_goodput{job_name="qwen-lora"} 0.871',
+        'ftsup_job_time_seconds{job_name="qwen-lora",part="productive"} 124.5',
+        'ftsup_job_time_seconds{job_name="qwen-lora",part="checkpoint_stall"} 0.875',
+        'ftsup_job_time_seconds{job_name="qwen-lora",part="recomputed"} 7.0',
+        'ftsup_job_time_seconds{job_name="qwen-lora",part="restart_downtime"} 10.5',
+        'ftsup_job_advised_checkpoint_steps{job_name="qwen-lora"} 11.0',
+        'ftsup_job_standby_ready{job_name="qwen-lora"} 1.0',
         'ftsup_gpu_utilization_percent{gpu="0",name="NVIDIA H100"} 97.0',
         'ftsup_gpu_temperature_celsius{gpu="0",name="NVIDIA H100"} 64.0',
         'ftsup_gpu_power_watts{gpu="0",name="NVIDIA H100"} 612.5',
@@ -79,6 +102,8 @@ def test_serves_a_running_job(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "process_resident_memory_bytes" in samples  # the daemon's own process
     # Unknown values are absent, not NaN.
     assert not any(line.startswith('ftsup_job_loss{job_name="queued-job"') for line in lines)
+    assert not any('job_name="queued-job"' in line for line in lines if "goodput" in line)
+    assert not any('job_name="queued-job"' in line for line in lines if "standby" in line)
     assert 'ftsup_job_step{job_name="qwen-lora"} 130.0' in again  # fresh snapshot per scrape
 
 
