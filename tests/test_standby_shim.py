@@ -210,3 +210,19 @@ def test_the_daemon_warns_when_a_standby_initialised_cuda(tmp_path: Path) -> Non
         shim.wait()
     assert [kind for kind, _ in emitted] == ["standby_ready", "warning"]
     assert "holds GPU memory" in emitted[1][1]
+
+
+def test_activating_a_standby_whose_shim_is_gone_falls_back(tmp_path: Path) -> None:
+    """No reader on the FIFO (ENXIO): the folder is renamed back and the caller starts cold."""
+    from ftsup.supervisor.daemon.standby import Standby
+    from ftsup.supervisor.standby_shim import FIFO_NAME
+
+    folder = tmp_path / "standby-1"
+    folder.mkdir()
+    os.mkfifo(folder / FIFO_NAME)
+    shim = subprocess.Popen(["true"])
+    shim.wait()
+    standby = Standby(folder, shim, None, BASE)
+    assert not standby.activate(tmp_path / "attempt-2", 2, "j", _plan(FTSUP_ATTEMPT="2"))
+    assert folder.is_dir() and not (tmp_path / "attempt-2").exists()
+    assert standby.directory == folder
