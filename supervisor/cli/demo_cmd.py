@@ -224,13 +224,17 @@ def _summary(job: dict[str, Any], answers: list[tuple[str, str]], workdir: Path)
     }
 
 
+def _loss_text(loss: object) -> str:
+    return f"{loss:.4g}" if isinstance(loss, float) else str(loss)
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     out = output.stdout
     ok = summary["state"] == "finished"
     out.print(
         f"\n[bold]{'finished' if ok else summary['state']}[/]: {summary['steps']} steps, "
         f"{summary['attempts']} attempts ({summary['restarts']} restart after a crash), "
-        f"final loss {summary['final_loss']}"
+        f"final loss {_loss_text(summary['final_loss'])}"
     )
     for path in summary["resumed_from"]:
         out.print(f"  resumed from {path}", markup=False)
