@@ -164,8 +164,10 @@ class StandbyKeeper:
         self._ready_reported = False
 
     def _report_ready(self, standby: Standby) -> None:
+        if self._ready_reported:
+            return
         info = standby.info()
-        if self._ready_reported or info.get("state") != "ready":
+        if info.get("state") != "ready":
             return
         self._ready_reported = True
         self._emit(
