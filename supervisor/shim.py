@@ -9,6 +9,9 @@ ties the trainer's life to the daemon's.
 
     python -m ftsup.supervisor.shim --attempt-dir D --output-dir O --job J \
         --attempt N --grace 120 -- ARGV...
+
+A warm standby's shim (`standby_shim`) starts its trainer early and, once
+activated, takes the lock the same way and ends in the same `supervise`.
 """
 
 from __future__ import annotations
