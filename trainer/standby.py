@@ -51,15 +51,15 @@ def warm_imports() -> None:
 
 
 def warm_data(config_path: str) -> PreparedData | None:
-    """The tokenized data set, or None when it cannot be built now (the activated
-    run then builds it itself and reports the problem like a cold start would)."""
-    from ftsup.trainer.config import ConfigError, load_run_config
-    from ftsup.trainer.data import DataError
+    """The tokenized data set, or None when it cannot be built now: the activated
+    run then builds it itself and reports any problem exactly as a cold start
+    would, so no failure here may end the standby."""
+    from ftsup.trainer.config import load_run_config
     from ftsup.trainer.prepared import prepare_data
 
     try:
         return prepare_data(load_run_config(Path(config_path), check_files=False).train)
-    except (ConfigError, DataError, OSError, ValueError):
+    except Exception:
         return None
 
 
