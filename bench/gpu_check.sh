@@ -43,3 +43,9 @@ echo "== ftsup gpus"
     || "$PY" -c 'import argparse, sys; from ftsup.supervisor.cli import gpus_cmd; sys.exit(gpus_cmd.run(argparse.Namespace(json=False, watch=False, interval=2.0)))'
 echo "== monitor, load, stacks, diagnosis, checks"
 timeout 170 "$PY" bench/gpu_check.py --seconds "${GPU_CHECK_SECONDS:-20}" --out "$OUT_DIR/gpu_check.json"
+if "$PY" -c "import transformers, peft, ftsup.trainer.standby" 2>/dev/null; then
+    echo "== warm standby: no CUDA while waiting, takeover after"
+    timeout 600 "$PY" bench/standby_check.py --out "$OUT_DIR/standby_check.json" || echo "standby check FAILED"
+else
+    echo "== warm standby: skipped (transformers/peft or the trainer not importable here)"
+fi
