@@ -28,8 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import read_json, write_json_atomic
-from ftsup.supervisor.procinfo import process_start_time
-from ftsup.supervisor.standby_shim import ACTIVATION_FILE, FIFO_NAME, STANDBY_FILE
+from ftsup.supervisor.standby_shim import (
+    ACTIVATION_FILE,
+    FIFO_NAME,
+    STANDBY_FILE,
+    standby_command,
+)
 from ftsup.trainer.demo import prepare_demo
 from ftsup.trainer.launch import split_single_process_argv, standby_argv
 
@@ -77,11 +81,8 @@ def main() -> int:
     folder = work / "standby-1"
     folder.mkdir()
     os.mkfifo(folder / FIFO_NAME)
-    shim_argv = [sys.executable, "-m", "ftsup.supervisor.standby_shim"]
-    shim_argv += ["--standby-dir", str(folder), "--output-dir", str(spec.output_dir)]
-    shim_argv += ["--job", "standby-check", "--daemon-pid", str(os.getpid())]
-    shim_argv += ["--daemon-start", str(process_start_time(os.getpid()))]
-    shim_argv += ["--", *(standby_argv(cold) or [])]
+    warm = standby_argv(cold) or []
+    shim_argv = standby_command(folder, spec.output_dir, "standby-check", 120.0, os.getpid(), warm)
     shim = subprocess.Popen(shim_argv, start_new_session=True)
     report: dict[str, Any] = {}
     try:

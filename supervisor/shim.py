@@ -49,12 +49,11 @@ class _StopState:
         self.escalated = False
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ftsup-shim")
-    parser.add_argument("--attempt-dir", type=Path, required=True)
+def parse_shim_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Add the options every shim takes (output folder, job, grace, the command
+    after `--`) to `parser`, which holds its own, and parse `argv`."""
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--job", required=True)
-    parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--grace", type=float, default=120.0)
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -63,6 +62,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if not args.argv:
         parser.error("no command given after --")
     return args
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ftsup-shim")
+    parser.add_argument("--attempt-dir", type=Path, required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    return parse_shim_args(parser, argv)
 
 
 def write_exit(attempt_dir: Path, **fields: object) -> None:

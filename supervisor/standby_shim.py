@@ -40,7 +40,14 @@ from typing import Any
 
 from ftsup.supervisor.atomicio import read_json, write_json_atomic
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
-from ftsup.supervisor.shim import LOG_FILE, killpg, lock_for_attempt, supervise, wakeup_pipe
+from ftsup.supervisor.shim import (
+    LOG_FILE,
+    killpg,
+    lock_for_attempt,
+    parse_shim_args,
+    supervise,
+    wakeup_pipe,
+)
 
 STANDBY_FILE = "standby.json"  # pids and state ("warming", "ready", "ended") of a standby
 ACTIVATION_FILE = "activation.json"  # {"attempt", "job", "args", "env"}, written by the daemon
@@ -52,18 +59,34 @@ MAX_MESSAGE = 1 << 20
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ftsup-standby-shim")
     parser.add_argument("--standby-dir", type=Path, required=True)
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--grace", type=float, default=120.0)
     parser.add_argument("--daemon-pid", type=int, required=True)
     parser.add_argument("--daemon-start", type=int, default=None)
-    parser.add_argument("argv", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.argv and args.argv[0] == "--":
-        args.argv = args.argv[1:]
-    if not args.argv:
-        parser.error("no command given after --")
-    return args
+    return parse_shim_args(parser, argv)
+
+
+def standby_command(
+    standby_dir: Path, output_dir: Path, job: str, grace: float, daemon_pid: int, argv: list[str]
+) -> list[str]:
+    """The command line that starts this shim for the daemon `daemon_pid`."""
+    return [
+        sys.executable,
+        "-m",
+        "ftsup.supervisor.standby_shim",
+        "--standby-dir",
+        str(standby_dir),
+        "--output-dir",
+        str(output_dir),
+        "--job",
+        job,
+        "--grace",
+        str(grace),
+        "--daemon-pid",
+        str(daemon_pid),
+        "--daemon-start",
+        str(process_start_time(daemon_pid)),
+        "--",
+        *argv,
+    ]
 
 
 class _Discard:

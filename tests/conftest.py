@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -33,3 +34,12 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
 def daemon(harness: Harness) -> Harness:
     harness.start_daemon()
     return harness
+
+
+@pytest.fixture
+def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
+    """A process whose life stands for a daemon's (a standby shim watches it)."""
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()

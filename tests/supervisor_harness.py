@@ -196,16 +196,12 @@ def start_standby_shim(
     standby_dir: Path, output_dir: Path, daemon_pid: int, argv: list[str], job: str = "j"
 ) -> subprocess.Popen[bytes]:
     """`standby_shim` as the daemon starts it (FIFO made first), in its own session."""
-    from ftsup.supervisor.procinfo import process_start_time
-    from ftsup.supervisor.standby_shim import FIFO_NAME
+    from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
 
     standby_dir.mkdir(parents=True)
     os.mkfifo(standby_dir / FIFO_NAME)
     output_dir.mkdir(parents=True, exist_ok=True)
-    shim_argv = [sys.executable, "-m", "ftsup.supervisor.standby_shim"]
-    shim_argv += ["--standby-dir", str(standby_dir), "--output-dir", str(output_dir)]
-    shim_argv += ["--job", job, "--grace", "5", "--daemon-pid", str(daemon_pid)]
-    shim_argv += ["--daemon-start", str(process_start_time(daemon_pid)), "--", *argv]
+    shim_argv = standby_command(standby_dir, output_dir, job, 5.0, daemon_pid, argv)
     return subprocess.Popen(shim_argv, start_new_session=True)
 
 

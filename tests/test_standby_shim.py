@@ -50,15 +50,6 @@ STAND_IN = textwrap.dedent("""\
 """)
 
 
-@pytest.fixture
-def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
-    """A process whose life stands for the daemon's."""
-    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def _start_standby(tmp_path: Path, daemon: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)

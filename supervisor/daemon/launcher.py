@@ -16,11 +16,10 @@ from pathlib import Path
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.procinfo import process_start_time
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
-from ftsup.supervisor.standby_shim import FIFO_NAME
+from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
 
 
 @dataclass(frozen=True)
@@ -111,25 +110,9 @@ def spawn_standby_shim(
     standby_dir.mkdir(parents=True)
     os.mkfifo(standby_dir / FIFO_NAME, 0o600)
     (standby_dir / LOG_FILE).touch()
-    shim_argv = [
-        sys.executable,
-        "-m",
-        "ftsup.supervisor.standby_shim",
-        "--standby-dir",
-        str(standby_dir),
-        "--output-dir",
-        str(spec.output_dir),
-        "--job",
-        spec.name,
-        "--grace",
-        str(spec.restart.stop_grace),
-        "--daemon-pid",
-        str(os.getpid()),
-        "--daemon-start",
-        str(process_start_time(os.getpid())),
-        "--",
-        *standby_argv,
-    ]
+    shim_argv = standby_command(
+        standby_dir, spec.output_dir, spec.name, spec.restart.stop_grace, os.getpid(), standby_argv
+    )
     return _start_shim(shim_argv, standby_dir / "shim.log", plan)
 
 

@@ -9,10 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
@@ -21,14 +18,6 @@ from ftsup.supervisor.standby_shim import STANDBY_FILE
 from ftsup.trainer.launch import build_trainer_argv, split_single_process_argv, standby_argv
 from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
 from tests.trainer.trainer_helpers import TRAINER_ENV, write_config
-
-
-@pytest.fixture
-def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def test_a_standby_activated_while_warming_runs_the_attempt(
