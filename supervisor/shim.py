@@ -103,18 +103,11 @@ def run(args: argparse.Namespace) -> int:
     if lock_fd is None:
         return 1
     wake_r = wakeup_pipe()
-    log = (attempt_dir / LOG_FILE).open("ab", buffering=0)
     try:
-        child = subprocess.Popen(
-            args.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-            pass_fds=(lock_fd,),
-        )
+        child = start_trainer(args.argv, attempt_dir, pass_fd=lock_fd)
     except OSError as exc:
-        log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
+        with (attempt_dir / LOG_FILE).open("ab") as log:
+            log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
         write_exit(
             attempt_dir,
             error="spawn",
@@ -126,6 +119,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
     os.close(lock_fd)  # the trainer holds it now; it is released when the trainer dies
     return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
+
+
+def start_trainer(
+    argv: Sequence[str], folder: Path, *, pass_fd: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The trainer in its own process group, its output appended to `folder/stdout.log`,
+    with `pass_fd` (the output lock, or a standby's control socket) inherited."""
+    with (folder / LOG_FILE).open("ab", buffering=0) as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            pass_fds=(pass_fd,),
+            env=env,
+        )
 
 
 def wakeup_pipe() -> int:

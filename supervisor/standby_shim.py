@@ -41,10 +41,10 @@ from typing import Any
 from ftsup.supervisor.atomicio import read_json, write_json_atomic
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
 from ftsup.supervisor.shim import (
-    LOG_FILE,
     killpg,
     lock_for_attempt,
     parse_shim_args,
+    start_trainer,
     supervise,
     wakeup_pipe,
 )
@@ -111,16 +111,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     fifo_fd = os.open(standby_dir / FIFO_NAME, os.O_RDWR | os.O_NONBLOCK)  # never sees EOF
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    log = (standby_dir / LOG_FILE).open("ab", buffering=0)
-    child = subprocess.Popen(
-        args.argv,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        process_group=0,
-        pass_fds=(theirs.fileno(),),
-        env={**os.environ, CONTROL_FD_ENV: str(theirs.fileno())},
-    )
+    env = {**os.environ, CONTROL_FD_ENV: str(theirs.fileno())}
+    child = start_trainer(args.argv, standby_dir, pass_fd=theirs.fileno(), env=env)
     theirs.close()
     info: dict[str, Any] = {
         "shim_pid": os.getpid(),
