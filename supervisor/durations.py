@@ -7,6 +7,9 @@ import re
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+# The longest duration a job file may give: every wait ftsup takes is far shorter,
+# and a bound keeps the arithmetic (deadlines, ETAs, backoff) and the output sane.
+MAX_DURATION = 30 * 86400.0
 
 
 def parse_duration(value: object) -> float:
@@ -42,7 +45,9 @@ def parse_size(value: object) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """Short human form: 45s, 12m05s, 3h07m, 2d04h."""
+    """Short human form: 45s, 12m05s, 3h07m, 2d04h; ">9999d" beyond (or not a number)."""
+    if not seconds < 10_000 * 86400:  # also NaN: never a 300-digit line in `status`
+        return ">9999d"
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"

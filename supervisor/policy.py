@@ -111,7 +111,8 @@ def backoff_delay(stalled_failures: int, policy: RestartSection) -> float:
     """
     if stalled_failures == 0:
         return 0.0
-    return float(min(policy.backoff_max, policy.backoff * (2 ** (stalled_failures - 1))))
+    doublings = min(stalled_failures - 1, 64)  # 2**64 outgrows any cap; no float overflow
+    return float(min(policy.backoff_max, policy.backoff * float(2**doublings)))
 
 
 def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decision:

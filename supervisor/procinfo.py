@@ -2,17 +2,68 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import threading
 from collections.abc import Iterator
+
+# Out of descriptors, "could not read /proc" must not read as "the process is
+# gone" (the daemon would record a live run as ended). One descriptor is kept
+# in reserve and given up for the read, as libuv and nginx do for accept().
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+_spare_lock = threading.Lock()
+_spare_fd: int | None = None
+
+
+class ProcessUnreadable(OSError):
+    """/proc/PID/stat exists but could not be read (no descriptors, no memory)."""
+
+
+def _reserve_spare() -> None:
+    global _spare_fd
+    if _spare_fd is None:
+        try:
+            _spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            _spare_fd = None
+
+
+def _read_stat(pid: int | str) -> bytes:
+    path = f"/proc/{pid}/stat"
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        if exc.errno not in _OUT_OF_DESCRIPTORS:
+            raise
+    global _spare_fd
+    with _spare_lock:
+        if _spare_fd is not None:
+            os.close(_spare_fd)
+            _spare_fd = None
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS or exc.errno == errno.ENOMEM:
+                raise ProcessUnreadable(exc.errno, f"cannot read {path}: {exc.strerror}") from exc
+            raise
+        finally:
+            _reserve_spare()
+
+
+_reserve_spare()
 
 
 def _stat_fields(pid: int | str) -> list[bytes] | None:
     """/proc/PID/stat from field 3 (state) on, or None when the process is gone or a
-    zombie (it has exited; only its exit status is left)."""
+    zombie (it has exited; only its exit status is left). Raises ProcessUnreadable
+    when it exists but cannot be read now."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
+        data = _read_stat(pid)
+    except ProcessUnreadable:
+        raise
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
@@ -22,21 +73,46 @@ def _stat_fields(pid: int | str) -> list[bytes] | None:
 
 def _live_processes() -> Iterator[tuple[int, list[bytes]]]:
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat_fields(entry)) is not None:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat_fields(entry)
+        except ProcessUnreadable:
+            continue
+        if fields is not None:
             yield int(entry), fields
 
 
 def process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
+    """Start time in clock ticks since boot (field 22 of /proc/PID/stat); None if gone.
+    Raises ProcessUnreadable when the process exists but /proc cannot be read now."""
     fields = _stat_fields(pid)
     return int(fields[19]) if fields is not None else None
 
 
 def is_same_process(pid: int, start_time: int | None) -> bool:
-    """True when `pid` is alive and is the process that started at `start_time`."""
+    """True when `pid` is alive and is the process that started at `start_time`.
+
+    When /proc cannot be read (no descriptors left), a pid that still exists is
+    taken to be ours: supervision must never declare a live run ended for want
+    of a descriptor; the next check, with descriptors back, decides.
+    """
     if pid <= 0 or start_time is None:
         return False
-    return process_start_time(pid) == start_time
+    try:
+        return process_start_time(pid) == start_time
+    except ProcessUnreadable:
+        return _exists(pid)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | None) -> bool:
@@ -47,11 +123,14 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
     """
     # The leader may have exited while other members live on: signal them only
     # if the leader's pid was not reused by another process meanwhile.
-    leader_replaced = (
-        leader_start_time is not None
-        and not is_same_process(pgid, leader_start_time)
-        and process_start_time(pgid) is not None
-    )
+    try:
+        leader_replaced = (
+            leader_start_time is not None
+            and not is_same_process(pgid, leader_start_time)
+            and process_start_time(pgid) is not None
+        )
+    except ProcessUnreadable:
+        leader_replaced = False  # is_same_process already judged it ours
     if leader_replaced:
         return False
     try:

@@ -7,6 +7,10 @@ after the grace period, even if the daemon is gone meanwhile), and finally
 writes `exit.json` atomically. The daemon learns everything from files: no pipe
 ties the trainer's life to the daemon's.
 
+`exit.json` and `pids.json` cannot fail for lack of space: their bytes are
+reserved (`posix_fallocate`) when the shim starts, and each record is written
+into its reserved file and renamed into place, which needs no new data block.
+
     python -m ftsup.supervisor.shim --attempt-dir D --output-dir O --job J \
         --attempt N --grace 120 -- ARGV...
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import json
 import os
 import select
 import signal
@@ -29,7 +35,6 @@ from pathlib import Path
 from types import FrameType
 
 from ftsup.supervisor import outlock
-from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.procinfo import process_start_time
 
 EXIT_FILE = "exit.json"
@@ -38,6 +43,8 @@ LOG_FILE = "stdout.log"
 # Signals the shim passes on to the trainer's process group unchanged
 # (SIGUSR1: save and stop, SIGUSR2: save and continue).
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+RESERVE_BYTES = 16 * 1024  # far more than either record takes
+RESERVE_SUFFIX = ".reserve"
 
 
 class _StopState:
@@ -71,8 +78,114 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return parse_shim_args(parser, argv)
 
 
-def write_exit(attempt_dir: Path, **fields: object) -> None:
-    write_json_atomic(attempt_dir / EXIT_FILE, {"ended_at": time.time(), **fields})
+def _say(message: str) -> None:
+    """A note to shim.log; a full disk must not turn a note into a crash."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"ftsup-shim: {message}", file=sys.stderr, flush=True)
+
+
+def _reserve_path(folder: Path, name: str) -> Path:
+    return folder / f".{name}{RESERVE_SUFFIX}"
+
+
+def reserve_records(folder: Path) -> None:
+    """Set aside the bytes of `exit.json` and `pids.json` while there is space."""
+    for name in (EXIT_FILE, PIDS_FILE):
+        _reserve(_reserve_path(folder, name))
+
+
+def _reserve(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        _say(f"cannot reserve {path.name}: {exc}")
+        return
+    try:
+        if os.fstat(fd).st_size >= RESERVE_BYTES:
+            return  # reserved already (a standby's folder that became an attempt's)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.pwrite(fd, bytes(RESERVE_BYTES), 0)  # no fallocate here: real zeros
+        os.fsync(fd)
+    except OSError as exc:
+        _say(f"cannot reserve {path.name}: {exc}")
+    finally:
+        os.close(fd)
+
+
+def write_record(folder: Path, name: str, record: dict[str, object]) -> bool:
+    """`folder/name` as JSON, atomically, into its reserved bytes when there are
+    some (write, truncate, fsync, rename: no new data block is needed), else by
+    a plain temporary file that is removed if it cannot be completed."""
+    data = _encode(record)
+    reserve = _reserve_path(folder, name)
+    if reserve.exists():
+        try:
+            _commit_reserved(reserve, folder / name, data)
+            return True
+        except OSError as exc:
+            _say(f"cannot write {name} into its reserved space: {exc}")
+    try:
+        _write_plain(folder / name, data)
+    except OSError as exc:
+        _say(f"cannot write {name}: {exc}; record: {data.decode(errors='replace')}")
+        return False
+    return True
+
+
+def _encode(record: dict[str, object]) -> bytes:
+    data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
+    if len(data) <= RESERVE_BYTES:
+        return data
+    # Only free text can be this long (a lock holder's message): cut it, keep the facts.
+    short = {k: (v[:1000] if isinstance(v, str) else v) for k, v in record.items()}
+    short.pop("holder", None)
+    return json.dumps(short, sort_keys=True, default=str).encode()[:RESERVE_BYTES]
+
+
+def _commit_reserved(reserve: Path, target: Path, data: bytes) -> None:
+    fd = os.open(reserve, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(reserve, target)
+    _fsync_dir(target.parent)
+
+
+def _write_plain(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # never leave a half-written or empty temporary file
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_exit(attempt_dir: Path, **fields: object) -> bool:
+    return write_record(attempt_dir, EXIT_FILE, {"ended_at": time.time(), **fields})
 
 
 def lock_for_attempt(
@@ -97,6 +210,7 @@ def lock_for_attempt(
 def run(args: argparse.Namespace) -> int:
     attempt_dir: Path = args.attempt_dir
     attempt_dir.mkdir(parents=True, exist_ok=True)
+    reserve_records(attempt_dir)  # first: the disk may be full by the time the trainer ends
     started_at = time.time()
     holder = {"job": args.job, "attempt": args.attempt, "pid": os.getpid()}
     lock_fd = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
@@ -106,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         child = start_trainer(args.argv, attempt_dir, pass_fd=lock_fd)
     except OSError as exc:
-        with (attempt_dir / LOG_FILE).open("ab") as log:
+        with contextlib.suppress(OSError), (attempt_dir / LOG_FILE).open("ab") as log:
             log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
         write_exit(
             attempt_dir,
@@ -154,10 +268,13 @@ def supervise(
     grace: float,
     wake_r: int,
 ) -> int:
-    """From a started trainer to `exit.json`: pids, stop handling, the group's end."""
+    """From a started trainer to `exit.json`: pids, stop handling, the group's end.
+    No write failure ends supervision: the trainer is followed to its end regardless."""
     pgid = child.pid
-    write_json_atomic(
-        attempt_dir / PIDS_FILE,
+    reserve_records(attempt_dir)  # no-op where done at start; a standby's renamed folder
+    write_record(
+        attempt_dir,
+        PIDS_FILE,
         {
             "shim_pid": os.getpid(),
             "shim_start": process_start_time(os.getpid()),

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ftsup.supervisor.durations import parse_duration, parse_size
+from ftsup.supervisor.durations import MAX_DURATION, parse_duration, parse_size
 from ftsup.supervisor.spec_types import (
     CheckpointSection,
     CommandSection,
@@ -277,7 +277,12 @@ def _fmt(number: float) -> str:
 Convert = Callable[[object, Path], Any]
 
 
-def _integer(at_least: int | None = None, hint: str | None = None) -> Convert:
+def _integer(
+    at_least: int | None = None, hint: str | None = None, *, at_most: int | None = None
+) -> Convert:
+    """An integer in [at_least, at_most]: every count ftsup or the trainer computes
+    with has a sane upper bound, so no value in a job file overflows an expression."""
+
     def convert(value: object, _base: Path) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Bad(f"expected an integer, got {_describe(value)}", _type_hint(value, "integer"))
@@ -285,6 +290,8 @@ def _integer(at_least: int | None = None, hint: str | None = None) -> Convert:
             raise _Bad("is out of range (TOML integers are 64-bit)")
         if at_least is not None and value < at_least:
             raise _Bad(f"must be at least {at_least}, got {value}", hint)
+        if at_most is not None and value > at_most:
+            raise _Bad(f"must be at most {at_most:,}, got {value:,}", hint)
         return value
 
     return convert
@@ -294,6 +301,7 @@ def _number(
     at_least: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    at_most: float | None = None,
 ) -> Convert:
     def convert(value: object, _base: Path) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -305,6 +313,8 @@ def _number(
             raise _Bad(f"must be greater than {_fmt(above)}, got {_fmt(number)}")
         if below is not None and number >= below:
             raise _Bad(f"must be less than {_fmt(below)}, got {_fmt(number)}")
+        if at_most is not None and number > at_most:
+            raise _Bad(f"must be at most {_fmt(at_most)}, got {_fmt(number)}")
         return number
 
     return convert
@@ -407,6 +417,12 @@ def _duration(positive: bool = False) -> Convert:
         seconds = _finite(seconds)
         if positive and seconds <= 0:
             raise _Bad("must be longer than 0 seconds")
+        if seconds > MAX_DURATION:
+            raise _Bad(
+                f"must be at most {MAX_DURATION / 86400:g} days "
+                f"({MAX_DURATION:.0f} seconds), got {_show(value)}",
+                'write a duration such as "10m", "2h" or "7d"',
+            )
         return seconds
 
     return convert
@@ -680,8 +696,14 @@ def _table(make: Callable[..., Any], *fields: _Field) -> _Table:
     return _Table(make, MappingProxyType({f.key: f for f in fields}))
 
 
+# Upper bounds far beyond any real run: what they catch is a typo or a fuzzer.
+_MAX_STEPS = 10**12
+_MAX_SIZE_FACTOR = 1 << 20  # batch sizes, ranks, token lengths, worker counts
 _POSITIVE_INT = _integer(at_least=1)
 _COUNT = _integer(at_least=0)
+_STEPS = _integer(at_least=1, at_most=_MAX_STEPS)
+_STEP_COUNT = _integer(at_least=0, at_most=_MAX_STEPS)
+_FACTOR = _integer(at_least=1, at_most=_MAX_SIZE_FACTOR)
 
 _TABLES: Mapping[str, _Table] = MappingProxyType(
     {
@@ -708,46 +730,53 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("dataset", _datasets, required=True, example='dataset = "data/sft.jsonl"'),
             _Field("tokenizer", _model_ref),
             _Field("format", _choice("auto", "alpaca", "chat")),
-            _Field("cutoff_len", _POSITIVE_INT),
+            _Field("cutoff_len", _FACTOR),
             _Field("finetuning_type", _choice("lora", "qlora", "full")),
-            _Field("lora_rank", _integer(at_least=1, hint="typical ranks are 8 to 128")),
-            _Field("lora_alpha", _POSITIVE_INT),
+            _Field(
+                "lora_rank",
+                _integer(at_least=1, at_most=_MAX_SIZE_FACTOR, hint="typical ranks are 8 to 128"),
+            ),
+            _Field("lora_alpha", _FACTOR),
             _Field("lora_dropout", _number(at_least=0, below=1)),
             _Field("lora_target", _string_or_strings),
-            _Field("per_device_train_batch_size", _POSITIVE_INT),
-            _Field("gradient_accumulation_steps", _POSITIVE_INT),
+            _Field("per_device_train_batch_size", _FACTOR),
+            _Field("gradient_accumulation_steps", _FACTOR),
             _Field("learning_rate", _number(above=0)),
             _Field("lr_scheduler_type", _choice(*LR_SCHEDULERS)),
-            _Field("warmup_steps", _COUNT),
+            _Field("warmup_steps", _STEP_COUNT),
             _Field("warmup_ratio", _number(at_least=0, below=1)),
             _Field("weight_decay", _number(at_least=0)),
             _Field("max_grad_norm", _number(at_least=0)),
-            _Field("num_train_epochs", _number(at_least=0)),
-            _Field("max_steps", _integer()),
-            _Field("seed", _COUNT),
+            _Field("num_train_epochs", _number(at_least=0, at_most=1e6)),
+            _Field("max_steps", _integer(at_most=_MAX_STEPS)),
+            _Field(
+                "seed",
+                _integer(at_least=0, at_most=2**32 - 1, hint="numpy seeds are 32-bit"),
+            ),
             _Field("bf16", _boolean),
             _Field("fp16", _boolean),
-            _Field("save_steps", _POSITIVE_INT),
+            _Field("save_steps", _STEPS),
             _Field("save_every", _duration(positive=True)),
             _Field(
                 "save_total_limit",
                 _integer(
                     at_least=2,
+                    at_most=_MAX_SIZE_FACTOR,
                     hint="keep at least 2: the newest checkpoint may still be being written "
                     "when a run dies",
                 ),
             ),
-            _Field("logging_steps", _POSITIVE_INT),
+            _Field("logging_steps", _STEPS),
             _Field("val_size", _number(at_least=0, below=1)),
-            _Field("eval_steps", _POSITIVE_INT),
+            _Field("eval_steps", _STEPS),
             _Field("report_to", _string_or_strings),
-            _Field("dataloader_num_workers", _COUNT),
+            _Field("dataloader_num_workers", _integer(at_least=0, at_most=4096)),
         ),
         "launch": _table(
             LaunchSection,
-            _Field("nproc_per_node", _POSITIVE_INT),
-            _Field("nnodes", _POSITIVE_INT),
-            _Field("node_rank", _COUNT),
+            _Field("nproc_per_node", _integer(at_least=1, at_most=4096)),
+            _Field("nnodes", _integer(at_least=1, at_most=_MAX_SIZE_FACTOR)),
+            _Field("node_rank", _integer(at_least=0, at_most=_MAX_SIZE_FACTOR)),
             _Field("rdzv_backend", _string),
             _Field("rdzv_endpoint", _string),
             _Field("rdzv_id", _string),
@@ -755,10 +784,10 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
         ),
         "restart": _table(
             RestartSection,
-            _Field("max_restarts", _COUNT),
+            _Field("max_restarts", _integer(at_least=0, at_most=100_000)),
             _Field("backoff", _duration()),
             _Field("backoff_max", _duration()),
-            _Field("crash_loop", _POSITIVE_INT),
+            _Field("crash_loop", _integer(at_least=1, at_most=1000)),
             _Field("stop_grace", _duration()),
             _Field("standby", _boolean),
         ),
@@ -769,12 +798,12 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("hang_ceiling", _duration(positive=True)),
             _Field("startup_timeout", _duration(positive=True)),
             _Field("loss_anomaly", _choice("rollback", "stop", "warn")),
-            _Field("loss_spike_factor", _number(above=1)),
+            _Field("loss_spike_factor", _number(above=1, at_most=1e6)),
         ),
         "checkpoint": _table(
             CheckpointSection,
-            _Field("keep_last", _POSITIVE_INT),
-            _Field("keep_every", _POSITIVE_INT),
+            _Field("keep_last", _integer(at_least=1, at_most=_MAX_SIZE_FACTOR)),
+            _Field("keep_every", _STEPS),
             _Field("keep_best", _string),
             _Field("async", _boolean, attr="async_save"),
             _Field("min_free", _auto(_size)),

@@ -38,15 +38,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ftsup.supervisor.atomicio import read_json, write_json_atomic
+from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
 from ftsup.supervisor.shim import (
     killpg,
     lock_for_attempt,
     parse_shim_args,
+    reserve_records,
     start_trainer,
     supervise,
     wakeup_pipe,
+    write_record,
 )
 
 STANDBY_FILE = "standby.json"  # pids and state ("warming", "ready", "ended") of a standby
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not is_same_process(args.daemon_pid, args.daemon_start):
         shutil.rmtree(standby_dir, ignore_errors=True)
         return 0  # the daemon that wanted it is already gone
+    reserve_records(standby_dir)  # renamed with the folder when it becomes an attempt
     daemon_fd = os.pidfd_open(args.daemon_pid)
     discard = _Discard()
     wake_r = wakeup_pipe()
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "started_at": time.time(),
         "state": "warming",
     }
-    write_json_atomic(standby_dir / STANDBY_FILE, info)
+    write_record(standby_dir, STANDBY_FILE, info)
     attempt_dir = _wait_for_activation(
         child, ours, info, standby_dir, fifo_fd, daemon_fd, wake_r, discard
     )
@@ -157,13 +160,13 @@ def _wait_for_activation(
                 watched.remove(control)
             with contextlib.suppress(ValueError):
                 info.update(json.loads(message), state="ready", ready_at=time.time())
-                write_json_atomic(standby_dir / STANDBY_FILE, info)
+                write_record(standby_dir, STANDBY_FILE, info)
         if wake_r in ready:
             os.read(wake_r, 512)
         if child_fd in ready:  # it died while waiting: say how, and let the daemon judge
             _, status = os.waitpid(child.pid, 0)
             info.update(state="ended", returncode=os.waitstatus_to_exitcode(status))
-            write_json_atomic(standby_dir / STANDBY_FILE, info)
+            write_record(standby_dir, STANDBY_FILE, info)
             killpg(child.pid, signal.SIGKILL)
             return None
         if daemon_fd in ready or discard.requested:
@@ -182,7 +185,10 @@ def _take_over(
 ) -> int:
     """Hand the waiting trainer its attempt: lock, arguments, environment."""
     started_at = time.time()
-    activation = read_json(attempt_dir / ACTIVATION_FILE) or {}
+    try:
+        activation = read_json(attempt_dir / ACTIVATION_FILE) or {}
+    except OSError:
+        activation = {}
     holder = {"job": args.job, "attempt": activation.get("attempt"), "pid": os.getpid()}
     lock_fd = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
     if lock_fd is None:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ftsup.supervisor import spec_types
+from ftsup.supervisor.durations import format_duration
 from ftsup.supervisor.spec import SpecError, SpecIssue, load_spec, parse_spec, spec_to_json
 from ftsup.supervisor.spec_types import CheckpointSection, HealthSection, RestartSection
 
@@ -292,6 +293,20 @@ BAD = [
      "[restart] stop_grace", 'units are ms, s, m, h and d'),
     ("negative-duration", JOB + COMMAND + "[restart]\nbackoff = -1\n", "backoff =",
      "[restart] backoff", None),
+    ("huge-duration-number", JOB + COMMAND + "[restart]\nbackoff = 1e300\n", "backoff =",
+     "[restart] backoff", 'such as "10m", "2h" or "7d"'),
+    ("huge-duration-text", JOB + COMMAND + '[restart]\nstop_grace = "99999999999d"\n',
+     "stop_grace", "[restart] stop_grace", 'such as "10m", "2h" or "7d"'),
+    ("huge-hang-floor", JOB + COMMAND + '[health]\nhang_floor = "31d"\n', "hang_floor",
+     "[health] hang_floor", '"7d"'),
+    ("huge-crash-loop", JOB + COMMAND + "[restart]\ncrash_loop = 4611686018427387904\n",
+     "crash_loop", "[restart] crash_loop", None),
+    ("huge-max-restarts", JOB + COMMAND + "[restart]\nmax_restarts = 1000000000000\n",
+     "max_restarts", "[restart] max_restarts", None),
+    ("seed-beyond-32-bit", JOB + TRAIN + "seed = 4294967296\n", "seed", "[train] seed",
+     "32-bit"),
+    ("huge-save-steps", JOB + TRAIN + "save_steps = 9223372036854775807\n", "save_steps",
+     "[train] save_steps", None),
     ("toml-syntax", JOB.replace('"demo"', "demo") + COMMAND, "name = demo", "",
      "strings need quotes"),
     ("resume-without-checkpoint", JOB + COMMAND.replace('"{checkpoint}"', '"last"'),
@@ -353,6 +368,34 @@ def test_bad_spec(tmp_path: Path, text: str, at: str | None, key: str, hint: str
     if hint is not None:
         assert issue.hint is not None and hint in issue.hint, message
         assert message.endswith(f"; {issue.hint}")
+
+
+def test_duration_bound_message_names_file_line_key_and_fix(tmp_path: Path) -> None:
+    """`backoff = 1e300` used to be accepted (status then printed a 300-digit delay)."""
+    err = refused(JOB + COMMAND + "[restart]\nbackoff = 1e300\nbackoff_max = 1e300\n", tmp_path)
+    assert [issue.key for issue in err.issues] == ["restart.backoff", "restart.backoff_max"]
+    first = str(err.issues[0])
+    where = f"{tmp_path / 'job.toml'}:8: [restart] backoff"
+    assert first.startswith(f"{where}: must be at most 30 days")
+    assert "(2592000 seconds), got 1e+300" in first and first.endswith('or "7d"')
+
+
+def test_longest_durations_and_largest_counts_are_accepted(tmp_path: Path) -> None:
+    text = (
+        JOB
+        + COMMAND
+        + '[restart]\nbackoff = "30d"\nbackoff_max = 2592000\nstop_grace = "720h"\n'
+        + "crash_loop = 1000\nmax_restarts = 100000\n"
+    )
+    restart = parse_spec(text, tmp_path / "job.toml").restart
+    assert (restart.backoff, restart.backoff_max, restart.stop_grace) == (2592000.0,) * 3
+    assert (restart.crash_loop, restart.max_restarts) == (1000, 100000)
+
+
+def test_format_duration_never_prints_a_huge_number() -> None:
+    assert format_duration(1e300) == ">9999d"
+    assert format_duration(float("inf")) == ">9999d"
+    assert format_duration(30 * 86400) == "30d00h"
 
 
 def test_bad_case_table_is_large_enough() -> None:

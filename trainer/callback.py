@@ -14,6 +14,8 @@ with a manifest and rotates old ones.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,6 +169,14 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             "train_end", step=state.global_step, reason="stopped" if self.stopped else "finished"
         )
         self.progress.close()
+        if self.progress.dropped:  # a full or failing disk; training itself went on
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"ftsup: {self.progress.dropped} progress events could not be written "
+                    f"({self.progress.last_error})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     # --------------------------------------------------------------- helpers
 

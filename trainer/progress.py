@@ -8,6 +8,7 @@ and a killed trainer loses at most the event it was writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,12 +28,22 @@ def _clean(value: Any) -> Any:
 
 
 class ProgressWriter:
-    """Thread-safe writer; a writer without a path drops every event."""
+    """Thread-safe writer; a writer without a path drops every event.
+
+    Progress is a report, not the training: a full or failing disk (ENOSPC,
+    EIO, EMFILE, ...) drops the line and counts it (`dropped`), and the next
+    event tries again, so the trainer never dies of its progress file. A line
+    cut short by the disk is taken back (or, failing that, ended by the next
+    line's leading newline), so readers never see two events glued together.
+    """
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self.dropped = 0  # events lost to write errors
+        self.last_error: OSError | None = None
+        self._cut = False  # a partial line may end the file: start the next with "\n"
 
     @classmethod
     def from_env(cls) -> ProgressWriter:
@@ -45,13 +56,43 @@ class ProgressWriter:
         record.update({key: _clean(value) for key, value in fields.items()})
         line = (json.dumps(record) + "\n").encode()
         with self._lock:
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._fd, line)
+            try:
+                self._write(line)
+            except OSError as exc:
+                self.dropped += 1
+                self.last_error = exc
+
+    def _write(self, line: bytes) -> None:
+        if self._fd is None:
+            assert self.path is not None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+        fd = self._fd
+        if self._cut:
+            line = b"\n" + line
+        start = os.fstat(fd).st_size
+        written = 0
+        try:
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        except OSError:
+            if written:
+                self._take_back(fd, start)
+            raise
+        self._cut = False
+
+    def _take_back(self, fd: int, size: int) -> None:
+        """Remove a partly written line (freeing space needs none)."""
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            self._cut = True
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
-                os.close(self._fd)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
                 self._fd = None

@@ -4,7 +4,6 @@ files the shim writes. Process handling is by pid *and* start time, always."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -34,13 +33,35 @@ class LiveAttempt:
     child: subprocess.Popen[bytes] | None = None  # set when this daemon started it
 
     def pids(self) -> dict[str, Any]:
-        return read_json(self.attempt_dir / PIDS_FILE) or {}
+        """What the shim wrote to pids.json; {} when missing, damaged or unreadable."""
+        try:
+            pids = read_json(self.attempt_dir / PIDS_FILE)
+        except OSError:
+            return {}
+        return pids if isinstance(pids, dict) else {}
 
-    def signal_shim(self, sig: signal.Signals) -> None:
-        """SIGTERM to the shim is a graceful stop: it forwards, waits, escalates."""
-        if is_same_process(self.shim_pid, self.shim_start):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.shim_pid, sig)
+    def shim_alive(self) -> bool:
+        """The shim is still the process this attempt started (pid and start time)."""
+        return is_same_process(self.shim_pid, self.shim_start)
+
+    def signal_shim(self, sig: signal.Signals) -> bool:
+        """SIGTERM to the shim is a graceful stop: it forwards, waits, escalates.
+        False when the shim is gone: then nobody forwards, the caller must act."""
+        if not self.shim_alive():
+            return False
+        try:
+            os.kill(self.shim_pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def trainer(self) -> tuple[int, int | None] | None:
+        """(pid, start time) of the trainer, from pids.json; None before the shim wrote it."""
+        pids = self.pids()
+        pid, start = pids.get("trainer_pid"), pids.get("trainer_start")
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            return None
+        return pid, start if isinstance(start, int) else None
 
     def signal_trainer(self, sig: signal.Signals) -> bool:
         """`sig` to the trainer's whole process group (checked by the leader's start time)."""

@@ -25,6 +25,9 @@ async def wait_for_exit(
     except ProcessLookupError:
         _reap(child)
         return
+    except OSError:  # EMFILE, ENFILE, ENOMEM: no descriptor to wait on; poll instead
+        await _poll_until_gone(pid, start_time, child)
+        return
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[None] = loop.create_future()
 
@@ -48,3 +51,20 @@ def _reap(child: subprocess.Popen[bytes] | None) -> None:
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
+
+
+POLL_INTERVAL = 0.5
+
+
+async def _poll_until_gone(
+    pid: int, start_time: int | None, child: subprocess.Popen[bytes] | None
+) -> None:
+    """The fallback when no pidfd can be had: an exhausted descriptor table must not
+    end supervision (nor be mistaken for the process's end)."""
+    while True:
+        if child is not None:
+            if child.poll() is not None:
+                return
+        elif not is_same_process(pid, start_time):
+            return
+        await asyncio.sleep(POLL_INTERVAL)

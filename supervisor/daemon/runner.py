@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import subprocess
@@ -39,9 +40,9 @@ from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.health.stacks import capture_stacks
 from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.procinfo import is_same_process, process_start_time
+from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.progress import ProgressState
-from ftsup.supervisor.resume import ResumePoint
+from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store
@@ -55,6 +56,20 @@ ResumeSelector = Callable[[JobSpec], ResumePoint]
 # ("ok" | "wait" | "fail", why): may an attempt be launched now (GPUs present and healthy)?
 Preflight = Callable[[JobSpec], tuple[str, str]]
 PREFLIGHT_RETRY = 5.0
+# Errors of the moment (full or failing disk, no descriptors or memory left): a
+# launch that meets one waits and tries again; any other OSError fails the job.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.EAGAIN,
+        errno.ESTALE,
+    }
+)
 Classifier = Callable[[dict[str, Any], list[str], LiveAttempt], tuple[str | None, str]]
 
 
@@ -96,14 +111,16 @@ class JobRunner:
         self.stop_requested = False
         self.restart_requested = False
         self._stop_reason: str | None = None
+        # Set when the attempt must end (stop, restart, hang): the shim acts on its
+        # SIGTERM; when the shim is gone, the runner stops the trainer itself.
+        self._terminate = asyncio.Event()
         self._last_stored_step = -1
         self._hang_handled = False
         self._hang_task: asyncio.Task[None] | None = None
         self._anomaly_handled = False
         self._rollback_from: int | None = None
-        saved = read_json(layout.run_dir(spec.name) / SKIP_FILE)
-        self.skip_windows: list[tuple[int, int]] = (
-            [(int(a), int(b)) for a, b in saved] if isinstance(saved, list) else []
+        self.skip_windows: list[tuple[int, int]] = _read_skip_windows(
+            layout.run_dir(spec.name) / SKIP_FILE
         )
         self._refresh_attempt_starts()
 
@@ -168,16 +185,45 @@ class JobRunner:
             self._finish("stopped", self._stop_reason or decision.reason)
         else:
             state = "failed" if row.returncode == policy.EXIT_CONFIG else "gave_up"
-            tail = tail_lines(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
+            tail = _tail(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
             reason = (
                 f"{decision.reason}; last attempt: {row.reason}" if row.reason else decision.reason
             )
             self._finish(state, reason, {"log_tail": tail})
 
+    def _write_own(self, path: Path, data: Any) -> bool:
+        """A file of the runner's own (kill.json, skip_steps.json). A full or failing
+        disk must not end supervision: the failure is logged and reported as a
+        `warning` event, and the caller goes on with what it knows in memory."""
+        try:
+            write_json_atomic(path, data)
+        except OSError as exc:
+            log.warning("job %s: cannot write %s: %s", self.name, path, exc)
+            with contextlib.suppress(Exception):
+                self.bus.emit(
+                    self.name,
+                    "warning",
+                    f"cannot write {path.name}: {exc.strerror or exc}",
+                    {"path": str(path), "errno": exc.errno},
+                )
+            return False
+        return True
+
     def _finish(self, state: str, reason: str, data: dict[str, Any] | None = None) -> None:
-        self.store.set_job_state(self.name, state, reason)
-        self.bus.emit(self.name, state, reason, data)
-        self.bus.emit(self.name, "state", state, {"state": state, "reason": reason})
+        """Record the end of supervision. Never raises: it is also the last step of
+        `_run`'s error path, and an exception here would end the job task silently."""
+        try:
+            self.store.set_job_state(self.name, state, reason)
+        except Exception:
+            log.exception("job %s: cannot record state %s (%s)", self.name, state, reason)
+        for kind, message, payload in (
+            (state, reason, data),
+            ("state", state, {"state": state, "reason": reason}),
+        ):
+            try:
+                self.bus.emit(self.name, kind, message, payload)
+            except Exception:
+                log.exception("job %s: cannot emit %s event", self.name, kind)
 
     def _set_state(
         self, state: str, reason: str | None = None, next_start_at: float | None = None
@@ -218,7 +264,14 @@ class JobRunner:
             return None
         self._set_state("starting")
         await asyncio.to_thread(self._set_aside_after_rollback)
-        resume = await asyncio.to_thread(self._select_resume, self.spec)
+        resume = await self._select_when_checkable()
+        if resume is None:
+            return None
+        if self.restart_requested:  # asked while the checkpoints were checked: this is it
+            self.stop_requested = self.restart_requested = False
+        elif self.stop_requested:
+            self._finish("stopped", "stopped on request while waiting to launch")
+            return None
         for path, reason in resume.quarantined:
             self.bus.emit(
                 self.name,
@@ -243,25 +296,16 @@ class JobRunner:
             resume_from=str(resume.path) if resume.path else None,
             start_step=resume.step,
         )
-        try:
-            plan = self._plan(n, resume.path)
-        except ValueError as exc:  # a launch the trainer cannot do (e.g. deepspeed)
-            self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
-            self._finish("failed", f"cannot launch: {exc}")
+        started = await self._start_shim(n, resume.path)
+        if started is None:
             return None
+        child, plan, warm = started
         attempt_dir = self.layout.attempt_dir(self.name, n)
-        warm = await self._activate_standby(plan, n, attempt_dir)
-        try:
-            child = warm or spawn_shim(self.spec, self.layout, attempt=n, plan=plan)
-        except OSError as exc:
-            self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
-            self._finish("failed", f"cannot start the shim: {exc}")
-            return None
         attempt = LiveAttempt(
             n=n,
             attempt_dir=attempt_dir,
             shim_pid=child.pid,
-            shim_start=process_start_time(child.pid),
+            shim_start=await _start_time_of(child.pid),
             start_step=resume.step,
             resume_from=resume.path,
             started_at=now,
@@ -286,6 +330,63 @@ class JobRunner:
         )
         self._begin_attempt(attempt)
         return attempt
+
+    async def _start_shim(
+        self, n: int, resume_from: Path | None
+    ) -> tuple[subprocess.Popen[bytes], AttemptPlan, subprocess.Popen[bytes] | None] | None:
+        """Attempt `n`'s shim, started: (shim, plan, the warm standby's shim or None).
+
+        A disk that is full or failing for now, or exhausted descriptors or memory,
+        make the launch wait and try again: none of them is a reason to end the job.
+        None: the job ended instead (it cannot be launched, or was stopped meanwhile).
+        """
+        attempt_dir = self.layout.attempt_dir(self.name, n)
+        while True:
+            try:
+                plan = self._plan(n, resume_from)
+                warm = await self._activate_standby(plan, n, attempt_dir)
+                return warm or spawn_shim(self.spec, self.layout, attempt=n, plan=plan), plan, warm
+            except ValueError as exc:  # a launch the trainer cannot do (e.g. deepspeed)
+                self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
+                self._finish("failed", f"cannot launch: {exc}")
+                return None
+            except OSError as exc:
+                if exc.errno not in TRANSIENT_ERRNOS:
+                    self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
+                    self._finish("failed", f"cannot start the shim: {exc}")
+                    return None
+                why = f"cannot start attempt {n} ({exc.strerror or exc}); trying again"
+                log.warning("job %s: %s", self.name, why)
+                self.bus.emit(self.name, "launch_wait", why, {"errno": exc.errno})
+                if not await self._backoff(PREFLIGHT_RETRY, why):
+                    self.store.update_attempt(
+                        self.name,
+                        n,
+                        ended_at=time.time(),
+                        stop_requested=True,
+                        reason="stopped before its shim started",
+                    )
+                    self._finish("stopped", "stopped on request while waiting to launch")
+                    return None
+                self._set_state("starting")
+
+    async def _select_when_checkable(self) -> ResumePoint | None:
+        """The checkpoint to resume from, once the checkpoints can be read.
+
+        "Could not check" (EMFILE, EIO, ...) is not "corrupt": launching from an older
+        checkpoint or from scratch would throw away training, so the launch waits
+        with a `launch_wait` event and tries again. None: stopped while waiting.
+        """
+        while True:
+            try:
+                return await asyncio.to_thread(self._select_resume, self.spec)
+            except CheckpointsUncheckable as exc:
+                why = f"checkpoints could not be checked ({exc.reason}); trying again"
+                self.bus.emit(self.name, "launch_wait", why, {"reason": exc.reason})
+                if not await self._backoff(PREFLIGHT_RETRY, why):
+                    self._finish("stopped", "stopped on request while waiting to launch")
+                    return None
+                self._set_state("starting")
 
     def _plan(self, attempt: int, resume_from: Path | None) -> AttemptPlan:
         env = dict(self._env)
@@ -379,18 +480,19 @@ class JobRunner:
         )
         self._anomaly_handled = False
         self._hang_handled = False
+        self._terminate.clear()
 
     async def _wait(self, attempt: LiveAttempt) -> AttemptRow:
         await wait_for_exit(attempt.shim_pid, attempt.shim_start, attempt.child)
-        exit_info = read_json(attempt.attempt_dir / EXIT_FILE)
+        exit_info = _read_record(attempt.attempt_dir / EXIT_FILE)
         if exit_info is None:
             exit_info = await self._wait_orphaned_trainer(attempt)
-        exit_info.update(read_json(attempt.attempt_dir / KILL_FILE) or {})
+        exit_info.update(_read_record(attempt.attempt_dir / KILL_FILE) or {})
         self.pump()  # the last progress and log lines before judging
         pids = attempt.pids()
         last_step = max(attempt.start_step, self.follower.progress.attempt_max_step)
         self.follower.end_attempt()
-        log_tail = tail_lines(attempt.attempt_dir / LOG_FILE, 40)
+        log_tail = _tail(attempt.attempt_dir / LOG_FILE, 40)
         kind, reason = self._classify(exit_info, log_tail, attempt)
         stop_requested = bool(exit_info.get("stop_requested")) or self.stop_requested
         fields: dict[str, Any] = dict(
@@ -427,22 +529,50 @@ class JobRunner:
         return row
 
     async def _wait_orphaned_trainer(self, attempt: LiveAttempt) -> dict[str, Any]:
-        """The shim died without writing exit.json (it was killed): wait for its trainer."""
-        pids = attempt.pids()
-        trainer, start = pids.get("trainer_pid"), pids.get("trainer_start")
-        if isinstance(trainer, int) and is_same_process(trainer, start):
+        """The shim died without writing exit.json (it was killed): wait for its trainer,
+        and do what the shim would have done with it (stop it on request, then clear
+        its process group)."""
+        trainer = attempt.trainer()
+        if trainer is not None and is_same_process(*trainer):
             self.bus.emit(
                 self.name,
                 "warning",
                 f"attempt {attempt.n}: shim lost; following the trainer directly",
             )
-            await wait_until_gone(trainer, start)
+            await self._follow_orphan(attempt, *trainer)
+        # Anything left in the group (dataloader workers, torchrun children) goes too.
+        attempt.signal_trainer(signal.SIGKILL)
         return {
             "returncode": None,
             "signal": None,
             "error": "shim_lost",
             "message": "the shim died; the trainer's exit status is unknown",
         }
+
+    async def _follow_orphan(self, attempt: LiveAttempt, pid: int, start: int | None) -> None:
+        """Wait for a trainer whose shim is gone. A stop (or hang kill) is carried out
+        here as the shim would: SIGTERM to the group, SIGKILL after `stop_grace`."""
+        gone = asyncio.ensure_future(wait_until_gone(pid, start))
+        terminate = asyncio.ensure_future(self._terminate.wait())
+        try:
+            await asyncio.wait({gone, terminate}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                return
+            grace = self.spec.restart.stop_grace
+            self.bus.emit(
+                self.name,
+                "warning",
+                f"attempt {attempt.n}: no shim to stop the trainer; sending SIGTERM "
+                f"to its process group, SIGKILL after {grace:g}s",
+            )
+            attempt.signal_trainer(signal.SIGTERM)
+            await asyncio.wait({gone}, timeout=grace)
+            if not gone.done():
+                attempt.signal_trainer(signal.SIGKILL)
+                await asyncio.wait({gone})
+        finally:
+            gone.cancel()
+            terminate.cancel()
 
     # requests -------------------------------------------------------------
     def request_stop(self, *, now: bool) -> None:
@@ -456,6 +586,12 @@ class JobRunner:
         self._set_state("stopping", "kill requested" if now else "graceful stop requested")
         if now:
             self.signal_trainer(signal.SIGKILL)
+        self._end_attempt(attempt)
+
+    def _end_attempt(self, attempt: LiveAttempt) -> None:
+        """SIGTERM to the shim (it forwards, waits stop_grace, escalates). Should the
+        shim be gone, `_follow_orphan` does the same itself on `_terminate`."""
+        self._terminate.set()
         attempt.signal_shim(signal.SIGTERM)
 
     def pause_for_disk(self, reason: str) -> None:
@@ -542,7 +678,7 @@ class JobRunner:
             return
         self._anomaly_handled = True
         # No save on the way out: the weights after a NaN are poisoned.
-        write_json_atomic(
+        self._write_own(
             attempt.attempt_dir / KILL_FILE, {"killed_by": KILLED_BY_LOSS, "reason": anomaly.reason}
         )
         if action == "stop":
@@ -551,7 +687,7 @@ class JobRunner:
             self.request_stop(now=True)
             return
         self.skip_windows.append((anomaly.skip_from, anomaly.skip_to))
-        write_json_atomic(self.layout.run_dir(self.name) / SKIP_FILE, self.skip_windows)
+        self._write_own(self.layout.run_dir(self.name) / SKIP_FILE, self.skip_windows)
         self._rollback_from = anomaly.skip_from
         self.bus.emit(
             self.name,
@@ -591,7 +727,7 @@ class JobRunner:
                 "phase": verdict.phase,
             },
         )
-        write_json_atomic(
+        self._write_own(
             attempt.attempt_dir / KILL_FILE, {"killed_by": KILLED_BY_HANG, "reason": verdict.reason}
         )
         self._hang_task = asyncio.create_task(self._stop_hung(attempt))
@@ -604,7 +740,7 @@ class JobRunner:
         summary = await asyncio.to_thread(capture_stacks, targets, stacks, 20.0)
         self.bus.emit(self.name, "stacks", summary, {"path": str(stacks)})
         # SIGTERM first (a chance to save), SIGKILL after stop_grace: the shim escalates.
-        attempt.signal_shim(signal.SIGTERM)
+        self._end_attempt(attempt)
 
     def status(self) -> dict[str, Any]:
         job = self.store.get_job(self.name)
@@ -613,3 +749,52 @@ class JobRunner:
             "current_attempt": self.attempt.to_json() if self.attempt else None,
             "progress": self.follower.progress.to_json(),
         }
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by the shim or the runner; None when missing, damaged or
+    unreadable (an I/O error is no reason to stop supervising)."""
+    try:
+        record = read_json(path)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    """The log's last lines, or none when it cannot be read."""
+    try:
+        return tail_lines(path, count)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return []
+
+
+def _read_skip_windows(path: Path) -> list[tuple[int, int]]:
+    """The data windows skipped after loss anomalies; [] when missing or unreadable."""
+    try:
+        saved = read_json(path)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return []
+    windows: list[tuple[int, int]] = []
+    for item in saved if isinstance(saved, list) else []:
+        if (
+            isinstance(item, list)
+            and len(item) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+        ):
+            windows.append((item[0], item[1]))
+    return windows
+
+
+async def _start_time_of(pid: int, *, tries: int = 600) -> int | None:
+    """The start time of a child we just spawned (it cannot be gone: we have not
+    reaped it); out of descriptors, wait for one rather than record none."""
+    for _ in range(tries):
+        try:
+            return process_start_time(pid)
+        except ProcessUnreadable:
+            await asyncio.sleep(0.1)
+    return None
