@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.private_dirs import NotPrivate, ensure_private_dir, open_private, trusted_uids
 from ftsup.supervisor.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -29,9 +31,67 @@ from ftsup.supervisor.protocol import (
     recv_frame_blocking,
 )
 
+DEFAULT_TIMEOUT = 30.0
+TIMEOUT_ENV = "FTSUP_CLIENT_TIMEOUT"
+
 
 class DaemonUnavailable(Exception):
     """No daemon answers on the socket."""
+
+
+class DaemonUntrusted(DaemonUnavailable):
+    """The socket or its folder belongs to someone else: nothing was sent to it.
+    `hint` says how to fix it."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class DaemonNotAnswering(DaemonUnavailable):
+    """A daemon accepted the connection but did not answer in time (frozen)."""
+
+
+def default_timeout() -> float:
+    """Seconds to wait for any answer ($FTSUP_CLIENT_TIMEOUT, default 30): a frozen
+    daemon is reported as unavailable, not waited for forever."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if 0 < value < 86400 else DEFAULT_TIMEOUT
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _trusted(socket_path: Path) -> frozenset[int] | None:
+    """Who may answer on `socket_path`; None when its folder does not exist."""
+    try:
+        return trusted_uids(socket_path.parent)
+    except NotPrivate as exc:
+        raise DaemonUntrusted(f"{socket_path.parent} {exc.problem}", exc.hint) from None
+
+
+def verify_peer(sock: socket.socket, socket_path: Path, trusted: frozenset[int]) -> None:
+    """Before a single byte is sent: the socket file and the process listening on
+    it (SO_PEERCRED, from the kernel) must both be ours, root's, or the uid root
+    gave the folder to. Anyone else could be collecting job specs and secrets."""
+    peer = _peer_uid(sock)
+    try:
+        owner = os.stat(socket_path).st_uid
+    except OSError as exc:
+        raise DaemonUnavailable(f"no daemon answers on {socket_path} ({exc.strerror})") from None
+    for what, uid in (("the socket file", owner), ("the process serving it", peer)):
+        if uid not in trusted:
+            raise DaemonUntrusted(
+                f"{what} {socket_path} belongs to uid {uid}, not to you (uid {os.geteuid()}); "
+                "nothing was sent to it",
+                "Another user may be posing as your ftsup daemon: remove the socket (as "
+                "root), or point FTSUP_RUNTIME_DIR at a folder of your own.",
+            )
 
 
 def _check_hello(reply: dict[str, Any] | None) -> dict[str, Any]:
@@ -41,7 +101,7 @@ def _check_hello(reply: dict[str, Any] | None) -> dict[str, Any]:
         error = reply.get("error", {})
         raise RequestError(error.get("code", "error"), error.get("message", "refused"))
     if reply.get("type") != "hello" or reply.get("version") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unexpected handshake reply: {reply!r}")
+        raise DaemonUnavailable(f"not an ftsup daemon: unexpected handshake reply {reply!r:.200}")
     return reply
 
 
@@ -61,27 +121,53 @@ class Client:
     """Blocking client: one connection, one request at a time."""
 
     def __init__(
-        self, socket_path: Path, *, timeout: float = 30.0, name: str = "ftsup-cli"
+        self, socket_path: Path, *, timeout: float | None = None, name: str = "ftsup-cli"
     ) -> None:
         self.socket_path = socket_path
+        self.timeout = default_timeout() if timeout is None else timeout
+        trusted = _trusted(socket_path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(self.timeout)
         try:
+            if trusted is None:
+                raise FileNotFoundError(2, "No such file or directory")
             self._sock.connect(str(socket_path))
+            verify_peer(self._sock, socket_path, trusted)
         except OSError as exc:
             self._sock.close()
             raise DaemonUnavailable(
-                f"no daemon answers on {socket_path} ({exc.strerror})"
+                f"no daemon answers on {socket_path} ({exc.strerror or exc})"
             ) from None
-        self._ids = itertools.count(1)
-        # A refused peer: the daemon spoke first and closed; its reason is read below.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._sock.sendall(encode_frame(hello(name)))
-        try:
-            self.daemon = _check_hello(recv_frame_blocking(self._sock))
         except BaseException:
             self._sock.close()
             raise
+        self._ids = itertools.count(1)
+        try:
+            # A refused peer: the daemon spoke first and closed; its reason is read below.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._sock.sendall(encode_frame(hello(name)))
+            self.daemon = _check_hello(self._recv())
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _recv(self) -> dict[str, Any] | None:
+        """The next frame; a daemon that does not answer in time is unavailable."""
+        try:
+            return recv_frame_blocking(self._sock)
+        except TimeoutError:
+            raise DaemonNotAnswering(
+                f"the daemon on {self.socket_path} did not answer within {self.timeout:g}s "
+                f"(frozen or overloaded; ${TIMEOUT_ENV} sets the wait)"
+            ) from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise DaemonUnavailable(
+                f"the daemon on {self.socket_path} dropped the connection ({exc.strerror})"
+            ) from None
+        except ProtocolError as exc:
+            raise DaemonUnavailable(
+                f"what answers on {self.socket_path} does not speak ftsup's protocol ({exc})"
+            ) from None
 
     def close(self) -> None:
         self._sock.close()
@@ -94,9 +180,14 @@ class Client:
 
     def request(self, kind: str, **args: Any) -> dict[str, Any]:
         request_id = next(self._ids)
-        self._sock.sendall(encode_frame({"id": request_id, "type": kind, **args}))
+        try:
+            self._sock.sendall(encode_frame({"id": request_id, "type": kind, **args}))
+        except (TimeoutError, ConnectionResetError, BrokenPipeError) as exc:
+            raise DaemonUnavailable(
+                f"the daemon on {self.socket_path} stopped reading ({exc})"
+            ) from None
         while True:
-            reply = recv_frame_blocking(self._sock)
+            reply = self._recv()
             if reply is not None and reply.get("type") == "event":
                 continue  # an event that raced the reply of a subscribe
             return _unwrap(reply)
@@ -108,7 +199,7 @@ class Client:
         self.request("subscribe", jobs=jobs, kinds=kinds)
         self._sock.settimeout(None)
         while True:
-            message = recv_frame_blocking(self._sock)
+            message = self._recv()
             if message is None:
                 return
             if message.get("type") == "event":
@@ -128,10 +219,18 @@ class AsyncClient:
         self.daemon: dict[str, Any] = {}
 
     async def connect(self) -> None:
+        trusted = _trusted(self.socket_path)
         try:
+            if trusted is None:
+                raise FileNotFoundError(2, "No such file or directory")
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path))
         except OSError as exc:
             raise DaemonUnavailable(f"no daemon answers on {self.socket_path}: {exc}") from None
+        try:
+            verify_peer(self._writer.get_extra_info("socket"), self.socket_path, trusted)
+        except BaseException:
+            self._writer.close()
+            raise
         self._writer.write(encode_frame(hello(self.name)))
         await self._writer.drain()
         self.daemon = _check_hello(await read_frame(self._reader))
@@ -191,10 +290,15 @@ def ensure_daemon(layout: Layout, *, timeout: float = 20.0) -> tuple[Client, int
     """
     try:
         return Client(layout.socket), None
+    except (DaemonUntrusted, DaemonNotAnswering):
+        raise  # starting a second daemon would not help
     except DaemonUnavailable:
         pass
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
-    with layout.daemon_log.open("ab") as log:
+    try:
+        ensure_private_dir(layout.state_dir)
+    except NotPrivate as exc:
+        raise DaemonUntrusted(f"{exc.path} {exc.problem}", exc.hint) from None
+    with os.fdopen(open_private(layout.daemon_log, os.O_WRONLY | os.O_APPEND), "ab") as log:
         process = subprocess.Popen(
             daemon_command(layout),
             stdin=subprocess.DEVNULL,
@@ -211,6 +315,8 @@ def ensure_daemon(layout: Layout, *, timeout: float = 20.0) -> tuple[Client, int
             )
         try:
             return Client(layout.socket), process.pid
+        except DaemonUntrusted:
+            raise
         except DaemonUnavailable:
             time.sleep(0.1)
     raise DaemonUnavailable(

@@ -2,7 +2,11 @@
 
 Frames are a 4-byte big-endian length followed by that many bytes of UTF-8
 JSON (one object). A frame over `MAX_FRAME` closes the connection: a broken or
-hostile peer must never make the daemon buffer without bound.
+hostile peer must never make the daemon buffer without bound. The daemon reads
+a frame's body in chunks and counts the bytes held for unfinished frames of
+all connections together (`ByteBudget`): many peers that each announce a big
+frame and send part of it get refused, instead of costing the daemon their
+sum. Nesting deeper than `MAX_DEPTH` is a protocol error, not a RecursionError.
 
 Conversation:
     client -> {"type": "hello", "version": 1, "client": "ftsup-cli"}
@@ -25,6 +29,9 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
+MAX_DEPTH = 64
+READ_CHUNK = 64 * 1024
+FRAME_TIMEOUT = 30.0  # seconds from a frame's header to its last byte (daemon side)
 _HEADER = struct.Struct(">I")
 
 # One request type per command; the daemon has one handler for each.
@@ -54,6 +61,29 @@ class ProtocolError(Exception):
     """The peer broke the framing or the handshake; the connection is closed."""
 
 
+class Busy(ProtocolError):
+    """The daemon is at a cap (connections, buffered bytes): try again later."""
+
+
+class ByteBudget:
+    """Bytes held for partial frames across every connection, with a cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+
+    def take(self, count: int) -> None:
+        if self.used + count > self.cap:
+            raise Busy(
+                f"{self.used} bytes of unfinished frames already buffered "
+                f"(cap {self.cap}); send the frame again later"
+            )
+        self.used += count
+
+    def give_back(self, count: int) -> None:
+        self.used = max(0, self.used - count)
+
+
 class RequestError(Exception):
     """A request the daemon refused; `code` is stable for scripts."""
 
@@ -76,13 +106,40 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         message = json.loads(payload.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
+    _check_depth(message)
     return message
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next message, or None at a clean end of stream."""
+def _check_depth(message: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (iteratively: the check itself must not
+    recurse), so that no handler can hit a RecursionError on what it was sent."""
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+async def read_frame(
+    reader: asyncio.StreamReader,
+    budget: ByteBudget | None = None,
+    *,
+    body_timeout: float = FRAME_TIMEOUT,
+) -> dict[str, Any] | None:
+    """The next message, or None at a clean end of stream.
+
+    With a `budget` (the daemon), the body is read in chunks counted against it
+    while the frame is unfinished, and must arrive within `body_timeout` once its
+    header has: an announced length reserves nothing, and a peer that stops in the
+    middle of a frame gives its bytes back."""
     try:
         header = await reader.readexactly(_HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -92,11 +149,44 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     (length,) = _HEADER.unpack(header)
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME} byte cap")
+    if budget is None:
+        try:
+            payload = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("connection closed inside a frame") from None
+        return decode_payload(payload)
     try:
-        payload = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("connection closed inside a frame") from None
-    return decode_payload(payload)
+        return await asyncio.wait_for(_read_body(reader, length, budget), body_timeout)
+    except TimeoutError:
+        raise ProtocolError(f"frame not finished within {body_timeout:g}s") from None
+
+
+async def _read_body(
+    reader: asyncio.StreamReader, length: int, budget: ByteBudget
+) -> dict[str, Any]:
+    """Chunks counted against the budget while the frame is unfinished. A small frame
+    (one chunk: every ordinary request) is exempt, so that `ftsup ls` is answered even
+    while others hold the budget; its cost is bounded by the connection cap."""
+    counted = length > READ_CHUNK
+    chunks: list[bytes] = []
+    held = 0
+    try:
+        while held < length:
+            chunk = await reader.read(min(READ_CHUNK, length - held))
+            if not chunk:
+                raise ProtocolError("connection closed inside a frame")
+            if counted:
+                budget.take(len(chunk))
+            held += len(chunk)
+            chunks.append(chunk)
+        payload = b"".join(chunks)
+        chunks.clear()
+        return decode_payload(payload)
+    finally:
+        # Drop the bytes now: a traceback that keeps this frame alive must not keep them.
+        chunks.clear()
+        if counted:
+            budget.give_back(held)
 
 
 def recv_frame_blocking(sock: socket.socket) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import BinaryIO
 
 from ftsup.supervisor import outlock
 from ftsup.supervisor.procinfo import process_start_time
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         child = start_trainer(args.argv, attempt_dir, pass_fd=lock_fd)
     except OSError as exc:
-        with contextlib.suppress(OSError), (attempt_dir / LOG_FILE).open("ab") as log:
+        with contextlib.suppress(OSError), open_log(attempt_dir, buffering=-1) as log:
             log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
         write_exit(
             attempt_dir,
@@ -235,12 +236,19 @@ def run(args: argparse.Namespace) -> int:
     return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
 
 
+def open_log(folder: Path, *, buffering: int = 0) -> BinaryIO:
+    """The attempt's stdout.log for appending: 0600 (it may hold secrets the trainer
+    prints) whatever the umask, and never through a symlink."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return open(os.open(folder / LOG_FILE, flags, 0o600), "ab", buffering=buffering)
+
+
 def start_trainer(
     argv: Sequence[str], folder: Path, *, pass_fd: int, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """The trainer in its own process group, its output appended to `folder/stdout.log`,
     with `pass_fd` (the output lock, or a standby's control socket) inherited."""
-    with (folder / LOG_FILE).open("ab", buffering=0) as log:
+    with open_log(folder) as log:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.cli import output
-from ftsup.supervisor.client import Client, DaemonUnavailable
+from ftsup.supervisor.client import Client, DaemonNotAnswering, DaemonUnavailable, DaemonUntrusted
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
 
@@ -20,6 +20,7 @@ ERROR_EXIT_CODES = {
     "output_locked": output.EXIT_REFUSED,
     "not_running": output.EXIT_REFUSED,
     "forbidden": output.EXIT_REFUSED,
+    "busy": output.EXIT_REFUSED,
 }
 
 
@@ -80,15 +81,20 @@ def ask(
 
 
 def report_unavailable(args: argparse.Namespace, exc: DaemonUnavailable) -> int:
-    if getattr(args, "json", False):
-        output.print_json({"ok": False, "error": {"code": "no_daemon", "message": str(exc)}})
+    """No daemon (exit 3), or a socket that is not ours: refused, nothing sent (exit 5)."""
+    if isinstance(exc, DaemonUntrusted):
+        code, exit_code, hint = "not_private", output.EXIT_REFUSED, exc.hint
+    elif isinstance(exc, DaemonNotAnswering):
+        code, exit_code = "no_daemon", output.EXIT_NO_DAEMON
+        hint = "the daemon is frozen or overloaded; see its log (`daemon.log` in the state folder)"
     else:
-        output.error(
-            str(exc),
-            hint="`ftsup start JOB.toml` starts a daemon; "
-            "or run `ftsup daemon` (or the systemd unit)",
-        )
-    return output.EXIT_NO_DAEMON
+        code, exit_code = "no_daemon", output.EXIT_NO_DAEMON
+        hint = "`ftsup start JOB.toml` starts a daemon; or run `ftsup daemon` (or the systemd unit)"
+    if getattr(args, "json", False):
+        output.print_json({"ok": False, "error": {"code": code, "message": str(exc)}})
+    else:
+        output.error(str(exc), hint=hint)
+    return exit_code
 
 
 def report_request_error(args: argparse.Namespace, exc: RequestError) -> int:

@@ -78,6 +78,7 @@ def print_job(job: dict[str, Any]) -> None:
     rows = [
         ("kind", job["kind"]),
         ("output", job["output_dir"]),
+        *_env_row(job),
         ("step", step_text(progress)),
         ("loss", _fmt(progress.get("loss"))),
         ("eval loss", _fmt(progress.get("eval_loss"))),
@@ -125,6 +126,14 @@ def print_job(job: dict[str, Any]) -> None:
         stdout.print("  [dim]last log lines:[/]")
         for line in tail:
             stdout.print(f"    {line}", markup=False)
+
+
+def _env_row(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """`[command] env` by name only: the values are often tokens."""
+    keys = job.get("env_keys")
+    if not keys:
+        return []
+    return [("env", ", ".join(f"{key}=…" for key in keys))]
 
 
 def _plural(count: int, noun: str) -> str:

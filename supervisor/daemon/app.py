@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT stop the daemon, never the runs: shims keep them alive and the
 next daemon re-adopts them. Only one daemon per state folder (a lock says so).
+The state and runtime folders must be the daemon user's own and private
+(`private_dirs`); whatever the daemon writes there is 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -26,6 +29,13 @@ from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.daemon.server import SocketServer
 from ftsup.supervisor.daemon.services import DaemonServices, MetricsOptions
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.private_dirs import (
+    NotPrivate,
+    ensure_private_dir,
+    open_private,
+    set_daemon_umask,
+    tighten_file,
+)
 from ftsup.supervisor.service.logging_setup import setup_daemon_logging
 from ftsup.supervisor.spec import SpecError, load_daemon_config
 from ftsup.supervisor.spec_types import DaemonConfig
@@ -53,9 +63,24 @@ class Daemon:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
 
+    def _secure_folders(self) -> None:
+        """Refuse folders that are not ours (NotPrivate); make ours and the state
+        files already in them private (a state folder from before this check)."""
+        ensure_private_dir(self.layout.state_dir, env_var="FTSUP_STATE_DIR")
+        ensure_private_dir(self.layout.runtime_dir, env_var="FTSUP_RUNTIME_DIR")
+        self._tighten_db()
+        tighten_file(self.layout.daemon_log)
+        for job_file in self.layout.state_dir.glob("runs/*/job.toml"):
+            tighten_file(job_file)
+
+    def _tighten_db(self) -> None:
+        """The database 0600 (SQLite gives a new -wal and -shm the database's mode)."""
+        db = self.layout.db
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            tighten_file(path)
+
     def _take_instance_lock(self) -> None:
-        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.layout.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.layout.state_dir / "daemon.lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,10 +105,12 @@ class Daemon:
 
     async def run(self) -> None:
         self.config = load_daemon_config(self.layout.daemon_config)  # SpecError: refuse to start
+        self._secure_folders()
         self._take_instance_lock()
         if _socket_answers(self.layout):
             raise DaemonAlreadyRunning(f"a daemon already answers on {self.layout.socket}")
         store = Store(self.layout.db)
+        self._tighten_db()  # created just now under an in-process caller's umask
         bus = EventBus(store)
         manager = JobManager(store, bus, self.layout, default_env())
         gpus = GpuSupervision(bus, manager.runners, self.nvml)
@@ -129,10 +156,31 @@ def _socket_answers(layout: Layout) -> bool:
     return True
 
 
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit: a burst of clients or checkpoint
+    checks must not run the daemon out of descriptors at the default 1024.
+    Returns (old soft, new soft)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+    return soft, target
+
+
 def run_daemon(layout: Layout, metrics: MetricsOptions | None = None) -> int:
     setup_daemon_logging(logging.INFO)
+    set_daemon_umask()  # state files 0600 whatever the user's umask; trainers get theirs back
+    old, new = raise_nofile_limit()
+    if new != old:
+        log.info("raised the open-file limit from %d to %d", old, new)
     try:
         asyncio.run(Daemon(layout, metrics).run())
+    except NotPrivate as exc:
+        log.error("refusing to start: %s", exc)
+        return 5
     except DaemonAlreadyRunning as exc:
         log.error("%s", exc)
         return 5

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
@@ -127,6 +128,7 @@ def _start_shim(argv: list[str], log: Path, plan: AttemptPlan) -> subprocess.Pop
             stdout=shim_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=user_umask(),  # the daemon's own 077 is for its state, not the user's runs
         )
 
 

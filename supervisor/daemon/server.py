@@ -2,7 +2,10 @@
 
 A connection that breaks the protocol (bad JSON, an oversized frame, no
 handshake) is closed; nothing a client sends can take the daemon down or
-affect other connections.
+affect other connections. Clients cannot exhaust it either: at most
+`MAX_CONNECTIONS` are served at once (one more gets a `busy` error frame and
+is closed, so the descriptors the runs need stay free), and the bytes held for
+unfinished frames of all connections together are capped (`FRAME_BUDGET`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -18,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.daemon.bus import EventBus, Subscription
+from ftsup.supervisor.private_dirs import ensure_private_dir
 from ftsup.supervisor.protocol import (
     PROTOCOL_VERSION,
+    Busy,
+    ByteBudget,
     ProtocolError,
     RequestError,
     encode_frame,
@@ -28,6 +35,9 @@ from ftsup.supervisor.protocol import (
 
 log = logging.getLogger("ftsup.daemon")
 HANDSHAKE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
+MAX_CONNECTIONS = 256
+FRAME_BUDGET = 64 * 1024 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -41,6 +51,17 @@ def peer_uid(sock: socket.socket) -> int:
 
 def peer_allowed(uid: int) -> bool:
     return uid in (os.geteuid(), 0)
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a connection for good. A peer that never reads what is still buffered
+    for it is cut off after CLOSE_TIMEOUT (else a shutdown would wait for it
+    forever), and a shutdown that cancels this wait is no error to log."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except (Exception, asyncio.CancelledError):
+        writer.transport.abort()
 
 
 class Connection:
@@ -62,17 +83,27 @@ class SocketServer:
         handlers: dict[str, Handler],
         bus: EventBus,
         hello_info: Callable[[], dict[str, Any]],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        frame_budget: int = FRAME_BUDGET,
     ) -> None:
         self.path = path
         self.handlers = handlers
         self.bus = bus
         self.hello_info = hello_info
+        self.max_connections = max_connections
+        self.budget = ByteBudget(frame_budget)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._refused_busy = 0
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
+        # Half the descriptors at most: the rest are for runs (shims, logs, checkpoint checks).
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            self.max_connections = max(8, min(self.max_connections, soft // 2))
+        # Ours and private, or refuse (NotPrivate): never chmod someone else's folder.
+        ensure_private_dir(self.path.parent, env_var="FTSUP_RUNTIME_DIR")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # stale: the caller already checked no daemon answers
         old_umask = os.umask(0o177)
@@ -97,6 +128,9 @@ class SocketServer:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            await self._refuse_busy(writer)
+            return
         self._connections.add(task)
         conn = Connection(reader, writer)
         subscription: Subscription | None = None
@@ -117,7 +151,7 @@ class SocketServer:
                 return
             await self._handshake(conn)
             while True:
-                message = await read_frame(reader)
+                message = await read_frame(reader, self.budget)
                 if message is None:
                     return
                 if message.get("type") == "subscribe":
@@ -128,10 +162,12 @@ class SocketServer:
                     continue
                 await conn.send(await self._dispatch(message))
         except ProtocolError as exc:
-            log.info("closing a connection that broke the protocol: %s", exc)
+            code = "busy" if isinstance(exc, Busy) else "protocol"
+            log.info("closing a connection (%s): %s", code, exc)
             with contextlib.suppress(Exception):
-                await conn.send(
-                    {"type": "error", "error": {"code": "protocol", "message": str(exc)}}
+                await asyncio.wait_for(
+                    conn.send({"type": "error", "error": {"code": code, "message": str(exc)}}),
+                    HANDSHAKE_TIMEOUT,
                 )
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -142,14 +178,30 @@ class SocketServer:
                 pusher.cancel()
             if subscription is not None:
                 self.bus.unsubscribe(subscription)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await _close_writer(writer)
             self._connections.discard(task)
+
+    async def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
+        """Over the connection cap: say so and close, without reading anything."""
+        self._refused_busy += 1
+        if self._refused_busy == 1 or self._refused_busy % 1000 == 0:
+            log.warning(
+                "refused %d connection(s): %d clients already connected (the cap)",
+                self._refused_busy,
+                self.max_connections,
+            )
+        message = f"the daemon already serves {self.max_connections} connections; try again"
+        with contextlib.suppress(Exception):
+            writer.write(
+                encode_frame({"type": "error", "error": {"code": "busy", "message": message}})
+            )
+        await _close_writer(writer)
 
     async def _handshake(self, conn: Connection) -> None:
         try:
-            message = await asyncio.wait_for(read_frame(conn.reader), HANDSHAKE_TIMEOUT)
+            message = await asyncio.wait_for(
+                read_frame(conn.reader, self.budget), HANDSHAKE_TIMEOUT
+            )
         except TimeoutError:
             raise ProtocolError("no handshake") from None
         if message is None or message.get("type") != "hello":
