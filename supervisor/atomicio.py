@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,13 +10,25 @@ from typing import Any
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Temporary name, fsync, rename: readers never see a half-written file."""
+    """Temporary name, fsync, rename: readers never see a half-written file.
+
+    On failure (ENOSPC, EIO...) the temporary file is removed and the OSError
+    raised: a full disk must not also collect empty `.tmp` files. The file is
+    private (0600): state files may hold a job's `[command] env`.
+    """
+    text = json.dumps(data, indent=1, sort_keys=True, default=str)  # TypeError before any file
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_json(path: Path) -> Any | None:

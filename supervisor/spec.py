@@ -639,6 +639,8 @@ NOTIFY_EVENTS = (
     "disk_guard",
     "loss_anomaly",
     "restarted",
+    "degraded",  # the state disk refuses writes (daemon-wide)
+    "state_rebuilt",  # the database was rebuilt from runs/ at start (daemon-wide)
 )
 
 

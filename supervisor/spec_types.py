@@ -133,7 +133,7 @@ class GpuSection:
 class NotifySection:
     webhook: str | None = None
     command: tuple[str, ...] | None = None
-    on: tuple[str, ...] = ("failed", "gave_up", "finished", "gpu_fault")
+    on: tuple[str, ...] = ("failed", "gave_up", "finished", "gpu_fault", "degraded")
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,32 @@
 Only the daemon's event loop writes; every write is its own short transaction,
 so a crash of the daemon at any point leaves a consistent database. Clients
 never open it: they ask the daemon over the socket.
+
+A failed write never ends supervision: when the disk refuses one (full, I/O
+error), the whole database is copied into memory, the write is done there, and
+the Store serves from memory ("degraded") while it tries every few seconds to
+copy it back to disk. Every job and attempt row is also copied to
+`runs/<job>/job.json` and `runs/<job>/attempts/<n>.json`, from which
+`state_rebuild` rebuilds a damaged or lost database at start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ftsup.supervisor.daemon import state_rebuild
+from ftsup.supervisor.daemon.state_rebuild import RunMirror, is_storage_failure
+
+log = logging.getLogger("ftsup.daemon")
 
 SCHEMA_VERSION = 1
 
@@ -74,7 +89,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-LIVE_STATES = ("pending", "starting", "running", "backoff", "stopping")
+LIVE_STATES = state_rebuild.LIVE_STATES
+RETRY_INTERVAL = 2.0  # seconds between attempts to write a degraded store back to disk
+BACKUP_INTERVAL = 600.0  # seconds between refreshes of ftsup.db.bak
+ROOM_MARGIN = 1 << 20  # bytes left free after writing a degraded store back
 TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
 
 
@@ -121,22 +139,193 @@ class AttemptRow:
         return dict(self.__dict__)
 
 
+StateListener = Callable[[str | None], None]
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # raises on a file that is not a database
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
+def _memory() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """On the daemon's loop, the one thread that uses the store; nothing without a loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop.call_later(delay, callback)
+
+
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, runs_dir: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
+        self.path = path
+        self.runs_dir = runs_dir or path.parent / "runs"
+        self.mirror = RunMirror(self.runs_dir)
+        self.rebuilt: list[str] = []  # jobs put back from runs/ when the store opened
+        self._degraded: str | None = None
+        self._listeners: list[StateListener] = []
+        self._next_retry = 0.0
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._backup_timer: asyncio.TimerHandle | None = None
+        try:
+            opened = state_rebuild.open_database(
+                path, self.runs_dir, schema=_SCHEMA, connect=connect
+            )
+            self._db = opened.db
+            self.rebuilt = opened.rebuilt
+        except (sqlite3.DatabaseError, OSError) as exc:  # the disk refuses even to open it
+            self._db = self._memory_copy(None)
+            self._enter_degraded(f"cannot open {path}: {exc}")
+        self._write(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self._backup_timer = _call_later(BACKUP_INTERVAL, self._periodic_backup)
 
     def close(self) -> None:
+        for timer in (self._retry_timer, self._backup_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._degraded is not None and not self.flush():
+            log.error("state not written to %s (%s); runs/ has the jobs", self.path, self._degraded)
+        if self._degraded is None:
+            state_rebuild.refresh_backup(self._db, self.path)
         self._db.close()
+
+    # degraded mode ----------------------------------------------------------
+    @property
+    def degraded(self) -> str | None:
+        """Why the state lives in memory only (the disk refused a write), or None."""
+        return self._degraded
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        """Told the reason when the store degrades, and None when it has recovered."""
+        self._listeners.append(listener)
+
+    def flush(self) -> bool:
+        """Copy a degraded store back to disk; True once the disk has it all."""
+        if self._degraded is None:
+            return True
+        self._next_retry = time.monotonic() + RETRY_INTERVAL
+        if not self._room_for_copy():
+            return False
+        disk: sqlite3.Connection | None = None
+        try:
+            disk = connect(self.path)
+            self._db.backup(disk)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if disk is not None:
+                disk.close()
+            log.debug("the state disk still refuses: %s", exc)
+            return False
+        memory, self._db = self._db, disk
+        memory.close()
+        was = self._degraded
+        self._degraded = None
+        log.warning("state written back to %s; it was kept in memory since: %s", self.path, was)
+        self.mirror.write_all(self._db)
+        self._notify(None)
+        return True
+
+    def _room_for_copy(self) -> bool:
+        """Whether the disk has room for the whole database (twice: WAL, then the file).
+        A copy that fails halfway would leave its WAL holding the last free blocks,
+        which the shims need for their exit records."""
+        size = 1
+        for pragma in ("page_count", "page_size"):
+            size *= int(self._db.execute(f"PRAGMA {pragma}").fetchone()[0])
+        try:
+            info = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return info.f_bavail * info.f_frsize >= 2 * size + ROOM_MARGIN
+
+    def _write(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> sqlite3.Cursor:
+        """Every write goes here: a write the disk refuses is done in memory instead."""
+        if self._degraded is not None and time.monotonic() >= self._next_retry:
+            self.flush()
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.DatabaseError as exc:
+            if self._degraded is not None or not is_storage_failure(exc):
+                raise
+            self._db = self._memory_copy(self._db)
+            cursor = self._db.execute(sql, args)
+            self._enter_degraded(str(exc))
+            return cursor
+
+    def _memory_copy(self, disk: sqlite3.Connection | None) -> sqlite3.Connection:
+        """The database in memory: a copy of `disk`, or rebuilt from runs/ if unreadable."""
+        memory = _memory()
+        try:
+            if disk is None:
+                disk = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            disk.backup(memory)
+        except sqlite3.DatabaseError as exc:
+            log.error("cannot copy the state database into memory (%s); using runs/", exc)
+            memory.executescript(_SCHEMA)
+            state_rebuild.reconcile(memory, self.runs_dir)
+        finally:
+            if disk is not None:
+                disk.close()
+        return memory
+
+    def _enter_degraded(self, reason: str) -> None:
+        self._degraded = reason
+        self._next_retry = time.monotonic() + RETRY_INTERVAL
+        log.error("cannot write the state database (%s); keeping it in memory, retrying", reason)
+        self._schedule_retry()
+        self._notify(reason)
+
+    def _schedule_retry(self) -> None:
+        """Retried without writes too, so the last state reaches disk when space returns."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = _call_later(RETRY_INTERVAL, self._retry_tick)
+
+    def _retry_tick(self) -> None:
+        self._retry_timer = None
+        if self._degraded is not None and not self.flush():
+            self._schedule_retry()
+
+    def _periodic_backup(self) -> None:
+        if self._degraded is None:
+            state_rebuild.refresh_backup(self._db, self.path)
+        self._backup_timer = _call_later(BACKUP_INTERVAL, self._periodic_backup)
+
+    def _notify(self, reason: str | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(reason)
+            except Exception:
+                log.exception("a store state listener failed")
+
+    # copies under runs/ -------------------------------------------------------
+    def _mirror_job(self, name: str) -> None:
+        row = self._db.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
+        if row is not None:
+            self.mirror.write_job(dict(row))
+
+    def _mirror_attempt(self, job: str, n: int) -> None:
+        row = self._db.execute("SELECT * FROM attempts WHERE job=? AND n=?", (job, n)).fetchone()
+        if row is not None:
+            self.mirror.write_attempt(dict(row))
 
     # jobs -----------------------------------------------------------------
     def upsert_job(
@@ -153,7 +342,7 @@ class Store:
         """Submit a job; a finished job of the same name is replaced, its history kept."""
         now = time.time()
         first = self.next_attempt_number(name)
-        self._db.execute(
+        self._write(
             """INSERT INTO jobs(name, spec_path, spec_text, kind, output_dir, state, reason,
                                 created_at, updated_at, accept_drift, first_attempt)
                VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)
@@ -175,20 +364,23 @@ class Store:
                 first,
             ),
         )
+        self._mirror_job(name)
 
     def reset_first_attempt(self, name: str) -> None:
         """A manual restart starts a fresh restart budget and crash-loop count."""
-        self._db.execute(
+        self._write(
             "UPDATE jobs SET first_attempt=? WHERE name=?", (self.next_attempt_number(name), name)
         )
+        self._mirror_job(name)
 
     def set_job_state(
         self, name: str, state: str, reason: str | None = None, next_start_at: float | None = None
     ) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE jobs SET state=?, reason=?, next_start_at=?, updated_at=? WHERE name=?",
             (state, reason, next_start_at, time.time(), name),
         )
+        self._mirror_job(name)
 
     def get_job(self, name: str) -> JobRow | None:
         row = self._db.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
@@ -213,11 +405,12 @@ class Store:
     def add_attempt(
         self, *, job: str, n: int, started_at: float, resume_from: str | None, start_step: int
     ) -> None:
-        self._db.execute(
+        self._write(
             """INSERT INTO attempts(job, n, started_at, resume_from, start_step, last_step)
                VALUES (?, ?, ?, ?, ?, ?)""",
             (job, n, started_at, resume_from, start_step, start_step),
         )
+        self._mirror_attempt(job, n)
 
     def update_attempt(self, job: str, n: int, **fields: Any) -> None:
         allowed = set(AttemptRow.__dataclass_fields__) - {"job", "n"}
@@ -228,7 +421,9 @@ class Store:
             return
         columns = ", ".join(f"{key}=?" for key in fields)
         values = [int(v) if isinstance(v, bool) else v for v in fields.values()]
-        self._db.execute(f"UPDATE attempts SET {columns} WHERE job=? AND n=?", (*values, job, n))
+        self._write(f"UPDATE attempts SET {columns} WHERE job=? AND n=?", (*values, job, n))
+        if set(fields) != {"last_step"}:  # the step counter changes too often to copy
+            self._mirror_attempt(job, n)
 
     def attempts(self, job: str) -> list[AttemptRow]:
         rows = self._db.execute("SELECT * FROM attempts WHERE job=? ORDER BY n", (job,))
@@ -261,7 +456,7 @@ class Store:
     ) -> dict[str, Any]:
         ts = time.time() if ts is None else ts
         payload = json.dumps(data, default=str) if data else None
-        cursor = self._db.execute(
+        cursor = self._write(
             "INSERT INTO events(ts, job, kind, message, data) VALUES (?, ?, ?, ?, ?)",
             (ts, job, kind, message, payload),
         )
@@ -299,7 +494,7 @@ class Store:
         resumable: bool,
         reason: str | None,
     ) -> None:
-        self._db.execute(
+        self._write(
             """INSERT INTO checkpoints(job, path, step, size_bytes, valid, resumable, reason,
                                        seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(job, path) DO UPDATE SET step=excluded.step,

@@ -101,7 +101,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert spec.checkpoint == CheckpointSection()
     assert spec.gpu.devices is None
     assert not spec.launch.distributed
-    assert spec.notify.on == ("failed", "gave_up", "finished", "gpu_fault")
+    assert spec.notify.on == ("failed", "gave_up", "finished", "gpu_fault", "degraded")
 
 
 def test_train_job_values(tmp_path: Path) -> None:

@@ -3,18 +3,22 @@
 Progress and log lines are only streamed, never stored: they are high-volume
 and their durable copies are `progress.jsonl` and the attempt's `stdout.log`.
 A subscriber that cannot keep up loses events (and is told so) rather than
-slowing the daemon down.
+slowing the daemon down. An event the store cannot record is still published:
+subscribers (the TUI, notifications) hear about a sick state disk too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ftsup.supervisor.store import Store
+
+log = logging.getLogger("ftsup.daemon")
 
 STREAM_ONLY = frozenset({"progress", "log", "gpu", "state"})
 QUEUE_SIZE = 2000
@@ -41,6 +45,17 @@ class EventBus:
         self._store = store
         self._subscriptions: list[Subscription] = []
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        store.add_state_listener(self._on_store_state)
+        if store.degraded is not None:  # it could not even open its file
+            self._on_store_state(store.degraded)
+
+    def _on_store_state(self, degraded: str | None) -> None:
+        """`degraded` when state writes start failing, `recovered` once they reach disk."""
+        if degraded is not None:
+            message = f"the state database cannot be written ({degraded}); kept in memory"
+            self.emit(None, "degraded", message + ", retrying", {"reason": degraded})
+        else:
+            self.emit(None, "recovered", "the state database is written to disk again")
 
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Called on the loop for every event (notifications); must not block."""
@@ -49,17 +64,20 @@ class EventBus:
     def emit(
         self, job: str | None, kind: str, message: str = "", data: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        if kind in STREAM_ONLY:
-            event = {
-                "id": None,
-                "ts": time.time(),
-                "job": job,
-                "kind": kind,
-                "message": message,
-                "data": data or {},
-            }
-        else:
-            event = self._store.add_event(job, kind, message, data)
+        now = time.time()
+        event: dict[str, Any] = {
+            "id": None,
+            "ts": now,
+            "job": job,
+            "kind": kind,
+            "message": message,
+            "data": data or {},
+        }
+        if kind not in STREAM_ONLY:
+            try:
+                event = self._store.add_event(job, kind, message, data, ts=now)
+            except Exception:  # unrecorded, the event is still worth publishing
+                log.exception("cannot record event %s %r", kind, message)
         self._publish(event)
         return event
 

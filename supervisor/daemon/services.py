@@ -149,6 +149,7 @@ class DaemonServices:
     def _on_event(self, event: dict[str, Any]) -> None:
         job = event.get("job")
         if job is None:
+            self._on_daemon_event(event)
             return
         runner = self.manager.runners.get(str(job))
         if runner is None:
@@ -165,6 +166,24 @@ class DaemonServices:
                 Notification(kind, str(job), event.get("message", ""), event.get("data") or {}),
                 senders,
             )
+
+    def _on_daemon_event(self, event: dict[str, Any]) -> None:
+        """A daemon-wide event (`degraded`, `state_rebuilt`) goes to the daemon's
+        default receiver and to every supervised job's receiver that asked for it."""
+        kind = event["kind"]
+        sections = [self.default_notify] if self.default_notify else []
+        sections += [r.spec.notify for r in self.manager.runners.values()]
+        seen: set[tuple[Any, ...]] = set()
+        for section in sections:
+            key = (section.webhook, tuple(section.command or ()))
+            if key in seen or not wanted(section, kind):
+                continue
+            seen.add(key)
+            if senders := senders_for(section):
+                message = event.get("message", "")
+                self.dispatcher.submit(
+                    Notification(kind, "(daemon)", message, event.get("data") or {}), senders
+                )
 
     def _record_delivery(self, kind: str, message: str, data: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):  # recording must never break a delivery
