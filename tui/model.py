@@ -394,6 +394,7 @@ class ConnectionInfo:
     attempt: int = 0
     retry_in: float | None = None
     daemon: dict[str, Any] = field(default_factory=dict)
+    degraded: str | None = None  # the daemon's state disk refuses writes (why)
 
 
 class TuiState:
@@ -435,7 +436,7 @@ class TuiState:
     # daemon answers ---------------------------------------------------------
     def apply_status_list(self, result: dict[str, Any]) -> Change:
         """The answer of `status` without a job: the full roster."""
-        change = Change()
+        change = self._set_degraded(result.get("degraded"))
         jobs = [j for j in result.get("jobs", []) if isinstance(j, dict) and j.get("name")]
         names = {str(j["name"]) for j in jobs}
         if names != set(self.jobs):
@@ -530,6 +531,11 @@ class TuiState:
         if kind == "gpu":
             self.gpus.apply(data, sample=True)
             return Change(gpus=True)
+        if kind in ("degraded", "recovered") and name is None:
+            change = self._set_degraded(event.get("message") if kind == "degraded" else None)
+            if event.get("id") is not None:
+                change |= self._add_durable(event)
+            return change
         if not isinstance(name, str):
             return self._add_durable(event) if event.get("id") is not None else Change()
         if kind == "progress":
@@ -552,6 +558,13 @@ class TuiState:
                 model.state_ts = ts
             return Change(jobs={name}, roster=new)
         return self._add_durable(event)
+
+    def _set_degraded(self, reason: Any) -> Change:
+        reason = str(reason) if reason else None
+        if reason == self.connection.degraded:
+            return Change()
+        self.connection.degraded = reason
+        return Change(connection=True)
 
     def _add_durable(self, event: dict[str, Any]) -> Change:
         event_id = as_int(event.get("id"))

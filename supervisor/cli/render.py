@@ -6,6 +6,7 @@ import datetime as dt
 import time
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ftsup.supervisor.cli.output import stdout
@@ -61,7 +62,17 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
+def print_degraded(result: dict[str, Any]) -> None:
+    """A state disk that refuses writes: the daemon supervises from memory meanwhile."""
+    if reason := result.get("degraded"):
+        stdout.print(
+            f"[bold red]daemon degraded:[/] {escape(str(reason))} "
+            "(supervising from memory; state is written back when the disk recovers)"
+        )
+
+
 def print_jobs(result: dict[str, Any]) -> None:
+    print_degraded(result)
     jobs = result.get("jobs", [])
     if not jobs:
         stdout.print("no jobs; submit one with [bold]ftsup start JOB.toml[/]")
@@ -70,6 +81,7 @@ def print_jobs(result: dict[str, Any]) -> None:
 
 
 def print_job(job: dict[str, Any]) -> None:
+    print_degraded(job)
     progress = job.get("progress") or {}
     stdout.print(
         f"[bold]{job['name']}[/]  {state_text(job['state'])}"

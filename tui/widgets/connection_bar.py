@@ -32,7 +32,12 @@ def counts_text(counts: dict[str, int], labels: tuple[str, ...]) -> Text:
 def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> Text:
     up = connection.state in ("connected", "replay")
     head = Text("ftsup ", style="bold")
-    if up:
+    if up and connection.degraded:
+        # The daemon supervises from memory: say so before anything else.
+        head.append("● ", style="bold red")
+        head.append("degraded", style="bold red")
+        detail = f": {connection.degraded}"
+    elif up:
         head.append("● ", style="bold green")
         head.append("connected")
         pid = connection.daemon.get("daemon_pid")
@@ -52,10 +57,11 @@ def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> 
     if wanted > width:  # a reconnect's reason matters more than long labels
         summary = counts_text(counts, SHORT_LABELS)
     room = width - len(head) - len(summary) - 2
-    if up and len(detail) > room:
+    if up and len(detail) > room and not connection.degraded:
         detail = ""  # the counts matter more than the daemon's pid
     if detail and room > 0:
-        head.append(shorten(detail, room), style="" if up else "dim")
+        style = "red" if connection.degraded else "" if up else "dim"
+        head.append(shorten(detail, room), style=style)
     head.append(" " * max(2, width - len(head) - len(summary)))
     head.append_text(summary)
     head.truncate(width)
@@ -89,6 +95,7 @@ class ConnectionBar(Widget):
             connection.reason,
             connection.retry_in,
             connection.daemon.get("daemon_pid"),
+            connection.degraded,
             sorted(counts.items()),
         )
         if key == self._key:
