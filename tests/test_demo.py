@@ -1,23 +1,44 @@
-"""`ftsup demo` end to end, the path a new user takes (shortened to a few steps)."""
+"""`ftsup demo` end to end, the path a new user takes (shortened to fewer steps)."""
 
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from tests.supervisor_harness import Harness
 
+# The fewest steps after which the demo's model answers all four questions right
+# (400 did with seed 0 here; 90, the old length, got none: "1", "11", "1", "10").
+STEPS = 400
+SAVE_STEPS = STEPS // 8  # as `demo_train_table` sets it
 
+
+def _expected(prompt: str) -> str:
+    """The right answer to a demo question such as "What is 7+8?"."""
+    match = re.fullmatch(r"What is (\d+)([+-])(\d+)\?", prompt)
+    assert match, f"not a demo question: {prompt!r}"
+    a, op, b = int(match[1]), match[2], int(match[3])
+    return str(a + b if op == "+" else a - b)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # ~2 min on 2 idle cores; much more when they are shared
 def test_demo_runs_crashes_once_resumes_and_answers(harness: Harness) -> None:
-    result = harness.cli("demo", "--steps", "90", "--json", timeout=600)
+    result = harness.cli("demo", "--steps", str(STEPS), "--json", timeout=900)
     summary = json.loads(result.stdout)
     assert summary["state"] == "finished", summary
-    assert summary["steps"] == 90
+    assert summary["steps"] == STEPS
     assert summary["attempts"] == 2 and summary["restarts"] == 1
-    # Killed at step 30 or a little later; resumed from a checkpoint (every 11 steps).
+    # Killed at a third of the run or a little later; resumed from a checkpoint.
     (resumed,) = summary["resumed_from"]
     step = int(resumed.rsplit("checkpoint-", 1)[1])
-    assert step % 11 == 0 and 22 <= step < 90
-    assert len(summary["answers"]) == 4 and all(a["answer"] for a in summary["answers"])
+    assert step % SAVE_STEPS == 0 and SAVE_STEPS <= step < STEPS
+    # What the README promises: the fine-tuned model answers the sums.
+    answers = {a["prompt"]: a["answer"] for a in summary["answers"]}
+    assert len(answers) == 4
+    assert answers == {prompt: _expected(prompt) for prompt in answers}, answers
     events = harness.cli_json("events", "ftsup-demo")["events"]
     exits = [e for e in events if e["kind"] == "attempt_exited"]
     assert "SIGKILL" in exits[0]["message"] and "finished" in exits[1]["message"]
@@ -25,7 +46,7 @@ def test_demo_runs_crashes_once_resumes_and_answers(harness: Harness) -> None:
     # `ftsup export JOB`: the job's newest checkpoint, LoRA merged, loads without peft.
     out = harness.work / "exported"
     exported = json.loads(harness.cli("export", "ftsup-demo", "--out", str(out), "--json").stdout)
-    assert exported["checkpoint"].endswith("checkpoint-90") and exported["merged"]
+    assert exported["checkpoint"].endswith(f"checkpoint-{STEPS}") and exported["merged"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(out))

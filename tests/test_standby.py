@@ -60,6 +60,38 @@ def _losses(daemon: Harness, job: str) -> dict[int, float]:
     return losses
 
 
+def _first_steps_of_resumed_attempt(daemon: Harness, job: str) -> tuple[dict[str, Any], int]:
+    """The resumed attempt's `train_start` record and the first step it reported after it.
+
+    The job's progress.jsonl is shared by its attempts; the dead attempt was killed with
+    its whole group before the takeover, so what follows the last `train_start` is the
+    resumed attempt's alone.
+    """
+    progress = daemon.state_dir / "runs" / job / "progress.jsonl"
+    records = [json.loads(line) for line in progress.read_text().splitlines()]
+    starts = [i for i, r in enumerate(records) if r.get("event") == "train_start"]
+    assert len(starts) == 2, f"{job}: expected two train_start records, got {len(starts)}"
+    after = records[starts[-1] + 1 :]
+    first_step = next(r["step"] for r in after if r.get("event") == "step")
+    return records[starts[-1]], int(first_step)
+
+
+def _assert_resumed_from_its_checkpoint(daemon: Harness, job: str) -> None:
+    """The second attempt continued after its checkpoint's step, not from step 0.
+
+    Exact resume makes a run restarted from scratch end with the same weights and
+    losses, so only the first step reported after the takeover tells them apart.
+    """
+    started = _events(daemon, job, "attempt_started")[-1]["data"]
+    checkpoint = Path(started["resume_from"])
+    step = int(checkpoint.name.removeprefix("checkpoint-"))
+    assert step >= 50 and started["start_step"] == step, started
+    train_start, first_step = _first_steps_of_resumed_attempt(daemon, job)
+    assert train_start["resumed_from"] == str(checkpoint), train_start
+    assert train_start["step"] == step, train_start
+    assert first_step == step + 1, f"{job} resumed from {checkpoint.name} but ran step {first_step}"
+
+
 def test_standby_takes_over_a_killed_run_identical_to_a_cold_restart(daemon: Harness) -> None:
     daemon.env["OMP_NUM_THREADS"] = "1"  # the same thread count in both runs
     daemon.kill_daemon()
@@ -86,6 +118,8 @@ def test_standby_takes_over_a_killed_run_identical_to_a_cold_restart(daemon: Har
     assert daemon.attempt_pids("warm")[1]["trainer_pid"] == standby["pid"]
     assert _events(daemon, "cold", "attempt_started")[-1]["data"]["standby"] is False
     assert not _events(daemon, "cold", "standby_ready")
+    for job in ("warm", "cold"):
+        _assert_resumed_from_its_checkpoint(daemon, job)
 
     final = f"checkpoint-{STEPS}/adapter_model.safetensors"
     warm_bytes = (daemon.work / "warm" / "output" / final).read_bytes()

@@ -43,7 +43,7 @@ class Reports:
     def __call__(self, report: CheckpointReport) -> None:
         self.queue.put((time.monotonic(), report))
 
-    def get(self, timeout: float = 10.0) -> tuple[float, CheckpointReport]:
+    def get(self, timeout: float = 60.0) -> tuple[float, CheckpointReport]:
         return self.queue.get(timeout=timeout)
 
     def assert_none(self, wait: float) -> None:
@@ -71,10 +71,12 @@ def test_checkpoint_reported_only_when_finished(
         # every file but the marker, then a pause longer than the settle time
         _write_in_steps(pristine["hf"] / "checkpoint-2", out / "checkpoint-2", ORDER[:-1], 0.02)
         reports.assert_none(SETTLE * 3)
+        before_marker = time.monotonic()
         shutil.copy(pristine["hf"] / "checkpoint-2" / ORDER[-1], out / "checkpoint-2" / ORDER[-1])
-        done = time.monotonic()
         seen_at, report = reports.get()
-        assert seen_at - done >= SETTLE * 0.9
+        # The marker's write came after `before_marker`, and the watcher waits `settle`
+        # without writes after it: a lower bound, which a loaded machine only raises.
+        assert seen_at - before_marker >= SETTLE
         assert report.path == out / "checkpoint-2" and report.step == 2
         assert report.valid and report.resumable
         reports.assert_none(SETTLE * 2)  # once
@@ -92,6 +94,13 @@ def test_invalid_checkpoint_is_reported_with_its_reason(
         assert not report.valid and report.reason == "optimizer.pt missing"
 
 
+def _seal(source: Path, folder: Path) -> None:
+    """Write the manifest as the trainer does: to a temporary name, then renamed."""
+    tmp = folder / f"{MANIFEST_NAME}.tmp-1"
+    shutil.copy(source / MANIFEST_NAME, tmp)
+    os.replace(tmp, folder / MANIFEST_NAME)
+
+
 def test_manifest_marks_the_end_however_long_hashing_takes(
     pristine: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -101,12 +110,22 @@ def test_manifest_marks_the_end_however_long_hashing_takes(
     with CheckpointWatcher(out, reports, settle=SETTLE, require_manifest=True):
         _write_in_steps(source, out / "checkpoint-6", ORDER, 0.01)
         reports.assert_none(SETTLE * 3)  # trainer_state.json is there, the manifest not yet
-        tmp = out / "checkpoint-6" / f"{MANIFEST_NAME}.tmp-1"
-        shutil.copy(source / MANIFEST_NAME, tmp)
-        os.replace(tmp, out / "checkpoint-6" / MANIFEST_NAME)
-        done = time.monotonic()
-        seen_at, report = reports.get()
-        assert seen_at - done < SETTLE  # no settle wait: the manifest is the marker
+        _seal(source, out / "checkpoint-6")
+        _, report = reports.get()
+        assert report.format == "ftsup" and report.valid and report.step == 6
+
+
+def test_a_manifest_is_reported_without_the_settle_wait(
+    pristine: dict[str, Path], tmp_path: Path
+) -> None:
+    """With an hour of settle time, a report that comes at all did not wait for it."""
+    out = tmp_path / "out"
+    reports = Reports()
+    source = pristine["ftsup"] / "checkpoint-6"
+    with CheckpointWatcher(out, reports, settle=3600, require_manifest=True):
+        _write_in_steps(source, out / "checkpoint-6", ORDER, 0.01)
+        _seal(source, out / "checkpoint-6")
+        _, report = reports.get()
         assert report.format == "ftsup" and report.valid and report.step == 6
 
 
@@ -150,7 +169,7 @@ def test_inotify_limit_falls_back_to_polling(pristine: dict[str, Path], tmp_path
     )
     with watcher:
         assert watcher.active_mode == "polling"
-        problem = reports.problems.get(timeout=1)
+        problem = reports.problems.get(timeout=30)
         assert "inotify watch limit reached" in problem and "polling" in problem
         _write_in_steps(pristine["hf"] / "checkpoint-2", out / "checkpoint-2", ORDER, 0.01)
         _, report = reports.get()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from ftsup.supervisor.health.stacks import (
     capture_stacks,
     catches_signal,
 )
+from tests.requirements import require_py_spy_attaches, require_tool
 
 TRAINER = """\
 import faulthandler, signal, sys, time
@@ -75,43 +75,48 @@ def trainer(tmp_path: Path) -> Iterator[Trainer]:
     process.close()
 
 
-def _py_spy_works(pid: int) -> bool:
-    exe = shutil.which("py-spy")
-    if exe is None:
-        return False
-    done = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, timeout=30)
-    return done.returncode == 0
-
-
-def test_auto_gets_the_stack_one_way_or_the_other(trainer: Trainer, tmp_path: Path) -> None:
+def test_auto_uses_py_spy_where_it_attaches(trainer: Trainer, tmp_path: Path) -> None:
+    require_py_spy_attaches(trainer.proc.pid)
     out = tmp_path / "attempt-1" / "stacks.txt"
     summary = capture_stacks([trainer.proc.pid], out, timeout=30)
-    if _py_spy_works(trainer.proc.pid):
-        assert summary == f"py-spy stacks of pid {trainer.proc.pid} in {out}"
-        assert "wait_for_collective (trainer.py:7)" in out.read_text()
-    else:  # no py-spy, or ptrace forbidden here: the fallback must have worked
-        assert "stacks written to the log by faulthandler" in summary
-        assert "in wait_for_collective" in trainer.wait_for("in wait_for_collective")
+    assert summary == f"py-spy stacks of pid {trainer.proc.pid} in {out}"
+    assert "wait_for_collective (trainer.py:7)" in out.read_text()
+    assert trainer.proc.poll() is None  # capturing never kills
+
+
+def test_auto_falls_back_to_faulthandler_without_py_spy(
+    trainer: Trainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no py-spy to be found
+    out = tmp_path / "attempt-1" / "stacks.txt"
+    summary = capture_stacks([trainer.proc.pid], out, timeout=30)
+    assert "stacks written to the log by faulthandler" in summary
+    assert "in wait_for_collective" in trainer.wait_for("in wait_for_collective")
     assert trainer.proc.poll() is None  # capturing never kills
 
 
 def test_py_spy(trainer: Trainer, tmp_path: Path) -> None:
-    if shutil.which("py-spy") is None:
-        pytest.skip("py-spy is not installed (pip install py-spy)")
+    require_py_spy_attaches(trainer.proc.pid)
     out = tmp_path / "stacks.txt"
     summary = capture_stacks([trainer.proc.pid], out, timeout=30, tool="py-spy")
-    if not _py_spy_works(trainer.proc.pid):
-        assert summary.startswith(f"no stacks for pid {trainer.proc.pid}: py-spy failed: ")
-        return
     assert summary == f"py-spy stacks of pid {trainer.proc.pid} in {out}"
     text = out.read_text()
     assert f"== pid {trainer.proc.pid}: py-spy dump ==" in text
     assert "wait_for_collective (trainer.py:7)" in text
 
 
+def test_py_spy_alone_says_when_it_is_missing(
+    trainer: Trainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    out = tmp_path / "stacks.txt"
+    summary = capture_stacks([trainer.proc.pid], out, timeout=30, tool="py-spy")
+    assert summary == f"no stacks for pid {trainer.proc.pid}: py-spy is not installed"
+    assert trainer.proc.poll() is None
+
+
 def test_py_spy_reads_a_stopped_trainer(trainer: Trainer, tmp_path: Path) -> None:
-    if not _py_spy_works(trainer.proc.pid):
-        pytest.skip("py-spy cannot attach here (not installed or ptrace forbidden)")
+    require_py_spy_attaches(trainer.proc.pid)
     trainer.stop()
     out = tmp_path / "stacks.txt"
     summary = capture_stacks([trainer.proc.pid], out, timeout=30, tool="py-spy")
@@ -170,6 +175,7 @@ def test_gone_process(tmp_path: Path) -> None:
 
 def test_auto_falls_back_when_py_spy_cannot_read_the_process(tmp_path: Path) -> None:
     # Not a Python process: py-spy fails, and `sleep` does not catch the dump signal.
+    require_tool("py-spy", 'it is a dev dependency: pip install -e ".[dev]"')
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         out = tmp_path / "stacks.txt"
@@ -177,8 +183,7 @@ def test_auto_falls_back_when_py_spy_cannot_read_the_process(tmp_path: Path) -> 
         assert summary.startswith(f"no stacks for pid {sleeper.pid}: not signalled")
         text = out.read_text()
         assert f"== pid {sleeper.pid}: faulthandler ==" in text
-        if shutil.which("py-spy"):
-            assert "py-spy failed" in text
+        assert "py-spy failed" in text
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

@@ -1,4 +1,4 @@
-"""Fixtures for the service tests: real sockets in short temp dirs, systemd-analyze lookup."""
+"""Fixtures for the service tests: real sockets in short temp dirs, systemd-analyze."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ from typing import Any
 
 import pytest
 
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+from tests.requirements import require_tool
 
-# Skip only when the binary is absent; `.ci/install-systemd.sh` installs it.
-needs_systemd_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (run .ci/install-systemd.sh)"
-)
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    """The systemd-analyze executable; without it the test fails (it would test nothing)."""
+    return require_tool("systemd-analyze", "install it with `bash .ci/install-systemd.sh`")
+
+
+# For tests that run systemd-analyze through ftsup's own code rather than by path.
+needs_systemd_analyze = pytest.mark.usefixtures("systemd_analyze")
 
 
 @pytest.fixture
@@ -66,14 +71,22 @@ class DatagramReceiver:
         with self._lock:
             return [at for at, got in self.messages if got == text]
 
-    def wait_for(self, text: str, timeout: float = 5.0) -> float:
+    def wait_for(self, text: str, timeout: float = 30.0) -> float:
         """Arrival time of the first message equal to `text`."""
+        return self.wait_count(text, 1, timeout)[0]
+
+    def wait_count(self, text: str, count: int, timeout: float = 30.0) -> list[float]:
+        """Arrival times of the messages equal to `text`, once at least `count` came.
+
+        Blocking (a thread receives): call it from a loop that must stay blocked, or
+        through `asyncio.to_thread`.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if found := self.times_of(text):
-                return found[0]
+            if len(found := self.times_of(text)) >= count:
+                return found
             time.sleep(0.01)
-        raise AssertionError(f"{text!r} never arrived; got {self.texts()!r}")
+        raise AssertionError(f"{count} x {text!r} never arrived; got {self.texts()!r}")
 
     def close(self) -> None:
         self._stop.set()
@@ -97,6 +110,8 @@ class Receiver:
 
     `statuses` are answered in order (then 200); while `hold` is set by a test,
     requests wait on `release` for up to 10 s, like a receiver that hangs.
+    `arrived` counts the requests read so far (held ones included); `held` records,
+    per held request, whether `release` came (True) or the 10 s ran out (False).
     """
 
     def __init__(self) -> None:
@@ -105,14 +120,20 @@ class Receiver:
         self.hold = False
         self.release = threading.Event()
         self.lock = threading.Lock()
+        self.arrived = 0
+        self.held: list[bool] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
+                with receiver.lock:
+                    receiver.arrived += 1
                 if receiver.hold:
-                    receiver.release.wait(10)
+                    released = receiver.release.wait(10)
+                    with receiver.lock:
+                        receiver.held.append(released)
                 with receiver.lock:
                     receiver.bodies.append(body)
                     status = receiver.statuses.pop(0) if receiver.statuses else 200

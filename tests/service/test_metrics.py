@@ -7,6 +7,7 @@ import sys
 import textwrap
 import urllib.request
 
+import prometheus_client  # noqa: F401  (a dev dependency: missing is a broken install)
 import pytest
 
 from ftsup.supervisor.service.metrics import (
@@ -16,8 +17,6 @@ from ftsup.supervisor.service.metrics import (
     start_metrics_server,
     with_goodput,
 )
-
-pytest.importorskip("prometheus_client")
 
 
 def scrape(url: str) -> list[str]:

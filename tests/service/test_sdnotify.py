@@ -6,13 +6,17 @@ import asyncio
 import itertools
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from ftsup.supervisor.service import sdnotify
 from ftsup.supervisor.service.sdnotify import (
     Heartbeat,
     Notifier,
@@ -92,25 +96,76 @@ def test_clean_child_env() -> None:
     assert "NOTIFY_SOCKET" in env  # the input is not modified
 
 
-async def test_pings_at_half_watchdog_usec(notify_socket: tuple[str, DatagramReceiver]) -> None:
+class Probe:
+    """A liveness check that records, on the loop's side, when each pass ran and its answer.
+
+    `watchdog_loop` pings synchronously right after a passing check, so the passing
+    calls counted here are the pings sent: the receiver must see exactly as many.
+    """
+
+    def __init__(self, answer: Callable[[], bool] = lambda: True) -> None:
+        self.answer = answer
+        self.calls: list[tuple[float, bool]] = []
+
+    def __call__(self) -> bool:
+        alive = self.answer()
+        self.calls.append((time.monotonic(), alive))
+        return alive
+
+    def passed(self) -> int:
+        return sum(alive for _, alive in self.calls)
+
+    async def until(self, predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.calls}"
+            await asyncio.sleep(0.01)
+
+
+class SleepSpy:
+    """`asyncio` as sdnotify sees it, with `sleep` recording what it was asked for."""
+
+    def __init__(self) -> None:
+        self.requested: list[float] = []
+
+    async def sleep(self, delay: float) -> None:
+        self.requested.append(delay)
+        await asyncio.sleep(delay)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_pings_at_half_watchdog_usec(
+    notify_socket: tuple[str, DatagramReceiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, receiver = notify_socket
     interval = watchdog_interval({"WATCHDOG_USEC": "200000"})
     assert interval == 0.1
+    spy = SleepSpy()
+    monkeypatch.setattr(sdnotify, "asyncio", spy)
     notifier = Notifier(path)
-    task = asyncio.create_task(watchdog_loop(notifier, interval, lambda: True))
+    probe = Probe()
+    task = asyncio.create_task(watchdog_loop(notifier, interval, probe))
     try:
-        await asyncio.sleep(0.75)
+        await probe.until(lambda: len(probe.calls) >= 6, "six passes")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await _cancel(task)
         notifier.close()
-    await asyncio.sleep(0.05)
-    times = receiver.times_of("WATCHDOG=1")
-    assert 5 <= len(times) <= 9, times
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Half of 200 ms; single gaps may stretch when the CI machine is busy.
-    assert 0.08 <= statistics.median(gaps) <= 0.13, gaps
-    assert min(gaps) >= 0.07, gaps
+    sent = probe.passed()
+    # One ping per pass, and between passes a wait of exactly the interval: never more
+    # often than systemd needs, never a deadline missed by asking for a longer sleep.
+    assert len(await asyncio.to_thread(receiver.wait_count, "WATCHDOG=1", sent)) == sent
+    assert spy.requested[: sent - 1] == [interval] * (sent - 1)
+    # Measured on the loop's clock, passes are at least the interval apart (load only
+    # stretches them).
+    times = [at for at, _ in probe.calls]
+    assert min(b - a for a, b in itertools.pairwise(times)) >= interval - 0.002, times
 
 
 async def test_pings_stop_while_loop_is_blocked(
@@ -118,25 +173,23 @@ async def test_pings_stop_while_loop_is_blocked(
 ) -> None:
     path, receiver = notify_socket
     notifier = Notifier(path)
-    task = asyncio.create_task(watchdog_loop(notifier, 0.05, lambda: True))
+    probe = Probe()
+    task = asyncio.create_task(watchdog_loop(notifier, 0.05, probe))
     try:
-        await asyncio.sleep(0.3)
-        blocked_from = time.monotonic()
-        time.sleep(0.6)  # a stuck event loop: nothing on it runs
-        blocked_until = time.monotonic()
-        await asyncio.sleep(0.3)
+        await probe.until(lambda: probe.passed() >= 3, "three pings")
+        sent = probe.passed()
+        # A stuck event loop: nothing on it runs. Still blocked, wait for every ping
+        # sent so far to arrive, and well past the interval: no other ping may come.
+        time.sleep(0.6)
+        receiver.wait_count("WATCHDOG=1", sent)
+        time.sleep(0.2)
+        during = len(receiver.times_of("WATCHDOG=1"))
+        # Once the loop runs again, so do the pings.
+        await asyncio.to_thread(receiver.wait_count, "WATCHDOG=1", sent + 3)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await _cancel(task)
         notifier.close()
-    await asyncio.sleep(0.05)
-    times = receiver.times_of("WATCHDOG=1")
-    before = [t for t in times if t < blocked_from]
-    during = [t for t in times if blocked_from + 0.1 < t < blocked_until]
-    after = [t for t in times if t >= blocked_until]
-    assert len(before) >= 3
-    assert during == []
-    assert len(after) >= 3  # and they resume once the loop runs again
+    assert during == sent, f"{during - sent} pings while the loop was blocked"
 
 
 async def test_pings_withheld_when_liveness_fails(
@@ -145,21 +198,35 @@ async def test_pings_withheld_when_liveness_fails(
     path, receiver = notify_socket
     notifier = Notifier(path)
     heartbeat = Heartbeat()
-    task = asyncio.create_task(watchdog_loop(notifier, 0.05, heartbeat.fresh_within(0.2)))
+    probe = Probe(heartbeat.fresh_within(0.2))
+    task = asyncio.create_task(watchdog_loop(notifier, 0.05, probe))
     try:
-        await asyncio.sleep(0.5)  # nobody beats: pings for ~0.2 s, then none
-        stale_at = time.monotonic()
-        count_stale = len(receiver.times_of("WATCHDOG=1"))
-        await asyncio.sleep(0.3)
-        assert len(receiver.times_of("WATCHDOG=1")) == count_stale
+        # Nobody beats: the heartbeat goes stale, and several passes then fail.
+        await probe.until(
+            lambda: [alive for _, alive in probe.calls[-3:]] == [False] * 3, "stale passes"
+        )
+        stale_passes = len(probe.calls)
         heartbeat.beat()
-        await asyncio.sleep(0.15)
+        await probe.until(lambda: probe.calls[-1][1], "a passing check after the beat")
+        await probe.until(lambda: len(probe.calls) >= stale_passes + 3, "more passes")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await _cancel(task)
         notifier.close()
-    await asyncio.sleep(0.05)
-    assert [t for t in receiver.times_of("WATCHDOG=1") if t > stale_at]
+    # Exactly one ping per passing check: none while it failed, and they came back.
+    sent = probe.passed()
+    assert any(alive for _, alive in probe.calls[stale_passes:])
+    assert len(await asyncio.to_thread(receiver.wait_count, "WATCHDOG=1", sent)) == sent
+    await asyncio.sleep(0.2)  # a stray ping from a failed check would be in by now
+    assert len(receiver.times_of("WATCHDOG=1")) == sent
+
+
+def test_heartbeat_freshness() -> None:
+    heartbeat = Heartbeat()
+    assert heartbeat.fresh_within(3600)()
+    time.sleep(0.05)
+    assert not heartbeat.fresh_within(0.01)()  # at least 50 ms old
+    heartbeat.beat()
+    assert heartbeat.fresh_within(3600)() and heartbeat.age() < 3600
 
 
 SCRIPT = textwrap.dedent(
@@ -177,10 +244,16 @@ SCRIPT = textwrap.dedent(
         env=clean_child_env(os.environ), capture_output=True, text=True, check=True)
     notifier.ready(status="child sees NOTIFY_SOCKET=" + child.stdout.strip())
 
+    passes = []
+
+    def alive():
+        passes.append(1)
+        return True
+
     async def main():
-        task = asyncio.create_task(
-            watchdog_loop(notifier, watchdog_interval(), lambda: True))
-        await asyncio.sleep(0.35)
+        task = asyncio.create_task(watchdog_loop(notifier, watchdog_interval(), alive))
+        while len(passes) < 3:  # three pings sent, however slow the machine
+            await asyncio.sleep(0.01)
         task.cancel()
         notifier.stopping()
     asyncio.run(main())

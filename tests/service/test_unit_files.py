@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SYSTEMD_ANALYZE, needs_systemd_analyze
+from tests.requirements import require_tool
 
 UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = {"system": UNIT_DIR / "ftsup.service", "user": UNIT_DIR / "ftsup-user.service"}
@@ -21,15 +21,15 @@ def _ftsup_bin() -> str:
 
 
 def verify(unit: Path, *, user: bool, home: Path) -> subprocess.CompletedProcess[str]:
-    assert SYSTEMD_ANALYZE is not None
+    """`systemd-analyze verify` of `unit`; the calling test fails if the tool is missing."""
+    analyze = require_tool("systemd-analyze", "install it with `bash .ci/install-systemd.sh`")
     runtime = home / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
-    argv = [SYSTEMD_ANALYZE, *(["--user"] if user else []), "verify", str(unit)]
+    argv = [analyze, *(["--user"] if user else []), "verify", str(unit)]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
 
-@needs_systemd_analyze
 @pytest.mark.parametrize("scope", ["system", "user"])
 def test_checked_in_unit_verifies(scope: str, short_tmp: Path) -> None:
     text = UNITS[scope].read_text()
@@ -42,7 +42,6 @@ def test_checked_in_unit_verifies(scope: str, short_tmp: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
-@needs_systemd_analyze
 def test_verify_rejects_a_missing_executable(short_tmp: Path) -> None:
     unit = short_tmp / "ftsup.service"
     unit.write_text(UNITS["system"].read_text().replace("@FTSUP_BIN@", "/nonexistent/ftsup"))

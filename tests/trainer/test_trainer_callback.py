@@ -74,13 +74,16 @@ def test_time_based_save_and_stop_flags(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     state = TrainerState(max_steps=10)
     progress = tmp_path / "progress.jsonl"
-    callback = FtsupCallback(progress, save_every=0.05, install_signal_handlers=False)
+    # An hour cannot have elapsed since train_begin however loaded the machine is;
+    # 50 ms surely have once we slept them (the interval is read at every step).
+    callback = FtsupCallback(progress, save_every=3600, install_signal_handlers=False)
     callback.on_train_begin(args, state, TrainerControl())
 
     state.global_step = 1
     control = TrainerControl()
     callback.on_step_end(args, state, control)
     assert not control.should_save  # save_every not yet elapsed
+    callback.save_every = 0.05
     time.sleep(0.06)
     state.global_step = 2
     callback.on_step_end(args, state, control)

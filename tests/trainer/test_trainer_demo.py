@@ -62,4 +62,6 @@ def test_demo_job_crashes_once_resumes_and_learns(
 
     answers = sample_answers(job.parent / "model", spec.output_dir / "checkpoint-96")
     assert answers[0][0] == "What is 2+3?" and len(answers) == 4
-    assert all(isinstance(answer, str) for _, answer in answers)
+    # 96 steps teach the answer's form, a number, not yet the right one (that takes
+    # ~400: tests/test_demo.py checks the sums); the untrained model says no number.
+    assert all(answer.isdigit() for _, answer in answers), answers

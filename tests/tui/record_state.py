@@ -11,7 +11,9 @@ the GPU strip and a GPU fault are on record on a machine without GPUs. Every eve
 pushed on a subscription is kept in order, then every request the TUI makes is
 asked once and its answer (or error) kept. `RecordedSource` replays the file
 with the clock frozen at `recorded_at`: that is what makes the snapshot tests
-deterministic. Re-record only on purpose (the snapshots change with it).
+deterministic. Re-record only on purpose: the snapshots change with it
+(`pytest tests/tui --snapshot-update`), and so do the docs' captures
+(`python -m tests.tui.update_docs --update`).
 """
 
 from __future__ import annotations
