@@ -2,12 +2,17 @@
 
 Keeps a partially written last line until its newline arrives, and starts over
 when the file is replaced or truncated. Reading is bounded per call so a huge
-backlog never stalls the daemon's loop.
+backlog never stalls the daemon's loop, and anything but a regular file (a
+FIFO put there by the trainer) is never opened: it reads as nothing.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
+
+from ftsup.supervisor.userfiles import NotRegularFile, open_binary
 
 _MAX_LINE = 1 << 20
 _MAX_READ = 4 << 20
@@ -28,16 +33,23 @@ class LineFollower:
 
     def read_lines(self) -> list[bytes]:
         try:
-            stat = self.path.stat()
-        except FileNotFoundError:
+            st = self.path.stat()
+        except OSError:
             return []
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self._inode, self._offset, self._partial = stat.st_ino, 0, b""
-        if stat.st_size == self._offset:
+        if not stat.S_ISREG(st.st_mode):
             return []
-        with self.path.open("rb") as handle:
-            handle.seek(self._offset)
-            data = handle.read(min(stat.st_size - self._offset, _MAX_READ))
+        if st.st_ino != self._inode or st.st_size < self._offset:
+            self._inode, self._offset, self._partial = st.st_ino, 0, b""
+        if st.st_size == self._offset:
+            return []
+        try:
+            with open_binary(self.path, follow=True) as handle:
+                if os.fstat(handle.fileno()).st_ino != st.st_ino:
+                    return []  # replaced meanwhile: start over at the next call
+                handle.seek(self._offset)
+                data = handle.read(min(st.st_size - self._offset, _MAX_READ))
+        except (OSError, NotRegularFile):
+            return []
         self._offset += len(data)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()

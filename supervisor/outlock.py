@@ -8,14 +8,19 @@ daemon and even the shim, and the kernel drops it when the last holder dies.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.userfiles import NotRegularFile, open_regular, read_bytes
+
 LOCK_NAME = ".ftsup.lock"
+_HOLDER_MAX = 64 * 1024
 
 
 class OutputLocked(Exception):
@@ -28,14 +33,32 @@ class OutputLocked(Exception):
         self.holder = holder
 
 
+class LockFileUnusable(OutputLocked):
+    """Something other than a regular file sits at the lock's name (a FIFO, a
+    symlink, a folder): never opened through, never truncated. An OutputLocked
+    so that the shim refuses the attempt the same clear way."""
+
+    def __init__(self, path: Path, problem: NotRegularFile) -> None:
+        super().__init__(path, None)
+        self.args = (unusable_message(path, problem),)
+
+
+def unusable_message(path: Path, problem: NotRegularFile) -> str:
+    return (
+        f"{path} is {problem.what}, not a regular file: ftsup will not open it "
+        f"(remove it, e.g. `rm {path}`, and start again)"
+    )
+
+
 def lock_path(output_dir: Path) -> Path:
     return output_dir / LOCK_NAME
 
 
 def read_holder(output_dir: Path) -> dict[str, Any] | None:
+    """What the holder wrote; None when absent, unreadable or not a regular file."""
     try:
-        data = json.loads(lock_path(output_dir).read_text() or "null")
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(read_bytes(lock_path(output_dir), limit=_HOLDER_MAX) or b"null")
+    except (OSError, NotRegularFile, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -44,7 +67,10 @@ def acquire(output_dir: Path, holder: dict[str, Any]) -> int:
     """Take the lock and return its descriptor (inheritable by the trainer)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = lock_path(output_dir)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a symlink here must never truncate its target
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except NotRegularFile as exc:
+        raise LockFileUnusable(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -77,11 +103,17 @@ def acquire_after_predecessor(
 
 
 def is_locked(output_dir: Path) -> bool:
-    """True when a live process holds the lock (probe without keeping it)."""
+    """True when a live process holds the lock (probe without keeping it).
+
+    Raises LockFileUnusable when the name holds anything but a regular file.
+    """
     path = lock_path(output_dir)
-    if not path.exists():
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    fd = os.open(path, os.O_RDONLY)
+    except NotRegularFile as exc:
+        raise LockFileUnusable(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -89,3 +121,44 @@ def is_locked(output_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def output_dir_problem(output_dir: Path) -> str | None:
+    """Why a run could not write to `output_dir`, in words with the fix; None if fine.
+
+    Checked at submit so that a file, a symlink loop or a read-only folder is a
+    clear refusal rather than a shim that dies at launch. A folder that does not
+    exist yet is fine when its nearest existing parent can take it.
+    """
+    path = Path(output_dir)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        while parent != parent.parent and not os.path.lexists(parent):
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"output_dir {path}: {parent} is not a folder (fix [job] output_dir)"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return (
+                f"output_dir {path} does not exist and {parent} is not writable "
+                "(create it, fix its permissions or choose another [job] output_dir)"
+            )
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"output_dir {path} is a symlink loop (fix the link or [job] output_dir)"
+        if exc.errno == errno.ENOTDIR:
+            return f"output_dir {path}: a part of the path is a file, not a folder"
+        return f"output_dir {path} cannot be checked: {exc.strerror} (fix [job] output_dir)"
+    if not stat.S_ISDIR(st.st_mode):
+        return (
+            f"output_dir {path} is a file, not a folder "
+            "(move it away or choose another [job] output_dir)"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        return (
+            f"output_dir {path} is not writable by this user or is on a read-only "
+            "file system (fix its permissions or choose another [job] output_dir)"
+        )
+    return None

@@ -10,6 +10,7 @@ since the current attempt started, so a restart does not distort them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,6 +18,59 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.follow import LineFollower
+from ftsup.supervisor.userfiles import NotRegularFile, open_binary
+
+MAX_COUNT = 2**53  # steps fit a double exactly, SQLite's INTEGER and JSON readers
+_COUNTS = ("step", "max_steps")
+_TIMES = ("ts", "stall_s")
+_FINITE = ("lr", "tokens_per_s", "epoch")
+# NaN and inf here are what the loss watch looks for: kept, never a bad line.
+_SIGNALS = ("loss", "eval_loss", "grad_norm")
+_MAX_STATE_BYTES = 256 << 20
+
+
+def check_record(record: dict[str, Any]) -> str | None:
+    """Why a progress line cannot be used (a number out of range), or None.
+
+    One trainer's bad line (a step of 2**70, `1e999`, a NaN step, an infinite
+    max_steps) must never end supervision: the follower skips it with a warning.
+    Fields that are not numbers at all are ignored by `apply`, as before.
+    """
+    event = record.get("event", "step")
+    if not isinstance(event, str):
+        return f"event {event!r} is not a string"
+    for key in (*_COUNTS, *_TIMES, *_FINITE, *_SIGNALS):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        problem = _check_number(key, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_number(key: str, value: int | float) -> str | None:
+    if key in _SIGNALS:
+        if isinstance(value, int) and abs(value) > MAX_COUNT:
+            return f"{key} {_short(value)} is out of range"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} {value!r} is not a finite number"
+    if key in _COUNTS:
+        if isinstance(value, float) and not value.is_integer():
+            return f"{key} {value!r} is not a whole number"
+        if not 0 <= value <= MAX_COUNT:
+            return f"{key} {_short(value)} is out of range (0 to 2^53)"
+        return None
+    low, high = (0, MAX_COUNT) if key in _TIMES else (-MAX_COUNT, MAX_COUNT)
+    if not low <= value <= high:
+        return f"{key} {_short(value)} is out of range"
+    return None
+
+
+def _short(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 @dataclass
@@ -129,7 +183,7 @@ class JsonlFollower:
         for line in self._lines.read_lines():
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
                 continue
             if isinstance(record, dict):
                 records.append(record)
@@ -137,15 +191,21 @@ class JsonlFollower:
 
 
 def records_from_trainer_state(path: Path) -> list[dict[str, Any]]:
-    """Progress records from an HF `trainer_state.json` (for jobs without progress.jsonl)."""
+    """Progress records from an HF `trainer_state.json` (for jobs without progress.jsonl).
+
+    The file is the user's: opened without blocking (a FIFO raises
+    `userfiles.NotRegularFile`) and read in the caller's worker thread.
+    """
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        with open_binary(path, follow=True) as handle:
+            mtime = os.fstat(handle.fileno()).st_mtime
+            raw = handle.read(_MAX_STATE_BYTES)
+        state = json.loads(raw)
+    except (OSError, NotRegularFile, ValueError, RecursionError):
         return []
     if not isinstance(state, dict):
         return []
     max_steps = state.get("max_steps")
-    mtime = os.stat(path).st_mtime
     records: list[dict[str, Any]] = []
     for entry in state.get("log_history") or []:
         if not isinstance(entry, dict) or "step" not in entry:

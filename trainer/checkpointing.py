@@ -33,7 +33,7 @@ from ftsup.supervisor.manifest import (
 )
 from ftsup.supervisor.spec_types import TrainSection
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(r"\Acheckpoint-([0-9]+)\Z")  # no "checkpoint-8\n"
 
 # (checkpoint folder, step, seconds from the save's start to its manifest,
 #  seconds training was blocked by it)

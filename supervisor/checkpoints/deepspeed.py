@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..userfiles import NotRegularFile, read_bytes
 from .files import check_file
 from .findings import Findings
 
@@ -44,17 +45,20 @@ def check_deepspeed(
     if mp_ranks:
         _check_optim_states(tag, names, mp_ranks, found, world_size)
     for path in sorted(tag_dir.iterdir()):
-        if path.is_file() and (problem := check_file(path, deep=deep)):
+        if not path.is_dir() and (problem := check_file(path, deep=deep)):
             found.problem(f"{tag}/{path.name} {problem}")
 
 
 def _read_latest(folder: Path, found: Findings) -> str | None:
     try:
-        tag = (folder / LATEST).read_text().strip()
+        tag = read_bytes(folder / LATEST, limit=4096, follow=True).decode().strip()
     except FileNotFoundError:
         found.problem(f"{LATEST} missing (DeepSpeed writes it last: the save did not finish)")
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except NotRegularFile as exc:
+        found.problem(f"{LATEST} is {exc.what}, not a regular file")
+        return None
+    except UnicodeDecodeError as exc:
         found.problem(f"{LATEST} unreadable: {exc}")
         return None
     if not tag:

@@ -31,11 +31,15 @@ class ResumeChoice:
     """`checkpoint`: what to resume from (None: nothing valid; start from scratch
     if the job allows it). `quarantined`: emit one event each. `skipped`:
     newer folders passed over without quarantine (weights only, possibly still
-    being written, or quarantine disabled), each with its reason."""
+    being written, or quarantine disabled), each with its reason. `unchecked`:
+    the folder where selection stopped because it could not be read (EMFILE,
+    EACCES, EIO...): nothing older may be chosen over it, so `checkpoint` is
+    None and the caller must wait and try again, not start over."""
 
     checkpoint: CheckpointReport | None
     quarantined: tuple[Quarantined, ...] = ()
     skipped: tuple[CheckpointReport, ...] = ()
+    unchecked: CheckpointReport | None = None
 
     @property
     def path(self) -> Path | None:
@@ -123,8 +127,10 @@ def select_resume(
                 deep=deep,
                 require_manifest=require_manifest,
             )
-        except FileNotFoundError:
+        except FileNotFoundError:  # deleted meanwhile (rotation): gone, not invalid
             continue
+        if not report.checked:  # could not look: never fall back past it
+            return ResumeChoice(None, tuple(moved), tuple(skipped), unchecked=report)
         if report.resumable:
             return ResumeChoice(report, tuple(moved), tuple(skipped))
         recent = skip_newer_than is not None and now - report.mtime < skip_newer_than
@@ -154,9 +160,11 @@ def _judge(
     report = validate_checkpoint(
         path, deep=deep, world_size=world_size, require_manifest=require_manifest
     )
-    if report.valid or not world_size:
+    if report.valid or not world_size or not report.checked:
         return report
     alone = validate_checkpoint(path, deep=deep, require_manifest=require_manifest)
+    if not alone.checked:
+        return alone
     own = alone.details.get("world_size")
     if not alone.valid or not isinstance(own, int) or own >= world_size:
         return report
@@ -165,6 +173,8 @@ def _judge(
             other = validate_checkpoint(previous, require_manifest=require_manifest)
         except FileNotFoundError:
             continue
+        if not other.checked:  # cannot tell growth from lost ranks: decide nothing
+            return replace(report, valid=False, resumable=False, reason=other.reason, checked=False)
         if other.valid:
             other_size = other.details.get("world_size")
             if isinstance(other_size, int) and other_size > own:

@@ -2,14 +2,19 @@
 
 The format checkers decide which files must exist; this module only says
 whether one file that exists is readable, so every format shares one rule.
+Every open goes through `userfiles` (a FIFO or device is a finding, never a
+hang). A read that fails for a reason outside the bytes (EMFILE, EACCES, EIO)
+propagates as OSError: the caller records "could not check", never "corrupt".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
+from ..userfiles import NotRegularFile, describe_mode, open_binary
 from .safetensors_check import check_safetensors
 from .torchzip_check import check_torch_zip
 
@@ -24,6 +29,9 @@ def check_file(path: Path, *, deep: bool = False) -> str | None:
     is the predicate only ("truncated: central directory missing").
     """
     try:
+        mode = path.stat().st_mode  # never blocks, even on a FIFO
+        if not stat.S_ISREG(mode):
+            return f"is {describe_mode(mode)}, not a regular file"
         if path.suffix == ".safetensors":
             return check_safetensors(path, deep=deep)
         if path.suffix in TORCH_SUFFIXES:
@@ -32,20 +40,22 @@ def check_file(path: Path, *, deep: bool = False) -> str | None:
             return check_json(path, deep=deep)
     except FileNotFoundError:
         return "missing"
-    except OSError as exc:
-        return f"unreadable: {exc}"
+    except NotRegularFile as exc:
+        return f"is {exc.what}, not a regular file"
     return None
 
 
 def check_json(path: Path, *, deep: bool = False) -> str | None:
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    if size > _SMALL_JSON and not deep:
-        return None
+    with open_binary(path, follow=True) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return "is empty (0 bytes)"
+        if size > _SMALL_JSON and not deep:
+            return None
+        raw = handle.read()
     try:
-        json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return f"unparseable: {exc}"
     return None
 

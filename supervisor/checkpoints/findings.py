@@ -17,6 +17,13 @@ class Findings:
     not_resumable: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # Reads that failed for a reason outside the bytes (EMFILE, EACCES, EIO, a
+    # deadline): the folder could not be judged, which is never "corrupt".
+    unchecked: list[str] = field(default_factory=list)
+
+    def could_not_check(self, message: str) -> None:
+        if message not in self.unchecked:
+            self.unchecked.append(message)
 
     def problem(self, message: str) -> None:
         if message not in self.problems:
@@ -32,4 +39,4 @@ class Findings:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unchecked

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..userfiles import NotRegularFile, read_bytes
 from .files import check_file
 from .findings import Findings
 
@@ -67,7 +68,7 @@ def check_hf(
     _check_dcp_dirs(folder, names, found)
     skip = skip_files | {TRAINER_STATE}
     for path in sorted(folder.iterdir()):
-        if path.name in skip or not path.is_file():
+        if path.name in skip or path.is_dir():  # a FIFO or device is checked: a finding
             continue
         if problem := check_file(path, deep=deep):
             found.problem(f"{path.name} {problem}")
@@ -76,21 +77,21 @@ def check_hf(
 def _check_trainer_state(folder: Path, found: Findings, step: int | None) -> None:
     path = folder / TRAINER_STATE
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, follow=True)
     except FileNotFoundError:
         found.problem(
             f"{TRAINER_STATE} missing (the trainer writes it last: the save did not finish)"
         )
         return
-    except OSError as exc:
-        found.problem(f"{TRAINER_STATE} unreadable: {exc}")
+    except NotRegularFile as exc:
+        found.problem(f"{TRAINER_STATE} is {exc.what}, not a regular file")
         return
     if not raw:
         found.problem(f"{TRAINER_STATE} is empty (0 bytes)")
         return
     try:
         state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         found.problem(f"{TRAINER_STATE} unparseable: {exc}")
         return
     global_step = state.get("global_step") if isinstance(state, dict) else None
@@ -138,9 +139,24 @@ def _check_weights(folder: Path, names: set[str], found: Findings, elsewhere: bo
 
 def _check_index(path: Path, names: set[str], found: Findings) -> None:
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"))
+        raw = read_bytes(path, follow=True)
+    except FileNotFoundError:
+        found.problem(f"{path.name} missing")
+        return
+    except NotRegularFile as exc:
+        found.problem(f"{path.name} is {exc.what}, not a regular file")
+        return
+    try:
+        index = json.loads(raw.decode("utf-8"))
         shards = sorted(set(index["weight_map"].values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        RecursionError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ):
         found.problem(f"{path.name} unparseable (no weight_map)")
         return
     for shard in shards:

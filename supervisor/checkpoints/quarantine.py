@@ -16,6 +16,7 @@ import re
 import time
 from pathlib import Path
 
+from ..userfiles import NotRegularFile, read_bytes
 from .ftsup_format import QUARANTINE_NOTE
 from .report import CHECKPOINT_RE, QUARANTINED_RE, checkpoint_step
 
@@ -77,8 +78,8 @@ def restore(path: Path) -> Path:
 def quarantine_reason(path: Path) -> str | None:
     """The full reason recorded when `path` was quarantined (None if no note)."""
     try:
-        data = json.loads((Path(path) / QUARANTINE_NOTE).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_bytes(Path(path) / QUARANTINE_NOTE, limit=1 << 20))
+    except (OSError, ValueError, NotRegularFile, RecursionError):
         return None
     reason = data.get("reason") if isinstance(data, dict) else None
     return reason if isinstance(reason, str) else None

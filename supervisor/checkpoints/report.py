@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 Format = Literal["ftsup", "hf", "deepspeed", "unknown"]
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-QUARANTINED_RE = re.compile(r"^checkpoint-(\d+)\.invalid-(.+)$")
+# `\Z`, not `$`: `$` also matches before a trailing newline ("checkpoint-8\n").
+CHECKPOINT_RE = re.compile(r"\Acheckpoint-([0-9]+)\Z")
+QUARANTINED_RE = re.compile(r"\Acheckpoint-([0-9]+)\.invalid-(.+)\Z", re.DOTALL)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -36,7 +37,9 @@ class CheckpointReport:
 
     `reason` is the first problem, in words a person can act on; every problem
     is in `details["problems"]`, remarks that do not invalidate in
-    `details["notes"]`.
+    `details["notes"]`. `checked` False: a read failed for a reason outside the
+    bytes (EMFILE, EACCES, EIO, a deadline), so nothing is known: neither valid
+    nor invalid, never a reason to quarantine or delete.
     """
 
     path: Path
@@ -48,6 +51,7 @@ class CheckpointReport:
     size_bytes: int
     mtime: float
     details: Mapping[str, Any] = field(default_factory=_frozen)
+    checked: bool = True
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -69,6 +73,7 @@ class CheckpointReport:
             "size_bytes": self.size_bytes,
             "mtime": self.mtime,
             "details": _plain(self.details),
+            "checked": self.checked,
         }
 
 

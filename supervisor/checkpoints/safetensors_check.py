@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
+
+from ..userfiles import open_binary
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _READ_CHUNK = 8 * 1024 * 1024
@@ -29,12 +32,12 @@ DTYPE_BYTES = {
 
 def check_safetensors(path: Path, *, deep: bool = False) -> str | None:
     """None when the file is intact, else the problem (to follow the file name)."""
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    if size < 8:
-        return f"truncated: {size} bytes, shorter than the 8-byte header length"
-    with path.open("rb") as handle:
+    with open_binary(path, follow=True) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return "is empty (0 bytes)"
+        if size < 8:
+            return f"truncated: {size} bytes, shorter than the 8-byte header length"
         (header_len,) = struct.unpack("<Q", handle.read(8))
         if header_len > MAX_HEADER_BYTES:
             return f"corrupt: header length {header_len} is implausible"
@@ -58,7 +61,7 @@ def _check_header(raw: bytes) -> tuple[str | None, int]:
     """(problem, end of the data region the header describes)."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return f"corrupt: header is not valid JSON ({exc})", 0
     if not isinstance(header, dict):
         return "corrupt: header is not a JSON object", 0
@@ -105,11 +108,9 @@ def _check_entry(name: str, entry: Any) -> str | None:
 
 
 def _read_all(path: Path, start: int) -> str | None:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(start)
-            while handle.read(_READ_CHUNK):
-                pass
-    except OSError as exc:
-        return f"unreadable: {exc}"
+    """Read every data byte (an I/O error propagates: "could not check")."""
+    with open_binary(path, follow=True) as handle:
+        handle.seek(start)
+        while handle.read(_READ_CHUNK):
+            pass
     return None

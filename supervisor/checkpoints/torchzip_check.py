@@ -9,9 +9,13 @@ which catches flipped bits anywhere in the payload.
 
 from __future__ import annotations
 
+import errno
+import os
 import zipfile
 import zlib
 from pathlib import Path
+
+from ..userfiles import open_binary
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SEARCH = 22 + 65535  # fixed record + the largest possible archive comment
@@ -23,10 +27,10 @@ _READ_CHUNK = 8 * 1024 * 1024
 def check_torch_zip(path: Path, *, deep: bool = False) -> str | None:
     """None when the archive is intact (or legacy, which cannot be checked), else
     the problem (to follow the file name)."""
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    with path.open("rb") as handle:
+    with open_binary(path, follow=True) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return "is empty (0 bytes)"
         head = handle.read(4)
         if not head.startswith(_LOCAL_SIGNATURE):
             if head.startswith(_PICKLE_PROTO):
@@ -34,17 +38,26 @@ def check_torch_zip(path: Path, *, deep: bool = False) -> str | None:
             return f"corrupt: not a torch zip archive (starts with {head!r})"
         handle.seek(max(0, size - _EOCD_SEARCH))
         tail = handle.read()
-    if tail.rfind(_EOCD_SIGNATURE) < 0:
-        return "truncated: central directory missing"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            problem = _check_members(members, size)
-            if problem is None and deep:
-                problem = _check_crcs(archive)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
-        return f"corrupt: central directory unreadable ({exc})"
+        if tail.rfind(_EOCD_SIGNATURE) < 0:
+            return "truncated: central directory missing"
+        handle.seek(0)
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                members = archive.infolist()
+                problem = _check_members(members, size)
+                if problem is None and deep:
+                    problem = _check_crcs(archive)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+            _reraise_read_failure(exc)
+            return f"corrupt: central directory unreadable ({exc})"
     return problem
+
+
+def _reraise_read_failure(exc: BaseException) -> None:
+    """An OSError from the machine (EIO, EMFILE...) is "could not check"; only
+    what the bytes cause (a seek to a bad offset: EINVAL) is corruption."""
+    if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):
+        raise exc
 
 
 def _check_members(members: list[zipfile.ZipInfo], size: int) -> str | None:
@@ -69,5 +82,6 @@ def _check_crcs(archive: zipfile.ZipFile) -> str | None:
                 return f"corrupt: CRC mismatch in member {member.filename!r}"
             return f"corrupt: member {member.filename!r} unreadable ({exc})"
         except (OSError, EOFError, zlib.error) as exc:
+            _reraise_read_failure(exc)
             return f"corrupt: member {member.filename!r} unreadable ({exc})"
     return None

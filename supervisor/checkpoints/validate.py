@@ -7,9 +7,12 @@ the manifest or reads every zip member (CRC) and tensor byte range.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..manifest import MANIFEST_NAME
+from ..userfiles import NotRegularFile
 from .deepspeed import check_deepspeed, is_deepspeed
 from .files import check_file, folder_stats
 from .findings import Findings
@@ -25,6 +28,7 @@ def validate_checkpoint(
     deep: bool = False,
     world_size: int | None = None,
     require_manifest: bool = False,
+    on_listed: Callable[[Path], None] | None = None,
 ) -> CheckpointReport:
     """Judge one checkpoint folder.
 
@@ -32,7 +36,12 @@ def validate_checkpoint(
     inferred from the RNG and optimizer files; a manifest's own value wins).
     `require_manifest`: the writer is known to write an ftsup manifest, so a
     folder without one is incomplete even if it looks like a good HF checkpoint.
-    Raises FileNotFoundError / NotADirectoryError when `path` is not a folder.
+    Raises FileNotFoundError / NotADirectoryError when `path` is not a folder,
+    and FileNotFoundError when it disappears while being checked (a rotation
+    deleting it is not a corrupt checkpoint). A read that fails for a reason
+    outside the bytes gives a report with `checked=False`, never "invalid".
+    `on_listed` is called once the folder's contents are listed (a test seam:
+    it lets a test delete the folder mid-check deterministically).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -40,20 +49,57 @@ def validate_checkpoint(
             raise NotADirectoryError(f"{folder} is not a folder")
         raise FileNotFoundError(f"{folder} does not exist")
     step = checkpoint_step(folder)
-    fmt = detect_format(folder, require_manifest=require_manifest)
     found = Findings()
+    fmt: Format = "unknown"
+    listed: list[str] = []
+    vanished = False
     try:
+        listed = _listing(folder)
+        if on_listed is not None:
+            on_listed(folder)
+        fmt = detect_format(folder, require_manifest=require_manifest)
         if fmt == "ftsup":
             _check_ftsup(folder, found, step, world_size, deep)
         elif fmt == "unknown":
             _check_unknown(folder, found)
         else:
             _check_layout(folder, found, step, world_size, deep)
-    except OSError as exc:  # a file vanished or cannot be read mid-check
-        found.problem(f"unreadable: {exc}")
+    except FileNotFoundError:  # a file we listed went away mid-check
+        vanished = True
+    except NotRegularFile as exc:  # replaced by a FIFO, device... mid-check
+        found.problem(str(exc))
+    except OSError as exc:  # EMFILE, EACCES, EIO, ESTALE...: nothing known
+        found.could_not_check(f"{exc.strerror or exc}: {exc.filename or folder}")
+    if (vanished or found.problems) and _disappearing(folder, listed):
+        raise FileNotFoundError(
+            f"{folder} disappeared while being checked (deleted, e.g. by rotation)"
+        )
+    if vanished:
+        found.problem("files vanished while being checked")
     if step is None and isinstance(found.details.get("global_step"), int):
         step = found.details["global_step"]
     return _report(folder, step, fmt, found)
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every path below `folder` (relative), to tell later whether it is being deleted."""
+    out: list[str] = []
+    for root, dirs, files in os.walk(folder, onerror=_raise):
+        rel = os.path.relpath(root, folder)
+        out.extend(os.path.normpath(os.path.join(rel, name)) for name in [*dirs, *files])
+    return out
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _disappearing(folder: Path, listed: list[str]) -> bool:
+    """The folder is gone, or something it held when checking began is: a deletion
+    in progress (rmtree removes the files, then the folder), not corruption."""
+    if not os.path.lexists(folder):
+        return True
+    return any(not os.path.lexists(folder / rel) for rel in listed)
 
 
 def _check_ftsup(
@@ -96,7 +142,7 @@ def _check_layout(
     elif not deepspeed:
         for file in sorted(folder.rglob("*")):
             if (
-                file.is_file()
+                not file.is_dir()
                 and file.name not in skip
                 and (problem := check_file(file, deep=deep))
             ):
@@ -117,8 +163,10 @@ def _report(folder: Path, step: int | None, fmt: Format, found: Findings) -> Che
     size, mtime = folder_stats(folder)
     valid = found.ok
     resumable = valid and not found.not_resumable
-    if found.problems:
-        reason: str | None = found.problems[0]
+    if found.unchecked:
+        reason: str | None = f"could not check: {found.unchecked[0]}"
+    elif found.problems:
+        reason = found.problems[0]
     elif found.not_resumable:
         reason = found.not_resumable[0]
     else:
@@ -128,6 +176,8 @@ def _report(folder: Path, step: int | None, fmt: Format, found: Findings) -> Che
     details["notes"] = list(found.notes)
     if found.not_resumable:
         details["not_resumable"] = list(found.not_resumable)
+    if found.unchecked:
+        details["unchecked"] = list(found.unchecked)
     return CheckpointReport(
         path=folder,
         step=step,
@@ -138,4 +188,5 @@ def _report(folder: Path, step: int | None, fmt: Format, found: Findings) -> Che
         size_bytes=size,
         mtime=mtime,
         details=details,
+        checked=not found.unchecked,
     )

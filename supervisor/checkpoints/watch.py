@@ -258,6 +258,14 @@ class CheckpointWatcher:
         except OSError as exc:
             self._problem(f"{folder} could not be validated: {exc}")
             return
+        if not report.checked:  # not a verdict: say so once, and look again later
+            if self._reported.get(name) != ("unchecked", report.reason):
+                self._reported[name] = ("unchecked", report.reason)
+                self._problem(f"{folder.name}: {report.reason}")
+            self._seen.discard(name)
+            with self._lock:  # as if just written: judged again once it settles
+                self._pending[name] = time.monotonic()
+            return
         key = (report.format, report.valid, report.resumable, report.reason, report.size_bytes)
         if self._reported.get(name) == key:
             return  # judged again after a stray event, same verdict: say it once

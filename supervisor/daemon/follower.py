@@ -6,10 +6,16 @@ state, the goodput account, the hang detector and the loss watch. It decides
 nothing about the run: it reports what it saw (`Observations`) and the runner
 acts. Lines an earlier attempt wrote (replayed after a daemon restart) count for
 history and goodput, never as the current attempt's progress.
+
+A line with a number out of range is skipped with a warning, never allowed to
+end supervision. `trainer_state.json` lives in the user's output folder (a FIFO
+there would block an `open()`), so it is read in a worker thread: `read()`
+never waits for it, it picks the result up at a later pump.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,10 +28,44 @@ from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.goodput import GoodputTracker
 from ftsup.supervisor.health.hang import HangDetector, HangPolicy, HangVerdict
 from ftsup.supervisor.health.loss import Anomaly
-from ftsup.supervisor.progress import JsonlFollower, ProgressState, records_from_trainer_state
+from ftsup.supervisor.progress import (
+    JsonlFollower,
+    ProgressState,
+    check_record,
+    records_from_trainer_state,
+)
 from ftsup.supervisor.spec_types import JobSpec
 
 LOG_RING = 500
+MAX_BAD_LINE_WARNINGS = 20  # then one last warning says the rest are skipped quietly
+SLOW_READ_WARNING_S = 30.0
+
+
+class _StateRead:
+    """One read of the newest checkpoint's trainer_state.json, in its own thread."""
+
+    def __init__(self, output_dir: Path, newer_than: float) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.result: tuple[float, list[dict[str, Any]]] | None = None
+        self.warned = False
+        thread = threading.Thread(
+            target=self._run, args=(output_dir, newer_than), name="trainer-state", daemon=True
+        )
+        thread.start()
+
+    def _run(self, output_dir: Path, newer_than: float) -> None:
+        try:
+            found = list_checkpoints(output_dir)  # by step, quarantined ones excluded
+            if found:
+                state_file = found[-1] / "trainer_state.json"
+                mtime = state_file.stat().st_mtime
+                if mtime > newer_than:
+                    self.result = (mtime, records_from_trainer_state(state_file))
+        except OSError:
+            pass
+        finally:
+            self.done.set()
 
 
 @dataclass
@@ -39,6 +79,9 @@ class Observations:
 class RunFollower:
     def __init__(self, spec: JobSpec, progress_file: Path, emit: Emit) -> None:
         self.spec = spec
+        self._emit = emit
+        self._bad_lines = 0
+        self._state_read: _StateRead | None = None
         self.progress = ProgressState()
         self.goodput = GoodputTracker()
         self.loss_watch = LossWatch(spec.health, emit)
@@ -77,6 +120,7 @@ class RunFollower:
             self._progress_seen = True
         elif not self._progress_seen and self.spec.command is not None:
             records = self._trainer_state_records()
+        records = [r for r in records if self._usable(r)]
         for record in records:
             self._fold(record, seen)
         seen.records = records
@@ -126,22 +170,55 @@ class RunFollower:
         else:
             detector.heartbeat(now)
 
+    def _usable(self, record: dict[str, Any]) -> bool:
+        problem = check_record(record)
+        if problem is None:
+            return True
+        self._bad_lines += 1
+        if self._bad_lines <= MAX_BAD_LINE_WARNINGS:
+            more = (
+                "; further bad lines are skipped without a warning"
+                if self._bad_lines == MAX_BAD_LINE_WARNINGS
+                else ""
+            )
+            self._emit(
+                "warning",
+                f"progress line skipped: {problem}{more}",
+                {"problem": problem, "skipped": self._bad_lines},
+            )
+        return False
+
     def _trainer_state_records(self) -> list[dict[str, Any]]:
-        """For commands that write no progress.jsonl: the newest checkpoint's log_history."""
-        found = list_checkpoints(self.spec.output_dir)  # by step, quarantined ones excluded
-        if not found:
+        """For commands that write no progress.jsonl: the newest checkpoint's
+        log_history, read in a worker thread (picked up by a later call)."""
+        pending = self._state_read
+        if pending is None:
+            self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
             return []
-        newest = found[-1]
-        state_file = newest / "trainer_state.json"
-        try:
-            mtime = state_file.stat().st_mtime
-        except FileNotFoundError:
+        if not pending.done.is_set():
+            waited = time.monotonic() - pending.started
+            if waited > SLOW_READ_WARNING_S and not pending.warned:
+                pending.warned = True
+                self._emit(
+                    "warning",
+                    f"reading trainer_state.json in {self.spec.output_dir} has not "
+                    f"answered for {waited:.0f}s (an unresponsive file system?)",
+                    {},
+                )
             return []
+        self._state_read = None
+        if pending.result is None:
+            return []
+        mtime, records = pending.result
         if mtime <= self._trainer_state_mtime:
             return []
         self._trainer_state_mtime = mtime
         return [
             r
-            for r in records_from_trainer_state(state_file)
-            if r.get("event") != "step" or r.get("step", 0) > self.progress.step
+            for r in records
+            if r.get("event") != "step" or _after(r.get("step"), self.progress.step)
         ]
+
+
+def _after(step: Any, current: int) -> bool:
+    return not isinstance(step, int | float) or isinstance(step, bool) or step > current

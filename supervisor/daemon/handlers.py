@@ -6,38 +6,92 @@ import asyncio
 import json
 import signal
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import tail_lines
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.checkpoints.quarantine import list_quarantined
+from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.policy import failure_restarts
+from ftsup.supervisor.policy import AttemptOutcome, failure_restarts
+from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec import SpecError, parse_spec
-from ftsup.supervisor.store import JobRow, Store
+from ftsup.supervisor.store import AttemptRow, JobRow, Store
+from ftsup.supervisor.userfiles import in_thread
 
 HISTORY_CAP = 20000
 HISTORY_BYTES = 8 * 1024 * 1024
 HISTORY_FIELDS = ("ts", "step", "event", "loss", "eval_loss", "lr", "grad_norm", "epoch")
 
 
+INT_MAX = 2**63 - 1  # what SQLite stores; anything larger is a bad request, not "internal"
+LINES_CAP = 100_000
+
+
 def _str_arg(request: dict[str, Any], key: str) -> str:
     value = request.get(key)
     if not isinstance(value, str) or not value:
         raise RequestError("bad_request", f"{request.get('type')}: {key!r} must be a string")
+    if "\0" in value:
+        raise RequestError("bad_request", f"{request.get('type')}: {key!r} contains a NUL byte")
     return value
 
 
-def _int_arg(request: dict[str, Any], key: str, default: int) -> int:
+def _int_arg(
+    request: dict[str, Any], key: str, default: int, *, low: int = 0, high: int = INT_MAX
+) -> int:
+    """An integer argument in [low, high]; bools are not integers here."""
     value = request.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError("bad_request", f"{request.get('type')}: {key!r} must be an integer")
+    if not low <= value <= high:
+        raise RequestError(
+            "bad_request", f"{request.get('type')}: {key!r} must be in [{low}, {high}]"
+        )
     return value
+
+
+def _outcomes(attempts: list[AttemptRow]) -> list[AttemptOutcome]:
+    """The restart policy's view of ended attempts (what `JobRunner.history` gives),
+    built from the store alone: a job without a runner (finished before this daemon
+    started) has the same restart count as before."""
+    return [
+        AttemptOutcome(
+            returncode=a.returncode,
+            signal=a.signal,
+            start_step=a.start_step,
+            last_step=a.last_step,
+            stop_requested=a.stop_requested,
+            failure_kind=a.failure_kind,
+        )
+        for a in attempts
+        if a.ended_at is not None
+    ]
+
+
+def _stored_progress(attempts: list[AttemptRow]) -> dict[str, Any] | None:
+    """Progress of a job with no runner: the furthest step its attempts recorded."""
+    if not attempts:
+        return None
+    return ProgressState(step=max(a.last_step for a in attempts)).to_json()
+
+
+def env_keys(spec_text: str) -> list[str] | None:
+    """The names in `[command] env`, never the values (they hold tokens). Read from
+    the stored TOML alone: no validation, no file system access on the loop."""
+    try:
+        data = tomllib.loads(spec_text)
+    except tomllib.TOMLDecodeError:
+        return None
+    command = data.get("command")
+    env = command.get("env") if isinstance(command, dict) else None
+    return sorted(env) if isinstance(env, dict) else None
 
 
 class Handlers:
@@ -75,7 +129,7 @@ class Handlers:
         }
 
     async def ping(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"pong": True, "time": time.time()}
+        return {"pong": True, "time": time.time(), "degraded": self.store.degraded}
 
     async def start(self, request: dict[str, Any]) -> dict[str, Any]:
         path = Path(_str_arg(request, "spec_path"))
@@ -84,7 +138,7 @@ class Handlers:
             spec = parse_spec(text, path)
         except SpecError as exc:
             raise RequestError("invalid_spec", str(exc)) from None
-        self.manager.submit(spec, accept_drift=bool(request.get("accept_drift")))
+        await self.manager.submit(spec, accept_drift=bool(request.get("accept_drift")))
         return self.job_json(spec.name)
 
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -93,11 +147,18 @@ class Handlers:
             return {
                 "jobs": [self.job_json(job.name) for job in self.store.jobs()],
                 "counts": self.manager.summary(),
+                "degraded": self.store.degraded,
             }
-        return self.job_json(_str_arg(request, "job"), detail=True)
+        return {
+            **self.job_json(_str_arg(request, "job"), detail=True),
+            "degraded": self.store.degraded,
+        }
 
     async def list(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"jobs": [self.job_json(job.name) for job in self.store.jobs()]}
+        return {
+            "jobs": [self.job_json(job.name) for job in self.store.jobs()],
+            "degraded": self.store.degraded,
+        }
 
     async def stop(self, request: dict[str, Any]) -> dict[str, Any]:
         name = _str_arg(request, "job")
@@ -141,15 +202,14 @@ class Handlers:
         attempts = self.store.attempts(name)
         if not attempts:
             return {"attempt": None, "lines": [], "path": None}
-        n = request.get("attempt") or attempts[-1].n
-        if not isinstance(n, int) or all(a.n != n for a in attempts):
+        n = attempts[-1].n
+        if request.get("attempt") is not None:
+            n = _int_arg(request, "attempt", n, low=1)
+        if all(a.n != n for a in attempts):
             raise RequestError("not_found", f"job {name!r} has no attempt {n!r}")
+        lines = _int_arg(request, "lines", 100, high=LINES_CAP)
         path = self.layout.attempt_dir(name, n) / LOG_FILE
-        return {
-            "attempt": n,
-            "path": str(path),
-            "lines": tail_lines(path, _int_arg(request, "lines", 100)),
-        }
+        return {"attempt": n, "path": str(path), "lines": tail_lines(path, lines)}
 
     async def events(self, request: dict[str, Any]) -> dict[str, Any]:
         job = request.get("job")
@@ -158,7 +218,7 @@ class Handlers:
         return {
             "events": self.store.events(
                 job,
-                limit=_int_arg(request, "limit", 100),
+                limit=min(_int_arg(request, "limit", 100), HISTORY_CAP),
                 after_id=_int_arg(request, "after_id", 0),
             )
         }
@@ -167,12 +227,23 @@ class Handlers:
         """Every checkpoint of the job, validated now (off the loop), newest last."""
         job = self._job(_str_arg(request, "job"))
         output_dir = Path(job.output_dir)
-        reports = await asyncio.to_thread(discovery.validate_all, output_dir)
+        require_manifest = True if job.kind == "train" else None  # as the daemon resumes
+
+        def check() -> tuple[list[CheckpointReport], list[Path]]:
+            reports = discovery.validate_all(output_dir, require_manifest=require_manifest)
+            return reports, list_quarantined(output_dir)
+
+        try:
+            reports, quarantined = await in_thread(check, 120.0, "checking checkpoints")
+        except (TimeoutError, OSError) as exc:  # could not check: say so, judge nothing
+            raise RequestError(
+                "unavailable", f"could not check the checkpoints in {output_dir}: {exc}"
+            ) from None
         resume = next((r for r in reversed(reports) if r.resumable), None)
         return {
             "output_dir": job.output_dir,
             "checkpoints": [{**r.to_json(), "resume_candidate": r is resume} for r in reports],
-            "quarantined": [str(p) for p in list_quarantined(output_dir)],
+            "quarantined": [str(p) for p in quarantined],
         }
 
     async def progress_history(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +267,7 @@ class Handlers:
         return self.gpus.snapshot()
 
     async def gpu_reset(self, request: dict[str, Any]) -> dict[str, Any]:
-        index = _int_arg(request, "index", -1)
+        index = _int_arg(request, "index", -1, low=-1)
         if index < 0:
             raise RequestError("bad_request", "gpu_reset: 'index' must be a GPU index")
         self.gpus.mark_healthy(index)
@@ -218,7 +289,7 @@ class Handlers:
         runner = self.manager.runners.get(name)
         attempts = self.store.current_attempts(name)
         ended = [a for a in attempts if a.ended_at is not None]
-        outcomes = runner.history() if runner else []
+        outcomes = _outcomes(attempts)
         data: dict[str, Any] = {
             "name": job.name,
             "kind": job.kind,
@@ -231,7 +302,7 @@ class Handlers:
             "next_start_at": job.next_start_at,
             "attempts": len(attempts),
             "restarts": failure_restarts(outcomes),
-            "progress": runner.progress.to_json() if runner else None,
+            "progress": runner.progress.to_json() if runner else _stored_progress(attempts),
             "current_attempt": runner.status()["current_attempt"] if runner else None,
             "last_exit": ended[-1].to_json() if ended else None,
             "goodput": runner.goodput_report() if runner else None,
@@ -241,6 +312,7 @@ class Handlers:
             else None,
         }
         if detail:
+            data["env_keys"] = env_keys(job.spec_text)
             data["attempt_history"] = [a.to_json() for a in attempts]
             if job.state in ("gave_up", "failed") and ended:
                 path = self.layout.attempt_dir(name, ended[-1].n) / LOG_FILE

@@ -25,10 +25,10 @@ from ftsup.supervisor.checkpoints.watch import CheckpointWatcher
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
+from ftsup.supervisor.userfiles import in_thread
 
 log = logging.getLogger("ftsup.daemon")
-WARN_CHECKPOINTS = 3
-PAUSE_CHECKPOINTS = 2
+VALIDATE_TIMEOUT = 300.0  # the fast path takes milliseconds; this is for dead mounts
 
 
 def disk_usage(folder: Path) -> int:
@@ -75,7 +75,7 @@ class JobCheckpoints:
             on_problem=self._problem_from_thread,
             mode=self.spec.checkpoint.watch,  # type: ignore[arg-type]
             world_size=self.world_size,
-            require_manifest=True if self.spec.train is not None else None,
+            require_manifest=self.require_manifest,
         )
         try:
             self._watcher.start()
@@ -101,13 +101,32 @@ class JobCheckpoints:
                     {"path": str(moved), "reason": reason},
                 )
 
+    @property
+    def require_manifest(self) -> bool | None:
+        """A built-in trainer job always seals its checkpoints with a manifest."""
+        return True if self.spec.train is not None else None
+
+    async def _validate_all(self) -> list[CheckpointReport] | None:
+        """Every checkpoint's report, off the loop and with a deadline; None (and a
+        warning) when the folder could not be read at all."""
+        try:
+            return await in_thread(
+                lambda: discovery.validate_all(
+                    self.spec.output_dir,
+                    world_size=self.world_size,
+                    require_manifest=self.require_manifest,
+                ),
+                VALIDATE_TIMEOUT,
+                f"checking {self.spec.output_dir}",
+            )
+        except OSError as exc:
+            self.bus.emit(self.spec.name, "warning", f"could not check the checkpoints: {exc}")
+            return None
+
     async def sweep(self) -> None:
         """Record what the watcher has not reported yet (it waits for writes to
         settle; an attempt that just ended may have saved a moment ago)."""
-        reports = await asyncio.to_thread(
-            discovery.validate_all, self.spec.output_dir, world_size=self.world_size
-        )
-        for report in reports:
+        for report in await self._validate_all() or []:
             self.on_checkpoint(report)
 
     # from the watcher's thread ---------------------------------------------
@@ -124,6 +143,14 @@ class JobCheckpoints:
     # on the loop --------------------------------------------------------------
     def on_checkpoint(self, report: CheckpointReport) -> None:
         name = self.spec.name
+        if not report.checked:  # "could not check" is not a verdict: record nothing
+            self.bus.emit(
+                name,
+                "warning",
+                f"{report.path.name}: {report.reason} (not judged; checked again later)",
+                {"path": str(report.path), "reason": report.reason},
+            )
+            return
         known = self.store.checkpoint(name, str(report.path))
         if known is not None and bool(known["valid"]) == report.valid:
             return  # seen already (by the watcher or a sweep)
@@ -202,9 +229,9 @@ class JobCheckpoints:
 
     async def _rotate(self) -> None:
         keep = self.spec.checkpoint
-        reports = await asyncio.to_thread(
-            discovery.validate_all, self.spec.output_dir, world_size=self.world_size
-        )
+        reports = await self._validate_all()
+        if reports is None or not all(r.checked for r in reports):
+            return  # delete nothing on a partial view; the next save tries again
         doomed = plan_retention(
             reports,
             keep_last=keep.keep_last,

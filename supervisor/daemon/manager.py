@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,25 +18,106 @@ from ftsup.supervisor.daemon.diagnose import classify_attempt
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
-from ftsup.supervisor.resume import ResumePoint
-from ftsup.supervisor.shim import PIDS_FILE
+from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
+from ftsup.supervisor.shim import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store
+from ftsup.supervisor.userfiles import call_with_deadline, in_thread
 
 log = logging.getLogger("ftsup.daemon")
 PUMP_INTERVAL = 0.2
+OUTPUT_CHECK_TIMEOUT = 10.0
+SELECT_TIMEOUT = 300.0  # the fast path takes milliseconds; this is for dead mounts
 
 
 def select_resume(spec: JobSpec) -> ResumePoint:
     """The newest valid, resumable checkpoint; invalid newer ones are quarantined.
 
     Called only while no trainer of the job runs, so a half-written newest
-    folder is an interrupted save, not one in progress.
+    folder is an interrupted save, not one in progress. A built-in trainer job
+    always writes a manifest last, so a folder without one (even the first) is
+    unsealed and never resumed. Raises CheckpointsUncheckable when the newest
+    candidates could not be read (EMFILE, EACCES, EIO, the deadline): nothing is
+    quarantined on that, and the runner waits and tries again.
     """
-    choice = discovery.select_resume(spec.output_dir, world_size=spec.launch.world_size)
+
+    def choose() -> discovery.ResumeChoice:
+        return discovery.select_resume(
+            spec.output_dir,
+            world_size=spec.launch.world_size,
+            require_manifest=True if spec.train is not None else None,
+        )
+
+    try:
+        choice = call_with_deadline(choose, SELECT_TIMEOUT, f"checking {spec.output_dir}")
+    except OSError as exc:  # listing failed, or the deadline passed
+        raise CheckpointsUncheckable(
+            f"could not check the checkpoints in {spec.output_dir}: {exc}"
+        ) from None
     moved = [(q.moved_to, q.report.reason or "invalid") for q in choice.quarantined]
+    if choice.unchecked is not None:
+        also = "".join(f"; quarantined {path.name}: {why}" for path, why in moved)
+        raise CheckpointsUncheckable(
+            f"{choice.unchecked.path.name}: {choice.unchecked.reason}{also}"
+        )
     return ResumePoint(choice.path, choice.step or 0, moved)
+
+
+def _process_mentions(text: str) -> bool:
+    """True when a live process has `text` as one of its arguments."""
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in argv:
+            return True
+    return False
+
+
+def check_output_dir(output_dir: Path, live: list[tuple[str, str, str]]) -> None:
+    """Refuse an output folder that no run could use, or that another live job
+    (`(name, state, output_dir)`) writes to, under any alias (compared by real
+    path: a symlink or `..` must not let two runs share checkpoints).
+
+    Touches the user's file system: call it in a worker thread.
+    """
+    problem = outlock.output_dir_problem(output_dir)
+    if problem is not None:
+        raise RequestError("bad_request", problem, {"output_dir": str(output_dir)})
+    real = os.path.realpath(output_dir)
+    for name, state, other in live:
+        if os.path.realpath(other) == real:
+            alias = "" if str(other) == str(output_dir) else f" (as {other})"
+            raise RequestError(
+                "output_locked",
+                f"{output_dir} is in use by job {name!r}{alias} ({state}); two runs "
+                "must never write the same checkpoints: stop it first or choose "
+                "another [job] output_dir",
+                {"holder": name},
+            )
+    try:
+        locked = outlock.is_locked(output_dir)
+    except outlock.LockFileUnusable as exc:
+        raise RequestError("bad_request", str(exc), {"output_dir": str(output_dir)}) from None
+    except OSError as exc:
+        raise RequestError(
+            "bad_request",
+            f"cannot check the lock {outlock.lock_path(output_dir)}: {exc.strerror or exc}",
+        ) from None
+    if locked:
+        who = outlock.read_holder(output_dir) or {}
+        raise RequestError(
+            "output_locked",
+            f"{output_dir} is locked by job "
+            f"{who.get('job')!r} (pid {who.get('pid')}), outside this "
+            "daemon's jobs",
+            {"holder": who.get("job")},
+        )
 
 
 class JobManager:
@@ -54,6 +136,7 @@ class JobManager:
         self.env = env
         self.runners: dict[str, JobRunner] = {}
         self._pump_task: asyncio.Task[None] | None = None
+        self._submitting = asyncio.Lock()
 
     def _runner(self, spec: JobSpec) -> JobRunner:
         runner = JobRunner(
@@ -70,7 +153,17 @@ class JobManager:
         return runner
 
     # submission -----------------------------------------------------------
-    def submit(self, spec: JobSpec, *, accept_drift: bool = False) -> JobRunner:
+    async def submit(self, spec: JobSpec, *, accept_drift: bool = False) -> JobRunner:
+        """Accept a job, or refuse it with a code and a message that says the fix.
+
+        The output folder is the user's: every look at it (stat, realpath, the
+        lock probe) runs in a worker thread with a deadline, so a FIFO, a dead
+        mount or a symlink loop there can never freeze the daemon's loop.
+        """
+        async with self._submitting:  # one at a time: the checks await
+            return await self._submit(spec, accept_drift)
+
+    async def _submit(self, spec: JobSpec, accept_drift: bool) -> JobRunner:
         existing = self.store.get_job(spec.name)
         if existing is not None and existing.live:
             raise RequestError(
@@ -78,24 +171,24 @@ class JobManager:
                 f"a job named {spec.name!r} is already "
                 f"{existing.state}; stop it first or choose another [job] name",
             )
-        holder = self.store.live_job_on(str(spec.output_dir))
-        if holder is not None:
-            raise RequestError(
-                "output_locked",
-                f"{spec.output_dir} is in use by job "
-                f"{holder.name!r} ({holder.state}); two runs must never write "
-                "the same checkpoints",
-                {"holder": holder.name},
+        live = [
+            (job.name, job.state, job.output_dir)
+            for job in self.store.jobs()
+            if job.live and job.name != spec.name
+        ]
+        try:
+            await in_thread(
+                lambda: check_output_dir(spec.output_dir, live),
+                OUTPUT_CHECK_TIMEOUT,
+                f"checking {spec.output_dir}",
             )
-        if outlock.is_locked(spec.output_dir):
-            who = outlock.read_holder(spec.output_dir) or {}
+        except TimeoutError:
             raise RequestError(
-                "output_locked",
-                f"{spec.output_dir} is locked by job "
-                f"{who.get('job')!r} (pid {who.get('pid')}), outside this "
-                "daemon's jobs",
-                {"holder": who.get("job")},
-            )
+                "bad_request",
+                f"output_dir {spec.output_dir} did not answer within "
+                f"{OUTPUT_CHECK_TIMEOUT:g}s (an unresponsive file system?); "
+                "fix it or choose another [job] output_dir",
+            ) from None
         run_dir = self.layout.run_dir(spec.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.toml").write_text(spec.text)
@@ -142,7 +235,25 @@ class JobManager:
                 continue
             runner = self._runner(spec)
             attempt = self.store.last_attempt(job.name)
-            if attempt is not None and attempt.ended_at is None:
+            if attempt is not None and attempt.ended_at is None and self._never_ran(attempt):
+                runner.stop_requested = attempt.stop_requested
+                self.store.update_attempt(
+                    job.name,
+                    attempt.n,
+                    ended_at=attempt.started_at,
+                    stop_requested=True,  # not a failure: policy must not count it
+                    failure_kind="not_started",
+                    reason="never started: the daemon stopped before launching it",
+                )
+                self.bus.emit(
+                    job.name,
+                    "warning",
+                    f"attempt {attempt.n} was recorded but never started (the daemon "
+                    "stopped before launching it); launching it again",
+                    {"attempt": attempt.n},
+                )
+                runner.start()
+            elif attempt is not None and attempt.ended_at is None:
                 live = self._adopt(job.name, attempt)
                 runner.stop_requested = attempt.stop_requested
                 runner._begin_attempt(live)
@@ -157,6 +268,17 @@ class JobManager:
                 runner.start(delay=max(0.0, job.next_start_at - time.time()))
             else:
                 runner.start()
+
+    def _never_ran(self, attempt: AttemptRow) -> bool:
+        """The daemon died between recording the attempt and spawning its shim:
+        no shim pid recorded, no pids.json or exit record, and no process running
+        with this attempt's folder on its command line (a shim just starting)."""
+        if attempt.shim_pid is not None:
+            return False
+        attempt_dir = self.layout.attempt_dir(attempt.job, attempt.n)
+        if (attempt_dir / PIDS_FILE).exists() or (attempt_dir / EXIT_FILE).exists():
+            return False
+        return not _process_mentions(str(attempt_dir))
 
     def _adopt(self, job: str, attempt: AttemptRow) -> LiveAttempt:
         attempt_dir = self.layout.attempt_dir(job, attempt.n)

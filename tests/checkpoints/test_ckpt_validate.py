@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ftsup.supervisor.checkpoints.discovery import select_resume
+from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 
 from .builders import DAMAGE, flip_bit, truncate
@@ -354,3 +355,81 @@ def test_hf_with_deepspeed_needs_both_markers(output_dir: Factory, name: str, re
     report = validate_checkpoint(out / "checkpoint-6")
     assert report.reason is not None and report.reason.startswith(reason), report.reason
     _assert_falls_back(out, reason)
+
+
+@pytest.mark.parametrize("kind", ["ftsup", "hf", "deepspeed"])
+@pytest.mark.parametrize("how", ["whole folder", "first file"])
+def test_a_folder_deleted_while_being_checked_is_gone_not_invalid(
+    output_dir: Factory, kind: str, how: str
+) -> None:
+    """Issue 12, defect 10: the trainer's rotation (rmtree: files first, then the
+    folder) ran while ftsup validated. Deterministic: the deletion happens at
+    the seam right after the folder's contents were listed."""
+    import shutil
+
+    folder = output_dir(kind) / "checkpoint-4"
+
+    def rotate(path: Path) -> None:
+        if how == "whole folder":
+            shutil.rmtree(path)
+        else:  # rmtree caught half-way: one listed file already gone
+            files = [p for p in path.rglob("*") if p.is_file()]
+            max(files, key=lambda p: p.stat().st_size).unlink()  # one that matters
+
+    with pytest.raises(FileNotFoundError, match="disappeared while being checked"):
+        validate_checkpoint(folder, on_listed=rotate)
+
+
+def test_a_file_missing_from_the_start_is_still_invalid(output_dir: Factory) -> None:
+    """The counterpart: a manifest-listed file absent before the check began."""
+    folder = output_dir("ftsup") / "checkpoint-4"
+    (folder / "optimizer.pt").unlink()
+    report = validate_checkpoint(folder)
+    assert not report.valid and report.checked
+    assert report.reason == "optimizer.pt listed in the manifest is missing"
+
+
+def test_a_name_with_a_trailing_newline_is_not_a_checkpoint(output_dir: Factory) -> None:
+    from ftsup.supervisor.checkpoints.discovery import list_checkpoints
+    from ftsup.supervisor.checkpoints.report import checkpoint_step
+
+    out = output_dir("hf")
+    odd = out / "checkpoint-8\n"
+    odd.mkdir()
+    assert checkpoint_step(odd) is None
+    assert [p.name for p in list_checkpoints(out)] == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+
+
+def test_a_fifo_in_a_checkpoint_is_a_finding_not_a_hang(output_dir: Factory) -> None:
+    """Issue 12, defect 1: validation opens nothing that could block."""
+    import os
+
+    out = output_dir("hf")
+    state = out / "checkpoint-6" / "trainer_state.json"
+    state.unlink()
+    os.mkfifo(state)
+    fifo_weights = out / "checkpoint-4" / "model.safetensors"
+    fifo_weights.unlink()
+    os.mkfifo(fifo_weights)
+    import threading
+
+    reports: dict[str, CheckpointReport] = {}
+
+    def judge() -> None:  # in a thread: at 97b360c the open() blocks for ever
+        for name in ("checkpoint-6", "checkpoint-4"):
+            reports[name] = validate_checkpoint(out / name)
+
+    worker = threading.Thread(target=judge, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "validation blocked on a FIFO"
+    six, four = reports["checkpoint-6"], reports["checkpoint-4"]
+    assert six.checked and not six.valid
+    assert six.reason == "trainer_state.json is a FIFO, not a regular file"
+    assert four.checked and not four.valid
+    assert "model.safetensors is a FIFO, not a regular file" in four.problems
+    assert select_resume(out, quarantine=False).path == out / "checkpoint-2"

@@ -1,7 +1,9 @@
 """Asynchronous checkpoints: snapshot in the foreground, files and manifest in the background.
 
 What must hold: a kill at any moment of the background write never yields a
-resume from that checkpoint (no manifest yet), the resumed run stays
+resume from that checkpoint (no manifest yet), even the first one (the daemon
+requires the manifest of a `[train]` job whatever the folder holds; the check
+calls exactly what the daemon calls), the resumed run stays
 bit-identical to an uninterrupted one, a save due while another is in
 flight waits for it (both complete), and `async_save = false` still works.
 """
@@ -18,9 +20,11 @@ from typing import Any
 import pytest
 import torch
 
-from ftsup.supervisor.checkpoints.discovery import select_resume
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
+from ftsup.supervisor.daemon.manager import select_resume
 from ftsup.supervisor.manifest import MANIFEST_NAME
+from ftsup.supervisor.spec import parse_spec
+from ftsup.supervisor.spec_types import JobSpec
 from ftsup.trainer.async_save import HostBuffers, model_snapshot
 from ftsup.trainer.checkpointing import (
     Checkpointer,
@@ -116,12 +120,24 @@ def test_write_then_seal_in_order_and_wait_idle_blocks(tmp_path: Path) -> None:
 # -------------------------------------------------------------- real processes
 
 
-def assert_resume_point(out: Path, expected: str) -> Path:
-    """The trainer's and the supervisor's choice agree, and it is a complete checkpoint."""
+def daemon_spec(out: Path) -> JobSpec:
+    """The `[train]` job the daemon would run on `out` (only its kind and folder matter)."""
+    text = (
+        f'[job]\nname = "async"\noutput_dir = "{out}"\n\n'
+        '[train]\nmodel = "tiny"\ndataset = ["data.jsonl"]\n'
+    )
+    return parse_spec(text, out.parent / "job.toml")
+
+
+def assert_resume_point(out: Path, expected: str | None) -> Path | None:
+    """The trainer's and the daemon's choice agree, and it is a complete checkpoint."""
     ours = newest_complete_checkpoint(out)
+    theirs = select_resume(daemon_spec(out))  # what the daemon's runner calls
+    if expected is None:
+        assert ours is None and theirs.path is None, (ours, theirs)
+        return None
     assert ours is not None and ours.name == expected, ours
-    theirs = select_resume(out, quarantine=False, require_manifest=True, deep=True)
-    assert theirs.checkpoint is not None and theirs.checkpoint.path == ours
+    assert theirs.path == ours
     assert validate_checkpoint(ours, deep=True, require_manifest=True).resumable
     return ours
 
@@ -144,7 +160,8 @@ def test_kills_during_background_writes_never_resume_a_partial_checkpoint(
     config = write_config(tmp_path / "run", train_table(tiny_model, arith_data))
     out = config.parent / "out"
     # (step, fault point inside the background write, resume point afterwards)
-    plan = [
+    plan: list[tuple[int, str, str | None]] = [
+        (3, "after_trainer_state", None),  # the FIRST save: an HF-complete folder, unsealed
         (6, "after_weights", "checkpoint-3"),
         (9, "after_optimizer", "checkpoint-6"),
         (12, "after_scheduler", "checkpoint-9"),
@@ -181,8 +198,10 @@ def test_kills_during_background_writes_never_resume_a_partial_checkpoint(
     assert (final / "adapter_model.safetensors").read_bytes() == reference["adapter"]
     assert_matches_reference(last.events(), reference)
     assert {step for step, _ in step_losses(last.events())} == set(range(1, MAX_STEPS + 1))
-    # Every abandoned partial folder was set aside, none was sealed.
-    assert len(list(out.glob("checkpoint-15.invalid-incomplete-*"))) == 5
+    # Every abandoned partial folder was set aside (by the daemon's selection or
+    # the trainer's own start), none was sealed.
+    assert len(list(out.glob("checkpoint-15.invalid-*"))) == 5
+    assert len(list(out.glob("checkpoint-3.invalid-*"))) == 1
 
 
 @pytest.mark.slow
@@ -239,6 +258,7 @@ def test_synchronous_save_still_works(
     saved = [e for e in crashed.events() if e["event"] == "checkpoint_saved"]
     assert saved and all(e["stall_s"] == e["seconds"] for e in saved)
     resume = assert_resume_point(out, "checkpoint-6")
+    assert resume is not None
     resumed = start_trainer(config, resume_from=resume)
     assert resumed.wait() == 0, resumed.log()
     final = out / f"checkpoint-{MAX_STEPS}" / "adapter_model.safetensors"
