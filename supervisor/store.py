@@ -27,6 +27,7 @@ from typing import Any
 
 from ftsup.supervisor.daemon import state_rebuild
 from ftsup.supervisor.daemon.state_rebuild import RunMirror, is_storage_failure
+from ftsup.supervisor.policy import AttemptOutcome
 
 log = logging.getLogger("ftsup.daemon")
 
@@ -137,6 +138,22 @@ class AttemptRow:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def outcome(self) -> AttemptOutcome:
+        """What the restart policy judges (meaningful once the attempt ended)."""
+        return AttemptOutcome(
+            returncode=self.returncode,
+            signal=self.signal,
+            start_step=self.start_step,
+            last_step=self.last_step,
+            stop_requested=self.stop_requested,
+            failure_kind=self.failure_kind,
+        )
+
+
+def ended_outcomes(attempts: list[AttemptRow]) -> list[AttemptOutcome]:
+    """The restart policy's history: the outcomes of the attempts that ended."""
+    return [a.outcome() for a in attempts if a.ended_at is not None]
 
 
 StateListener = Callable[[str | None], None]

@@ -4,13 +4,13 @@ listed over the socket, and a filling disk pauses the run before ENOSPC."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ftsup.supervisor.client import Client
+from tests.disks import tmpfs
 from tests.supervisor_harness import Harness, wait_for
 
 
@@ -70,20 +70,11 @@ def test_keep_last_rotates_by_step_and_keeps_the_newest(daemon: Harness) -> None
 @pytest.fixture
 def tiny_disk(harness: Harness) -> Iterator[Path]:
     """A 600 KiB tmpfs: a real filesystem that fills up (needs root and mount)."""
-    mount_point = harness.work / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
-        yield mount_point
+        with tmpfs(harness.work / "tiny", "600k") as mount_point:
+            yield mount_point
     finally:
         harness.cleanup_processes()
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_filling_disk_pauses_the_run_before_enospc_and_it_resumes_when_space_returns(

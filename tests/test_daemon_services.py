@@ -123,9 +123,15 @@ def test_metrics_endpoint_serves_a_running_job(harness: Harness) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             return str(reply.read().decode())
 
-    text = wait_for(lambda: 'job_name="metered"' in (t := scrape()) and t, 10, what="metrics")
-    lines = [ln for ln in text.splitlines() if ln.startswith("ftsup_job_step{")]
-    assert lines and float(lines[0].split()[-1]) >= 3
+    def step_line() -> list[str]:
+        lines = [ln for ln in scrape().splitlines() if ln.startswith("ftsup_job_step{")]
+        return lines if lines and float(lines[0].split()[-1]) >= 3 else []
+
+    # The endpoint serves a snapshot the loop refreshes each second: wait for one
+    # taken after step 3 (a stuck snapshot never gets there).
+    lines = wait_for(step_line, 30, what="the scraped step to reach 3")
+    assert lines[0].startswith('ftsup_job_step{job_name="metered"}')
+    text = scrape()
     samples = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#"))
     assert 0 < float(samples['ftsup_job_goodput{job_name="metered"}']) <= 1
     assert float(samples['ftsup_job_time_seconds{job_name="metered",part="productive"}']) > 0

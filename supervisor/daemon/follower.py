@@ -15,6 +15,7 @@ never waits for it, it picks the result up at a later pump.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -187,6 +188,17 @@ class RunFollower:
                 {"problem": problem, "skipped": self._bad_lines},
             )
         return False
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Before an ended attempt is judged: make the next `read()` see the newest
+        trainer_state.json (the last save may have come after the pending read
+        started). Waits off the loop, at most `timeout` per read."""
+        if self._progress_seen or self.spec.command is None:
+            return
+        if self._state_read is not None:  # may predate the last save: let it end, drop it
+            await asyncio.to_thread(self._state_read.done.wait, timeout)
+        self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
+        await asyncio.to_thread(self._state_read.done.wait, timeout)
 
     def _trainer_state_records(self) -> list[dict[str, Any]]:
         """For commands that write no progress.jsonl: the newest checkpoint's

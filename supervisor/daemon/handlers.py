@@ -17,12 +17,12 @@ from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.policy import AttemptOutcome, failure_restarts
+from ftsup.supervisor.policy import failure_restarts
 from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec import SpecError, parse_spec
-from ftsup.supervisor.store import AttemptRow, JobRow, Store
+from ftsup.supervisor.store import AttemptRow, JobRow, Store, ended_outcomes
 from ftsup.supervisor.userfiles import in_thread
 
 HISTORY_CAP = 20000
@@ -55,24 +55,6 @@ def _int_arg(
             "bad_request", f"{request.get('type')}: {key!r} must be in [{low}, {high}]"
         )
     return value
-
-
-def _outcomes(attempts: list[AttemptRow]) -> list[AttemptOutcome]:
-    """The restart policy's view of ended attempts (what `JobRunner.history` gives),
-    built from the store alone: a job without a runner (finished before this daemon
-    started) has the same restart count as before."""
-    return [
-        AttemptOutcome(
-            returncode=a.returncode,
-            signal=a.signal,
-            start_step=a.start_step,
-            last_step=a.last_step,
-            stop_requested=a.stop_requested,
-            failure_kind=a.failure_kind,
-        )
-        for a in attempts
-        if a.ended_at is not None
-    ]
 
 
 def _stored_progress(attempts: list[AttemptRow]) -> dict[str, Any] | None:
@@ -289,7 +271,7 @@ class Handlers:
         runner = self.manager.runners.get(name)
         attempts = self.store.current_attempts(name)
         ended = [a for a in attempts if a.ended_at is not None]
-        outcomes = _outcomes(attempts)
+        outcomes = ended_outcomes(attempts)
         data: dict[str, Any] = {
             "name": job.name,
             "kind": job.kind,

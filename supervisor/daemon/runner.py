@@ -45,7 +45,7 @@ from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
-from ftsup.supervisor.store import AttemptRow, Store
+from ftsup.supervisor.store import AttemptRow, Store, ended_outcomes
 
 log = logging.getLogger("ftsup.daemon")
 
@@ -245,18 +245,7 @@ class JobRunner:
         return not self.stop_requested
 
     def history(self) -> list[policy.AttemptOutcome]:
-        return [
-            policy.AttemptOutcome(
-                returncode=a.returncode,
-                signal=a.signal,
-                start_step=a.start_step,
-                last_step=a.last_step,
-                stop_requested=a.stop_requested,
-                failure_kind=a.failure_kind,
-            )
-            for a in self.store.current_attempts(self.name)
-            if a.ended_at is not None
-        ]
+        return ended_outcomes(self.store.current_attempts(self.name))
 
     # one attempt ----------------------------------------------------------
     async def _launch(self) -> LiveAttempt | None:
@@ -488,6 +477,7 @@ class JobRunner:
         if exit_info is None:
             exit_info = await self._wait_orphaned_trainer(attempt)
         exit_info.update(_read_record(attempt.attempt_dir / KILL_FILE) or {})
+        await self.follower.settle()
         self.pump()  # the last progress and log lines before judging
         pids = attempt.pids()
         last_step = max(attempt.start_step, self.follower.progress.attempt_max_step)

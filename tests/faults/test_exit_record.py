@@ -8,13 +8,11 @@ a real shim and trainer run on them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,31 +21,14 @@ import pytest
 
 from ftsup.supervisor.procinfo import group_members
 from ftsup.supervisor.shim import EXIT_FILE, PIDS_FILE
+from tests.disks import fill, tmpfs
 from tests.supervisor_harness import wait_for
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted at the end whatever happened."""
-    mountpoint = Path(tempfile.mkdtemp(prefix="ftsup-full-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        mountpoint.rmdir()
-
-
-def fill(disk: Path) -> None:
-    """Write until the disk says ENOSPC, and prove it is full: no new file gets a byte."""
-    with (disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
-        while True:
-            filler.write(b"\0" * 4096)
-    with pytest.raises(OSError) as full, (disk / "probe").open("wb", buffering=0) as probe:
-        probe.write(b"x")
-        os.fsync(probe.fileno())
-    assert full.value.errno == errno.ENOSPC
-    (disk / "probe").unlink(missing_ok=True)
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk") as disk:
+        yield disk
 
 
 def test_exit_record_is_written_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:

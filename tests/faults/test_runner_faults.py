@@ -13,7 +13,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.spec import parse_spec
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
+from tests.disks import tmpfs
 from tests.supervisor_harness import TOY_TRAINER, Harness, wait_for
 
 MAX_STEPS = 3000  # a minute of training at 0.02 s a step: far beyond any stop
@@ -148,15 +148,9 @@ def test_uncheckable_checkpoints_make_the_launch_wait_not_fail(
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted at the end whatever happened."""
-    mountpoint = Path(tempfile.mkdtemp(prefix="ftsup-full-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        mountpoint.rmdir()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk") as disk:
+        yield disk
 
 
 def test_full_state_disk_at_launch_waits_and_launches_when_space_returns(

@@ -7,7 +7,6 @@ degraded, carry a `stop` through, and write everything back once space returns.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -21,39 +20,8 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor.atomicio import write_json_atomic
+from tests.disks import fill, tmpfs
 from tests.supervisor_harness import TOY_TRAINER, Harness, wait_for
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, size: str = "20m") -> Iterator[Path]:
-    """A real small filesystem (we run as root); unmounted even when the test fails."""
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)], check=True
-    )
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the filesystem has not one block left."""
-    path = folder / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError):
-        (folder / "probe").write_bytes(b"x" * 8192)
-    (folder / "probe").unlink(missing_ok=True)
-    return path
 
 
 @pytest.fixture
@@ -61,7 +29,7 @@ def small_state() -> Iterator[Harness]:
     """A harness whose state folder (database, runs/, daemon log) is a 20 MiB tmpfs."""
     h = Harness()
     try:
-        with tmpfs(h.state_dir):
+        with tmpfs(h.state_dir, "20m", "mode=0700"):
             try:
                 yield h
             finally:
@@ -160,7 +128,7 @@ def test_full_state_disk_keeps_supervising_and_writes_back(small_state: Harness)
 
 
 def test_atomic_json_leaves_no_temp_file_on_full_disk(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "small", "1m") as folder:
+    with tmpfs(tmp_path / "small") as folder:
         fill(folder)
         target = folder / "exit.json"
         with pytest.raises(OSError) as raised:
@@ -194,7 +162,7 @@ print("survived", file=sys.__stdout__)
 
 
 def test_daemon_log_survives_a_full_disk(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "small", "1m") as folder:
+    with tmpfs(tmp_path / "small") as folder:
         daemon_log = folder / "daemon.log"
         with daemon_log.open("ab") as stderr:
             result = subprocess.run(

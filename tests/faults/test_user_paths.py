@@ -7,19 +7,18 @@ answering: the event loop never opens a user-controlled path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ftsup.supervisor import outlock
 from ftsup.supervisor.store import Store
+from tests.disks import tmpfs
 from tests.supervisor_harness import Harness, wait_for
 
 # A command that makes checkpoint-5 with a FIFO as trainer_state.json, says so on
@@ -124,17 +123,6 @@ def test_symlink_lock_file_is_never_followed(daemon: Harness) -> None:
     assert (out / ".ftsup.lock").is_symlink()
 
 
-@contextlib.contextmanager
-def read_only_mount(path: Path) -> Iterator[Path]:
-    """A real read-only file system (root ignores permission bits, not `ro`)."""
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def test_unusable_output_dirs_are_refused_at_submit(daemon: Harness) -> None:
     a_file = daemon.work / "a-file"
     a_file.write_text("not a folder\n")
@@ -145,7 +133,7 @@ def test_unusable_output_dirs_are_refused_at_submit(daemon: Harness) -> None:
         "looped": (loop, "symlink loop"),
         "under": (a_file / "sub", "not a folder"),
     }
-    with read_only_mount(daemon.work / "ro") as ro:
+    with tmpfs(daemon.work / "ro", "1m", "ro") as ro:
         cases["readonly"] = (ro / "out", "not writable")
         cases["rotop"] = (ro, "read-only file system")
         for name, (output_dir, words) in cases.items():
