@@ -266,6 +266,10 @@ class JobManager:
                 )
             elif job.state == "backoff" and job.next_start_at is not None:
                 runner.start(delay=max(0.0, job.next_start_at - time.time()))
+            elif attempt is not None and attempt.ended_at is not None and runner.history():
+                # The earlier daemon recorded the exit but died before its verdict:
+                # a run that finished must not be launched once more.
+                runner.start(judge_last=True)
             else:
                 runner.start()
 

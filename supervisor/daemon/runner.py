@@ -133,24 +133,36 @@ class JobRunner:
         return self.follower.progress
 
     # lifecycle ------------------------------------------------------------
-    def start(self, *, adopt: LiveAttempt | None = None, delay: float = 0.0) -> None:
-        self.task = asyncio.create_task(self._run(adopt, delay), name=f"job:{self.name}")
+    def start(
+        self, *, adopt: LiveAttempt | None = None, delay: float = 0.0, judge_last: bool = False
+    ) -> None:
+        """Supervise: adopt a live attempt, or launch one (after `delay`); with
+        `judge_last`, first judge the last attempt, which ended while no daemon
+        was there to (an earlier daemon died between its exit and the verdict)."""
+        self.task = asyncio.create_task(
+            self._run(adopt, delay, judge_last), name=f"job:{self.name}"
+        )
 
-    async def _run(self, adopt: LiveAttempt | None, delay: float) -> None:
+    async def _run(self, adopt: LiveAttempt | None, delay: float, judge_last: bool) -> None:
         self.checkpoints.start()
         try:
             if delay > 0 and not await self._sleep(delay):
                 return self._finish("stopped", "stopped on request while waiting to restart")
             attempt = adopt
             while True:
-                if attempt is None:
-                    if self.stop_requested:
-                        return self._finish("stopped", "stopped on request")
-                    attempt = await self._launch()
+                last = self.store.last_attempt(self.name) if judge_last else None
+                judge_last = False
+                if last is not None and last.ended_at is not None:
+                    row = last  # its verdict was never given: give it now, launch nothing yet
+                else:
                     if attempt is None:
-                        return
-                row = await self._wait(attempt)
-                attempt = None
+                        if self.stop_requested:
+                            return self._finish("stopped", "stopped on request")
+                        attempt = await self._launch()
+                        if attempt is None:
+                            return
+                    row = await self._wait(attempt)
+                    attempt = None
                 decision = policy.decide(self.history(), self.spec.restart)
                 if isinstance(decision, policy.Stopped) and self.restart_requested:
                     self.stop_requested = self.restart_requested = False

@@ -155,6 +155,16 @@ class SocketServer:
                 if message is None:
                     return
                 if message.get("type") == "subscribe":
+                    problem = _subscription_problem(message)
+                    if problem is not None:
+                        await conn.send(
+                            {
+                                "id": message.get("id"),
+                                "ok": False,
+                                "error": {"code": "bad_request", "message": problem},
+                            }
+                        )
+                        continue
                     if subscription is None:
                         subscription = self._subscribe(message)
                         pusher = asyncio.create_task(self._push(conn, subscription))
@@ -207,7 +217,7 @@ class SocketServer:
         if message is None or message.get("type") != "hello":
             raise ProtocolError("the first frame must be a hello")
         version = message.get("version")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 in Python
             raise ProtocolError(
                 f"protocol version {version!r} not supported (daemon speaks {PROTOCOL_VERSION})"
             )
@@ -264,3 +274,14 @@ class SocketServer:
                 "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"},
             }
         return {"id": request_id, "ok": True, "result": result}
+
+
+def _subscription_problem(message: dict[str, Any]) -> str | None:
+    """`jobs` and `kinds` are absent/null (everything) or lists of strings."""
+    for key in ("jobs", "kinds"):
+        value = message.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"subscribe: {key!r} must be a list of strings or null, got {value!r:.80}"
+    return None

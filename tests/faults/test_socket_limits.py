@@ -338,3 +338,28 @@ def test_nesting_decodes_to_a_protocol_error_not_a_recursion_error() -> None:
         decode_payload(b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(ProtocolError):
         decode_payload(b'{"x":' + b"[" * 100 + b"]" * 100 + b"}")  # parses, but too deep
+
+
+def test_a_bool_is_not_a_protocol_version(daemon: Harness) -> None:
+    """`True == 1` in Python: a hello with `"version": true` was taken for version 1."""
+    sock = _raw(daemon)
+    sock.sendall(encode_frame({"type": "hello", "version": True, "client": "odd"}))
+    reply = recv_frame_blocking(sock)
+    assert reply is not None and reply.get("type") == "error", reply
+    assert reply["error"]["code"] == "protocol"
+    sock.close()
+
+
+@pytest.mark.parametrize("args", [{"jobs": "x"}, {"kinds": [1, 2]}, {"jobs": {"a": 1}}])
+def test_a_malformed_subscription_is_a_bad_request(daemon: Harness, args: dict[str, Any]) -> None:
+    sock = _raw(daemon)
+    sock.sendall(encode_frame(hello("sub")))
+    recv_frame_blocking(sock)
+    sock.sendall(encode_frame({"id": 1, "type": "subscribe", **args}))
+    reply = recv_frame_blocking(sock)
+    assert reply is not None and reply["ok"] is False, reply
+    assert reply["error"]["code"] == "bad_request"
+    sock.sendall(encode_frame({"id": 2, "type": "ping"}))  # the connection still serves
+    pong = recv_frame_blocking(sock)
+    assert pong is not None and pong["ok"] is True
+    sock.close()
