@@ -503,6 +503,10 @@ def _datasets(value: object, base: Path) -> tuple[str, ...]:
     return tuple(resolved)
 
 
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
+PATH_MAX = 4096
+
+
 def _output_dir(value: object, base: Path) -> Path:
     path = _path(value, base)
     home = Path(os.path.normpath(os.path.expanduser("~")))
@@ -510,6 +514,13 @@ def _output_dir(value: object, base: Path) -> Path:
         raise _Bad(
             f"must not be {'/' if path == Path('/') else 'your home folder'} itself",
             'give the run a folder of its own, e.g. "~/runs/qwen-lora"',
+        )
+    too_long = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long or len(os.fsencode(str(path))) > PATH_MAX:
+        what = f"a name of {len(os.fsencode(too_long[0]))} bytes" if too_long else "too long"
+        raise _Bad(
+            f"is {what}: file systems allow {NAME_MAX} bytes a name, {PATH_MAX} a path",
+            "choose a shorter folder",
         )
     return path
 

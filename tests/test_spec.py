@@ -345,6 +345,9 @@ BAD = [
      "write a [restart] header"),
     ("missing-model", JOB + TRAIN.replace('model = "Qwen/Qwen2.5-0.5B"\n', ""), "[train]",
      "[train] model", "add: model ="),
+    ("output-dir-name-too-long",
+     '[job]\nname = "j"\noutput_dir = "/data/' + "x" * 5000 + '"\n' + COMMAND,
+     "output_dir", "[job] output_dir", "shorter folder"),
 ]  # fmt: skip
 
 
