@@ -102,8 +102,11 @@ def _foreign_hint(path: Path, env_var: str) -> str:
     return (
         f"Another user may be posing as your ftsup daemon. Remove the folder (as root: "
         f"`rm -r {path}`) or point {env_var} (or --{env_var.split('_')[1].lower()}-dir) "
-        "at a folder of your own, e.g. set XDG_RUNTIME_DIR."
+        f"at a folder of your own, e.g. set {_XDG_FOR.get(env_var, 'XDG_RUNTIME_DIR')}."
     )
+
+
+_XDG_FOR = {"FTSUP_STATE_DIR": "XDG_STATE_HOME", "FTSUP_RUNTIME_DIR": "XDG_RUNTIME_DIR"}
 
 
 def ensure_private_dir(path: Path, *, env_var: str = "FTSUP_STATE_DIR") -> None:
