@@ -34,8 +34,8 @@ from ftsup.supervisor.standby_shim import (
     STANDBY_FILE,
     standby_command,
 )
+from ftsup.supervisor.trainer_launch import split_single_process_argv, standby_argv
 from ftsup.trainer.demo import prepare_demo
-from ftsup.trainer.launch import split_single_process_argv, standby_argv
 
 
 def gpu_processes() -> list[int] | None:
@@ -72,7 +72,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ftsup-standby-check-"))
     job = prepare_demo(work / "demo", steps=20, name="standby-check")
     from ftsup.supervisor.spec import load_spec
-    from ftsup.trainer.launch import build_trainer_argv, write_train_json
+    from ftsup.supervisor.trainer_launch import build_trainer_argv, write_train_json
 
     spec = load_spec(job)
     assert spec.train is not None

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import ENV_CLIENT_TIMEOUT
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import NotPrivate, ensure_private_dir, open_private, trusted_uids
 from ftsup.supervisor.protocol import (
@@ -32,7 +33,6 @@ from ftsup.supervisor.protocol import (
 )
 
 DEFAULT_TIMEOUT = 30.0
-TIMEOUT_ENV = "FTSUP_CLIENT_TIMEOUT"
 
 
 class DaemonUnavailable(Exception):
@@ -56,7 +56,7 @@ def default_timeout() -> float:
     """Seconds to wait for any answer ($FTSUP_CLIENT_TIMEOUT, default 30): a frozen
     daemon is reported as unavailable, not waited for forever."""
     try:
-        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+        value = float(os.environ.get(ENV_CLIENT_TIMEOUT, DEFAULT_TIMEOUT))
     except ValueError:
         return DEFAULT_TIMEOUT
     return value if 0 < value < 86400 else DEFAULT_TIMEOUT
@@ -158,7 +158,7 @@ class Client:
         except TimeoutError:
             raise DaemonNotAnswering(
                 f"the daemon on {self.socket_path} did not answer within {self.timeout:g}s "
-                f"(frozen or overloaded; ${TIMEOUT_ENV} sets the wait)"
+                f"(frozen or overloaded; ${ENV_CLIENT_TIMEOUT} sets the wait)"
             ) from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise DaemonUnavailable(

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import OUTPUT_LOCK_NAME
 from ftsup.supervisor.userfiles import NotRegularFile, open_regular, read_bytes
 
-LOCK_NAME = ".ftsup.lock"
 _HOLDER_MAX = 64 * 1024
 
 
@@ -51,7 +51,7 @@ def unusable_message(path: Path, problem: NotRegularFile) -> str:
 
 
 def lock_path(output_dir: Path) -> Path:
-    return output_dir / LOCK_NAME
+    return output_dir / OUTPUT_LOCK_NAME
 
 
 def read_holder(output_dir: Path) -> dict[str, Any] | None:

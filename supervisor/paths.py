@@ -11,19 +11,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftsup.supervisor.contract import ENV_RUNTIME_DIR, ENV_STATE_DIR, PROGRESS_FILE
+
 SOCKET_NAME = "ftsup.sock"
 DB_NAME = "ftsup.db"
 
 
 def default_state_dir() -> Path:
-    if explicit := os.environ.get("FTSUP_STATE_DIR"):
+    if explicit := os.environ.get(ENV_STATE_DIR):
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "ftsup"
 
 
 def default_runtime_dir() -> Path:
-    if explicit := os.environ.get("FTSUP_RUNTIME_DIR"):
+    if explicit := os.environ.get(ENV_RUNTIME_DIR):
         return Path(explicit)
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "ftsup"
@@ -67,4 +69,4 @@ class Layout:
         return self.run_dir(job) / f"attempt-{attempt}"
 
     def progress_file(self, job: str) -> Path:
-        return self.run_dir(job) / "progress.jsonl"
+        return self.run_dir(job) / PROGRESS_FILE

@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from ftsup.supervisor.durations import format_duration
 from ftsup.supervisor.spec_types import RestartSection
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_STOPPED = 75
 # Failure classes that no restart can fix: the job (or its environment) must change.
 NEVER_RETRY = {"config_error": "configuration error", "locked": "output folder locked"}
 

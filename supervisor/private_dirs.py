@@ -22,6 +22,8 @@ import pwd
 import stat
 from pathlib import Path
 
+from ftsup.supervisor.contract import ENV_RUNTIME_DIR, ENV_STATE_DIR
+
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 DAEMON_UMASK = 0o077
@@ -106,10 +108,10 @@ def _foreign_hint(path: Path, env_var: str) -> str:
     )
 
 
-_XDG_FOR = {"FTSUP_STATE_DIR": "XDG_STATE_HOME", "FTSUP_RUNTIME_DIR": "XDG_RUNTIME_DIR"}
+_XDG_FOR = {ENV_STATE_DIR: "XDG_STATE_HOME", ENV_RUNTIME_DIR: "XDG_RUNTIME_DIR"}
 
 
-def ensure_private_dir(path: Path, *, env_var: str = "FTSUP_STATE_DIR") -> None:
+def ensure_private_dir(path: Path, *, env_var: str = ENV_STATE_DIR) -> None:
     """Create `path` (0700) or check an existing one: ours, not writable by others;
     tightened to 0700 when others may read it. For the folders the daemon writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def trusted_uids(runtime_dir: Path) -> frozenset[int] | None:
             raise NotPrivate(
                 runtime_dir,
                 f"belongs to {user_name(info.st_uid)}, not to you ({user_name(euid)})",
-                _foreign_hint(runtime_dir, "FTSUP_RUNTIME_DIR"),
+                _foreign_hint(runtime_dir, ENV_RUNTIME_DIR),
             )
         trusted.add(info.st_uid)
     if info.st_mode & 0o022:

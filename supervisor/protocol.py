@@ -25,6 +25,7 @@ import asyncio
 import json
 import socket
 import struct
+from enum import StrEnum
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -34,27 +35,150 @@ READ_CHUNK = 64 * 1024
 FRAME_TIMEOUT = 30.0  # seconds from a frame's header to its last byte (daemon side)
 _HEADER = struct.Struct(">I")
 
-# One request type per command; the daemon has one handler for each.
-REQUEST_TYPES = frozenset(
-    {
-        "ping",
-        "start",
-        "status",
-        "list",
-        "stop",
-        "restart",
-        "signal",
-        "checkpoint",
-        "logs",
-        "events",
-        "checkpoints",
-        "progress_history",
-        "gpus",
-        "gpu_reset",
-        "subscribe",
-        "shutdown",
-    }
+
+class RequestType(StrEnum):
+    """Every request the daemon serves: the server checks its handler table against
+    this at construction, so a request without a handler (or a handler no client can
+    name) fails the daemon's start, not a user's command."""
+
+    PING = "ping"
+    START = "start"
+    STATUS = "status"
+    LIST = "list"
+    STOP = "stop"
+    RESTART = "restart"
+    SIGNAL = "signal"
+    CHECKPOINT = "checkpoint"
+    LOGS = "logs"
+    EVENTS = "events"
+    CHECKPOINTS = "checkpoints"
+    PROGRESS_HISTORY = "progress_history"
+    GPUS = "gpus"
+    GPU_RESET = "gpu_reset"
+    SUBSCRIBE = "subscribe"  # served by the connection itself: it turns into a stream
+    SHUTDOWN = "shutdown"
+
+
+REQUEST_TYPES = frozenset(RequestType)
+# Requests the socket server answers itself; every other one needs a handler.
+CONNECTION_REQUESTS = frozenset({RequestType.SUBSCRIBE})
+
+
+class JobState(StrEnum):
+    """A job's state as stored, served and shown. The values are the wire strings."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    GAVE_UP = "gave_up"
+    FAILED = "failed"
+
+
+# Supervision goes on (a runner owns the job) in these; plain strings (SQL parameters).
+LIVE_STATES: tuple[str, ...] = tuple(
+    s.value
+    for s in (
+        JobState.PENDING,
+        JobState.STARTING,
+        JobState.RUNNING,
+        JobState.BACKOFF,
+        JobState.STOPPING,
+    )
 )
+# Supervision is over; each of these is also the kind of the event that says so.
+TERMINAL_STATES: tuple[str, ...] = tuple(
+    s.value for s in (JobState.FINISHED, JobState.STOPPED, JobState.GAVE_UP, JobState.FAILED)
+)
+
+# One colour per state (rich style names) for the CLI and the TUI alike. Each state
+# also keeps a distinct word, so the picture still reads under NO_COLOR.
+STATE_STYLES: dict[str, str] = {
+    JobState.RUNNING: "bold green",
+    JobState.STARTING: "green",
+    JobState.PENDING: "yellow",
+    JobState.STOPPING: "yellow",
+    JobState.BACKOFF: "bold yellow",
+    JobState.GAVE_UP: "bold red",
+    JobState.FAILED: "bold red",
+    JobState.FINISHED: "bold blue",
+    JobState.STOPPED: "dim",
+}
+
+
+class EventKind(StrEnum):
+    """Every event kind the daemon records or streams (`ftsup events`, `subscribe`,
+    `[notify] on`). docs/events.md lists each one; a test keeps the two in step."""
+
+    # a job's life
+    SUBMITTED = "submitted"
+    ADOPTED = "adopted"
+    LAUNCH_WAIT = "launch_wait"
+    ATTEMPT_STARTED = "attempt_started"
+    ATTEMPT_EXITED = "attempt_exited"
+    RESTART = "restart"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    GAVE_UP = "gave_up"
+    FAILED = "failed"
+    DRIFT = "drift"
+    SIGNAL = "signal"
+    STANDBY_READY = "standby_ready"
+    STANDBY_LOST = "standby_lost"
+    # health
+    HUNG = "hung"
+    STACKS = "stacks"
+    LOSS_ANOMALY = "loss_anomaly"
+    GPU_FAULT = "gpu_fault"
+    GPU_RESET = "gpu_reset"
+    WARNING = "warning"
+    # checkpoints and disk
+    CHECKPOINT = "checkpoint"
+    CHECKPOINT_REQUESTED = "checkpoint_requested"
+    QUARANTINE = "quarantine"
+    RETENTION = "retention"
+    DISK_GUARD = "disk_guard"
+    # the daemon
+    DAEMON_STARTED = "daemon_started"
+    DEGRADED = "degraded"
+    RECOVERED = "recovered"
+    STATE_REBUILT = "state_rebuilt"
+    # notification outcomes
+    NOTIFY_DELIVERED = "notify_delivered"
+    NOTIFY_RETRY = "notify_retry"
+    NOTIFY_FAILED = "notify_failed"
+    NOTIFY_DROPPED = "notify_dropped"
+    # streamed to subscribers only, never recorded
+    PROGRESS = "progress"
+    LOG = "log"
+    GPU = "gpu"
+    STATE = "state"
+    LAGGED = "lagged"
+
+
+# Pushed to subscribers but not stored: frequent, and the job row or logs hold them.
+STREAM_ONLY_KINDS = frozenset(
+    {EventKind.PROGRESS, EventKind.LOG, EventKind.GPU, EventKind.STATE, EventKind.LAGGED}
+)
+
+# The events a user can pick in `[notify] on = [...]` (job files and daemon.toml).
+NOTIFY_EVENTS: tuple[EventKind, ...] = (
+    EventKind.FINISHED,
+    EventKind.FAILED,
+    EventKind.GAVE_UP,
+    EventKind.HUNG,
+    EventKind.GPU_FAULT,
+    EventKind.DISK_GUARD,
+    EventKind.LOSS_ANOMALY,
+    EventKind.RESTART,
+    EventKind.DEGRADED,  # the state disk refuses writes (daemon-wide)
+    EventKind.STATE_REBUILT,  # the database was rebuilt from runs/ at start (daemon-wide)
+)
+# Old names still accepted in `[notify] on`, read as the event's own name.
+NOTIFY_ALIASES: dict[str, EventKind] = {"restarted": EventKind.RESTART}
 
 
 class ProtocolError(Exception):

@@ -36,11 +36,14 @@ from types import FrameType
 from typing import BinaryIO
 
 from ftsup.supervisor import outlock
+
+# The attempt folder's files are the contract's; named here too (explicit
+# re-export) because code that starts or reads shims imports them from here.
+from ftsup.supervisor.contract import EXIT_FILE as EXIT_FILE
+from ftsup.supervisor.contract import LOG_FILE as LOG_FILE
+from ftsup.supervisor.contract import PIDS_FILE as PIDS_FILE
 from ftsup.supervisor.procinfo import process_start_time
 
-EXIT_FILE = "exit.json"
-PIDS_FILE = "pids.json"
-LOG_FILE = "stdout.log"
 # Signals the shim passes on to the trainer's process group unchanged
 # (SIGUSR1: save and stop, SIGUSR2: save and continue).
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)

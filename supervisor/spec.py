@@ -23,6 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ftsup.supervisor import protocol
 from ftsup.supervisor.durations import MAX_DURATION, parse_duration, parse_size
 from ftsup.supervisor.spec_types import (
     CheckpointSection,
@@ -641,29 +642,22 @@ def _webhook(value: object, _base: Path) -> str:
     return url
 
 
-NOTIFY_EVENTS = (
-    "finished",
-    "failed",
-    "gave_up",
-    "hung",
-    "gpu_fault",
-    "disk_guard",
-    "loss_anomaly",
-    "restarted",
-    "degraded",  # the state disk refuses writes (daemon-wide)
-    "state_rebuilt",  # the database was rebuilt from runs/ at start (daemon-wide)
-)
+NOTIFY_EVENTS: tuple[str, ...] = tuple(kind.value for kind in protocol.NOTIFY_EVENTS)
 
 
 def _events(value: object, base: Path) -> tuple[str, ...]:
-    events = _string_or_strings(value, base)
-    for event in events:
+    """Event names as the daemon emits them; an old alias (`restarted`) is read as the
+    event's own name (`restart`), so job files that use it keep working."""
+    events = []
+    for event in _string_or_strings(value, base):
+        event = protocol.NOTIFY_ALIASES.get(event, event)
         if event not in NOTIFY_EVENTS:
             raise _Bad(
                 f"unknown event {_show(event)}; events are {', '.join(NOTIFY_EVENTS)}",
                 _did_you_mean(event, NOTIFY_EVENTS),
             )
-    return events
+        events.append(str(event))
+    return tuple(events)
 
 
 LR_SCHEDULERS = (

@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from ftsup.supervisor.atomicio import read_json
+from ftsup.supervisor.contract import ENV_STANDBY_FD
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
 from ftsup.supervisor.shim import (
     killpg,
@@ -54,7 +55,6 @@ from ftsup.supervisor.shim import (
 STANDBY_FILE = "standby.json"  # pids and state ("warming", "ready", "ended") of a standby
 ACTIVATION_FILE = "activation.json"  # {"attempt", "job", "args", "env"}, written by the daemon
 FIFO_NAME = "activate"  # the daemon writes the new attempt folder's path here
-CONTROL_FD_ENV = "FTSUP_STANDBY_FD"  # the trainer's end of the socket pair
 MAX_MESSAGE = 1 << 20
 
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     fifo_fd = os.open(standby_dir / FIFO_NAME, os.O_RDWR | os.O_NONBLOCK)  # never sees EOF
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    env = {**os.environ, CONTROL_FD_ENV: str(theirs.fileno())}
+    env = {**os.environ, ENV_STANDBY_FD: str(theirs.fileno())}
     child = start_trainer(args.argv, standby_dir, pass_fd=theirs.fileno(), env=env)
     theirs.close()
     info: dict[str, Any] = {

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor import protocol
 from ftsup.supervisor.daemon import state_rebuild
 from ftsup.supervisor.daemon.state_rebuild import RunMirror, is_storage_failure
 from ftsup.supervisor.policy import AttemptOutcome
@@ -90,11 +91,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-LIVE_STATES = state_rebuild.LIVE_STATES
+LIVE_STATES = protocol.LIVE_STATES  # one definition (state_rebuild's must equal it)
 RETRY_INTERVAL = 2.0  # seconds between attempts to write a degraded store back to disk
 BACKUP_INTERVAL = 600.0  # seconds between refreshes of ftsup.db.bak
 ROOM_MARGIN = 1 << 20  # bytes left free after writing a degraded store back
-TERMINAL_STATES = ("finished", "stopped", "gave_up", "failed")
+TERMINAL_STATES = protocol.TERMINAL_STATES
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_daemon_cli_and_tui_never_import_torch() -> None:
     code = (
         "import sys\n"
         "import ftsup.supervisor.daemon.app, ftsup.supervisor.cli.main, ftsup.tui.app\n"
-        "import ftsup.supervisor.daemon.launcher, ftsup.trainer.launch\n"
+        "import ftsup.supervisor.daemon.launcher, ftsup.supervisor.trainer_launch\n"
         "from ftsup.supervisor.cli.main import build_parser\n"
         "build_parser()\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"

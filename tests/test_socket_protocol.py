@@ -14,6 +14,7 @@ from ftsup.supervisor.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
     RequestError,
+    RequestType,
     decode_payload,
     encode_frame,
     hello,
@@ -98,6 +99,24 @@ def test_unknown_request_type_and_bad_arguments_are_answered(daemon: Harness) ->
             client.request("status", job="ghost")
         assert missing.value.code == "not_found"
         assert client.request("ping")["pong"] is True
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k in RequestType if k not in (RequestType.SHUTDOWN, RequestType.SUBSCRIBE)]
+)
+def test_every_request_type_is_served(daemon: Harness, kind: RequestType) -> None:
+    """Each protocol request reaches a handler: it may be refused for its arguments
+    (a job that does not exist), never as unknown, never with an internal error."""
+    with Client(daemon.runtime_dir / "ftsup.sock") as client:
+        try:
+            client.request(kind.value, job="ghost")
+        except RequestError as exc:
+            assert exc.code not in ("unknown_request", "internal"), (kind, exc.code, exc.message)
+
+
+def test_subscribe_is_served_by_the_connection(daemon: Harness) -> None:
+    with Client(daemon.runtime_dir / "ftsup.sock") as client:
+        assert client.request(RequestType.SUBSCRIBE.value, kinds=["state"]) is not None
 
 
 def test_peer_with_another_uid_is_refused(daemon: Harness) -> None:

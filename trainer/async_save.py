@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ftsup.supervisor.contract import checkpoint_name
 from ftsup.trainer import faults
 from ftsup.trainer.checkpointing import Checkpointer
 
@@ -139,7 +140,7 @@ def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
             if self.hp_search_backend is None and trial is None:
                 self.store_flos()
             step = self.state.global_step
-            output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{step}"
+            output_dir = Path(self._get_output_dir(trial=trial)) / checkpoint_name(step)
             write = self._snapshot(output_dir) if self.args.should_save else None
             self._save_rng_state(str(output_dir))  # tiny; every rank's file, now
             if write is not None:

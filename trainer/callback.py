@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ftsup.supervisor.contract import checkpoint_name
 from ftsup.trainer import dist
 from ftsup.trainer.checkpointing import Checkpointer, retire_checkpoints_after
 from ftsup.trainer.progress import ProgressWriter
@@ -138,7 +139,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self._announce_save(state)  # if no step event came first (should not happen)
-        ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        ckpt = Path(str(args.output_dir)) / checkpoint_name(state.global_step)
         self._last_save = time.monotonic()
         if self.checkpointer is None:
             seconds = time.monotonic() - self._save_started

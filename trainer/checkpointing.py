@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shutil
 import sys
 import threading
@@ -23,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import checkpoint_step
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.manifest import (
     MANIFEST_NAME,
@@ -32,8 +32,6 @@ from ftsup.supervisor.manifest import (
     write_manifest,
 )
 from ftsup.supervisor.spec_types import TrainSection
-
-_CHECKPOINT = re.compile(r"\Acheckpoint-([0-9]+)\Z")  # no "checkpoint-8\n"
 
 # (checkpoint folder, step, seconds from the save's start to its manifest,
 #  seconds training was blocked by it)
@@ -50,12 +48,6 @@ def fingerprint(train: TrainSection, world_size: int) -> dict[str, Any]:
     compares it with the job's at resume (its drift guard).
     """
     return train_fingerprint(train, world_size)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a `checkpoint-<step>` folder name, None for any other name."""
-    match = _CHECKPOINT.match(Path(path).name)
-    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -251,7 +243,6 @@ class Checkpointer:
 __all__ = [
     "MANIFEST_NAME",
     "Checkpointer",
-    "checkpoint_step",
     "fingerprint",
     "is_complete",
     "list_checkpoints",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE
 from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
 
 DEMO_STEPS = 1200
@@ -85,8 +86,8 @@ def prepare_demo(
 def demo_fault_env(workdir: Path, step: int) -> dict[str, str]:
     """Environment that makes the trainer SIGKILL itself once, at `step` (for the demo)."""
     return {
-        "FTSUP_FAULT_AT_STEP": str(step),
-        "FTSUP_FAULT_ONCE_FILE": str(Path(workdir).resolve() / "crashed-once"),
+        ENV_FAULT_AT_STEP: str(step),
+        ENV_FAULT_ONCE_FILE: str(Path(workdir).resolve() / "crashed-once"),
     }
 
 

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_STOPPED
 from ftsup.supervisor.procinfo import child_pids
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # torchrun's own handlers, minus SIGTERM, which must not tear the workers down.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
-EXIT_CONFIG, EXIT_STOPPED = 2, 75
 
 
 def _forward(signum: int, _frame: FrameType | None) -> None:

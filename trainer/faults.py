@@ -21,17 +21,20 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-AT_STEP_ENV = "FTSUP_FAULT_AT_STEP"
-POINT_ENV = "FTSUP_FAULT_POINT"
-ONCE_ENV = "FTSUP_FAULT_ONCE_FILE"
-WRITE_DELAY_ENV = "FTSUP_FAULT_WRITE_DELAY"
+from ftsup.supervisor.contract import (
+    ENV_FAULT_AT_STEP,
+    ENV_FAULT_ONCE_FILE,
+    ENV_FAULT_POINT,
+    ENV_FAULT_WRITE_DELAY,
+)
+
 WRITE_POINTS = ("after_weights", "after_optimizer", "after_scheduler", "after_trainer_state")
 POINTS = ("step_end", "before_manifest", *WRITE_POINTS)
 
 
 def write_delay() -> float:
     """Seconds the background writer sleeps before each file (tests only; 0 otherwise)."""
-    return float(os.environ.get(WRITE_DELAY_ENV) or 0.0)
+    return float(os.environ.get(ENV_FAULT_WRITE_DELAY) or 0.0)
 
 
 class FaultInjector(TrainerCallback):  # type: ignore[misc]
@@ -39,16 +42,18 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, step: int, point: str = "step_end", once_file: Path | None = None) -> None:
         if point not in POINTS:
-            raise ValueError(f"{POINT_ENV}={point!r}: use one of {POINTS}")
+            raise ValueError(f"{ENV_FAULT_POINT}={point!r}: use one of {POINTS}")
         self.step, self.point, self.once_file = step, point, once_file
 
     @classmethod
     def from_env(cls) -> FaultInjector | None:
-        step = os.environ.get(AT_STEP_ENV)
+        step = os.environ.get(ENV_FAULT_AT_STEP)
         if not step:
             return None
-        once = os.environ.get(ONCE_ENV)
-        return cls(int(step), os.environ.get(POINT_ENV, "step_end"), Path(once) if once else None)
+        once = os.environ.get(ENV_FAULT_ONCE_FILE)
+        return cls(
+            int(step), os.environ.get(ENV_FAULT_POINT, "step_end"), Path(once) if once else None
+        )
 
     def fire(self, step: int, point: str) -> None:
         """SIGKILL now if this is the chosen step and point (any thread may call it)."""

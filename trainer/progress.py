@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROGRESS_ENV = "FTSUP_PROGRESS_FILE"
+from ftsup.supervisor.contract import ENV_PROGRESS_FILE
 
 
 def _clean(value: Any) -> Any:
@@ -47,7 +47,7 @@ class ProgressWriter:
 
     @classmethod
     def from_env(cls) -> ProgressWriter:
-        return cls(os.environ.get(PROGRESS_ENV) or None)
+        return cls(os.environ.get(ENV_PROGRESS_FILE) or None)
 
     def emit(self, event: str, **fields: Any) -> None:
         if self.path is None:

@@ -17,15 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from ftsup.trainer import dist
 from ftsup.trainer.config import ConfigError, RunConfig, load_run_config
 from ftsup.trainer.data import DataError
 from ftsup.trainer.prepared import PreparedData
 from ftsup.trainer.signals import install_handlers
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_STOPPED = 75
 _NEVER = 10**12  # save_steps when only time-based saves are wanted
 
 

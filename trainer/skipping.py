@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-SKIP_ENV = "FTSUP_SKIP_STEPS"
+from ftsup.supervisor.contract import ENV_SKIP_STEPS
 
 Window = tuple[int, int]
 
@@ -29,16 +29,16 @@ def parse_skip_windows(text: str | None) -> tuple[Window, ...]:
             continue
         first, sep, last = part.partition("-")
         if not sep or not first.strip().isdigit() or not last.strip().isdigit():
-            raise ValueError(f"{SKIP_ENV}: {part!r} is not FIRST-LAST (step numbers)")
+            raise ValueError(f"{ENV_SKIP_STEPS}: {part!r} is not FIRST-LAST (step numbers)")
         window = (int(first), int(last))
         if window[0] < 1 or window[1] < window[0]:
-            raise ValueError(f"{SKIP_ENV}: {part!r} is not an increasing range of steps >= 1")
+            raise ValueError(f"{ENV_SKIP_STEPS}: {part!r} is not an increasing range of steps >= 1")
         windows.append(window)
     return tuple(windows)
 
 
 def skip_windows_from_env() -> tuple[Window, ...]:
-    return parse_skip_windows(os.environ.get(SKIP_ENV))
+    return parse_skip_windows(os.environ.get(ENV_SKIP_STEPS))
 
 
 def in_windows(step: int, windows: Sequence[Window]) -> bool:

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.standby_shim import CONTROL_FD_ENV, MAX_MESSAGE
+from ftsup.supervisor.contract import ENV_ATTEMPT, ENV_STANDBY_FD
+from ftsup.supervisor.standby_shim import MAX_MESSAGE
 from ftsup.trainer.prepared import PreparedData
 
 
@@ -85,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    control = socket.socket(fileno=int(os.environ.pop(CONTROL_FD_ENV)))
+    control = socket.socket(fileno=int(os.environ.pop(ENV_STANDBY_FD)))
     began = time.monotonic()
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     warm_imports()
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ.clear()
     os.environ.update(activation["env"])
-    print(f"ftsup standby: taking over as attempt {os.environ.get('FTSUP_ATTEMPT')}", flush=True)
+    print(f"ftsup standby: taking over as attempt {os.environ.get(ENV_ATTEMPT)}", flush=True)
     from ftsup.trainer import run
 
     return run.main(activation["args"], prepared=prepared)

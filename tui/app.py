@@ -23,7 +23,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from ftsup.supervisor.protocol import RequestError
+from ftsup.supervisor.protocol import EventKind, RequestError, RequestType
 from ftsup.tui.messages import Connected, DaemonEvent, Disconnected
 from ftsup.tui.model import Change, TuiState
 from ftsup.tui.screens.base import StateScreen
@@ -163,10 +163,11 @@ class FtsupApp(App[None]):
     def on_daemon_event(self, message: DaemonEvent) -> None:
         event = message.event
         kind = event.get("kind")
-        if kind == "gpu":
+        if kind == EventKind.GPU:
             self._last_gpu_sample = self.source.now()
         self._apply(self.state.apply_event(event))
-        if kind in ("gpu_fault", "gpu_reset"):  # health changed: show it now, not at the poll
+        # health changed: show it now, not at the poll
+        if kind in (EventKind.GPU_FAULT, EventKind.GPU_RESET):
             self._spawn(self._load_gpus(), "gpus")
 
     # applying changes -----------------------------------------------------------
@@ -225,15 +226,15 @@ class FtsupApp(App[None]):
 
     async def _load_all(self) -> None:
         try:
-            status = await self.source.request("status")
+            status = await self.source.request(RequestType.STATUS)
             change = self.state.apply_status_list(status)
             history = await self.source.request(
-                "events", limit=HISTORY_EVENTS, after_id=self.state.last_event_id
+                RequestType.EVENTS, limit=HISTORY_EVENTS, after_id=self.state.last_event_id
             )
             change |= self.state.apply_history(history.get("events", []))
             for job in list(self.state.jobs.values()):
                 if not job.events:  # its newest event is older than the global window
-                    answer = await self.source.request("events", job=job.name, limit=5)
+                    answer = await self.source.request(RequestType.EVENTS, job=job.name, limit=5)
                     change |= self.state.apply_history(answer.get("events", []))
             change.refetch = False
             change.roster = True
@@ -251,7 +252,7 @@ class FtsupApp(App[None]):
 
     async def _load_gpus(self) -> None:
         try:
-            result = await self.source.request("gpus")
+            result = await self.source.request(RequestType.GPUS)
         except RequestError as exc:
             reason = (
                 "not available: this daemon has no `gpus` request"
@@ -274,7 +275,7 @@ class FtsupApp(App[None]):
         try:
             while self._refetch_dirty:
                 self._refetch_dirty = False
-                status = await self._request("status")
+                status = await self._request(RequestType.STATUS)
                 if status is None:
                     return
                 change = self.state.apply_status_list(status)
@@ -312,14 +313,14 @@ class FtsupApp(App[None]):
         try:
             if part == "detail":
                 change = state.apply_job_status(
-                    await source.request("status", job=name), detail=True
+                    await source.request(RequestType.STATUS, job=name), detail=True
                 )
             elif part == "events":
-                answer = await source.request("events", job=name, limit=JOB_EVENTS)
+                answer = await source.request(RequestType.EVENTS, job=name, limit=JOB_EVENTS)
                 change = state.apply_history(answer.get("events", []))
                 change.refetch = False
             elif part == "history":
-                history = await self._optional("progress_history", job=name, limit=2000)
+                history = await self._optional(RequestType.PROGRESS_HISTORY, job=name, limit=2000)
                 if history is None:
                     state.job(name).series_note = "since the TUI attached"
                     change = Change(series={name})
@@ -328,11 +329,11 @@ class FtsupApp(App[None]):
             elif part == "logs":
                 buffer = state.job(name).log
                 before = buffer.seq
-                answer = await source.request("logs", job=name, lines=LOG_TAIL)
+                answer = await source.request(RequestType.LOGS, job=name, lines=LOG_TAIL)
                 since = buffer.newer_than(before) or []
                 change = state.apply_logs(name, answer, since)
             elif part == "checkpoints":
-                listing = await self._optional("checkpoints", job=name)
+                listing = await self._optional(RequestType.CHECKPOINTS, job=name)
                 note = "checkpoint list not available: this daemon has no `checkpoints` request"
                 change = state.apply_checkpoints(name, listing, None if listing else note)
             elif part == "gpus":
@@ -440,7 +441,7 @@ class FtsupApp(App[None]):
             "The trainer gets SIGTERM, saves a checkpoint at the next step and exits; "
             "after the job's stop_grace it is killed. It is not restarted.",
             "Stop",
-            "stop",
+            RequestType.STOP,
             "Stopping {job} (graceful).",
             now=False,
         )
@@ -451,7 +452,7 @@ class FtsupApp(App[None]):
             "SIGKILL to the trainer's whole process group: no checkpoint is saved; work "
             "since the last checkpoint is lost. It is not restarted.",
             "Kill",
-            "stop",
+            RequestType.STOP,
             "Killed {job}.",
             dangerous=True,
             now=True,
@@ -463,7 +464,7 @@ class FtsupApp(App[None]):
             "A running trainer is stopped gracefully (it saves a checkpoint) and started "
             "again from the newest valid checkpoint; a finished or failed job starts again.",
             "Restart",
-            "restart",
+            RequestType.RESTART,
             "Restarting {job}.",
         )
 
@@ -472,7 +473,7 @@ class FtsupApp(App[None]):
             "Save a checkpoint of {job} now?",
             "The trainer is asked (SIGUSR2) to save at the next step boundary; training goes on.",
             "Save",
-            "checkpoint",
+            RequestType.CHECKPOINT,
             "Asked {job} to save a checkpoint.",
         )
 
@@ -490,7 +491,10 @@ class FtsupApp(App[None]):
             self.notify(f"Cannot read {path}: {exc}", severity="error")
             return
         await self._send(
-            "start", f"Submitted {path.name}.", spec_path=str(path.absolute()), spec_text=text
+            RequestType.START,
+            f"Submitted {path.name}.",
+            spec_path=str(path.absolute()),
+            spec_text=text,
         )
 
     # command palette ------------------------------------------------------------

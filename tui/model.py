@@ -16,31 +16,36 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftsup.supervisor import protocol
+from ftsup.supervisor.protocol import EventKind, JobState
+
 SERIES_MAX = 2000  # points per curve per job
 EVENTS_MAX = 500  # durable events kept per job (and in the global timeline)
 LOG_MAX = 5000  # log lines kept per job
 GPU_SERIES_MAX = 120  # samples per GPU sparkline
 SEEN_IDS_MAX = 20000
 
-LIVE_STATES = frozenset({"pending", "starting", "running", "stopping", "backoff"})
-RUNNING_STATES = frozenset({"pending", "starting", "running", "stopping"})
-FAILING_STATES = frozenset({"backoff", "gave_up", "failed"})
-STREAM_KINDS = frozenset({"progress", "log", "state", "gpu", "lagged"})
+LIVE_STATES = frozenset(protocol.LIVE_STATES)
+RUNNING_STATES = frozenset(
+    {JobState.PENDING, JobState.STARTING, JobState.RUNNING, JobState.STOPPING}
+)
+FAILING_STATES = frozenset({JobState.BACKOFF, JobState.GAVE_UP, JobState.FAILED})
+STREAM_KINDS = protocol.STREAM_ONLY_KINDS
 # Durable events after which the job's summary (restarts, attempts, last exit)
 # is stale: the app asks the daemon for a fresh `status` once.
 REFETCH_KINDS = frozenset(
     {
-        "submitted",
-        "attempt_started",
-        "attempt_exited",
-        "restart",
-        "finished",
-        "gave_up",
-        "failed",
-        "stopped",
-        "adopted",
-        "quarantine",
-        "checkpoint",
+        EventKind.SUBMITTED,
+        EventKind.ATTEMPT_STARTED,
+        EventKind.ATTEMPT_EXITED,
+        EventKind.RESTART,
+        EventKind.FINISHED,
+        EventKind.GAVE_UP,
+        EventKind.FAILED,
+        EventKind.STOPPED,
+        EventKind.ADOPTED,
+        EventKind.QUARANTINE,
+        EventKind.CHECKPOINT,
     }
 )
 
@@ -229,14 +234,14 @@ class JobModel:
 
     def fold_checkpoint_event(self, kind: str, data: dict[str, Any]) -> bool:
         """Keep `seen_checkpoints` current; True when it changed."""
-        if kind == "checkpoint" and isinstance(data.get("path"), str):
+        if kind == EventKind.CHECKPOINT and isinstance(data.get("path"), str):
             self.seen_checkpoints[data["path"]] = dict(data)
             return True
-        if kind == "retention" and isinstance(data.get("deleted"), list):
+        if kind == EventKind.RETENTION and isinstance(data.get("deleted"), list):
             for path in data["deleted"]:
                 self.seen_checkpoints.pop(str(path), None)
             return True
-        if kind == "quarantine" and isinstance(data.get("path"), str):
+        if kind == EventKind.QUARANTINE and isinstance(data.get("path"), str):
             return self.seen_checkpoints.pop(data["path"], None) is not None
         return False
 
@@ -427,9 +432,9 @@ class TuiState:
                 counts["running"] += 1
             elif job.state in FAILING_STATES:
                 counts["failing"] += 1
-            elif job.state == "finished":
+            elif job.state == JobState.FINISHED:
                 counts["finished"] += 1
-            elif job.state == "stopped":
+            elif job.state == JobState.STOPPED:
                 counts["stopped"] += 1
         return counts
 
@@ -526,29 +531,30 @@ class TuiState:
         name = event.get("job")
         data = event.get("data") if isinstance(event.get("data"), dict) else {}
         assert isinstance(data, dict)
-        if kind == "lagged":
+        if kind == EventKind.LAGGED:
             return Change(resync=True)
-        if kind == "gpu":
+        if kind == EventKind.GPU:
             self.gpus.apply(data, sample=True)
             return Change(gpus=True)
-        if kind in ("degraded", "recovered") and name is None:
-            change = self._set_degraded(event.get("message") if kind == "degraded" else None)
+        if kind in (EventKind.DEGRADED, EventKind.RECOVERED) and name is None:
+            reason = event.get("message") if kind == EventKind.DEGRADED else None
+            change = self._set_degraded(reason)
             if event.get("id") is not None:
                 change |= self._add_durable(event)
             return change
         if not isinstance(name, str):
             return self._add_durable(event) if event.get("id") is not None else Change()
-        if kind == "progress":
+        if kind == EventKind.PROGRESS:
             new = name not in self.jobs  # submitted by someone else: ask for its summary
             changed = self.job(name).add_progress(data)
             if not changed and not new:
                 return Change()
             return Change(jobs={name}, series={name}, roster=new, refetch=new)
-        if kind == "log":
+        if kind == EventKind.LOG:
             lines = [str(x) for x in data.get("lines", []) if isinstance(x, str)]
             self.job(name).log.append(lines, as_int(data.get("attempt")))
             return Change(logs={name})
-        if kind == "state":
+        if kind == EventKind.STATE:
             new = name not in self.jobs
             model = self.job(name)
             ts = as_float(event.get("ts")) or 0.0

@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ftsup.supervisor.contract import CHECKPOINT_RE
+
 from .ftsup_format import has_manifest
 from .quarantine import quarantine as _quarantine
-from .report import CHECKPOINT_RE, CheckpointReport, checkpoint_step
+from .report import CheckpointReport, checkpoint_step
 from .validate import validate_checkpoint
 
 

@@ -16,9 +16,11 @@ import re
 import time
 from pathlib import Path
 
+from ftsup.supervisor.contract import CHECKPOINT_PREFIX, CHECKPOINT_RE
+
 from ..userfiles import NotRegularFile, read_bytes
 from .ftsup_format import QUARANTINE_NOTE
-from .report import CHECKPOINT_RE, QUARANTINED_RE, checkpoint_step
+from .report import QUARANTINED_RE, checkpoint_step
 
 SLUG_MAX = 48
 
@@ -67,7 +69,7 @@ def restore(path: Path) -> Path:
         raise ValueError(f"{path.name} is not a quarantined checkpoint-<N>.invalid-* folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist")
-    target = path.with_name(f"checkpoint-{match.group(1)}")
+    target = path.with_name(CHECKPOINT_PREFIX + match.group(1))
     if target.exists():  # os.rename would silently replace an empty folder
         raise FileExistsError(f"{target} exists; move it away first")
     os.rename(path, target)

@@ -13,10 +13,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ftsup.supervisor.contract import CHECKPOINT_RE
+
 Format = Literal["ftsup", "hf", "deepspeed", "unknown"]
 
-# `\Z`, not `$`: `$` also matches before a trailing newline ("checkpoint-8\n").
-CHECKPOINT_RE = re.compile(r"\Acheckpoint-([0-9]+)\Z")
+# `\Z`, not `$`, as the contract's CHECKPOINT_RE: no "checkpoint-8\n".
 QUARANTINED_RE = re.compile(r"\Acheckpoint-([0-9]+)\.invalid-(.+)\Z", re.DOTALL)
 
 

@@ -14,7 +14,9 @@ import shutil
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 
-from .report import CHECKPOINT_RE, CheckpointReport
+from ftsup.supervisor.contract import CHECKPOINT_RE
+
+from .report import CheckpointReport
 
 DELETING_PREFIX = ".ftsup-deleting-"
 

@@ -31,12 +31,14 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from ftsup.supervisor.contract import CHECKPOINT_RE
+
 from ..manifest import MANIFEST_NAME
 from .deepspeed import LATEST
 from .discovery import list_checkpoints, manifests_expected
 from .files import folder_stats
 from .hf import TRAINER_STATE
-from .report import CHECKPOINT_RE, CheckpointReport
+from .report import CheckpointReport
 from .validate import validate_checkpoint
 
 log = logging.getLogger(__name__)

@@ -11,22 +11,12 @@ from rich.table import Table
 
 from ftsup.supervisor.cli.output import stdout
 from ftsup.supervisor.durations import format_duration
-
-STATE_STYLE = {
-    "running": "green",
-    "starting": "cyan",
-    "pending": "cyan",
-    "backoff": "yellow",
-    "stopping": "yellow",
-    "finished": "bold green",
-    "stopped": "dim",
-    "gave_up": "bold red",
-    "failed": "bold red",
-}
+from ftsup.supervisor.protocol import STATE_STYLES
 
 
 def state_text(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+    """The state in its colour: the table the TUI uses too (protocol.STATE_STYLES)."""
+    return f"[{STATE_STYLES.get(state, 'white')}]{state}[/]"
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor import __version__
+from ftsup.supervisor.contract import DAEMON_LOCK_NAME, ENV_RUNTIME_DIR, ENV_STATE_DIR
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.handlers import Handlers
@@ -66,8 +67,8 @@ class Daemon:
     def _secure_folders(self) -> None:
         """Refuse folders that are not ours (NotPrivate); make ours and the state
         files already in them private (a state folder from before this check)."""
-        ensure_private_dir(self.layout.state_dir, env_var="FTSUP_STATE_DIR")
-        ensure_private_dir(self.layout.runtime_dir, env_var="FTSUP_RUNTIME_DIR")
+        ensure_private_dir(self.layout.state_dir, env_var=ENV_STATE_DIR)
+        ensure_private_dir(self.layout.runtime_dir, env_var=ENV_RUNTIME_DIR)
         self._tighten_db()
         tighten_file(self.layout.daemon_log)
         for job_file in self.layout.state_dir.glob("runs/*/job.toml"):
@@ -80,7 +81,7 @@ class Daemon:
             tighten_file(path)
 
     def _take_instance_lock(self) -> None:
-        fd = open_private(self.layout.state_dir / "daemon.lock", os.O_RDWR)
+        fd = open_private(self.layout.state_dir / DAEMON_LOCK_NAME, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

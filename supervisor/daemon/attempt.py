@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import read_json
+from ftsup.supervisor.contract import PIDS_FILE
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.procinfo import is_same_process, signal_group
-from ftsup.supervisor.shim import PIDS_FILE
 
 KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
 

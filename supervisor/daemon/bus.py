@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftsup.supervisor.protocol import STREAM_ONLY_KINDS, EventKind
 from ftsup.supervisor.store import Store
 
 log = logging.getLogger("ftsup.daemon")
 
-STREAM_ONLY = frozenset({"progress", "log", "gpu", "state"})
+STREAM_ONLY = STREAM_ONLY_KINDS
 QUEUE_SIZE = 2000
 
 
@@ -53,9 +54,9 @@ class EventBus:
         """`degraded` when state writes start failing, `recovered` once they reach disk."""
         if degraded is not None:
             message = f"the state database cannot be written ({degraded}); kept in memory"
-            self.emit(None, "degraded", message + ", retrying", {"reason": degraded})
+            self.emit(None, EventKind.DEGRADED, message + ", retrying", {"reason": degraded})
         else:
-            self.emit(None, "recovered", "the state database is written to disk again")
+            self.emit(None, EventKind.RECOVERED, "the state database is written to disk again")
 
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Called on the loop for every event (notifications); must not block."""

@@ -14,13 +14,14 @@ from ftsup.supervisor.atomicio import tail_lines
 from ftsup.supervisor.checkpoints import discovery
 from ftsup.supervisor.checkpoints.quarantine import list_quarantined
 from ftsup.supervisor.checkpoints.report import CheckpointReport
+from ftsup.supervisor.contract import LOG_FILE
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.daemon.server import HandlerTableError, check_handler_table
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.policy import failure_restarts
 from ftsup.supervisor.progress import ProgressState
-from ftsup.supervisor.protocol import RequestError
-from ftsup.supervisor.shim import LOG_FILE
+from ftsup.supervisor.protocol import EventKind, JobState, RequestError, RequestType
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.store import AttemptRow, JobRow, Store, ended_outcomes
 from ftsup.supervisor.userfiles import in_thread
@@ -76,6 +77,28 @@ def env_keys(spec_text: str) -> list[str] | None:
     return sorted(env) if isinstance(env, dict) else None
 
 
+# The method of `Handlers` that answers each request type; `subscribe` is the
+# connection's own (server.py). Checked at import: a request type without a handler,
+# or a handler for a type the protocol does not name, stops the daemon from loading.
+ROUTES: dict[RequestType, str] = {
+    RequestType.PING: "ping",
+    RequestType.START: "start",
+    RequestType.STATUS: "status",
+    RequestType.LIST: "list",
+    RequestType.STOP: "stop",
+    RequestType.RESTART: "restart",
+    RequestType.SIGNAL: "signal",
+    RequestType.CHECKPOINT: "checkpoint",
+    RequestType.LOGS: "logs",
+    RequestType.EVENTS: "events",
+    RequestType.SHUTDOWN: "shutdown",
+    RequestType.GPUS: "gpus_view",
+    RequestType.CHECKPOINTS: "checkpoints",
+    RequestType.PROGRESS_HISTORY: "progress_history",
+    RequestType.GPU_RESET: "gpu_reset",
+}
+
+
 class Handlers:
     def __init__(
         self,
@@ -92,23 +115,8 @@ class Handlers:
         self.on_shutdown = on_shutdown
 
     def table(self) -> dict[str, Any]:
-        return {
-            "ping": self.ping,
-            "start": self.start,
-            "status": self.status,
-            "list": self.list,
-            "stop": self.stop,
-            "restart": self.restart,
-            "signal": self.signal,
-            "checkpoint": self.checkpoint,
-            "logs": self.logs,
-            "events": self.events,
-            "shutdown": self.shutdown,
-            "gpus": self.gpus_view,
-            "checkpoints": self.checkpoints,
-            "progress_history": self.progress_history,
-            "gpu_reset": self.gpu_reset,
-        }
+        """The handler of each request type (ROUTES, checked against the protocol)."""
+        return {kind.value: getattr(self, method) for kind, method in ROUTES.items()}
 
     async def ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time(), "degraded": self.store.degraded}
@@ -168,14 +176,16 @@ class Handlers:
             raise RequestError("bad_request", f"unknown signal {raw!r}") from None
         if not self.manager.get(name).signal_trainer(sig):
             raise RequestError("not_running", f"job {name!r} has no running trainer")
-        self.manager.bus.emit(name, "signal", f"sent {sig.name} to the trainer's process group")
+        self.manager.bus.emit(
+            name, EventKind.SIGNAL, f"sent {sig.name} to the trainer's process group"
+        )
         return {"sent": sig.name}
 
     async def checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
         name = _str_arg(request, "job")
         if not self.manager.get(name).signal_trainer(signal.SIGUSR2):
             raise RequestError("not_running", f"job {name!r} has no running trainer")
-        self.manager.bus.emit(name, "checkpoint_requested", "asked the trainer to save now")
+        self.manager.bus.emit(name, EventKind.CHECKPOINT_REQUESTED, "asked the trainer to save now")
         return {"requested": True}
 
     async def logs(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +306,18 @@ class Handlers:
         if detail:
             data["env_keys"] = env_keys(job.spec_text)
             data["attempt_history"] = [a.to_json() for a in attempts]
-            if job.state in ("gave_up", "failed") and ended:
+            if job.state in (JobState.GAVE_UP, JobState.FAILED) and ended:
                 path = self.layout.attempt_dir(name, ended[-1].n) / LOG_FILE
                 data["log_tail"] = tail_lines(path, 15)
         return data
+
+
+def check_routes(routes: dict[RequestType, str]) -> None:
+    """Raise HandlerTableError unless `routes` covers the protocol and names methods."""
+    check_handler_table(routes)
+    for method in routes.values():
+        if not callable(getattr(Handlers, method, None)):
+            raise HandlerTableError(f"Handlers has no method {method!r} (handlers.ROUTES)")
+
+
+check_routes(ROUTES)

@@ -22,6 +22,7 @@ from ftsup.supervisor.checkpoints.quarantine import quarantine
 from ftsup.supervisor.checkpoints.report import CheckpointReport, checkpoint_step
 from ftsup.supervisor.checkpoints.retention import apply_retention, plan_retention
 from ftsup.supervisor.checkpoints.watch import CheckpointWatcher
+from ftsup.supervisor.contract import checkpoint_name
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
@@ -210,7 +211,7 @@ class JobCheckpoints:
     def after_save(self, step: int) -> None:
         """A `checkpoint_saved` progress line: check the disk at once, not when the
         watcher has seen the folder settle (the next save may come sooner)."""
-        usage = disk_usage(self.spec.output_dir / f"checkpoint-{step}")
+        usage = disk_usage(self.spec.output_dir / checkpoint_name(step))
         if usage:
             self.last_size = usage
             self._guard_disk()

@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftsup.supervisor import contract
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
-from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
+from ftsup.supervisor.trainer_launch import build_trainer_argv, write_train_json
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,15 @@ def plan_attempt(
     env = clean_child_env(base_env)  # systemd's notify/watchdog variables stay with the daemon
     env.update(
         {
-            "FTSUP_JOB": spec.name,
-            "FTSUP_ATTEMPT": str(attempt),
-            "FTSUP_OUTPUT_DIR": str(spec.output_dir),
-            "FTSUP_PROGRESS_FILE": str(layout.progress_file(spec.name)),
+            contract.ENV_JOB: spec.name,
+            contract.ENV_ATTEMPT: str(attempt),
+            contract.ENV_OUTPUT_DIR: str(spec.output_dir),
+            contract.ENV_PROGRESS_FILE: str(layout.progress_file(spec.name)),
             "PYTHONUNBUFFERED": "1",
         }
     )
     if resume_from is not None:
-        env["FTSUP_RESUME_FROM"] = str(resume_from)
+        env[contract.ENV_RESUME_FROM] = str(resume_from)
     if spec.gpu.devices is not None:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.gpu.devices)
@@ -59,12 +60,10 @@ def plan_attempt(
         if resume_from is not None:
             argv += [a.replace("{checkpoint}", str(resume_from)) for a in spec.command.resume_args]
         return AttemptPlan(argv, env, spec.command.cwd)
-    # The trainer owns its command line (torchrun through a wrapper that keeps the
-    # exit-code and signal contract); the module is stdlib-only, safe to import here.
-    from ftsup.trainer.launch import build_trainer_argv, write_train_json
-
+    # torchrun runs through the trainer's wrapper that keeps the exit-code and
+    # signal contract (`trainer_launch`); the daemon never imports the trainer.
     assert spec.train is not None  # the spec has exactly one of [command] and [train]
-    config_path = layout.run_dir(spec.name) / "train.json"
+    config_path = layout.run_dir(spec.name) / contract.TRAIN_CONFIG_FILE
     write_train_json(
         config_path,
         spec.train,
@@ -82,7 +81,7 @@ def spawn_shim(
     """Start the shim in its own session; it outlives the daemon."""
     attempt_dir = layout.attempt_dir(spec.name, attempt)
     attempt_dir.mkdir(parents=True, exist_ok=True)
-    (attempt_dir / LOG_FILE).touch()
+    (attempt_dir / contract.LOG_FILE).touch()
     write_json_atomic(attempt_dir / "command.json", {"argv": plan.argv, "cwd": str(plan.cwd)})
     shim_argv = [
         sys.executable,
@@ -110,7 +109,7 @@ def spawn_standby_shim(
     """Start a warm standby (`standby_shim`) that dies with this daemon until activated."""
     standby_dir.mkdir(parents=True)
     os.mkfifo(standby_dir / FIFO_NAME, 0o600)
-    (standby_dir / LOG_FILE).touch()
+    (standby_dir / contract.LOG_FILE).touch()
     shim_argv = standby_command(
         standby_dir, spec.output_dir, spec.name, spec.restart.stop_grace, os.getpid(), standby_argv
     )

@@ -12,6 +12,7 @@ from typing import Any
 from ftsup.supervisor import outlock
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.checkpoints import discovery
+from ftsup.supervisor.contract import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.daemon.attempt import LiveAttempt
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
@@ -19,7 +20,6 @@ from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
-from ftsup.supervisor.shim import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store

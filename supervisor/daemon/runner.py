@@ -26,6 +26,7 @@ from typing import Any
 from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
 from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
+from ftsup.supervisor.contract import ENV_SKIP_STEPS, EXIT_CONFIG, EXIT_FILE, LOG_FILE
 from ftsup.supervisor.daemon.attempt import KILL_FILE, LiveAttempt, wait_until_gone
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
@@ -43,7 +44,6 @@ from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
-from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store, ended_outcomes
 
@@ -196,7 +196,7 @@ class JobRunner:
         elif isinstance(decision, policy.Stopped):
             self._finish("stopped", self._stop_reason or decision.reason)
         else:
-            state = "failed" if row.returncode == policy.EXIT_CONFIG else "gave_up"
+            state = "failed" if row.returncode == EXIT_CONFIG else "gave_up"
             tail = _tail(self.layout.attempt_dir(self.name, row.n) / LOG_FILE, 15)
             reason = (
                 f"{decision.reason}; last attempt: {row.reason}" if row.reason else decision.reason
@@ -392,7 +392,7 @@ class JobRunner:
     def _plan(self, attempt: int, resume_from: Path | None) -> AttemptPlan:
         env = dict(self._env)
         if self.skip_windows:  # the data a loss anomaly rolled back past
-            env["FTSUP_SKIP_STEPS"] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
+            env[ENV_SKIP_STEPS] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
         return plan_attempt(
             self.spec, self.layout, attempt=attempt, resume_from=resume_from, base_env=env
         )

@@ -17,18 +17,23 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import ENV_RUNTIME_DIR
 from ftsup.supervisor.daemon.bus import EventBus, Subscription
 from ftsup.supervisor.private_dirs import ensure_private_dir
 from ftsup.supervisor.protocol import (
+    CONNECTION_REQUESTS,
     PROTOCOL_VERSION,
+    REQUEST_TYPES,
     Busy,
     ByteBudget,
+    EventKind,
     ProtocolError,
     RequestError,
+    RequestType,
     encode_frame,
     read_frame,
 )
@@ -40,6 +45,24 @@ MAX_CONNECTIONS = 256
 FRAME_BUDGET = 64 * 1024 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class HandlerTableError(Exception):
+    """The handler table and `RequestType` disagree: a programming error, caught at
+    import and at the server's construction rather than by a user's command."""
+
+
+def check_handler_table(names: Iterable[str]) -> None:
+    """Every `RequestType` but those the connection serves itself has exactly one
+    handler, and no handler answers a type that is not in the protocol."""
+    given = {str(name) for name in names}
+    expected = {str(kind) for kind in REQUEST_TYPES - CONNECTION_REQUESTS}
+    missing, extra = sorted(expected - given), sorted(given - expected)
+    if missing or extra:
+        raise HandlerTableError(
+            f"handler table does not match protocol.RequestType: "
+            f"no handler for {missing or 'none'}; not a request type: {extra or 'none'}"
+        )
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -87,6 +110,7 @@ class SocketServer:
         max_connections: int = MAX_CONNECTIONS,
         frame_budget: int = FRAME_BUDGET,
     ) -> None:
+        check_handler_table(handlers)
         self.path = path
         self.handlers = handlers
         self.bus = bus
@@ -103,7 +127,7 @@ class SocketServer:
         if soft != resource.RLIM_INFINITY:
             self.max_connections = max(8, min(self.max_connections, soft // 2))
         # Ours and private, or refuse (NotPrivate): never chmod someone else's folder.
-        ensure_private_dir(self.path.parent, env_var="FTSUP_RUNTIME_DIR")
+        ensure_private_dir(self.path.parent, env_var=ENV_RUNTIME_DIR)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # stale: the caller already checked no daemon answers
         old_umask = os.umask(0o177)
@@ -154,7 +178,7 @@ class SocketServer:
                 message = await read_frame(reader, self.budget)
                 if message is None:
                     return
-                if message.get("type") == "subscribe":
+                if message.get("type") == RequestType.SUBSCRIBE:
                     problem = _subscription_problem(message)
                     if problem is not None:
                         await conn.send(
@@ -239,7 +263,7 @@ class SocketServer:
                         {
                             "type": "event",
                             "event": {
-                                "kind": "lagged",
+                                "kind": EventKind.LAGGED.value,
                                 "job": None,
                                 "data": {"dropped": subscription.lagged},
                             },

@@ -35,8 +35,6 @@ from ftsup.supervisor.service.sdnotify import Heartbeat, Notifier, watchdog_inte
 from ftsup.supervisor.spec_types import NotifySection
 
 log = logging.getLogger("ftsup.daemon")
-# Bus event kinds by the names users write in `[notify] on`.
-NOTIFY_KINDS = {"restart": "restarted"}
 STATUS_INTERVAL = 5.0
 
 
@@ -157,7 +155,7 @@ class DaemonServices:
         section = runner.spec.notify
         if section.webhook is None and section.command is None and self.default_notify:
             section = self.default_notify  # the job names no receiver: the daemon's default
-        kind = NOTIFY_KINDS.get(event["kind"], event["kind"])
+        kind = str(event["kind"])  # `[notify] on` names events by their EventKind value
         if not wanted(section, kind):
             return
         senders = senders_for(section)

@@ -24,17 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor import contract
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
 from ftsup.supervisor.daemon.launcher import AttemptPlan, spawn_standby_shim
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
-from ftsup.supervisor.shim import LOG_FILE
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.standby_shim import ACTIVATION_FILE, FIFO_NAME, STANDBY_FILE
-from ftsup.trainer.launch import split_single_process_argv, standby_argv
+from ftsup.supervisor.trainer_launch import split_single_process_argv, standby_argv
 
-# Set per attempt; every other variable must equal the standby's own environment,
-# which its imports may already have read (CUDA_VISIBLE_DEVICES, HF_HOME, ...).
-PER_ATTEMPT_ENV = frozenset({"FTSUP_ATTEMPT", "FTSUP_RESUME_FROM", "FTSUP_SKIP_STEPS"})
 MAX_LOSSES = 3
 STANDBY_PREFIX = "standby-"
 _numbers = itertools.count(1)
@@ -107,7 +104,9 @@ def can_take_over(standby_plan: AttemptPlan, plan: AttemptPlan) -> bool:
 
 
 def _without_per_attempt(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in PER_ATTEMPT_ENV}
+    """Every variable but those set per attempt must equal the standby's own, which its
+    imports may already have read (CUDA_VISIBLE_DEVICES, HF_HOME, ...)."""
+    return {k: v for k, v in env.items() if k not in contract.PER_ATTEMPT_ENV}
 
 
 class StandbyKeeper:
@@ -186,7 +185,7 @@ class StandbyKeeper:
     def _lost(self, standby: Standby) -> None:
         self.losses += 1
         info = standby.info()
-        tail = tail_lines(standby.directory / LOG_FILE, 15)
+        tail = tail_lines(standby.directory / contract.LOG_FILE, 15)
         how = f"exit code {info['returncode']}" if "returncode" in info else "its shim died"
         gave_up = self.losses >= MAX_LOSSES
         self._emit(

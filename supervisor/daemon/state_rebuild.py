@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import read_json, write_json_atomic
+from ftsup.supervisor.contract import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.procinfo import is_same_process
+from ftsup.supervisor.protocol import LIVE_STATES
 
 log = logging.getLogger("ftsup.daemon")
 
 JOB_MIRROR = "job.json"
 ATTEMPT_MIRRORS = "attempts"
 SPEC_FILE = "job.toml"
-EXIT_FILE = "exit.json"  # written by the shim (shim.EXIT_FILE)
-PIDS_FILE = "pids.json"  # written by the shim (shim.PIDS_FILE)
 EXPECTED_TABLES = frozenset({"jobs", "attempts", "events", "checkpoints", "meta"})
-LIVE_STATES = ("pending", "starting", "running", "backoff", "stopping")
 JOB_COLUMNS = (
     "name",
     "spec_path",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_STOPPED
 from ftsup.supervisor.health import logscan
 from ftsup.supervisor.health.oom import read_oom_record
 from ftsup.supervisor.health.xid import XidPolicy
@@ -28,8 +29,6 @@ __all__ = [
     "read_oom_record",
 ]
 
-EXIT_CONFIG_ERROR = 2
-EXIT_STOPPED = 75
 KILLED_BY_USER = "user"
 KILLED_BY_HANG = "ftsup-hang"
 _TAIL_LINES = 400
@@ -85,7 +84,7 @@ def classify_failure(
         return Diagnosis(FailureKind.HANG, reason, True)
     if sig is None and code == 0:
         return Diagnosis(FailureKind.FINISHED, "finished", False)
-    if sig is None and code == EXIT_CONFIG_ERROR:
+    if sig is None and code == EXIT_CONFIG:
         line = logscan.find_error_line(lines)
         reason = line or "bad configuration or data (exit 2)"
         return Diagnosis(FailureKind.CONFIG_ERROR, reason, False)
@@ -105,7 +104,7 @@ def _launcher_exit_code(
     """torchrun exits 1 whatever its rank did; its summary keeps the rank's 2 or 75."""
     if sig is None and exit_code == 1:
         root = logscan.find_root_cause(lines)
-        if root is not None and root.exitcode in (EXIT_CONFIG_ERROR, EXIT_STOPPED):
+        if root is not None and root.exitcode in (EXIT_CONFIG, EXIT_STOPPED):
             return root.exitcode
     return exit_code
 

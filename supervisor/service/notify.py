@@ -28,13 +28,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 from ftsup.supervisor import __version__
+from ftsup.supervisor.contract import ENV_EVENT, ENV_JOB
+from ftsup.supervisor.protocol import EventKind
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.spec_types import NotifySection
 
 log = logging.getLogger(__name__)
-
-# The events a user can pick in `[notify] on = [...]`.
-EVENTS = ("finished", "failed", "gave_up", "hung", "gpu_fault", "disk_guard", "loss_anomaly")
 
 DISCORD_CONTENT_LIMIT = 2000
 
@@ -164,7 +163,7 @@ class CommandHook:
 
     def send(self, notification: Notification, timeout: float) -> None:
         env = clean_child_env(os.environ if self.env is None else self.env)
-        env.update(FTSUP_EVENT=notification.event, FTSUP_JOB=notification.job)
+        env.update({ENV_EVENT: notification.event, ENV_JOB: notification.job})
         try:
             proc = subprocess.Popen(
                 self.argv,
@@ -189,6 +188,8 @@ class CommandHook:
 
 
 def wanted(section: NotifySection, event: str) -> bool:
+    """`event` is the bus's kind; `[notify] on` holds the same names (one list:
+    protocol.NOTIFY_EVENTS, old aliases already resolved by spec.py)."""
     return event in section.on
 
 
@@ -255,7 +256,7 @@ class NotificationDispatcher:
             if self._closed or len(self._tasks) >= self.max_pending:
                 why = "dispatcher closed" if self._closed else f"{self.max_pending} pending"
                 self._record(
-                    "notify_dropped",
+                    EventKind.NOTIFY_DROPPED,
                     f"{notification.event} for {notification.job} not sent to {sender.name}: {why}",
                     notification,
                     sender,
@@ -272,7 +273,7 @@ class NotificationDispatcher:
             await self._deliver_with_retries(notification, sender)
         except asyncio.CancelledError:
             self._record(
-                "notify_dropped",
+                EventKind.NOTIFY_DROPPED,
                 f"{notification.event} for {notification.job} not sent to {sender.name}: "
                 "the daemon is stopping",
                 notification,
@@ -291,7 +292,7 @@ class NotificationDispatcher:
                 error = exc
             else:
                 self._record(
-                    "notify_delivered",
+                    EventKind.NOTIFY_DELIVERED,
                     f"{what} sent to {sender.name}",
                     notification,
                     sender,
@@ -302,7 +303,7 @@ class NotificationDispatcher:
                 break
             delay = policy.delay(attempt, error.retry_after)
             self._record(
-                "notify_retry",
+                EventKind.NOTIFY_RETRY,
                 f"{what} to {sender.name} failed ({error}); retrying in {delay:g}s",
                 notification,
                 sender,
@@ -311,7 +312,7 @@ class NotificationDispatcher:
             )
             await asyncio.sleep(delay)
         self._record(
-            "notify_failed",
+            EventKind.NOTIFY_FAILED,
             f"{what} dropped: {sender.name} failed {attempt} time(s), last: {error}",
             notification,
             sender,

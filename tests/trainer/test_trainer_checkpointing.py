@@ -87,7 +87,7 @@ def test_retire_moves_later_checkpoints_aside(tmp_path: Path) -> None:
 
 def test_importing_the_package_does_not_import_torch() -> None:
     code = (
-        "import sys, ftsup.trainer, ftsup.trainer.launch, ftsup.trainer.checkpointing, "
+        "import sys, ftsup.trainer, ftsup.trainer.checkpointing, "
         "ftsup.trainer.data, ftsup.trainer.config; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'eager import'"
     )

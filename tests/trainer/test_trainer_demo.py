@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from ftsup.supervisor.spec import load_spec
+from ftsup.supervisor.trainer_launch import write_train_json
 from ftsup.trainer.checkpointing import newest_complete_checkpoint
 from ftsup.trainer.demo import demo_fault_env, prepare_demo, sample_answers
-from ftsup.trainer.launch import write_train_json
 from tests.trainer.trainer_helpers import TrainerProcess
 
 

@@ -18,9 +18,9 @@ import pytest
 from ftsup.supervisor.manifest import read_manifest
 from ftsup.supervisor.procinfo import child_pids
 from ftsup.supervisor.spec_types import LaunchSection
+from ftsup.supervisor.trainer_launch import build_trainer_argv
 from ftsup.trainer.checkpointing import newest_complete_checkpoint
 from ftsup.trainer.distrun import exit_code_for
-from ftsup.trainer.launch import build_trainer_argv
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
 
 MAX_STEPS = 10

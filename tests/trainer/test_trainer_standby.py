@@ -15,7 +15,11 @@ from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.standby_shim import STANDBY_FILE
-from ftsup.trainer.launch import build_trainer_argv, split_single_process_argv, standby_argv
+from ftsup.supervisor.trainer_launch import (
+    build_trainer_argv,
+    split_single_process_argv,
+    standby_argv,
+)
 from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
 from tests.trainer.trainer_helpers import TRAINER_ENV, write_config
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.spec_types import LaunchSection
-from ftsup.trainer.launch import build_trainer_argv
+from ftsup.supervisor.trainer_launch import build_trainer_argv
 
 # One thread per process: the CI box has 2 shared cores, and the reference and
 # resumed runs must use the same thread count to be comparable bit for bit.

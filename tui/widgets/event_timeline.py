@@ -30,7 +30,7 @@ def event_cells(event: dict[str, Any], with_job: bool = False) -> list[Text]:
     cells = [
         Text(fmt.clock_time(as_float(event.get("ts"))), style="dim"),
         Text(fmt.shorten(str(event.get("job") or "daemon"), 14), style="bold"),
-        event_kind_text(fmt.shorten(str(event.get("kind", "")), 15)),
+        event_kind_text(str(event.get("kind", "")), 15),
         Text(str(event.get("message", ""))),
     ]
     return cells if with_job else [cells[0], *cells[2:]]

@@ -1,4 +1,7 @@
-"""The trainer's command line, as the daemon starts it (stdlib only: the daemon imports it).
+"""The built-in trainer's command line and train.json, as the daemon starts it.
+
+Daemon-side code (stdlib only, no torch): the daemon builds the argv and writes
+the configuration; the trainer only reads them.
 
 One process: `python -m ftsup.trainer --config ... [--resume-from ...]`.
 Several: the same module under `python -m ftsup.trainer.distrun`, which is

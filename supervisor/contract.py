@@ -1,0 +1,75 @@
+"""The trainer↔supervisor contract: exit codes, `FTSUP_*` names, file and folder names.
+
+The daemon, the shims, the built-in trainer and `FtsupCallback` run in
+different processes (often different Python environments) and agree only
+through these values. Each is defined here once so that the two sides cannot
+drift; stdlib only, so that anyone may import it (as `manifest.py` and
+`fingerprint.py`). The manifest's own name lives with the manifest
+(`ftsup.supervisor.manifest.MANIFEST_NAME`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePath
+
+# Exit codes of the built-in trainer (docs: DESIGN.md "Exit codes"). Anything
+# else, or a signal, is a failure that the restart policy judges.
+EXIT_OK = 0  # training finished
+EXIT_CONFIG = 2  # bad configuration or data: never restarted
+EXIT_STOPPED = 75  # stopped on request after saving a checkpoint (EX_TEMPFAIL)
+
+# Set by the daemon for every attempt (`daemon/launcher.py`).
+ENV_JOB = "FTSUP_JOB"
+ENV_ATTEMPT = "FTSUP_ATTEMPT"
+ENV_OUTPUT_DIR = "FTSUP_OUTPUT_DIR"
+ENV_PROGRESS_FILE = "FTSUP_PROGRESS_FILE"  # the trainer appends progress lines here
+ENV_RESUME_FROM = "FTSUP_RESUME_FROM"  # only when resuming
+ENV_SKIP_STEPS = "FTSUP_SKIP_STEPS"  # steps whose data to skip after a rollback
+ENV_STANDBY_FD = "FTSUP_STANDBY_FD"  # a warm standby's end of its control socket
+# Set per attempt: a warm standby must match an attempt on every other variable.
+PER_ATTEMPT_ENV = frozenset({ENV_ATTEMPT, ENV_RESUME_FROM, ENV_SKIP_STEPS})
+
+# Read by the daemon, CLI and TUI: where state and the socket live.
+ENV_STATE_DIR = "FTSUP_STATE_DIR"
+ENV_RUNTIME_DIR = "FTSUP_RUNTIME_DIR"
+ENV_CLIENT_TIMEOUT = "FTSUP_CLIENT_TIMEOUT"
+
+# Set for `[notify] command` hooks.
+ENV_EVENT = "FTSUP_EVENT"
+
+# The built-in trainer's fault injection (tests, `ftsup demo`, the fault suite).
+ENV_FAULT_AT_STEP = "FTSUP_FAULT_AT_STEP"
+ENV_FAULT_POINT = "FTSUP_FAULT_POINT"
+ENV_FAULT_ONCE_FILE = "FTSUP_FAULT_ONCE_FILE"
+ENV_FAULT_WRITE_DELAY = "FTSUP_FAULT_WRITE_DELAY"
+
+# Files of an attempt folder (`runs/<job>/attempt-<n>/`), written by the shim.
+EXIT_FILE = "exit.json"
+PIDS_FILE = "pids.json"
+LOG_FILE = "stdout.log"
+# A run's progress lines (`runs/<job>/progress.jsonl`), appended by the trainer.
+PROGRESS_FILE = "progress.jsonl"
+# The built-in trainer's configuration (`runs/<job>/train.json`), written by the daemon.
+TRAIN_CONFIG_FILE = "train.json"
+# The lock a running attempt holds in its output folder (`outlock.py`).
+OUTPUT_LOCK_NAME = ".ftsup.lock"
+# The daemon's single-instance lock in its state folder.
+DAEMON_LOCK_NAME = "daemon.lock"
+
+# Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also
+# matches before a trailing newline ("checkpoint-8\n").
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_RE = re.compile(r"\Acheckpoint-([0-9]+)\Z")
+
+
+def checkpoint_step(name: str | PurePath) -> int | None:
+    """The step of a `checkpoint-<step>` folder name (or path), None for any other name."""
+    base = name.name if isinstance(name, PurePath) else name
+    match = CHECKPOINT_RE.match(base)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of `step` (`checkpoint-<step>`)."""
+    return f"{CHECKPOINT_PREFIX}{step}"
