@@ -39,7 +39,14 @@ from ftsup.supervisor.spec_types import (
     TrainSection,
 )
 
-__all__ = ["SpecError", "SpecIssue", "load_spec", "parse_spec", "spec_to_json"]
+__all__ = [
+    "SpecError",
+    "SpecIssue",
+    "load_spec",
+    "parse_spec",
+    "parse_train_table",
+    "spec_to_json",
+]
 
 # ----------------------------------------------------------------- issues
 
@@ -660,18 +667,46 @@ def _events(value: object, base: Path) -> tuple[str, ...]:
     return tuple(events)
 
 
+# The `[train]` vocabularies, defined once: the built-in trainer imports them.
+TRAIN_FORMATS = ("auto", "alpaca", "chat")
+FINETUNING_TYPES = ("lora", "qlora", "full")
+# The transformers scheduler names the trainer passes through to TrainingArguments
+# unchanged. Left out: those that need `lr_scheduler_kwargs`, which [train] has
+# no key for (cosine_with_min_lr, cosine_warmup_with_min_lr: min_lr;
+# warmup_stable_decay: num_decay_steps), so they would crash at the first step.
 LR_SCHEDULERS = (
     "linear",
     "cosine",
     "cosine_with_restarts",
-    "cosine_with_min_lr",
     "polynomial",
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
     "reduce_lr_on_plateau",
-    "warmup_stable_decay",
 )
+# Schedulers that step on an evaluation metric: transformers refuses them without an eval split.
+EVAL_SCHEDULERS = ("reduce_lr_on_plateau",)
+# The fewest tokens a causal-LM example can train on: labels are shifted by one.
+MIN_CUTOFF_LEN = 2
+MAX_VAL_ROWS = 10**9
+
+
+def _val_size(value: object, base: Path) -> float:
+    """0 (no split), a fraction in (0, 1), or a whole row count >= 1 (`data.split_eval`)."""
+    number: float = _number(at_least=0, at_most=MAX_VAL_ROWS)(value, base)
+    if number >= 1 and not number.is_integer():
+        raise _Bad(
+            f"a row count must be a whole number, got {_fmt(number)}",
+            f"write a fraction below 1 (0.1) or a count of rows ({int(number)})",
+        )
+    return number
+
+
+def _lora_target(value: object, base: Path) -> tuple[str, ...]:
+    targets = _string_or_strings(value, base)
+    if not targets:
+        raise _Bad("must name at least one module", 'use ["all"] for every linear layer')
+    return targets
 
 
 # ------------------------------------------------------------------ schema
@@ -736,16 +771,23 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("model", _model_ref, required=True, example='model = "Qwen/Qwen2.5-0.5B"'),
             _Field("dataset", _datasets, required=True, example='dataset = "data/sft.jsonl"'),
             _Field("tokenizer", _model_ref),
-            _Field("format", _choice("auto", "alpaca", "chat")),
-            _Field("cutoff_len", _FACTOR),
-            _Field("finetuning_type", _choice("lora", "qlora", "full")),
+            _Field("format", _choice(*TRAIN_FORMATS)),
+            _Field(
+                "cutoff_len",
+                _integer(
+                    at_least=MIN_CUTOFF_LEN,
+                    at_most=_MAX_SIZE_FACTOR,
+                    hint="a causal LM learns from the next token, so an example needs 2 or more",
+                ),
+            ),
+            _Field("finetuning_type", _choice(*FINETUNING_TYPES)),
             _Field(
                 "lora_rank",
                 _integer(at_least=1, at_most=_MAX_SIZE_FACTOR, hint="typical ranks are 8 to 128"),
             ),
             _Field("lora_alpha", _FACTOR),
             _Field("lora_dropout", _number(at_least=0, below=1)),
-            _Field("lora_target", _string_or_strings),
+            _Field("lora_target", _lora_target),
             _Field("per_device_train_batch_size", _FACTOR),
             _Field("gradient_accumulation_steps", _FACTOR),
             _Field("learning_rate", _number(above=0)),
@@ -774,7 +816,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
                 ),
             ),
             _Field("logging_steps", _STEPS),
-            _Field("val_size", _number(at_least=0, below=1)),
+            _Field("val_size", _val_size),
             _Field("eval_steps", _STEPS),
             _Field("report_to", _string_or_strings),
             _Field("dataloader_num_workers", _integer(at_least=0, at_most=4096)),
@@ -851,6 +893,12 @@ def _check_train(train: TrainSection) -> Iterator[_Problem]:
             "eval_steps",
             "eval_steps has no effect: no data is held out for evaluation",
             "set val_size = 0.05, or leave eval_steps out",
+        )
+    if train.lr_scheduler_type in EVAL_SCHEDULERS and train.val_size == 0:
+        yield (
+            "lr_scheduler_type",
+            f"{train.lr_scheduler_type} steps on the eval loss, and no data is held out",
+            "set val_size = 0.05, or pick another scheduler",
         )
 
 
@@ -929,6 +977,18 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_kind(data, issues)
     issues.raise_if_any()
     return JobSpec(source=absolute, text=text, **sections)
+
+
+def parse_train_table(table: Mapping[str, Any], source: Path) -> TrainSection:
+    """Validate a `[train]` table given as data (the trainer's train.json) by the same
+    fields, bounds and cross-field rules as a job file; SpecError lists every problem.
+    Relative paths start from `source`'s folder."""
+    issues = _Collector(source, _LineIndex(""))
+    base = Path(os.path.abspath(os.path.expanduser(source))).parent
+    train = _parse_section("train", _TABLES["train"], dict(table), base, issues)
+    issues.raise_if_any()
+    assert isinstance(train, TrainSection)
+    return train
 
 
 DAEMON_TABLES = frozenset({"notify"})

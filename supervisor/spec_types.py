@@ -64,7 +64,7 @@ class TrainSection:
     save_every: float | None = None  # seconds
     save_total_limit: int = 3
     logging_steps: int = 1
-    val_size: float = 0.0
+    val_size: float = 0.0  # 0: no eval split; < 1 a fraction; >= 1 a whole row count
     eval_steps: int | None = None
     report_to: tuple[str, ...] = ()
     dataloader_num_workers: int = 0

@@ -1,43 +1,47 @@
-"""`train.json` -> `RunConfig`, with every check that needs the files or the hardware.
+"""`train.json` -> `RunConfig`: the shared `[train]` rules, then what only the trainer can check.
 
-The supervisor validates the shape of a `[train]` table before it starts
-anything; this module repeats the cheap checks (a hand-written train.json gets
-the same messages) and adds those only the trainer's machine can answer: do
-the data files exist and parse, is bf16 available here. Every problem becomes
-a `ConfigError` whose message names the key or file and the fix; the entry
-point prints it and exits 2, which the supervisor never retries.
+The values of a `[train]` table are validated by `supervisor/spec.py`
+(`parse_train_table`), the same fields, bounds and messages as `ftsup check`,
+so a table the supervisor accepts is one the trainer accepts. This module adds
+only the checks that need the trainer's machine: do the data files exist and
+parse, is bf16 or qlora possible here, does a local model folder exist. Every
+problem becomes a `ConfigError` whose message names the key or file and the
+fix; the entry point prints it and exits 2, which the supervisor never retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.durations import parse_duration
-from ftsup.supervisor.spec_types import TrainSection
-from ftsup.trainer.data import FORMATS, DataError, load_conversations
-
-FINETUNING_TYPES = ("lora", "qlora", "full")
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
+from ftsup.supervisor.spec import (
+    FINETUNING_TYPES,
+    LR_SCHEDULERS,
+    SpecError,
+    SpecIssue,
+    parse_train_table,
 )
-_TUPLE_FIELDS = ("dataset", "lora_target", "report_to")
+from ftsup.supervisor.spec_types import TrainSection
+from ftsup.trainer.data import DataError, load_conversations
+
+__all__ = [
+    "FINETUNING_TYPES",
+    "LR_SCHEDULERS",
+    "ConfigError",
+    "RunConfig",
+    "check_data",
+    "check_environment",
+    "load_run_config",
+    "train_section_from_dict",
+]
+
+# Keys whose default is "unset": the daemon writes them as null in train.json.
+_UNSET_KEYS = frozenset(f.name for f in dataclasses.fields(TrainSection) if f.default is None)
 
 
 class ConfigError(ValueError):
@@ -81,7 +85,7 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
         source=path,
     )
     problems: list[str] = []
-    checks = [check_train_section, check_environment] + ([check_data] if check_files else [])
+    checks = [check_environment] + ([check_data] if check_files else [])
     for check in checks:
         try:
             check(train)
@@ -92,120 +96,27 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
     return config
 
 
-def train_section_from_dict(table: dict[str, Any], *, base_dir: Path | None = None) -> TrainSection:
-    """Build a TrainSection; unknown keys are errors with a suggestion."""
-    names = [f.name for f in dataclasses.fields(TrainSection)]
-    problems = []
-    for key in table:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            problems.append(f"[train] {key}: unknown key{hint}")
-    for key in ("model", "dataset"):
-        if key not in table:
-            problems.append(f"[train] {key}: required")
-    if problems:
-        raise ConfigError(problems)
-    values = dict(table)
-    for key in _TUPLE_FIELDS:
-        if isinstance(values.get(key), str):
-            values[key] = [values[key]]
-    if isinstance(values.get("save_every"), str):  # a hand-written "10m"
-        try:
-            values["save_every"] = parse_duration(values["save_every"])
-        except ValueError as exc:
-            raise ConfigError([f"[train] save_every: {exc}"]) from None
-    _check_types(values)
-    for key in _TUPLE_FIELDS:
-        if key in values:
-            values[key] = tuple(values[key])
-    if base_dir is not None:
-        values["dataset"] = tuple(str((base_dir / p).resolve()) for p in values["dataset"])
-    return TrainSection(**values)
+def train_section_from_dict(
+    table: Mapping[str, Any], *, base_dir: Path | None = None
+) -> TrainSection:
+    """Build a TrainSection by the supervisor's `[train]` rules; every problem is reported.
+
+    Relative dataset paths start from `base_dir` (train.json's folder), else the
+    working folder. A null is accepted only for keys whose default is unset.
+    """
+    values = {k: v for k, v in table.items() if not (v is None and k in _UNSET_KEYS)}
+    source = (base_dir if base_dir is not None else Path.cwd()) / "train.json"
+    try:
+        return parse_train_table(values, source)
+    except SpecError as exc:
+        raise ConfigError([_problem(issue) for issue in exc.issues]) from None
 
 
-def _check_types(values: dict[str, Any]) -> None:
-    hints = typing.get_type_hints(TrainSection)
-    problems = []
-    for key, value in values.items():
-        if not _matches(value, hints[key]):
-            problems.append(f"[train] {key} = {value!r}: expected {_describe(hints[key])}")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _matches(value: object, hint: object) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, arg) for arg in args)
-    if origin is tuple:
-        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint: object) -> str:
-    text = str(hint).replace("<class '", "").replace("'>", "")
-    return text.replace("tuple[str, ...]", "a list of strings").replace("NoneType", "unset")
-
-
-def check_train_section(train: TrainSection) -> None:
-    """Value checks that need nothing but the table itself."""
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(f"[train] {key} = {getattr(train, key)!r}: {message}")
-
-    need(train.format in FORMATS, "format", f"use one of {', '.join(FORMATS)}")
-    need(
-        train.finetuning_type in FINETUNING_TYPES,
-        "finetuning_type",
-        f"use one of {', '.join(FINETUNING_TYPES)}",
-    )
-    need(train.cutoff_len >= 2, "cutoff_len", "must be at least 2 tokens")
-    need(train.lora_rank > 0, "lora_rank", "must be a positive integer (8, 16, 64 ...)")
-    need(train.lora_alpha is None or train.lora_alpha > 0, "lora_alpha", "must be positive")
-    need(0.0 <= train.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-    need(len(train.lora_target) > 0, "lora_target", 'name modules, or use ["all"]')
-    need(train.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
-    need(train.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-    need(train.learning_rate > 0, "learning_rate", "must be positive")
-    need(train.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", f"use one of {SCHEDULERS}")
-    need(train.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-    need(0.0 <= train.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-    need(train.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(train.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-    need(
-        train.max_steps > 0 or train.num_train_epochs > 0,
-        "num_train_epochs",
-        "set max_steps > 0 or num_train_epochs > 0",
-    )
-    need(train.seed >= 0, "seed", "must be >= 0")
-    need(train.save_steps is None or train.save_steps > 0, "save_steps", "must be positive")
-    need(train.save_every is None or train.save_every > 0, "save_every", "must be positive")
-    need(
-        train.save_total_limit >= 2,
-        "save_total_limit",
-        "must be at least 2, so the newest complete checkpoint survives while the next is written",
-    )
-    need(train.logging_steps >= 1, "logging_steps", "must be >= 1")
-    need(train.val_size >= 0, "val_size", "must be >= 0 (a fraction < 1 or a row count)")
-    need(train.eval_steps is None or train.eval_steps > 0, "eval_steps", "must be positive")
-    need(
-        train.eval_steps is None or train.val_size > 0,
-        "eval_steps",
-        "needs an eval split: set val_size",
-    )
-    need(train.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
-    need(not (train.bf16 and train.fp16), "fp16", "bf16 and fp16 are exclusive: pick one")
-    if problems:
-        raise ConfigError(problems)
+def _problem(issue: SpecIssue) -> str:
+    """`[train] lora_rank: must be at least 1, got 0` (train.json has no line numbers)."""
+    key = issue.key.replace("train.", "[train] ", 1) if issue.key else "[train]"
+    text = f"{key}: {issue.message}"
+    return f"{text}; {issue.hint}" if issue.hint else text
 
 
 def check_environment(train: TrainSection) -> None:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.spec import TRAIN_FORMATS
+
 IGNORE_INDEX = -100
-FORMATS = ("auto", "alpaca", "chat")
+FORMATS = TRAIN_FORMATS  # one list, in supervisor/spec.py
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _SHAREGPT_ROLES |= {"system": "system"}
@@ -175,7 +177,11 @@ def load_conversations(paths: Iterable[str | Path], fmt: str = "auto") -> list[l
 
 
 def split_eval(items: Sequence[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, eval): `val_size` < 1 is a fraction, >= 1 a count; picked with `seed`."""
+    """(train, eval): `val_size` < 1 is a fraction, >= 1 a whole row count; picked with `seed`.
+
+    The accepted forms are `spec._val_size`'s (docs/trainer.md): 0, a fraction
+    in (0, 1), or a whole count >= 1; a fraction keeps at least one eval row.
+    """
     if val_size <= 0:
         return list(items), []
     count = int(val_size) if val_size >= 1 else max(1, round(len(items) * val_size))

@@ -26,17 +26,23 @@ def write_rows(path: Path, rows: list[Any]) -> Path:
 
 
 CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
-    "rank <= 0": ({"lora_rank": 0}, ["lora_rank", "positive"]),
+    "rank <= 0": ({"lora_rank": 0}, ["lora_rank", "at least 1"]),
     "save_total_limit = 1": ({"save_total_limit": 1}, ["save_total_limit", "at least 2"]),
     "bf16 on CPU": ({"bf16": True}, ["bf16", "set bf16 = false"]),
     "fp16 on CPU": ({"fp16": True}, ["fp16", "CUDA"]),
     "qlora without CUDA": ({"finetuning_type": "qlora"}, ["qlora", "CUDA", "lora"]),
     "unknown format": ({"format": "sharegpt2"}, ["format", "alpaca", "chat"]),
     "unknown finetuning_type": ({"finetuning_type": "dora"}, ["finetuning_type", "full"]),
-    "unknown key": ({"save_step": 10}, ["save_step", "did you mean `save_steps`"]),
-    "wrong type": ({"learning_rate": "1e-4"}, ["learning_rate", "expected float"]),
+    "unknown key": ({"save_step": 10}, ["save_step", 'did you mean "save_steps"']),
+    "wrong type": ({"learning_rate": "1e-4"}, ["learning_rate", "expected a number"]),
     "eval_steps without split": ({"eval_steps": 5}, ["eval_steps", "val_size"]),
     "no steps": ({"max_steps": -1, "num_train_epochs": 0.0}, ["max_steps", "num_train_epochs"]),
+    "cutoff_len = 1": ({"cutoff_len": 1}, ["cutoff_len", "at least 2"]),
+    "val_size count not whole": ({"val_size": 2.5}, ["val_size", "whole number"]),
+    "plateau without split": (
+        {"lr_scheduler_type": "reduce_lr_on_plateau"},
+        ["lr_scheduler_type", "val_size"],
+    ),
     "missing model folder": ({"model": "/nonexistent/model"}, ["model", "no such folder"]),
 }
 
@@ -94,9 +100,10 @@ def test_bad_data_is_named(case: str, tiny_model: Path, tmp_path: Path) -> None:
 
 def test_good_config_loads(tiny_model: Path, arith_data: Path, tmp_path: Path) -> None:
     config = load_run_config(
-        write_config(tmp_path, table(tiny_model, arith_data, save_every="10m"))
+        write_config(tmp_path, table(tiny_model, arith_data, save_every="10m", val_size=50))
     )
     assert config.train.save_every == 600.0
+    assert config.train.val_size == 50  # a row count, as docs/trainer.md says
     assert config.output_dir == tmp_path / "out"
     assert config.train.dataset == (str(arith_data),)
 
