@@ -333,8 +333,9 @@ class GpuModel:
         status = result.get("status")
         if isinstance(status, str):
             self.status = status
-        active = result.get("active")
-        self.available = active if isinstance(active, bool) else status in (None, "ok")
+        # `available` (docs/health.md); `active` from daemons before the one shape.
+        available = result.get("available", result.get("active"))
+        self.available = available if isinstance(available, bool) else status in (None, "ok")
         gpus = result.get("gpus")
         if isinstance(gpus, list):
             entries = [g for g in gpus if isinstance(g, dict)]
@@ -382,6 +383,25 @@ class GpuModel:
         self.available = False
         self.gpus = []
         self.series = {}
+
+
+def _quarantined_item(entry: Any) -> dict[str, Any]:
+    """A quarantined folder as a checkpoint row: `{"path", "step", "reason"}` from
+    the listing (docs/checkpoints.md), or a bare path from a daemon before it."""
+    known = entry if isinstance(entry, dict) else {}
+    path = str(known.get("path", entry))
+    head, _, slug = path.rsplit("/", 1)[-1].partition(".invalid-")
+    step = as_int(known.get("step"))
+    if step is None and head.removeprefix("checkpoint-").isdigit():
+        step = int(head.removeprefix("checkpoint-"))
+    why = known.get("reason") if isinstance(known.get("reason"), str) else None
+    return {
+        "path": path,
+        "step": step,
+        "valid": False,
+        "resumable": False,
+        "reason": f"quarantined ({why or slug or 'invalid'})",
+    }
 
 
 def mem_percent(gpu: dict[str, Any]) -> float | None:
@@ -493,19 +513,8 @@ class TuiState:
             model.checkpoints, model.checkpoints_note = None, note
         else:
             items = [c for c in result.get("checkpoints", []) if isinstance(c, dict)]
-            for path in result.get("quarantined", []):  # renamed aside, never deleted
-                name = str(path).rsplit("/", 1)[-1]
-                head, _, why = name.partition(".invalid-")
-                step = head.removeprefix("checkpoint-")
-                items.append(
-                    {
-                        "path": str(path),
-                        "step": int(step) if step.isdigit() else None,
-                        "valid": False,
-                        "resumable": False,
-                        "reason": f"quarantined ({why or 'invalid'})",
-                    }
-                )
+            for entry in result.get("quarantined", []):  # renamed aside, never deleted
+                items.append(_quarantined_item(entry))
             model.checkpoints = sorted(
                 items, key=lambda c: as_int(c.get("step")) or -1, reverse=True
             )

@@ -15,6 +15,7 @@ from .discovery import (
     select_resume,
     validate_all,
 )
+from .listing import checkpoint_listing
 from .postresume import loss_jump
 from .quarantine import list_quarantined, quarantine, quarantine_reason, restore
 from .report import CheckpointReport, Format, checkpoint_step
@@ -27,6 +28,7 @@ __all__ = [
     "Quarantined",
     "ResumeChoice",
     "apply_retention",
+    "checkpoint_listing",
     "checkpoint_step",
     "list_checkpoints",
     "list_quarantined",

@@ -25,10 +25,9 @@ from ftsup.supervisor.checkpoints.discovery import (
     validate_all,
 )
 from ftsup.supervisor.checkpoints.humanize import format_bytes
+from ftsup.supervisor.checkpoints.listing import checkpoint_listing
 from ftsup.supervisor.checkpoints.quarantine import (
-    list_quarantined,
     quarantine,
-    quarantine_reason,
     restore,
 )
 from ftsup.supervisor.checkpoints.report import CheckpointReport, checkpoint_step
@@ -134,7 +133,7 @@ def _print_reports(reports: list[CheckpointReport], *, verbose: bool) -> None:
     if not reports:
         output.stdout.print("no checkpoints")
         return
-    output.stdout.print(_table(reports))
+    output.stdout.print(_table([r.to_json() for r in reports]))
     if verbose:
         for problem in reports[0].problems:
             output.stdout.print(Text.assemble(("  problem: ", "red"), problem))
@@ -145,50 +144,43 @@ def _print_reports(reports: list[CheckpointReport], *, verbose: bool) -> None:
 # -- ls -------------------------------------------------------------------------
 
 
-def _output_dir_of(args: argparse.Namespace) -> Path | int:
-    """The folder itself, or the output folder of the job of that name."""
+def _output_dir_of(args: argparse.Namespace) -> tuple[Path, bool | None] | int:
+    """The folder itself, or the output folder of the job of that name; with
+    whether manifests are required (True for a `[train]` job, as the daemon
+    judges it, so that both list the same verdicts)."""
     out = Path(args.output_dir)
     if out.is_dir() or "/" in args.output_dir:
-        return out
+        return out, None
     job = ask(args, lambda client: client.request("status", job=args.output_dir))
-    return job if isinstance(job, int) else Path(job["output_dir"])
+    if isinstance(job, int):
+        return job
+    return Path(job["output_dir"]), True if job.get("kind") == "train" else None
 
 
 def run_ls(args: argparse.Namespace) -> int:
     found = _output_dir_of(args)
     if isinstance(found, int):
         return found
-    out = found
+    out, require_manifest = found
     if not out.is_dir():
         output.error(f"{out} is not a folder")
         return output.EXIT_NOT_FOUND
-    reports = validate_all(out, world_size=args.world_size)
-    resume = next((r for r in reversed(reports) if r.resumable), None)
-    quarantined = [_quarantined_json(p) for p in list_quarantined(out)]
+    listing = checkpoint_listing(out, world_size=args.world_size, require_manifest=require_manifest)
     if args.json:
-        output.print_json(
-            {
-                "output_dir": str(out),
-                "checkpoints": [r.to_json() for r in reports],
-                "resume_from": str(resume.path) if resume else None,
-                "quarantined": quarantined,
-            }
-        )
+        output.print_json(listing)
         return output.EXIT_OK
-    if reports:
-        output.stdout.print(_table(reports, resume=resume))
+    if listing["checkpoints"]:
+        output.stdout.print(_table(listing["checkpoints"]))
     else:
         output.stdout.print(f"no checkpoints in {out}")
-    if quarantined:
-        output.stdout.print(_quarantine_table(quarantined))
+    if listing["quarantined"]:
+        output.stdout.print(_quarantine_table(listing["quarantined"]))
     return output.EXIT_OK
 
 
-def _quarantined_json(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "step": checkpoint_step(path), "reason": quarantine_reason(path)}
-
-
-def _table(reports: list[CheckpointReport], *, resume: CheckpointReport | None = None) -> Table:
+def _table(rows: list[dict[str, Any]]) -> Table:
+    """Rows in the listing's JSON shape (`CheckpointReport.to_json`, plus
+    `resume_candidate` from a listing): the table shows what --json says."""
     table = Table(box=None, pad_edge=False)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("saved", no_wrap=True)
@@ -198,27 +190,27 @@ def _table(reports: list[CheckpointReport], *, resume: CheckpointReport | None =
     table.add_column("status", ratio=1)
     table.add_column("resumable", no_wrap=True)
     now = time.time()
-    for report in reports:
-        marker = " [bold cyan]← resume[/]" if resume is not None and report is resume else ""
+    for row in rows:
+        marker = " [bold cyan]← resume[/]" if row.get("resume_candidate") is True else ""
         table.add_row(
-            "-" if report.step is None else str(report.step),
-            dt.datetime.fromtimestamp(report.mtime).strftime("%Y-%m-%d %H:%M:%S"),
-            format_duration(now - report.mtime),
-            format_bytes(report.size_bytes),
-            report.format,
-            _status(report),
-            ("[green]yes[/]" if report.resumable else "[yellow]no[/]") + marker,
+            "-" if row["step"] is None else str(row["step"]),
+            dt.datetime.fromtimestamp(row["mtime"]).strftime("%Y-%m-%d %H:%M:%S"),
+            format_duration(now - row["mtime"]),
+            format_bytes(row["size_bytes"]),
+            row["format"],
+            _status(row),
+            ("[green]yes[/]" if row["resumable"] else "[yellow]no[/]") + marker,
         )
     return table
 
 
-def _status(report: CheckpointReport) -> str:
-    if not report.valid:
-        extra = len(report.problems) - 1
+def _status(row: dict[str, Any]) -> str:
+    if not row["valid"]:
+        extra = len(row["details"].get("problems", ())) - 1
         more = f" (+{extra} more)" if extra > 0 else ""
-        return f"[red]invalid:[/] {escape(report.reason or '')}{more}"
-    if not report.resumable:
-        return f"[yellow]valid, {escape(report.reason or 'not resumable')}[/]"
+        return f"[red]invalid:[/] {escape(row['reason'] or '')}{more}"
+    if not row["resumable"]:
+        return f"[yellow]valid, {escape(row['reason'] or 'not resumable')}[/]"
     return "[green]valid[/]"
 
 

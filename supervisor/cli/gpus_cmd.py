@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from ftsup.supervisor.cli import output
+from ftsup.supervisor.health.gpu import gpu_entry, gpu_reading
 from ftsup.supervisor.health.gpu_metrics import GpuLost, read_info, read_sample
 from ftsup.supervisor.health.nvml import (
     Nvml,
@@ -81,7 +83,15 @@ def run(
                 live.update(gpus_table(read_gpus(nvml)), refresh=True)
     except NvmlUnavailable as err:
         if args.json:
-            output.print_json({"available": False, "reason": str(err), "gpus": []})
+            output.print_json(
+                gpu_reading(
+                    available=False,
+                    status=f"no NVIDIA GPU: {err}",
+                    reason=str(err),
+                    driver=None,
+                    gpus=[],
+                )
+            )
         else:
             output.stdout.print(f"no NVIDIA GPU: {err}", markup=False)
         return output.EXIT_OK
@@ -90,7 +100,8 @@ def run(
 
 
 def read_gpus(nvml: Nvml | None = None) -> dict[str, Any]:
-    """One reading of every GPU, JSON-safe; raises NvmlUnavailable."""
+    """One reading of every GPU in the shape of the daemon's `gpus` answer
+    (`gpu_reading`, docs/health.md); raises NvmlUnavailable."""
     with nvml_session(nvml) as n:
         count = int(n.nvmlDeviceGetCount())
         if count == 0:
@@ -98,18 +109,23 @@ def read_gpus(nvml: Nvml | None = None) -> dict[str, Any]:
         driver = n.nvmlSystemGetDriverVersion()
         gpus = [_read_one(n, index) for index in range(count)]
     driver = driver.decode() if isinstance(driver, bytes) else str(driver)
-    return {"available": True, "driver": driver, "gpus": gpus}
+    status = f"{count} GPU{'s' if count != 1 else ''}, driver {driver}"
+    return gpu_reading(available=True, status=status, reason=None, driver=driver, gpus=gpus)
 
 
 def _read_one(n: Nvml, index: int) -> dict[str, Any]:
+    """As the daemon's monitor reads it: a GPU that cannot be read is unhealthy."""
+    info: dict[str, Any] = {"index": index}
     try:
         handle = n.nvmlDeviceGetHandleByIndex(index)
-        return {**read_info(n, handle, index), "sample": read_sample(n, handle, time.time())}
-    except GpuLost as err:
-        return {"index": index, "lost": True, "error": str(err)}
     except n.NVMLError as err:
-        lost = is_gpu_lost(n, err)
-        return {"index": index, **({"lost": True} if lost else {}), "error": describe_error(err)}
+        reason = "GPU is lost" if is_gpu_lost(n, err) else f"no NVML handle: {describe_error(err)}"
+        return gpu_entry(info, [], reason)
+    try:
+        info = read_info(n, handle, index)
+        return gpu_entry(info, [read_sample(n, handle, time.time())], None)
+    except GpuLost:
+        return gpu_entry(info, [], "GPU is lost")
 
 
 def _show(reading: dict[str, Any], *, as_json: bool) -> None:
@@ -137,13 +153,13 @@ def gpus_table(reading: dict[str, Any]) -> Table:
 
 def _row(gpu: dict[str, Any]) -> list[str]:
     index = str(gpu["index"])
-    if "sample" not in gpu:
-        problem = "GPU is lost" if gpu.get("lost") else gpu.get("error", "unreadable")
+    s = gpu.get("latest")
+    if not isinstance(s, dict):
+        problem = escape(str(gpu.get("unhealthy_reason") or "unreadable"))
         return [index, f"[bold red]{problem}[/]", *["-"] * 9]
-    s = gpu["sample"]
     return [
         index,
-        str(gpu.get("name", "-")).removeprefix("NVIDIA "),
+        escape(str(gpu.get("name", "-")).removeprefix("NVIDIA ")),
         _pct(s.get("util_gpu")),
         _memory(s.get("mem_used"), s.get("mem_total")),
         f"{s['temp_c']}°C" if "temp_c" in s else "-",

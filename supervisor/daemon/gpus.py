@@ -26,7 +26,6 @@ from ftsup.supervisor.spec_types import JobSpec
 
 log = logging.getLogger("ftsup.daemon")
 KILLED_BY_GPU = "ftsup-gpu-fault"
-SERIES_POINTS = 60
 
 
 class GpuSupervision:
@@ -108,34 +107,8 @@ class GpuSupervision:
 
     # view -----------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """Flat per-GPU figures plus short series (what the TUI and `ftsup gpus` show)."""
-        raw = self.monitor.snapshot()
-        gpus = []
-        for gpu in raw["gpus"]:
-            index = gpu.get("index")
-            latest = gpu.get("latest") or {}
-            samples = self.monitor.series(index)[-SERIES_POINTS:] if isinstance(index, int) else []
-            gpus.append(
-                {
-                    **{k: v for k, v in gpu.items() if k != "latest"},
-                    "util": latest.get("util_gpu"),
-                    "mem_used": latest.get("mem_used"),
-                    "mem_total": latest.get("mem_total"),
-                    "temp": latest.get("temp_c"),
-                    "power": latest.get("power_w"),
-                    "latest": latest,
-                    "series": {
-                        "util": [s.get("util_gpu") for s in samples],
-                        "mem": [s.get("mem_used") for s in samples],
-                    },
-                }
-            )
-        return {
-            "status": raw["status"]["message"],
-            "active": raw["status"]["active"],
-            "gpus": gpus,
-            "events": raw["events"],
-        }
+        """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu)."""
+        return self.monitor.reading()
 
 
 def _uses(spec: JobSpec, index: int | None) -> bool:

@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.atomicio import tail_lines
-from ftsup.supervisor.checkpoints import discovery
-from ftsup.supervisor.checkpoints.quarantine import list_quarantined
-from ftsup.supervisor.checkpoints.report import CheckpointReport
+from ftsup.supervisor.checkpoints.listing import checkpoint_listing
 from ftsup.supervisor.contract import LOG_FILE
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
@@ -216,27 +214,22 @@ class Handlers:
         }
 
     async def checkpoints(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Every checkpoint of the job, validated now (off the loop), newest last."""
+        """The job's checkpoint listing, validated now (off the loop): the same
+        shape as `ftsup ckpt ls --json` (checkpoints.listing)."""
         job = self._job(_str_arg(request, "job"))
         output_dir = Path(job.output_dir)
         require_manifest = True if job.kind == "train" else None  # as the daemon resumes
 
-        def check() -> tuple[list[CheckpointReport], list[Path]]:
-            reports = discovery.validate_all(output_dir, require_manifest=require_manifest)
-            return reports, list_quarantined(output_dir)
+        def check() -> dict[str, Any]:
+            return checkpoint_listing(output_dir, require_manifest=require_manifest)
 
         try:
-            reports, quarantined = await in_thread(check, 120.0, "checking checkpoints")
+            listing = await in_thread(check, 120.0, "checking checkpoints")
         except (TimeoutError, OSError) as exc:  # could not check: say so, judge nothing
             raise RequestError(
                 "unavailable", f"could not check the checkpoints in {output_dir}: {exc}"
             ) from None
-        resume = next((r for r in reversed(reports) if r.resumable), None)
-        return {
-            "output_dir": job.output_dir,
-            "checkpoints": [{**r.to_json(), "resume_candidate": r is resume} for r in reports],
-            "quarantined": [str(p) for p in quarantined],
-        }
+        return listing
 
     async def progress_history(self, request: dict[str, Any]) -> dict[str, Any]:
         """The newest progress lines of a job (loss curves from before a client attached)."""

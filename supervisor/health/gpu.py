@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ class MonitorStatus:
     message: str  # "GPU monitor on: ..." or "GPU monitor off: <reason>"
     xid_events: bool = False
     driver: str | None = None
+    reason: str | None = None  # why the monitor is off (None while on)
 
 
 class GpuSeries:
@@ -154,7 +155,7 @@ class GpuMonitor:
         nvml_access.shutdown(nvml)
         self._nvml = None
         if self.status.active:
-            self.status = MonitorStatus(False, "GPU monitor off: stopped")
+            self.status = MonitorStatus(False, "GPU monitor off: stopped", reason="stopped")
 
     # --- queries (any thread) ---------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class GpuMonitor:
             return list(self._events)
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything the TUI and `ftsup gpus` show, JSON-safe."""
+        """The monitor's raw state, JSON-safe (`reading()` is what clients get)."""
         with self._lock:
             gpus = []
             for index in sorted(self._handles):
@@ -202,6 +203,30 @@ class GpuMonitor:
             events = [event.to_dict() for event in self._events]
         status = asdict(self.status)
         return {"status": status, "gpus": gpus, "events": events}
+
+    def reading(self) -> dict[str, Any]:
+        """The daemon's `gpus` answer, in the shape `ftsup gpus --json` prints
+        (`gpu_reading`). GPUs without an NVML handle are listed as unhealthy."""
+        with self._lock:
+            indices = sorted(set(self._handles) | set(self._unhealthy))
+            gpus = [
+                gpu_entry(
+                    self._info.get(index, {"index": index}),
+                    self._series[index].samples() if index in self._series else [],
+                    self._unhealthy.get(index),
+                )
+                for index in indices
+            ]
+            events = [event.to_dict() for event in self._events]
+        status = self.status
+        return gpu_reading(
+            available=status.active,
+            status=status.message,
+            reason=status.reason,
+            driver=status.driver,
+            gpus=gpus,
+            events=events,
+        )
 
     # --- work (monitor threads) -------------------------------------------------------------
 
@@ -285,7 +310,8 @@ class GpuMonitor:
             except nvml.NVMLError as err:
                 reason = describe_error(err)
                 log.warning("GPU %d: no handle: %s", index, reason)
-                self._unhealthy[index] = f"no NVML handle: {reason}"
+                lost = nvml_access.is_gpu_lost(nvml, err)
+                self._unhealthy[index] = "GPU is lost" if lost else f"no NVML handle: {reason}"
                 continue
             self._handles[index] = handle
             self._series[index] = GpuSeries(index, self.history)
@@ -335,9 +361,60 @@ class GpuMonitor:
         self._threads.append(thread)
 
     def _off(self, reason: str) -> MonitorStatus:
-        self.status = MonitorStatus(False, f"GPU monitor off: {reason}")
+        self.status = MonitorStatus(False, f"GPU monitor off: {reason}", reason=reason)
         log.info(self.status.message)
         return self.status
+
+
+SERIES_POINTS = 60  # per-GPU points in a reading's "series" (the TUI's sparklines)
+
+
+def gpu_entry(
+    info: Mapping[str, Any], samples: Sequence[Sample], unhealthy_reason: str | None
+) -> dict[str, Any]:
+    """One GPU in a reading (docs/health.md): what does not change (`info`), its
+    health, the newest sample whole (`latest`) and flat, and short series.
+    The CLI (one sample) and the daemon (its monitor's ring) both build it here."""
+    latest = samples[-1] if samples else None
+    now = latest or {}
+    shown = samples[-SERIES_POINTS:]
+    return {
+        **info,
+        "healthy": unhealthy_reason is None,
+        "unhealthy_reason": unhealthy_reason,
+        "util": now.get("util_gpu"),
+        "mem_used": now.get("mem_used"),
+        "mem_total": now.get("mem_total"),
+        "temp": now.get("temp_c"),
+        "power": now.get("power_w"),
+        "latest": latest,
+        "samples": len(samples),
+        "series": {
+            "util": [s.get("util_gpu") for s in shown],
+            "mem": [s.get("mem_used") for s in shown],
+        },
+    }
+
+
+def gpu_reading(
+    *,
+    available: bool,
+    status: str,
+    reason: str | None,
+    driver: str | None,
+    gpus: Iterable[dict[str, Any]],
+    events: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The one shape of a GPU reading: `ftsup gpus --json` and the daemon's `gpus`
+    request. `reason`: why there is no reading (None when `available`)."""
+    return {
+        "available": available,
+        "status": status,
+        "reason": reason,
+        "driver": driver,
+        "gpus": list(gpus),
+        "events": list(events),
+    }
 
 
 def _driver_version(nvml: Nvml) -> str | None:

@@ -37,13 +37,16 @@ def test_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert gpus_cmd.run(_args("--json"), nvml=_machine().module) == 0
     reading = json.loads(capsys.readouterr().out)
     assert reading["available"] is True and reading["driver"] == "550.54.15"
+    assert reading["reason"] is None and reading["status"] == "3 GPUs, driver 550.54.15"
     h100, v100, lost = reading["gpus"]
-    assert h100["name"] == "NVIDIA H100 80GB HBM3" and h100["sample"]["util_gpu"] == 97
-    assert v100["sample"]["ecc_volatile_uncorrected"] == 2
-    assert v100["sample"]["retired_pages_pending"] is True
-    assert "remap_pending" not in v100["sample"]  # not supported: absent
-    assert v100["sample"]["clock_events"] == ["hw_thermal_slowdown"]
-    assert lost == {"index": 2, "lost": True, "error": "GPU is lost"}
+    assert h100["name"] == "NVIDIA H100 80GB HBM3" and h100["latest"]["util_gpu"] == 97
+    assert (h100["util"], h100["temp"], h100["series"]["util"]) == (97, 67, [97])
+    assert v100["latest"]["ecc_volatile_uncorrected"] == 2
+    assert v100["latest"]["retired_pages_pending"] is True
+    assert "remap_pending" not in v100["latest"]  # not supported: absent
+    assert v100["latest"]["clock_events"] == ["hw_thermal_slowdown"]
+    assert (lost["index"], lost["healthy"], lost["unhealthy_reason"]) == (2, False, "GPU is lost")
+    assert lost["latest"] is None and lost["samples"] == 0
 
 
 def test_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,7 +81,14 @@ def test_no_gpu_is_an_answer(code: int, reason: str, capsys: pytest.CaptureFixtu
     assert gpus_cmd.run(_args(), nvml=fake.module) == 0
     assert capsys.readouterr().out == f"no NVIDIA GPU: {reason}\n"
     assert gpus_cmd.run(_args("--json"), nvml=fake.module) == 0
-    assert json.loads(capsys.readouterr().out) == {"available": False, "reason": reason, "gpus": []}
+    assert json.loads(capsys.readouterr().out) == {
+        "available": False,
+        "status": f"no NVIDIA GPU: {reason}",
+        "reason": reason,
+        "driver": None,
+        "gpus": [],
+        "events": [],
+    }
 
 
 def test_zero_gpus(capsys: pytest.CaptureFixture[str]) -> None:

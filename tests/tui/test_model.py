@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ftsup.supervisor.health.gpu import gpu_entry, gpu_reading
 from ftsup.tui.model import (
     EVENTS_MAX,
     LOG_MAX,
@@ -166,3 +167,43 @@ def test_quarantined_checkpoints_are_listed_as_invalid() -> None:
     rows, _ = state.jobs["a"].checkpoint_rows()
     assert rows is not None and [(r["step"], r["valid"]) for r in rows] == [(30, False), (20, True)]
     assert rows[0]["reason"] == "quarantined (missing-rng-state)"
+
+
+def test_quarantined_entries_of_the_listing_show_their_recorded_reason() -> None:
+    """The listing (docs/checkpoints.md) gives each quarantined folder its step and
+    the full reason from its note; the TUI shows that, not the shortened slug."""
+    state = TuiState()
+    folder = "/o/checkpoint-30.invalid-rng-state-pth-is-missing"
+    answer = {
+        "output_dir": "/o",
+        "checkpoints": [],
+        "resume_from": None,
+        "quarantined": [{"path": folder, "step": 30, "reason": "rng_state.pth is missing"}],
+    }
+    state.apply_checkpoints("a", answer)
+    rows, _ = state.jobs["a"].checkpoint_rows()
+    assert rows is not None and [(r["step"], r["path"], r["valid"]) for r in rows] == [
+        (30, folder, False)
+    ]
+    assert rows[0]["reason"] == "quarantined (rng_state.pth is missing)"
+
+
+def test_a_gpu_reading_in_the_one_shape_is_shown() -> None:
+    """`available` (the shape `ftsup gpus --json` and the daemon share) decides."""
+    sample = {"t": 1.0, "util_gpu": 50, "mem_used": 1, "mem_total": 4, "temp_c": 60}
+    reading = gpu_reading(
+        available=True,
+        status="GPU monitor on: 1 GPU",
+        reason=None,
+        driver="550.54.15",
+        gpus=[gpu_entry({"index": 0, "name": "NVIDIA H100"}, [sample], None)],
+    )
+    state = TuiState()
+    state.gpus.apply(reading, sample=False)
+    assert state.gpus.available and state.gpus.gpus[0]["temp"] == 60
+    assert list(state.gpus.series[0]["util"]) == [50.0]
+    off = gpu_reading(
+        available=False, status="GPU monitor off: x", reason="x", driver=None, gpus=[]
+    )
+    state.gpus.apply(off, sample=False)
+    assert not state.gpus.available and state.gpus.status == "GPU monitor off: x"
