@@ -36,10 +36,12 @@ from ftsup.supervisor.spec_types import (
     LaunchSection,
     NotifySection,
     RestartSection,
+    SpecIssue,
     TrainSection,
 )
 
 __all__ = [
+    "RENAMED_KEYS",
     "SpecError",
     "SpecIssue",
     "load_spec",
@@ -49,43 +51,6 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------- issues
-
-
-@dataclass(frozen=True)
-class SpecIssue:
-    """One problem in a job file; `key` is dotted from the root, e.g. `restart.backoff`."""
-
-    file: Path
-    line: int | None
-    key: str
-    message: str
-    hint: str | None = None
-
-    def __str__(self) -> str:
-        return self.render()
-
-    def render(self, *, hint: bool = True) -> str:
-        """`job.toml:12: [restart] backof: unknown key; did you mean "backoff"?`"""
-        parts = [str(self.file) if self.line is None else f"{self.file}:{self.line}"]
-        if self.key:
-            parts.append(_render_key(self.key))
-        text = ": ".join([*parts, self.message])
-        return f"{text}; {self.hint}" if hint and self.hint else text
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON shape `ftsup check --json` and the daemon report."""
-        return {
-            "file": str(self.file),
-            "line": self.line,
-            "key": self.key,
-            "message": self.message,
-            "hint": self.hint,
-        }
-
-
-def _render_key(key: str) -> str:
-    table, _, rest = key.partition(".")
-    return f"[{table}] {rest}" if rest else f"[{table}]"
 
 
 class SpecError(Exception):
@@ -171,6 +136,10 @@ class _LineIndex:
                 return delimiter
         return None
 
+    def keys_in(self, table: str) -> set[str]:
+        """The keys written directly in `[table]`."""
+        return {path[1] for path in self.keys if len(path) == 2 and path[0] == table}
+
     def find(self, path: tuple[str, ...]) -> int | None:
         """The key's line, else its table's, else its parent's; None when absent."""
         while path:
@@ -188,6 +157,7 @@ class _Collector:
         self.source = source
         self.lines = lines
         self.items: list[SpecIssue] = []
+        self.warnings: list[SpecIssue] = []
 
     def add(
         self,
@@ -199,6 +169,14 @@ class _Collector:
     ) -> None:
         found = line if line is not None else self.lines.find(path)
         self.items.append(SpecIssue(self.source, found, ".".join(path), message, hint))
+
+    def warn(self, path: tuple[str, ...], message: str, hint: str | None = None) -> None:
+        """Accepted, but the user should change it (the job still runs)."""
+        found = self.lines.find(path)
+        self.warnings.append(SpecIssue(self.source, found, ".".join(path), message, hint))
+
+    def sorted_warnings(self) -> tuple[SpecIssue, ...]:
+        return tuple(sorted(self.warnings, key=lambda i: (i.line is None, i.line or 0)))
 
     def reported(self, path: tuple[str, ...]) -> bool:
         key = ".".join(path)
@@ -711,6 +689,13 @@ def _lora_target(value: object, base: Path) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------ schema
 
+# Keys renamed so that one concept has one name everywhere (TOML, train.json,
+# JSON, docs): (table, old key) -> new key. A job file with the old key still
+# runs; `ftsup check` and `ftsup start` warn. Writing both is refused.
+RENAMED_KEYS: Mapping[tuple[str, str], str] = MappingProxyType(
+    {("checkpoint", "async"): "async_save"}
+)
+
 
 @dataclass(frozen=True)
 class _Field:
@@ -854,7 +839,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("keep_last", _integer(at_least=1, at_most=_MAX_SIZE_FACTOR)),
             _Field("keep_every", _STEPS),
             _Field("keep_best", _string),
-            _Field("async", _boolean, attr="async_save"),
+            _Field("async_save", _boolean),
             _Field("min_free", _auto(_size)),
             _Field("allow_scratch", _boolean),
             _Field("watch", _choice("auto", "inotify", "polling")),
@@ -936,6 +921,35 @@ def _check_health(health: HealthSection) -> Iterator[_Problem]:
         )
 
 
+def _check_retention(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """Two rotations can act on one folder: a [train] job's trainer keeps the newest
+    `save_total_limit` complete checkpoints (by itself, after each manifest), and
+    the daemon's `[checkpoint] keep_last` retention (any job, with keep_every and
+    keep_best) deletes too. Together the smaller count wins and the trainer deletes
+    milestones, so settings that disagree are pointed out."""
+    train = sections.get("train")
+    checkpoint = sections.get("checkpoint")
+    if not isinstance(train, TrainSection) or not isinstance(checkpoint, CheckpointSection):
+        return
+    limit = train.save_total_limit
+    written = "" if "save_total_limit" in issues.lines.keys_in("train") else " (the default)"
+    if checkpoint.keep_last is not None and checkpoint.keep_last != limit:
+        issues.warn(
+            ("checkpoint", "keep_last"),
+            f"keep_last = {checkpoint.keep_last} disagrees with [train] save_total_limit = "
+            f"{limit}{written}: both rotate this job's checkpoints and the smaller count wins",
+            "in a [train] job set save_total_limit only; keep_last is for [command] jobs",
+        )
+    for key in ("keep_every", "keep_best"):
+        if getattr(checkpoint, key) is not None:
+            issues.warn(
+                ("checkpoint", key),
+                f"has no effect in a [train] job: the trainer keeps only the newest "
+                f"save_total_limit = {limit}{written} checkpoints",
+                "leave it out, or run your trainer as a [command] job",
+            )
+
+
 _CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
     {
         "train": _check_train,
@@ -976,7 +990,8 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     sections = _parse_tables(data, absolute.parent, issues)
     _check_kind(data, issues)
     issues.raise_if_any()
-    return JobSpec(source=absolute, text=text, **sections)
+    _check_retention(sections, issues)
+    return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 
 
 def parse_train_table(table: Mapping[str, Any], source: Path) -> TrainSection:
@@ -1087,6 +1102,10 @@ def _parse_section(
     complete = True
     for key, value in raw.items():
         spec = table.fields.get(key)
+        if spec is None and (name, key) in RENAMED_KEYS:
+            spec = _renamed(name, key, raw, table, issues)
+            if spec is None:
+                continue
         if spec is None:
             issues.add((name, key), "unknown key", _suggest_key(name, key))
             continue
@@ -1103,6 +1122,27 @@ def _parse_section(
     for key, message, hint in _CHECKS.get(name, _no_checks)(section):
         issues.add((name, key), message, hint)
     return section
+
+
+def _renamed(
+    name: str, old: str, raw: dict[str, Any], table: _Table, issues: _Collector
+) -> _Field | None:
+    """The new key's field for a deprecated key, with a warning; None (and an
+    error) when the new key is written too, since which one counts is unclear."""
+    new = RENAMED_KEYS[(name, old)]
+    if new in raw:
+        issues.add(
+            (name, old),
+            f"{old} and {new} are the same setting (old and new name), and both are set",
+            f"keep only {new} = {_show(raw[new])}",
+        )
+        return None
+    issues.warn(
+        (name, old),
+        f"{old} is deprecated, renamed {new}",
+        f"write {new} = {_show(raw[old])}",
+    )
+    return table.fields[new]
 
 
 def _no_checks(_section: object) -> Iterator[_Problem]:
@@ -1208,6 +1248,7 @@ def spec_to_json(spec: JobSpec) -> dict[str, Any]:
     """The whole spec as JSON-safe data (dataclass field names; paths as strings)."""
     result = _jsonable(spec)
     assert isinstance(result, dict)
+    del result["warnings"]  # not part of the job: `ftsup check --json` lists them apart
     return result
 
 

@@ -11,10 +11,49 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 
 def _empty_env() -> Mapping[str, str]:
     return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a job file (a refusal, or a warning such as a deprecated key);
+    `key` is dotted from the root, e.g. `restart.backoff`."""
+
+    file: Path
+    line: int | None
+    key: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def render(self, *, hint: bool = True) -> str:
+        """`job.toml:12: [restart] backof: unknown key; did you mean "backoff"?`"""
+        parts = [str(self.file) if self.line is None else f"{self.file}:{self.line}"]
+        if self.key:
+            parts.append(_render_key(self.key))
+        text = ": ".join([*parts, self.message])
+        return f"{text}; {self.hint}" if hint and self.hint else text
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape `ftsup check --json` and the daemon report."""
+        return {
+            "file": str(self.file),
+            "line": self.line,
+            "key": self.key,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+def _render_key(key: str) -> str:
+    table, _, rest = key.partition(".")
+    return f"[{table}] {rest}" if rest else f"[{table}]"
 
 
 @dataclass(frozen=True)
@@ -117,7 +156,7 @@ class CheckpointSection:
     keep_last: int | None = None  # None: ftsup deletes nothing (the trainer rotates)
     keep_every: int | None = None
     keep_best: str | None = None  # metric name, e.g. "eval_loss"
-    async_save: bool = True  # `async` in TOML
+    async_save: bool = True  # `async`, its old TOML name, is read with a warning
     min_free: int | None = None  # bytes; None: "auto"
     allow_scratch: bool = True  # start from scratch when no valid checkpoint exists
     watch: str = "auto"  # auto | inotify | polling
@@ -151,6 +190,9 @@ class JobSpec:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     gpu: GpuSection = field(default_factory=GpuSection)
     notify: NotifySection = field(default_factory=NotifySection)
+    # Accepted, but worth fixing (a deprecated key, settings that contradict each
+    # other): `ftsup check` and `ftsup start` print them. Not part of the job itself.
+    warnings: tuple[SpecIssue, ...] = field(default=(), compare=False)
 
     @property
     def name(self) -> str:

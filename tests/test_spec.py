@@ -129,7 +129,7 @@ hang_timeout = "90s"
 startup_timeout = "1h"
 
 [checkpoint]
-async = false
+async_save = false
 min_free = "20G"
 keep_last = 1
 
@@ -345,8 +345,8 @@ BAD = [
      "[gpu] devices", None),
     ("min-free-bad-size", JOB + COMMAND + '[checkpoint]\nmin_free = "lots"\n', "min_free",
      "[checkpoint] min_free", '"20G"'),
-    ("async-save-field-name", JOB + COMMAND + "[checkpoint]\nasync_save = true\n",
-     "async_save", "[checkpoint] async_save", 'did you mean "async"?'),
+    ("async-save-typo", JOB + COMMAND + "[checkpoint]\nasyncsave = true\n",
+     "asyncsave", "[checkpoint] asyncsave", 'did you mean "async_save"?'),
     ("keep-last-0", JOB + COMMAND + "[checkpoint]\nkeep_last = 0\n", "keep_last",
      "[checkpoint] keep_last", None),
     ("hang-timeout-word", JOB + COMMAND + '[health]\nhang_timeout = "soon"\n', "hang_timeout",
@@ -557,10 +557,7 @@ _SECTIONS = {
     "gpu": spec_types.GpuSection,
     "notify": spec_types.NotifySection,
 }
-_KEYS = {
-    table: ["async" if f.name == "async_save" else f.name for f in dataclasses.fields(cls)]
-    for table, cls in _SECTIONS.items()
-}
+_KEYS = {table: [f.name for f in dataclasses.fields(cls)] for table, cls in _SECTIONS.items()}
 _BASES: list[dict[str, dict[str, object]]] = [
     {
         "job": {"name": "demo", "output_dir": "runs/demo"},

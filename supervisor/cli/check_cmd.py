@@ -39,8 +39,12 @@ def run(args: argparse.Namespace) -> int:
         _report_invalid(err, args.job_file, as_json=args.json)
         return output.EXIT_BAD_INPUT
     if args.json:
-        output.print_json({"ok": True, "job": spec_to_json(spec), "issues": []})
+        warnings = [warning.to_json() for warning in spec.warnings]
+        output.print_json(
+            {"ok": True, "job": spec_to_json(spec), "issues": [], "warnings": warnings}
+        )
     else:
+        print_warnings(spec)
         _print_summary(spec)
     return output.EXIT_OK
 
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 def _report_invalid(err: SpecError, path: Path, *, as_json: bool) -> None:
     if as_json:
         issues = [issue.to_json() for issue in err.issues]
-        output.print_json({"ok": False, "job": None, "issues": issues})
+        output.print_json({"ok": False, "job": None, "issues": issues, "warnings": []})
         return
     print_issues(err)
     count = len(err.issues)
@@ -61,6 +65,17 @@ def print_issues(err: SpecError) -> None:
     """Each issue on stderr with its hint; escaped, since `[restart]` is rich markup."""
     for issue in err.issues:
         output.error(issue.render(hint=False), hint=issue.hint)
+
+
+def print_warnings(spec: JobSpec) -> None:
+    """What a valid job file should still change (a deprecated key, settings that
+    contradict each other), on stderr: `ftsup check` and `ftsup start` alike."""
+    for warning in spec.warnings:
+        output.stderr.print("[bold yellow]warning:[/] ", end="")
+        output.stderr.print(warning.render(hint=False), markup=False)
+        if warning.hint:
+            output.stderr.print("[dim]hint:[/] ", end="")
+            output.stderr.print(warning.hint, markup=False)
 
 
 def _print_summary(spec: JobSpec) -> None:

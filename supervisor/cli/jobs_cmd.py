@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.cli import output, render
+from ftsup.supervisor.cli.check_cmd import print_warnings
 from ftsup.supervisor.cli.common import (
     add_common,
     layout_from,
@@ -119,6 +120,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         else:
             output.error(f"{args.job_file} is not a valid job:\n{exc}")
         return output.EXIT_BAD_INPUT
+    print_warnings(spec)  # on stderr, so --json output stays one document
     layout = layout_from(args)
     try:
         client, started_pid = ensure_daemon(layout)
