@@ -129,6 +129,9 @@ def test_start_prints_the_warning_and_the_job_still_runs(daemon: Harness) -> Non
     result = daemon.cli("start", str(job))
     assert f"warning: {job}:{line}: [checkpoint] async: async is deprecated" in result.stderr
     assert daemon.wait_state("renamed", "finished", "gave_up", "failed")["state"] == "finished"
+    # ...and it stays in the job's history for `ftsup events` and the TUI.
+    said = daemon.cli_json("events", "renamed")["events"]
+    assert any(e["kind"] == "warning" and "async is deprecated" in e["message"] for e in said)
 
 
 def test_the_examples_use_only_current_names() -> None:

@@ -127,6 +127,8 @@ class Handlers:
         except SpecError as exc:
             raise RequestError("invalid_spec", str(exc)) from None
         await self.manager.submit(spec, accept_drift=bool(request.get("accept_drift")))
+        for warning in spec.warnings:  # deprecated keys, retention at odds: in the job's history
+            self.manager.bus.emit(spec.name, EventKind.WARNING, str(warning))
         return self.job_json(spec.name)
 
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:
