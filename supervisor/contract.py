@@ -34,6 +34,8 @@ PER_ATTEMPT_ENV = frozenset({ENV_ATTEMPT, ENV_RESUME_FROM, ENV_SKIP_STEPS})
 ENV_STATE_DIR = "FTSUP_STATE_DIR"
 ENV_RUNTIME_DIR = "FTSUP_RUNTIME_DIR"
 ENV_CLIENT_TIMEOUT = "FTSUP_CLIENT_TIMEOUT"
+# The user's soft RLIMIT_NOFILE, from a daemon that raised its own, for the shims to restore.
+ENV_USER_NOFILE = "FTSUP_USER_NOFILE"
 
 # Set for `[notify] command` hooks.
 ENV_EVENT = "FTSUP_EVENT"

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from ftsup.supervisor import outlock
+from ftsup.supervisor import nofile, outlock
 
 # The attempt folder's files are the contract's; named here too (explicit
 # re-export) because code that starts or reads shims imports them from here.
@@ -356,6 +356,7 @@ def killpg(pgid: int, sig: signal.Signals) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    nofile.restore_for_run()  # the trainer runs under its user's limits, not the daemon's
     return run(_parse(sys.argv[1:] if argv is None else argv))
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ftsup.supervisor import nofile
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.contract import ENV_STANDBY_FD
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
@@ -205,6 +206,7 @@ def _take_over(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    nofile.restore_for_run()  # the trainer runs under its user's limits, not the daemon's
     return run(parse(sys.argv[1:] if argv is None else argv))
 
 

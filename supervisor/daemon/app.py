@@ -12,7 +12,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import resource
 import signal
 import socket
 import threading
@@ -20,7 +19,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-from ftsup.supervisor import __version__
+from ftsup.supervisor import __version__, nofile
 from ftsup.supervisor.contract import DAEMON_LOCK_NAME, ENV_RUNTIME_DIR, ENV_STATE_DIR
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.gpus import GpuSupervision
@@ -157,24 +156,10 @@ def _socket_answers(layout: Layout) -> bool:
     return True
 
 
-def raise_nofile_limit() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit: a burst of clients or checkpoint
-    checks must not run the daemon out of descriptors at the default 1024.
-    Returns (old soft, new soft)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            return soft, soft
-    return soft, target
-
-
 def run_daemon(layout: Layout, metrics: MetricsOptions | None = None) -> int:
     setup_daemon_logging(logging.INFO)
     set_daemon_umask()  # state files 0600 whatever the user's umask; trainers get theirs back
-    old, new = raise_nofile_limit()
+    old, new = nofile.raise_for_daemon()  # shims give trainers the old one back
     if new != old:
         log.info("raised the open-file limit from %d to %d", old, new)
     try:

@@ -94,6 +94,20 @@ def test_daemon_raises_its_soft_open_file_limit(harness: Harness) -> None:
     line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"], line
 
+    # ...but the trainer runs under its user's limits, as it would without ftsup.
+    harness.cli("start", str(harness.toy_job("limited", "--max-steps", "100000")))
+    harness.wait_state("limited", "running")
+    trainer = wait_for(
+        lambda: next((p.get("trainer_pid") for p in harness.attempt_pids("limited")), None),
+        30,
+        what="the trainer's pid",
+    )
+    limits = Path(f"/proc/{trainer}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    assert line.split()[3:5] == ["256", "4096"], line
+    assert b"FTSUP_USER_NOFILE" not in Path(f"/proc/{trainer}/environ").read_bytes()
+    harness.cli("stop", "--now", "limited")
+
 
 def test_a_flood_of_idle_connections_is_refused_cleanly(
     harness: Harness, many_descriptors: None
