@@ -24,25 +24,6 @@ from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
 
-# Errors that say the machine could not let us look, not what the bytes are.
-READ_FAILURES = frozenset(
-    {
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ENOMEM,
-        errno.EIO,
-        errno.EACCES,
-        errno.EPERM,
-        errno.ESTALE,
-        errno.ETIMEDOUT,
-        errno.EAGAIN,
-        errno.EINTR,
-        errno.ENOBUFS,
-        errno.ENOLCK,
-        errno.EROFS,
-    }
-)
-
 
 class NotRegularFile(Exception):
     """`path` is a FIFO, device, socket, folder or (not followed) symlink."""
@@ -109,13 +90,6 @@ def read_bytes(path: Path | str, *, limit: int | None = None, follow: bool = Fal
     """The whole file (at most `limit` bytes), through `open_regular`."""
     with open_binary(path, follow=follow) as handle:
         return handle.read() if limit is None else handle.read(limit)
-
-
-def is_read_failure(exc: BaseException) -> bool:
-    """True for an error that says nothing about a file's content ("could not check")."""
-    if isinstance(exc, TimeoutError):
-        return True
-    return isinstance(exc, OSError) and exc.errno in READ_FAILURES
 
 
 def call_with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
