@@ -59,6 +59,14 @@ OUTPUT_LOCK_NAME = ".ftsup.lock"
 # The daemon's single-instance lock in its state folder.
 DAEMON_LOCK_NAME = "daemon.lock"
 
+# Command jobs' instrumentation: the folder (in the trainer package) that the daemon
+# puts first on PYTHONPATH, and the progress lines its bootstrap writes. The
+# bootstrap itself (bootstrap/sitecustomize.py) must not import ftsup at start-up,
+# so it spells these names out; tests/test_contract.py holds it to this table.
+BOOTSTRAP_DIR_NAME = "bootstrap"
+PROGRESS_INSTRUMENTED = "instrumented"
+PROGRESS_INSTRUMENT_FAILED = "instrument_failed"
+
 # Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also
 # matches before a trailing newline ("checkpoint-8\n").
 CHECKPOINT_PREFIX = "checkpoint-"

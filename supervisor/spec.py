@@ -750,6 +750,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("cwd", _path, default=lambda base: base),
             _Field("env", _env),
             _Field("resume_args", _resume_args),
+            _Field("instrument", _boolean),
         ),
         "train": _table(
             TrainSection,

@@ -70,6 +70,9 @@ class CommandSection:
     cwd: Path
     env: Mapping[str, str] = field(default_factory=_empty_env)
     resume_args: tuple[str, ...] = ()
+    # Put ftsup's bootstrap on the command's PYTHONPATH: FtsupCallback joins every
+    # transformers Trainer it creates (live progress, graceful stop, save now).
+    instrument: bool = True
 
 
 @dataclass(frozen=True)

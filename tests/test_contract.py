@@ -118,11 +118,30 @@ def test_the_literal_check_sees_keys_and_arguments_not_docstrings() -> None:
     assert [value for _, value in ftsup_literals(source)] == ["FTSUP_JOB", "FTSUP_ATTEMPT"]
 
 
+# Runs at every start-up of a command job's Python: it must not import ftsup then,
+# so it spells out the names it uses (checked against the contract below).
+BOOTSTRAP = REPO / "trainer" / contract.BOOTSTRAP_DIR_NAME / "sitecustomize.py"
+
+
 def test_only_the_contract_names_ftsup_environment_variables() -> None:
     """Each `FTSUP_*` name is written once, in contract.py; everyone else imports it."""
     offenders = [
         f"{path.relative_to(REPO)}:{line}: {value!r}"
         for path in _python_files()
+        if path != BOOTSTRAP
         for line, value in ftsup_literals(path.read_text())
     ]
     assert offenders == []
+
+
+def test_the_bootstraps_spelled_out_names_are_the_contracts() -> None:
+    source = BOOTSTRAP.read_text()
+    env_names = {value for _, value in ftsup_literals(source)}
+    assert env_names == {contract.ENV_PROGRESS_FILE}
+    literals = {
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    assert contract.PROGRESS_INSTRUMENT_FAILED in literals
+    assert "transformers.trainer" in literals

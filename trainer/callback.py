@@ -139,7 +139,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self._announce_save(state)  # if no step event came first (should not happen)
-        ckpt = Path(str(args.output_dir)) / checkpoint_name(state.global_step)
+        ckpt = Path(str(args.output_dir)).absolute() / checkpoint_name(state.global_step)
         self._last_save = time.monotonic()
         if self.checkpointer is None:
             seconds = time.monotonic() - self._save_started
@@ -222,6 +222,10 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             seconds=round(seconds, 3),
             stall_s=round(stall_s, 3),
         )
+
+    def report(self, event: str, **fields: Any) -> None:
+        """One progress line of the caller's (rank 0 writes it)."""
+        self._emit(event, **fields)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self._is_zero:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ftsup.supervisor.cli.output import stdout
 from ftsup.supervisor.durations import format_duration
+from ftsup.supervisor.instrumentation import describe as describe_instrumentation
 from ftsup.supervisor.protocol import STATE_STYLES
 
 
@@ -70,6 +71,11 @@ def print_jobs(result: dict[str, Any]) -> None:
     stdout.print(jobs_table(jobs))
 
 
+def _instrumentation_row(job: dict[str, Any]) -> list[tuple[str, str]]:
+    data = job.get("instrumentation")
+    return [("instrument", escape(describe_instrumentation(data)))] if data else []
+
+
 def print_job(job: dict[str, Any]) -> None:
     print_degraded(job)
     progress = job.get("progress") or {}
@@ -80,6 +86,7 @@ def print_job(job: dict[str, Any]) -> None:
     rows = [
         ("kind", job["kind"]),
         ("output", job["output_dir"]),
+        *_instrumentation_row(job),
         *_env_row(job),
         ("step", step_text(progress)),
         ("loss", _fmt(progress.get("loss"))),
@@ -112,8 +119,8 @@ def print_job(job: dict[str, Any]) -> None:
             configured = advice.get("configured_steps")
             rows.append(
                 (
-                    "ckpt advice",
-                    f"every {advice['recommended_steps']} steps "
+                    "advice",
+                    f"checkpoint every {advice['recommended_steps']} steps "
                     f"(~{format_duration(advice['recommended_interval_s'])}, Young/Daly)"
                     + (f"; configured every {configured}" if configured else ""),
                 )

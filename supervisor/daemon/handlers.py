@@ -294,6 +294,7 @@ class Handlers:
             "last_exit": ended[-1].to_json() if ended else None,
             "goodput": runner.goodput_report() if runner else None,
             "standby": runner.standbys.to_json() if runner else None,
+            "instrumentation": runner.instrumentation.to_json() if runner else None,
             "gpu_devices": list(runner.spec.gpu.devices)
             if runner and runner.spec.gpu.devices is not None
             else None,

@@ -7,6 +7,8 @@ through torchrun when `[launch]` asks for more than one process.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +58,10 @@ def plan_attempt(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.gpu.devices)
     if spec.command is not None:
         env.update(spec.command.env)
+        if spec.command.instrument:
+            env["PYTHONPATH"] = os.pathsep.join(
+                part for part in (str(bootstrap_dir()), env.get("PYTHONPATH")) if part
+            )
         argv = list(spec.command.argv)
         if resume_from is not None:
             argv += [a.replace("{checkpoint}", str(resume_from)) for a in spec.command.resume_args]
@@ -129,6 +135,16 @@ def _start_shim(argv: list[str], log: Path, plan: AttemptPlan) -> subprocess.Pop
             start_new_session=True,
             umask=user_umask(),  # the daemon's own 077 is for its state, not the user's runs
         )
+
+
+@functools.cache
+def bootstrap_dir() -> Path:
+    """The folder of ftsup's `sitecustomize` (trainer/bootstrap), found without
+    importing the trainer package (the daemon never loads trainer code)."""
+    found = importlib.util.find_spec("ftsup.trainer")
+    if found is None or not found.submodule_search_locations:
+        raise RuntimeError("ftsup.trainer is not installed beside the supervisor")
+    return Path(next(iter(found.submodule_search_locations))) / contract.BOOTSTRAP_DIR_NAME
 
 
 def default_env() -> dict[str, str]:

@@ -39,6 +39,7 @@ from ftsup.supervisor.goodput import checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.health.stacks import capture_stacks
+from ftsup.supervisor.instrumentation import Instrumentation
 from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
@@ -105,6 +106,7 @@ class JobRunner:
             layout.progress_file(spec.name),
             lambda kind, message, data: self.bus.emit(self.name, kind, message, data),
         )
+        self.instrumentation = Instrumentation.for_spec(spec)
         self.attempt: LiveAttempt | None = None
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -479,6 +481,7 @@ class JobRunner:
         self.follower.begin_attempt(
             attempt.attempt_dir, attempt.started_at, attempt.start_step, LOG_FILE
         )
+        self.instrumentation.begin_attempt()
         self._anomaly_handled = False
         self._hang_handled = False
         self._terminate.clear()
@@ -620,6 +623,7 @@ class JobRunner:
         for step in seen.saved_steps:
             self.checkpoints.after_save(step)
         if seen.records:
+            self._observe_instrumentation(seen.records)
             self.bus.emit(self.name, "progress", "", self.follower.progress.to_json())
             self._store_step()
         if seen.anomaly is not None:
@@ -743,6 +747,14 @@ class JobRunner:
         self.bus.emit(self.name, "stacks", summary, {"path": str(stacks)})
         # SIGTERM first (a chance to save), SIGKILL after stop_grace: the shim escalates.
         self._end_attempt(attempt)
+
+    def _observe_instrumentation(self, records: list[dict[str, Any]]) -> None:
+        started = self.attempt.started_at if self.attempt is not None else None
+        for record in records:
+            ts = record.get("ts")
+            if started is not None and isinstance(ts, int | float) and ts < started:
+                continue  # an earlier attempt's line, replayed after a daemon restart
+            self.instrumentation.observe(record)
 
     def status(self) -> dict[str, Any]:
         job = self.store.get_job(self.name)
