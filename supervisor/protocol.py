@@ -48,7 +48,7 @@ class RequestType(StrEnum):
     STOP = "stop"
     RESTART = "restart"
     SIGNAL = "signal"
-    CHECKPOINT = "checkpoint"
+    SAVE = "save"  # save a checkpoint now (SIGUSR2); was "checkpoint"
     LOGS = "logs"
     EVENTS = "events"
     CHECKPOINTS = "checkpoints"
@@ -60,6 +60,8 @@ class RequestType(StrEnum):
 
 
 REQUEST_TYPES = frozenset(RequestType)
+# Old request names the daemon still answers (clients of an older ftsup).
+REQUEST_ALIASES: dict[str, RequestType] = {"checkpoint": RequestType.SAVE}
 # Requests the socket server answers itself; every other one needs a handler.
 CONNECTION_REQUESTS = frozenset({RequestType.SUBSCRIBE})
 
@@ -137,7 +139,7 @@ class EventKind(StrEnum):
     WARNING = "warning"
     # checkpoints and disk
     CHECKPOINT = "checkpoint"
-    CHECKPOINT_REQUESTED = "checkpoint_requested"
+    SAVE_REQUESTED = "save_requested"
     QUARANTINE = "quarantine"
     RETENTION = "retention"
     DISK_GUARD = "disk_guard"

@@ -33,6 +33,8 @@ from ftsup.supervisor.policy import AttemptOutcome
 log = logging.getLogger("ftsup.daemon")
 
 SCHEMA_VERSION = 1
+# Event kinds that were renamed: stored events are rewritten when the store opens.
+RENAMED_EVENT_KINDS: dict[str, str] = {"checkpoint_requested": protocol.EventKind.SAVE_REQUESTED}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -214,6 +216,8 @@ class Store:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        for old, new in RENAMED_EVENT_KINDS.items():  # history reads in today's words
+            self._write("UPDATE events SET kind = ? WHERE kind = ?", (new, old))
         self._backup_timer = _call_later(BACKUP_INTERVAL, self._periodic_backup)
 
     def close(self) -> None:

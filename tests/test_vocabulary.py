@@ -180,9 +180,9 @@ def test_hung_is_shown_red_and_a_cut_kind_keeps_its_style() -> None:
     # The timeline's cell, as the TUI draws a daemon's `hung` event.
     hung = {"id": 1, "ts": 0.0, "job": "j", "kind": "hung", "message": "no progress"}
     assert event_cells(hung)[1].spans[0].style == "bold red"
-    long = event_kind_text(EventKind.CHECKPOINT_REQUESTED.value, 15)
-    assert len(long.plain) == 15
-    assert long.spans[0].style == EVENT_STYLES[EventKind.CHECKPOINT_REQUESTED] != "dim"
+    cut = event_kind_text(EventKind.SAVE_REQUESTED.value, 10)
+    assert len(cut.plain) == 10 < len(EventKind.SAVE_REQUESTED.value)
+    assert cut.spans[0].style == EVENT_STYLES[EventKind.SAVE_REQUESTED] != "dim"
 
 
 # --- notifications -----------------------------------------------------------------

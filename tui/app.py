@@ -60,7 +60,7 @@ class FtsupApp(App[None]):
         ),
         Binding("k", "kill_job", "Kill", tooltip="kill the job now (no checkpoint)"),
         Binding("r", "restart_job", "Restart", tooltip="restart from the newest valid checkpoint"),
-        Binding("c", "checkpoint_job", "Ckpt", tooltip="ask the trainer to save a checkpoint now"),
+        Binding("c", "save_job", "Save", tooltip="ask the trainer to save a checkpoint now"),
         Binding("n", "start_job", "New", tooltip="start a job from a job file"),
         Binding("q", "quit", "Quit", tooltip="leave the TUI (jobs keep running)"),
     ]
@@ -468,12 +468,12 @@ class FtsupApp(App[None]):
             "Restarting {job}.",
         )
 
-    def action_checkpoint_job(self) -> None:
+    def action_save_job(self) -> None:
         self._confirm_then(
             "Save a checkpoint of {job} now?",
             "The trainer is asked (SIGUSR2) to save at the next step boundary; training goes on.",
             "Save",
-            RequestType.CHECKPOINT,
+            RequestType.SAVE,
             "Asked {job} to save a checkpoint.",
         )
 
@@ -509,7 +509,7 @@ class FtsupApp(App[None]):
             f"Restart job{on}", "from the newest valid checkpoint", self.action_restart_job
         )
         yield SystemCommand(
-            f"Checkpoint now{on}", "ask the trainer to save", self.action_checkpoint_job
+            f"Save a checkpoint now{on}", "ask the trainer to save", self.action_save_job
         )
         yield SystemCommand(
             "Start a job from a job file", "ftsup start JOB.toml", self.action_start_job

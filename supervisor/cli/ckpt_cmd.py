@@ -1,4 +1,5 @@
-"""`ftsup ckpt verify|ls|quarantine|restore`: checkpoint tools that need no daemon.
+"""`ftsup checkpoints verify|ls|quarantine|restore` (or `ftsup ckpt ...`): checkpoint
+tools that need no daemon.
 
 They work on any folder, so a person can check a checkpoint before pointing a
 run at it, see why ftsup quarantined one, and put it back. Exit codes: 0 ok
@@ -38,9 +39,10 @@ from ftsup.supervisor.durations import format_duration
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `ftsup ckpt` and its subcommands."""
+    """Add `ftsup checkpoints` (alias `ckpt`) and its subcommands."""
     parser = subparsers.add_parser(
-        "ckpt",
+        "checkpoints",
+        aliases=["ckpt"],
         help="verify, list, quarantine and restore checkpoints (no daemon needed)",
         description="Checkpoint tools that work on any folder, with or without the daemon.",
     )

@@ -75,16 +75,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_common(p)
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("checkpoint", help="ask the trainer to save a checkpoint now (SIGUSR2)")
-    p.add_argument("job")
-    add_common(p)
-    p.set_defaults(
-        func=lambda a: run_request(
-            a,
-            lambda c: c.request("checkpoint", job=a.job),
-            lambda r: output.stdout.print(f"asked {a.job} to save a checkpoint"),
-        )
-    )
+    for name, help_text in (
+        ("save", "ask the trainer to save a checkpoint now (SIGUSR2), and train on"),
+        ("checkpoint", "old name of `ftsup save` (deprecated)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job")
+        add_common(p)
+        p.set_defaults(func=cmd_save, deprecated_name=name if name != "save" else None)
 
     p = sub.add_parser(
         "signal", help="send a signal to the trainer's process group (e.g. KILL to test recovery)"
@@ -184,6 +182,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return _wait_terminal(client, args.job) if args.wait else job
 
     return run_request(args, action, render.print_job)
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    if args.deprecated_name:
+        output.stderr.print(
+            f"[bold yellow]warning:[/] `ftsup {args.deprecated_name}` is now `ftsup save`; "
+            "the old name will go away"
+        )
+    return run_request(
+        args,
+        lambda c: c.request("save", job=args.job),
+        lambda r: output.stdout.print(f"asked {args.job} to save a checkpoint"),
+    )
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

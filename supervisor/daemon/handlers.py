@@ -86,7 +86,7 @@ ROUTES: dict[RequestType, str] = {
     RequestType.STOP: "stop",
     RequestType.RESTART: "restart",
     RequestType.SIGNAL: "signal",
-    RequestType.CHECKPOINT: "checkpoint",
+    RequestType.SAVE: "save",
     RequestType.LOGS: "logs",
     RequestType.EVENTS: "events",
     RequestType.SHUTDOWN: "shutdown",
@@ -181,11 +181,12 @@ class Handlers:
         )
         return {"sent": sig.name}
 
-    async def checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def save(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Save a checkpoint now: SIGUSR2 to the trainer, which saves at the next step."""
         name = _str_arg(request, "job")
         if not self.manager.get(name).signal_trainer(signal.SIGUSR2):
             raise RequestError("not_running", f"job {name!r} has no running trainer")
-        self.manager.bus.emit(name, EventKind.CHECKPOINT_REQUESTED, "asked the trainer to save now")
+        self.manager.bus.emit(name, EventKind.SAVE_REQUESTED, "asked the trainer to save now")
         return {"requested": True}
 
     async def logs(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from ftsup.supervisor.private_dirs import ensure_private_dir
 from ftsup.supervisor.protocol import (
     CONNECTION_REQUESTS,
     PROTOCOL_VERSION,
+    REQUEST_ALIASES,
     REQUEST_TYPES,
     Busy,
     ByteBudget,
@@ -275,6 +276,8 @@ class SocketServer:
     async def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
         request_id = message.get("id")
         kind = message.get("type")
+        if isinstance(kind, str):
+            kind = REQUEST_ALIASES.get(kind, kind)
         handler = self.handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             return {

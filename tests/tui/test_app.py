@@ -68,7 +68,7 @@ async def test_command_palette_offers_the_actions() -> None:
             "Stop job gracefully (qwen-lora)",
             "Kill job (qwen-lora)",
             "Restart job (qwen-lora)",
-            "Checkpoint now (qwen-lora)",
+            "Save a checkpoint now (qwen-lora)",
             "Start a job from a job file",
             "Open job mistral-dpo",
             "Help",

@@ -98,7 +98,7 @@ def test_job_header_shows_goodput_advice_and_standby() -> None:
     }
     assert goodput_text(info).plain == (
         "goodput 87% of 2m · stall 1s · downtime 11s · redo 7s"
-        " · ckpt advice every 11 steps (now 20) · standby ready"
+        " · advice: checkpoint every 11 steps (now 20) · standby ready"
     )
     assert goodput_text({"goodput": None, "standby": None}).plain == ""
     assert goodput_text({"standby": {"state": "warming"}}).plain == "standby warming"

@@ -43,7 +43,7 @@ class JobScreen(StateScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("1", "show_tab('curves')", "Curves", show=False),
-        Binding("2", "show_tab('checkpoints')", "Ckpts", show=False),
+        Binding("2", "show_tab('checkpoints')", "Checkpoints", show=False),
         Binding("3", "show_tab('events')", "Events", show=False),
         Binding("4", "show_tab('log')", "Log", show=False),
     ]

@@ -48,7 +48,7 @@ def header_text(job: JobModel, now: float) -> Text:
     ckpt_step = as_int(p.get("last_checkpoint_step"))
     if ckpt_step is not None:
         ckpt_age = fmt.age(as_float(p.get("last_checkpoint_time")), now)
-        text.append(f" · ckpt {ckpt_step} ({ckpt_age} ago)")
+        text.append(f" · checkpoint {ckpt_step} ({ckpt_age} ago)")
     goodput_line = goodput_text(job.info)
     if goodput_line.plain:
         text.append("\n")
@@ -57,8 +57,9 @@ def header_text(job: JobModel, now: float) -> Text:
 
 
 def goodput_text(info: dict[str, Any]) -> Text:
-    """`goodput 87% of 2m · stall 1s · downtime 11s · redo 7s · ckpt advice every 11
-    steps (now 20) · standby ready`: the parts of the job's wall time, as in `ftsup status`."""
+    """`goodput 87% of 2m · stall 1s · downtime 11s · redo 7s · advice: checkpoint
+    every 11 steps (now 20) · standby ready`: the parts of the job's wall time, as in
+    `ftsup status`."""
     text = Text()
     goodput = info.get("goodput")
     share = as_float(goodput.get("goodput")) if isinstance(goodput, dict) else None
@@ -75,7 +76,7 @@ def goodput_text(info: dict[str, Any]) -> Text:
         steps = as_int(advice.get("recommended_steps")) if isinstance(advice, dict) else None
         if isinstance(advice, dict) and steps is not None:
             configured = as_int(advice.get("configured_steps"))
-            text.append(f" · ckpt advice every {steps} steps")
+            text.append(f" · advice: checkpoint every {steps} steps")
             text.append(f" (now {configured})" if configured else "", style="dim")
     standby = info.get("standby")
     if isinstance(standby, dict):

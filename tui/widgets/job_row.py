@@ -25,7 +25,7 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("rate", "st/s", 5),
     ("eta", "ETA", 5),
     ("restarts", "rst", 3),
-    ("ckpt", "ckpt", 5),
+    ("saved", "saved", 5),  # age of the newest checkpoint
 )
 FIXED_WIDTH = sum(width + GAP for _, _, width in COLUMNS)
 

@@ -35,7 +35,7 @@ def job_cells(job: JobModel, now: float) -> dict[str, Text]:
         "rate": Text(fmt.rate(as_float(progress.get("steps_per_s")))),
         "eta": Text(fmt.duration(as_float(progress.get("eta_s"))) if job.live else fmt.DASH),
         "restarts": Text(str(job.restarts), style="bold yellow" if job.restarts else ""),
-        "ckpt": Text(fmt.age(as_float(progress.get("last_checkpoint_time")), now)),
+        "saved": Text(fmt.age(as_float(progress.get("last_checkpoint_time")), now)),
     }
     last = job.last_event
     if last is None:

@@ -40,7 +40,7 @@ EVENT_STYLES: dict[str, str] = {
     EventKind.WARNING: "yellow",
     # checkpoints and disk
     EventKind.CHECKPOINT: "cyan",
-    EventKind.CHECKPOINT_REQUESTED: "cyan",
+    EventKind.SAVE_REQUESTED: "cyan",
     EventKind.QUARANTINE: "bold magenta",
     EventKind.RETENTION: "dim",
     EventKind.DISK_GUARD: "bold yellow",
