@@ -50,6 +50,22 @@ class Instrumentation:
         elif event == PROGRESS_INSTRUMENT_FAILED:
             self.state, self.error = "failed", _text(record.get("error")) or "unknown error"
 
+    def can_save(self) -> str | None:
+        """Why `ftsup save` must not send SIGUSR2 now (it ends a trainer that does not
+        handle it: Python's default action), or None when the trainer handles it."""
+        if self.state == "attached":
+            return None
+        how = {
+            "off": "[command] instrument = false",
+            "failed": f"instrumentation failed: {self.error}",
+            "waiting": "it has not created a transformers Trainer yet",
+        }[self.state]
+        return (
+            f"the trainer is not instrumented ({how}), and SIGUSR2 would end a trainer "
+            "that does not handle it; if your command handles it, "
+            "`ftsup signal JOB USR2` sends it anyway"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,

@@ -85,18 +85,21 @@ def ftsup_callback_of(trainer: Any) -> Any:
 
 
 def _add_callback(trainer: Any) -> None:
-    if ftsup_callback_of(trainer) is not None:
-        return  # the script adds FtsupCallback itself
     import transformers
 
-    from ftsup.trainer.callback import FtsupCallback
+    callback = ftsup_callback_of(trainer)
+    added_by = "script"  # the script adds FtsupCallback itself: keep that one
+    if callback is None:
+        from ftsup.trainer.callback import FtsupCallback
 
-    callback = FtsupCallback(resumed_from=os.environ.get(ENV_RESUME_FROM) or None)
-    trainer.add_callback(callback)
+        callback = FtsupCallback(resumed_from=os.environ.get(ENV_RESUME_FROM) or None)
+        trainer.add_callback(callback)
+        added_by = "ftsup"
     callback.report(
         PROGRESS_INSTRUMENTED,
         trainer=type(trainer).__name__,
         transformers=getattr(transformers, "__version__", None),
+        added_by=added_by,
     )
 
 

@@ -184,7 +184,13 @@ class Handlers:
     async def save(self, request: dict[str, Any]) -> dict[str, Any]:
         """Save a checkpoint now: SIGUSR2 to the trainer, which saves at the next step."""
         name = _str_arg(request, "job")
-        if not self.manager.get(name).signal_trainer(signal.SIGUSR2):
+        runner = self.manager.get(name)
+        if runner.attempt is None:
+            raise RequestError("not_running", f"job {name!r} has no running trainer")
+        refusal = runner.instrumentation.can_save()
+        if refusal is not None:
+            raise RequestError("not_instrumented", f"{name}: {refusal}")
+        if not runner.signal_trainer(signal.SIGUSR2):
             raise RequestError("not_running", f"job {name!r} has no running trainer")
         self.manager.bus.emit(name, EventKind.SAVE_REQUESTED, "asked the trainer to save now")
         return {"requested": True}
