@@ -23,6 +23,12 @@ import sys
 import time
 from types import ModuleType  # `types`, `os`, `sys`, `time`: loaded before site runs
 
+TYPE_CHECKING = False  # not `typing`'s: that module is not loaded at start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # .../ftsup/trainer/bootstrap: the folder that holds ftsup's `trainer` and `supervisor`.
 _FTSUP_ROOT = os.path.dirname(os.path.dirname(_HERE))
@@ -87,12 +93,12 @@ def _attach(module: ModuleType) -> None:
 class _AttachingLoader:
     """Runs the real loader, then instruments the module it made."""
 
-    def __init__(self, inner: object) -> None:
+    def __init__(self, inner: Loader) -> None:
         self._inner = inner
 
-    def create_module(self, spec: object) -> ModuleType | None:
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         create = getattr(self._inner, "create_module", None)
-        return create(spec) if create is not None else None  # type: ignore[no-any-return]
+        return create(spec) if create is not None else None
 
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
@@ -106,7 +112,9 @@ class _TrainerImportWatcher:
     """A meta-path finder that answers only for `transformers.trainer`, by asking the
     finders after it and wrapping the loader they return."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname != _TARGET:
             return None
         for finder in sys.meta_path:
@@ -115,11 +123,11 @@ class _TrainerImportWatcher:
             find_spec = getattr(finder, "find_spec", None)
             if find_spec is None:
                 continue
-            spec = find_spec(fullname, path, target)
+            spec: ModuleSpec | None = find_spec(fullname, path, target)
             if spec is None:
                 continue
             if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _AttachingLoader(spec.loader)
+                spec.loader = _AttachingLoader(spec.loader)  # type: ignore[assignment]
             return spec
         return None
 
