@@ -31,6 +31,11 @@ class LineFollower:
             except FileNotFoundError:
                 pass
 
+    def unfinished(self) -> bytes:
+        """The last line so far, whose newline has not come yet (tqdm redraws its bar
+        with \r and no newline for minutes)."""
+        return self._partial
+
     def read_lines(self) -> list[bytes]:
         try:
             st = self.path.stat()

@@ -12,6 +12,12 @@ the start times of its attempts, it splits the job's wall time into:
   up to an attempt's first step, and the work lost after its last step.
 
 The four add up to the wall time by construction. Pure (no clock reads).
+
+Only timed steps can be placed in the wall time. When a job's steps come
+without times (a command whose only readable progress is its checkpoints'
+`trainer_state.json`), or its progress source may give none (`untimed_source`),
+and no timed step has been seen, the split is unknown, never "0% goodput": the
+report says so (`unknown`: the reason) and leaves the parts out.
 """
 
 from __future__ import annotations
@@ -31,19 +37,25 @@ class Goodput:
     checkpoint_stall_s: float
     recomputed_s: float
     restart_downtime_s: float
+    unknown: str | None = None  # why the split cannot be known; None when it is
 
     @property
     def ratio(self) -> float | None:
+        if self.unknown is not None:
+            return None
         return self.productive_s / self.wall_s if self.wall_s > 0 else None
 
     def to_json(self) -> dict[str, Any]:
+        """The parts and the ratio; all null (with `unknown` saying why) when unknown."""
+        known = self.unknown is None
         return {
             "wall_s": self.wall_s,
-            "productive_s": self.productive_s,
-            "checkpoint_stall_s": self.checkpoint_stall_s,
-            "recomputed_s": self.recomputed_s,
-            "restart_downtime_s": self.restart_downtime_s,
+            "productive_s": self.productive_s if known else None,
+            "checkpoint_stall_s": self.checkpoint_stall_s if known else None,
+            "recomputed_s": self.recomputed_s if known else None,
+            "restart_downtime_s": self.restart_downtime_s if known else None,
             "goodput": self.ratio,
+            "unknown": self.unknown,
         }
 
 
@@ -62,6 +74,10 @@ class GoodputTracker:
         self.recomputed = 0.0
         self.save_costs: deque[float] = deque(maxlen=50)
         self.step_intervals: deque[float] = deque(maxlen=200)
+        self.timed_steps = 0
+        self.untimed_steps = 0
+        # Set by the follower when the job's progress may come without times.
+        self.untimed_source: str | None = None
 
     def set_attempt_starts(self, starts: list[float]) -> None:
         """Start times of the job's attempts (records are attributed by their time)."""
@@ -69,20 +85,23 @@ class GoodputTracker:
 
     def feed(self, record: dict[str, Any]) -> None:
         ts = record.get("ts")
+        event, step = record.get("event", "step"), record.get("step")
         if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+            if event == "step" and isinstance(step, int) and not isinstance(step, bool):
+                self.untimed_steps += 1
             return
         attempt = bisect.bisect_right(self._attempt_starts, ts)
         if attempt != self._attempt:
             self._attempt, self._prev_step_ts = attempt, None
             self._high_water_before = self._high_water
             self._save_started, self._pending_stall = None, 0.0
-        event = record.get("event", "step")
         if event == "checkpoint_start":
             self._save_started, self._steps_since_save_start = ts, 0
         elif event == "checkpoint_saved":
             self._saved(ts, record.get("stall_s"))
-        elif event == "step" and isinstance(record.get("step"), int):
-            self._step(ts, int(record["step"]))
+        elif event == "step" and isinstance(step, int) and not isinstance(step, bool):
+            self.timed_steps += 1
+            self._step(ts, step)
 
     def _saved(self, ts: float, reported_stall: Any) -> None:
         if isinstance(reported_stall, int | float) and not isinstance(reported_stall, bool):
@@ -119,7 +138,22 @@ class GoodputTracker:
     def report(self, started_at: float, until: float) -> Goodput:
         wall = max(0.0, until - started_at)
         busy = self.productive + self.stall + self.recomputed
-        return Goodput(wall, self.productive, self.stall, self.recomputed, max(0.0, wall - busy))
+        return Goodput(
+            wall,
+            self.productive,
+            self.stall,
+            self.recomputed,
+            max(0.0, wall - busy),
+            unknown=self.unknown_reason(),
+        )
+
+    def unknown_reason(self) -> str | None:
+        """Why the wall time cannot be split (no timed step yet), or None."""
+        if self.timed_steps > 0:
+            return None
+        if self.untimed_steps > 0:
+            return "the trainer's steps come without times (read from its checkpoints)"
+        return self.untimed_source
 
 
 def young_daly_interval(save_cost_s: float, mtbf_s: float) -> float:

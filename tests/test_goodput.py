@@ -132,3 +132,41 @@ def test_status_of_a_crashed_and_resumed_job_shows_goodput_that_adds_up(daemon: 
     assert goodput["recomputed_s"] > 0  # steps 16-17 ran twice
     assert 0 < goodput["goodput"] < 1
     assert "goodput" in daemon.cli("status", "good").stdout
+
+
+def test_steps_without_times_make_goodput_unknown_never_zero() -> None:
+    tracker = GoodputTracker()
+    tracker.set_attempt_starts([0.0])
+    # What trainer_state.json gives: steps without times, a save with its file's mtime.
+    for step in range(1, 11):
+        tracker.feed({"event": "step", "step": step, "loss": 1.0})
+    tracker.feed({"event": "checkpoint_saved", "step": 10, "ts": 30.0})
+    report = tracker.report(0.0, 35.0)
+    assert report.ratio is None and report.unknown is not None
+    assert report.to_json() == {
+        "wall_s": 35.0,
+        "productive_s": None,
+        "checkpoint_stall_s": None,
+        "recomputed_s": None,
+        "restart_downtime_s": None,
+        "goodput": None,
+        "unknown": report.unknown,
+    }
+
+
+def test_a_source_that_may_give_no_times_is_unknown_until_a_timed_step() -> None:
+    tracker = GoodputTracker()
+    tracker.untimed_source = "no timed step seen yet"
+    tracker.set_attempt_starts([0.0])
+    assert tracker.report(0.0, 10.0).to_json()["unknown"] == "no timed step seen yet"
+    _steps(tracker, 10.0, range(1, 11), 1.0)
+    report = tracker.report(0.0, 20.0)
+    assert report.unknown is None and report.to_json()["unknown"] is None
+    assert report.productive_s == 9.0 and report.ratio == 9.0 / 20.0
+
+
+def test_a_job_that_reports_times_keeps_its_start_up_as_downtime() -> None:
+    tracker = GoodputTracker()  # the built-in trainer: no step yet is 0%, not unknown
+    tracker.set_attempt_starts([0.0])
+    report = tracker.report(0.0, 10.0)
+    assert report.unknown is None and report.ratio == 0.0

@@ -112,6 +112,9 @@ def print_job(job: dict[str, Any]) -> None:
     if job.get("next_start_at"):
         rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))
     goodput = job.get("goodput")
+    if goodput and goodput.get("goodput") is None and goodput.get("unknown"):
+        wall = format_duration(goodput.get("wall_s") or 0.0)
+        rows.append(("goodput", escape(f"unknown over {wall} ({goodput['unknown']})")))
     if goodput and goodput.get("goodput") is not None:
         rows.append(("goodput", _goodput_text(goodput)))
         advice = goodput.get("checkpoint_advice")

@@ -1,21 +1,27 @@
 """What a job's trainer is doing, read from the files it writes.
 
-Each pump reads the new progress lines (or, for a command that writes none, its
-newest `trainer_state.json`) and log lines, and folds them into: the progress
-state, the goodput account, the hang detector and the loss watch. It decides
-nothing about the run: it reports what it saw (`Observations`) and the runner
-acts. Lines an earlier attempt wrote (replayed after a daemon restart) count for
+Each pump reads the new progress lines and log lines and folds them into: the
+progress state, the goodput account, the hang detector and the loss watch. A
+command that writes no progress lines is followed through what its trainer
+writes anyway, in this order of trust: LLaMA-Factory's `trainer_log.jsonl`,
+then the HF/tqdm training bar in its output (`trainer_logs`), and the newest
+checkpoint's `trainer_state.json` (its steps only while neither of the others
+gave one; its saves always). Once progress lines appear, only they count. It
+decides nothing about the run: it reports what it saw (`Observations`) and the
+runner acts. Lines an earlier attempt wrote (replayed after a daemon restart) count for
 history and goodput, never as the current attempt's progress.
 
 A line with a number out of range is skipped with a warning, never allowed to
 end supervision. `trainer_state.json` lives in the user's output folder (a FIFO
 there would block an `open()`), so it is read in a worker thread: `read()`
-never waits for it, it picks the result up at a later pump.
+never waits for it, it picks the result up at a later pump; `trainer_log.jsonl`
+likewise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -36,10 +42,13 @@ from ftsup.supervisor.progress import (
     records_from_trainer_state,
 )
 from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.trainer_logs import LlamaFactoryLog, TqdmReader
 
 LOG_RING = 500
 MAX_BAD_LINE_WARNINGS = 20  # then one last warning says the rest are skipped quietly
 SLOW_READ_WARNING_S = 30.0
+TRAINER_LOG_EVERY_S = 1.0
+UNTIMED_SOURCE = "no timed step seen yet (the command writes no progress lines)"
 
 
 class _StateRead:
@@ -63,6 +72,25 @@ class _StateRead:
                 mtime = state_file.stat().st_mtime
                 if mtime > newer_than:
                     self.result = (mtime, records_from_trainer_state(state_file))
+        except OSError:
+            pass
+        finally:
+            self.done.set()
+
+
+class _TrainerLogRead:
+    """One read of LLaMA-Factory's trainer_log.jsonl, in its own thread."""
+
+    def __init__(self, reader: LlamaFactoryLog, carry: list[dict[str, Any]] | None = None) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.result: list[dict[str, Any]] = list(carry or [])  # an earlier read's, not taken
+        self.warned = False
+        threading.Thread(target=self._run, args=(reader,), name="trainer-log", daemon=True).start()
+
+    def _run(self, reader: LlamaFactoryLog) -> None:
+        try:
+            self.result = self.result + reader.read(time.time())
         except OSError:
             pass
         finally:
@@ -93,6 +121,17 @@ class RunFollower:
         self._attempt_started_at: float | None = None
         self._progress_seen = False
         self._trainer_state_mtime = 0.0
+        # The trainer's own logs, for commands without progress lines.
+        self._trainer_log = LlamaFactoryLog(spec.output_dir)
+        self._trainer_log_read: _TrainerLogRead | None = None
+        self._trainer_log_started = -TRAINER_LOG_EVERY_S  # monotonic time of the last read
+        self._trainer_log_seen = False
+        self._tqdm: TqdmReader | None = None
+        self._tqdm_seen = False  # since the daemon started, any attempt
+        self._tqdm_high = 0  # the highest step the bar showed in this attempt
+        self._unfinished_fed = 0
+        if spec.command is not None:
+            self.goodput.untimed_source = UNTIMED_SOURCE
 
     def begin_attempt(
         self, attempt_dir: Path, started_at: float, start_step: int, log_file: str
@@ -105,6 +144,9 @@ class RunFollower:
             HangPolicy.from_spec(self.spec.health), started_at=time.monotonic()
         )
         self._log = LineFollower(attempt_dir / log_file)
+        self._tqdm = TqdmReader(self.progress.max_steps)
+        self._tqdm_high = 0
+        self._unfinished_fed = 0
 
     def end_attempt(self) -> None:
         self._hang = None
@@ -116,22 +158,66 @@ class RunFollower:
     # reading --------------------------------------------------------------
     def read(self) -> Observations:
         seen = Observations()
+        if self._log is not None:
+            seen.log_lines = [ln.decode(errors="replace") for ln in self._log.read_lines()]
+            self.log_ring.extend(seen.log_lines)
         records = self._progress_file.read_new()
         if records:
             self._progress_seen = True
         elif not self._progress_seen and self.spec.command is not None:
-            records = self._trainer_state_records()
+            records = self._own_log_records(seen.log_lines)
         records = [r for r in records if self._usable(r)]
         for record in records:
             self._fold(record, seen)
         seen.records = records
-        if self._log is not None:
-            seen.log_lines = [ln.decode(errors="replace") for ln in self._log.read_lines()]
-            if seen.log_lines:
-                self.log_ring.extend(seen.log_lines)
-                if not self._progress_seen and self._hang is not None:
-                    self._hang.heartbeat(time.monotonic())  # output is all a command shows
+        if seen.log_lines and not self._progress_seen and self._hang is not None:
+            self._hang.heartbeat(time.monotonic())  # output is all a command shows
         return seen
+
+    def _own_log_records(self, log_lines: list[str]) -> list[dict[str, Any]]:
+        """For a command without progress lines: trainer_log.jsonl, else tqdm, plus
+        trainer_state.json (its saves; its steps only while nothing else gave any)."""
+        live = self._trainer_log_records()
+        if self._tqdm_high:
+            # Taking over from the bar: what it showed is not shown again, and older
+            # lines (a stale file, an earlier attempt) never step back behind it.
+            live = [
+                r
+                for r in live
+                if self._of_current_attempt(r) and not _at_or_below(r.get("step"), self._tqdm_high)
+            ]
+        if any(self._of_current_attempt(r) for r in live):
+            self._trainer_log_seen = True  # not by a stale file's old lines alone
+        if not self._trainer_log_seen:
+            bar = self._tqdm_records(log_lines)
+            self._tqdm_seen = self._tqdm_seen or bool(bar)
+            for record in bar:
+                self._tqdm_high = max(self._tqdm_high, int(record["step"]))
+            live += bar
+        state = self._trainer_state_records()
+        if self._trainer_log_seen or self._tqdm_seen:
+            state = [r for r in state if r.get("event") == "checkpoint_saved"]
+        merged = live + state  # each in order; merged by time for the goodput account
+        return sorted(merged, key=lambda r: _time_of(r.get("ts")))
+
+    def _tqdm_records(self, log_lines: list[str]) -> list[dict[str, Any]]:
+        reader, log = self._tqdm, self._log
+        if reader is None or log is None:
+            return []
+        now = time.time()
+        try:
+            anchor = min(now, os.stat(log.path).st_mtime)  # our attempt folder, not the user's
+        except OSError:
+            anchor = now
+        # The bar redraws after a carriage return with no newline until a log line:
+        # the unfinished line is read too, from the last draw already fed.
+        unfinished = log.unfinished()
+        if log_lines or len(unfinished) < self._unfinished_fed:
+            self._unfinished_fed = 0
+        start = max(0, unfinished.rfind(b"\r", 0, self._unfinished_fed))
+        tail = unfinished[start:].decode(errors="replace")
+        self._unfinished_fed = len(unfinished)
+        return reader.feed([*log_lines, tail], now, anchor)
 
     def _fold(self, record: dict[str, Any], seen: Observations) -> None:
         self.progress.apply(record)
@@ -191,14 +277,54 @@ class RunFollower:
 
     async def settle(self, timeout: float = 10.0) -> None:
         """Before an ended attempt is judged: make the next `read()` see the newest
-        trainer_state.json (the last save may have come after the pending read
-        started). Waits off the loop, at most `timeout` per read."""
+        trainer_state.json and trainer_log.jsonl (the last save or log line may have
+        come after the pending read started). Waits off the loop, at most `timeout`
+        per read."""
         if self._progress_seen or self.spec.command is None:
             return
         if self._state_read is not None:  # may predate the last save: let it end, drop it
             await asyncio.to_thread(self._state_read.done.wait, timeout)
         self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
         await asyncio.to_thread(self._state_read.done.wait, timeout)
+        pending = self._trainer_log_read
+        if pending is not None:
+            await asyncio.to_thread(pending.done.wait, timeout)
+            if not pending.done.is_set():
+                return  # stalled: never two reads of the file at once
+        # One more read after the attempt's end; what the pending one found is kept.
+        self._start_trainer_log_read(pending.result if pending is not None else None)
+        read = self._trainer_log_read
+        if read is not None:
+            await asyncio.to_thread(read.done.wait, timeout)
+
+    def _trainer_log_records(self) -> list[dict[str, Any]]:
+        """LLaMA-Factory's trainer_log.jsonl, read in a worker thread (picked up by a
+        later call), at most once every TRAINER_LOG_EVERY_S."""
+        found: list[dict[str, Any]] = []
+        pending = self._trainer_log_read
+        if pending is not None:
+            if not pending.done.is_set():
+                self._warn_if_slow(pending, "trainer_log.jsonl")
+                return []
+            found, self._trainer_log_read = pending.result, None
+        if time.monotonic() - self._trainer_log_started >= TRAINER_LOG_EVERY_S:
+            self._start_trainer_log_read()
+        return found
+
+    def _start_trainer_log_read(self, carry: list[dict[str, Any]] | None = None) -> None:
+        self._trainer_log_started = time.monotonic()
+        self._trainer_log_read = _TrainerLogRead(self._trainer_log, carry)
+
+    def _warn_if_slow(self, pending: _StateRead | _TrainerLogRead, name: str) -> None:
+        waited = time.monotonic() - pending.started
+        if waited > SLOW_READ_WARNING_S and not pending.warned:
+            pending.warned = True
+            self._emit(
+                "warning",
+                f"reading {name} in {self.spec.output_dir} has not "
+                f"answered for {waited:.0f}s (an unresponsive file system?)",
+                {},
+            )
 
     def _trainer_state_records(self) -> list[dict[str, Any]]:
         """For commands that write no progress.jsonl: the newest checkpoint's
@@ -208,15 +334,7 @@ class RunFollower:
             self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
             return []
         if not pending.done.is_set():
-            waited = time.monotonic() - pending.started
-            if waited > SLOW_READ_WARNING_S and not pending.warned:
-                pending.warned = True
-                self._emit(
-                    "warning",
-                    f"reading trainer_state.json in {self.spec.output_dir} has not "
-                    f"answered for {waited:.0f}s (an unresponsive file system?)",
-                    {},
-                )
+            self._warn_if_slow(pending, "trainer_state.json")
             return []
         self._state_read = None
         if pending.result is None:
@@ -230,6 +348,17 @@ class RunFollower:
             for r in records
             if r.get("event") != "step" or _after(r.get("step"), self.progress.step)
         ]
+
+
+def _at_or_below(step: Any, high: int) -> bool:
+    return isinstance(step, int) and not isinstance(step, bool) and step <= high
+
+
+def _time_of(ts: Any) -> float:
+    """Sort key: records without a time first (their order is kept)."""
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        return float(ts)
+    return float("-inf")
 
 
 def _after(step: Any, current: int) -> bool:

@@ -102,3 +102,16 @@ def test_job_header_shows_goodput_advice_and_standby() -> None:
     )
     assert goodput_text({"goodput": None, "standby": None}).plain == ""
     assert goodput_text({"standby": {"state": "warming"}}).plain == "standby warming"
+
+
+def test_job_header_says_goodput_is_unknown_never_zero() -> None:
+    from ftsup.tui.widgets.job_header import goodput_text
+
+    reason = "no timed step seen yet (the command writes no progress lines)"
+    info = {
+        "goodput": {"goodput": None, "wall_s": 35.0, "unknown": reason},
+        "standby": None,
+    }
+    text = goodput_text(info).plain
+    assert text == f"goodput unknown over 35s ({reason})"
+    assert "0%" not in text

@@ -63,6 +63,11 @@ def goodput_text(info: dict[str, Any]) -> Text:
     text = Text()
     goodput = info.get("goodput")
     share = as_float(goodput.get("goodput")) if isinstance(goodput, dict) else None
+    unknown = goodput.get("unknown") if isinstance(goodput, dict) else None
+    if isinstance(goodput, dict) and share is None and isinstance(unknown, str):
+        text.append("goodput unknown", style="bold")
+        wall = fmt.duration(as_float(goodput.get("wall_s")))
+        text.append(f" over {wall} ({unknown})", style="dim")
     if isinstance(goodput, dict) and share is not None:
         text.append(f"goodput {share * 100:.0f}%", style="bold")
         text.append(f" of {fmt.duration(as_float(goodput.get('wall_s')))}")
