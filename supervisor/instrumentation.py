@@ -25,6 +25,7 @@ class Instrumentation:
     trainer: str | None = None
     transformers: str | None = None
     error: str | None = None
+    pid: int | None = None  # the instrumented process (rank 0): `ftsup save` signals it alone
 
     @classmethod
     def for_spec(cls, spec: JobSpec) -> Instrumentation:
@@ -38,6 +39,7 @@ class Instrumentation:
         """Each attempt is a new process: it has to attach again."""
         if self.mode == "on":
             self.state, self.trainer, self.transformers, self.error = "waiting", None, None, None
+            self.pid = None
 
     def observe(self, record: dict[str, Any]) -> None:
         if self.mode != "on":
@@ -47,6 +49,9 @@ class Instrumentation:
             self.state, self.error = "attached", None
             self.trainer = _text(record.get("trainer"))
             self.transformers = _text(record.get("transformers"))
+            pid = record.get("pid")
+            valid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+            self.pid = pid if valid else None
         elif event == PROGRESS_INSTRUMENT_FAILED:
             self.state, self.error = "failed", _text(record.get("error")) or "unknown error"
 
@@ -73,6 +78,7 @@ class Instrumentation:
             "trainer": self.trainer,
             "transformers": self.transformers,
             "error": self.error,
+            "pid": self.pid,
         }
 
 

@@ -140,6 +140,22 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
     return True
 
 
+def signal_member(pid: int, pgid: int, sig: signal.Signals) -> bool:
+    """Signal one process, only while it is a member of group `pgid` (a recycled pid
+    belongs to another group: never a stranger's process)."""
+    try:
+        fields = _stat_fields(pid)
+    except ProcessUnreadable:
+        return False
+    if fields is None or int(fields[2]) != pgid:
+        return False
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def group_members(pgid: int) -> list[int]:
     """Live pids whose process group is `pgid` (used to prove no orphans remain)."""
     return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]

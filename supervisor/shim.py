@@ -42,12 +42,13 @@ from ftsup.supervisor import nofile, outlock
 from ftsup.supervisor.contract import EXIT_FILE as EXIT_FILE
 from ftsup.supervisor.contract import LOG_FILE as LOG_FILE
 from ftsup.supervisor.contract import PIDS_FILE as PIDS_FILE
-from ftsup.supervisor.procinfo import process_start_time
+from ftsup.supervisor.procinfo import group_members, process_start_time
 
 # Signals the shim passes on to the trainer's process group unchanged
 # (SIGUSR1: save and stop, SIGUSR2: save and continue).
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
 RESERVE_BYTES = 16 * 1024  # far more than either record takes
+GROUP_POLL_S = 0.1  # after a stop: how often to look whether the group has ended
 RESERVE_SUFFIX = ".reserve"
 
 
@@ -298,6 +299,8 @@ def supervise(
     state = _StopState()
     _install_handlers(state, pgid, grace)
     status = _wait(child, state, pgid, wake_r)
+    if state.stop_requested and not state.escalated:
+        _wait_for_group(state, pgid)
     # Anything left in the group (dataloader workers, torchrun children) goes too.
     killpg(pgid, signal.SIGKILL)
     returncode = os.waitstatus_to_exitcode(status)
@@ -348,6 +351,17 @@ def _wait(child: subprocess.Popen[bytes], state: _StopState, pgid: int, wake_r: 
         if deadline is not None and not state.escalated and time.monotonic() >= deadline:
             state.escalated = True
             killpg(pgid, signal.SIGKILL)
+
+
+def _wait_for_group(state: _StopState, pgid: int) -> None:
+    """After a stop, the command may end before the trainer it launched: a launcher
+    with no SIGTERM handler (`accelerate launch`) dies at once while the trainer
+    below it is still saving. The rest of the group gets the grace period too."""
+    while group_members(pgid):
+        if state.kill_deadline is not None and time.monotonic() >= state.kill_deadline:
+            state.escalated = True
+            return
+        time.sleep(GROUP_POLL_S)
 
 
 def killpg(pgid: int, sig: signal.Signals) -> None:

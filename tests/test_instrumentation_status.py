@@ -58,6 +58,7 @@ def test_instrument_false_runs_the_command_as_given(daemon: Harness) -> None:
         "trainer": None,
         "transformers": None,
         "error": None,
+        "pid": None,
     }
     assert "instrument = false" in daemon.cli("status", "asis").stdout
     daemon.cli("stop", "asis")

@@ -100,6 +100,7 @@ def _add_callback(trainer: Any) -> None:
         trainer=type(trainer).__name__,
         transformers=getattr(transformers, "__version__", None),
         added_by=added_by,
+        pid=os.getpid(),  # `ftsup save` signals this process, not a launcher above it
     )
 
 

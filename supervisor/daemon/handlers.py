@@ -190,7 +190,7 @@ class Handlers:
         refusal = runner.instrumentation.can_save()
         if refusal is not None:
             raise RequestError("not_instrumented", f"{name}: {refusal}")
-        if not runner.signal_trainer(signal.SIGUSR2):
+        if not runner.request_save():
             raise RequestError("not_running", f"job {name!r} has no running trainer")
         self.manager.bus.emit(name, EventKind.SAVE_REQUESTED, "asked the trainer to save now")
         return {"requested": True}

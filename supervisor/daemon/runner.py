@@ -612,6 +612,17 @@ class JobRunner:
         self.restart_requested = True
         self.request_stop(now=False)
 
+    def request_save(self) -> bool:
+        """SIGUSR2 to the instrumented process alone when it is known: a launcher
+        above it (`accelerate launch`) would die of the signal's default action. Its
+        ranks agree on the save at the next step, so rank 0 is enough."""
+        if self.attempt is None:
+            return False
+        pid = self.instrumentation.pid
+        if pid is not None:
+            return self.attempt.signal_process(pid, signal.SIGUSR2)
+        return self.attempt.signal_trainer(signal.SIGUSR2)
+
     def signal_trainer(self, sig: signal.Signals) -> bool:
         """Send `sig` to the trainer's whole process group (checked by start time)."""
         return self.attempt.signal_trainer(sig) if self.attempt is not None else False
