@@ -140,20 +140,45 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
     return True
 
 
-def signal_member(pid: int, pgid: int, sig: signal.Signals) -> bool:
-    """Signal one process, only while it is a member of group `pgid` (a recycled pid
-    belongs to another group: never a stranger's process)."""
+MAX_ANCESTRY = 64  # parents followed up from a process (a loop-safe bound)
+
+
+def signal_within(
+    pid: int, pgid: int, sig: signal.Signals, *, leader_start_time: int | None
+) -> bool:
+    """Signal one process of a trainer's: a member of group `pgid`, or a descendant
+    of its leader (torchrun starts each worker in a session of its own). A recycled
+    pid is neither: never a stranger's process."""
     try:
         fields = _stat_fields(pid)
+        if fields is None:
+            return False
+        ours = int(fields[2]) == pgid or (
+            is_same_process(pgid, leader_start_time) and _descends_from(fields, pgid)
+        )
     except ProcessUnreadable:
         return False
-    if fields is None or int(fields[2]) != pgid:
+    if not ours:
         return False
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _descends_from(fields: list[bytes], ancestor: int) -> bool:
+    for _ in range(MAX_ANCESTRY):
+        parent = int(fields[1])
+        if parent == ancestor:
+            return True
+        if parent <= 1:
+            return False
+        found = _stat_fields(parent)
+        if found is None:
+            return False
+        fields = found
+    return False
 
 
 def group_members(pgid: int) -> list[int]:

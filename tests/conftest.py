@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,3 +44,11 @@ def fake_daemon() -> Iterator[subprocess.Popen[bytes]]:
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny Llama (and tokenizer) per test module, for unmodified HF scripts."""
+    from ftsup.trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "llama", hidden=32, heads=2)

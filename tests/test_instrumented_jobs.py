@@ -230,14 +230,6 @@ def _run_scenario(
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny Llama (and tokenizer) for every run of this module."""
-    from ftsup.trainer.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "llama", hidden=32, heads=2)
-
-
-@pytest.fixture(scope="module")
 def plain(tiny_model: Path) -> Iterator[Observed]:
     harness = Harness()
     try:

@@ -1,8 +1,9 @@
-"""PENDING (fails today): a command behind `accelerate launch` keeps ftsup's signal contract.
+"""Unmodified scripts behind a launcher keep ftsup's stop and save contract.
 
 `accelerate launch` (and Axolotl's default launcher, which execs it) is the shim's
-direct child; it has no handler for SIGTERM or SIGUSR2, so both kill it at once, and
-the shim then SIGKILLs the group: the trainer never saves.
+direct child and has no handler for SIGTERM or SIGUSR2: the signals must still reach
+the trainer below it, and its save must not be cut short. Under torchrun every rank
+is instrumented and the ranks stop and save at the same step.
 """
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ from pathlib import Path
 
 import pytest
 
-
-
-from tests.supervisor_harness import Harness  # noqa: E402
-from tests.test_instrumented_jobs import Observed, Run, _run_scenario, tiny_model  # noqa: E402, F401
+from tests.supervisor_harness import Harness
+from tests.test_instrumented_jobs import Observed, Run, _assert_same_weights, _run_scenario
 
 
 @dataclass
 class LaunchedRun(Run):
     def argv(self, model: Path, output_dir: Path, hold_dir: Path | None) -> list[str]:
         accelerate = str(Path(sys.executable).parent / "accelerate")
-        launch = [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+        launch = [
+            accelerate,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_cpu_threads_per_process",
+            "1",
+        ]
         plain = super().argv(model, output_dir, hold_dir)
         return launch + plain[1:]  # the script instead of `python script`
 
@@ -49,3 +61,51 @@ def test_save_and_stop_reach_a_trainer_behind_accelerate_launch(launched: Observ
     assert step > 12 and launched.checkpoints_after_stop == [4, 10, step]
     assert launched.finished["state"] == "finished"
     assert launched.finished["attempt_history"][-1]["resume_from"].endswith(f"checkpoint-{step}")
+
+
+@dataclass
+class TorchrunRun(Run):
+    """Two ranks (gloo on the CPU): every rank is instrumented, rank 0 reports."""
+
+    def argv(self, model: Path, output_dir: Path, hold_dir: Path | None) -> list[str]:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ]
+        plain = super().argv(model, output_dir, hold_dir)
+        return launch + plain[1:]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model: Path) -> Iterator[Observed]:
+    harness = Harness()
+    try:
+        harness.start_daemon()
+        run = TorchrunRun("ranks", "plain_hf_train.py", max_steps=16, save_steps=5)
+        yield _run_scenario(harness, run, tiny_model, save_hold=2, stop_hold=7)
+    finally:
+        harness.cleanup()
+
+
+def test_every_rank_under_torchrun_saves_and_stops_at_the_same_step(two_ranks: Observed) -> None:
+    assert two_ranks.held_status["instrumentation"]["state"] == "attached"
+    assert two_ranks.checkpoints_before_stop == [3, 5]  # `ftsup save` after step 2
+    assert two_ranks.stopped["state"] == "stopped"
+    step = int(two_ranks.stopped["last_exit"]["last_step"])
+    assert step > 7 and two_ranks.checkpoints_after_stop == [3, 5, step]
+    saved = two_ranks.output_dir / f"checkpoint-{step}"
+    assert sorted(p.name for p in saved.glob("rng_state_*.pth")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    # One progress writer (rank 0), and the resumed attempt starts after the stop step.
+    steps = [line["step"] for line in two_ranks.progress if line.get("event") == "step"]
+    assert steps == list(range(1, 17))
+    history = two_ranks.finished["attempt_history"]
+    assert history[-1]["resume_from"].endswith(f"checkpoint-{step}")
+    assert two_ranks.finished["state"] == "finished"
+    _assert_same_weights(two_ranks.output_dir, two_ranks.reference_dir)

@@ -14,7 +14,7 @@ from typing import Any
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.contract import PIDS_FILE
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
-from ftsup.supervisor.procinfo import is_same_process, signal_group, signal_member
+from ftsup.supervisor.procinfo import is_same_process, signal_group, signal_within
 
 KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
 
@@ -72,9 +72,12 @@ class LiveAttempt:
         return signal_group(pgid, sig, leader_start_time=start)
 
     def signal_process(self, pid: int, sig: signal.Signals) -> bool:
-        """`sig` to one process of the trainer's group (and to no other process)."""
-        pgid = self.pids().get("pgid")
-        return isinstance(pgid, int) and signal_member(pid, pgid, sig)
+        """`sig` to one process of the trainer's (and to no other process)."""
+        pids = self.pids()
+        pgid, start = pids.get("pgid"), pids.get("trainer_start")
+        if not isinstance(pgid, int):
+            return False
+        return signal_within(pid, pgid, sig, leader_start_time=start)
 
     def to_json(self) -> dict[str, Any]:
         return {
