@@ -42,13 +42,15 @@ from ftsup.supervisor import nofile, outlock
 from ftsup.supervisor.contract import EXIT_FILE as EXIT_FILE
 from ftsup.supervisor.contract import LOG_FILE as LOG_FILE
 from ftsup.supervisor.contract import PIDS_FILE as PIDS_FILE
-from ftsup.supervisor.procinfo import group_members, process_start_time
+from ftsup.supervisor.procinfo import child_pids, group_members, process_start_time
 
 # Signals the shim passes on to the trainer's process group unchanged
 # (SIGUSR1: save and stop, SIGUSR2: save and continue).
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
 RESERVE_BYTES = 16 * 1024  # far more than either record takes
 GROUP_POLL_S = 0.1  # after a stop: how often to look whether the group has ended
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+MAX_ORPHAN_ROUNDS = 50  # killing an orphan may orphan its own children: a few rounds
 RESERVE_SUFFIX = ".reserve"
 
 
@@ -283,6 +285,7 @@ def supervise(
     """From a started trainer to `exit.json`: pids, stop handling, the group's end.
     No write failure ends supervision: the trainer is followed to its end regardless."""
     pgid = child.pid
+    become_subreaper()
     reserve_records(attempt_dir)  # no-op where done at start; a standby's renamed folder
     write_record(
         attempt_dir,
@@ -300,9 +303,11 @@ def supervise(
     _install_handlers(state, pgid, grace)
     status = _wait(child, state, pgid, wake_r)
     if state.stop_requested and not state.escalated:
-        _wait_for_group(state, pgid)
-    # Anything left in the group (dataloader workers, torchrun children) goes too.
+        _wait_for_the_rest(state, pgid)
+    # Anything left goes too: the group (dataloader workers) and the orphans that came
+    # to this shim (torchrun workers in sessions of their own whose launcher died).
     killpg(pgid, signal.SIGKILL)
+    kill_orphans()
     returncode = os.waitstatus_to_exitcode(status)
     write_exit(
         attempt_dir,
@@ -353,14 +358,53 @@ def _wait(child: subprocess.Popen[bytes], state: _StopState, pgid: int, wake_r: 
             killpg(pgid, signal.SIGKILL)
 
 
-def _wait_for_group(state: _StopState, pgid: int) -> None:
+def become_subreaper() -> None:
+    """Orphans of the trainer's processes become this shim's children, not init's:
+    a worker that outlives its launcher (torchrun starts each in a session of its
+    own) is then still found, waited for and ended with the attempt."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _wait_for_the_rest(state: _StopState, pgid: int) -> None:
     """After a stop, the command may end before the trainer it launched: a launcher
     with no SIGTERM handler (`accelerate launch`) dies at once while the trainer
-    below it is still saving. The rest of the group gets the grace period too."""
-    while group_members(pgid):
+    below it is still saving. The rest gets the grace period too, and the stop
+    reaches the orphans outside the group (in sessions of their own) as well."""
+    told: set[int] = set()
+    while True:
+        _reap()
+        orphans = child_pids(os.getpid())
+        for pid in set(orphans) - told:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+            told.add(pid)
+        if not (group_members(pgid) or orphans):
+            return
         if state.kill_deadline is not None and time.monotonic() >= state.kill_deadline:
             state.escalated = True
             return
+        time.sleep(GROUP_POLL_S)
+
+
+def kill_orphans() -> None:
+    """SIGKILL every process that was reparented to this shim, and theirs in turn."""
+    for _ in range(MAX_ORPHAN_ROUNDS):
+        _reap()
+        orphans = child_pids(os.getpid())
+        if not orphans:
+            return
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(GROUP_POLL_S)
 
 

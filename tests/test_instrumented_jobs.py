@@ -229,33 +229,30 @@ def _run_scenario(
     return seen
 
 
-@pytest.fixture(scope="module")
-def plain(tiny_model: Path) -> Iterator[Observed]:
+def observe(run: Run, model: Path, *, save_hold: int | None, stop_hold: int) -> Iterator[Observed]:
+    """One scenario under a daemon of its own, for a module fixture (`yield from`)."""
     harness = Harness()
     try:
         harness.start_daemon()
-        run = Run("plain", "plain_hf_train.py", max_steps=30, save_steps=10)
-        yield _run_scenario(harness, run, tiny_model, save_hold=3, stop_hold=12)
+        yield _run_scenario(harness, run, model, save_hold=save_hold, stop_hold=stop_hold)
     except BaseException:
         print(f"--- daemon log ---\n{harness.daemon_log()[-6000:]}")
         raise
     finally:
         harness.cleanup()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model: Path) -> Iterator[Observed]:
+    run = Run("plain", "plain_hf_train.py", max_steps=30, save_steps=10)
+    yield from observe(run, tiny_model, save_hold=3, stop_hold=12)
 
 
 @pytest.fixture(scope="module")
 def trl(tiny_model: Path) -> Iterator[Observed]:
-    harness = Harness()
-    try:
-        harness.start_daemon()
-        extra = ("--max_length", "32")
-        run = Run("sft", "trl_sft_train.py", max_steps=16, save_steps=5, extra=extra)
-        yield _run_scenario(harness, run, tiny_model, save_hold=None, stop_hold=7)
-    except BaseException:
-        print(f"--- daemon log ---\n{harness.daemon_log()[-6000:]}")
-        raise
-    finally:
-        harness.cleanup()
+    extra = ("--max_length", "32")
+    run = Run("sft", "trl_sft_train.py", max_steps=16, save_steps=5, extra=extra)
+    yield from observe(run, tiny_model, save_hold=None, stop_hold=7)
 
 
 def _assert_same_weights(trained: Path, reference: Path) -> None:
@@ -360,7 +357,7 @@ def test_trl_sft_trainer_stops_at_its_step_and_resumes_bit_identically(trl: Obse
 # examples ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("example", ["trl-sft", "axolotl"])
+@pytest.mark.parametrize("example", ["trl-sft", "axolotl", "llamafactory"])
 def test_example_job_files_pass_ftsup_check(example: str) -> None:
     job = EXAMPLES / example / "job.toml"
     result = subprocess.run(

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.supervisor_harness import Harness
-from tests.test_instrumented_jobs import Observed, Run, _assert_same_weights, _run_scenario
+from tests.test_instrumented_jobs import Observed, Run, _assert_same_weights, observe
 
 
 @dataclass
@@ -44,13 +43,8 @@ class LaunchedRun(Run):
 
 @pytest.fixture(scope="module")
 def launched(tiny_model: Path) -> Iterator[Observed]:
-    harness = Harness()
-    try:
-        harness.start_daemon()
-        run = LaunchedRun("launched", "plain_hf_train.py", max_steps=30, save_steps=10)
-        yield _run_scenario(harness, run, tiny_model, save_hold=3, stop_hold=12)
-    finally:
-        harness.cleanup()
+    run = LaunchedRun("launched", "plain_hf_train.py", max_steps=30, save_steps=10)
+    yield from observe(run, tiny_model, save_hold=3, stop_hold=12)
 
 
 def test_save_and_stop_reach_a_trainer_behind_accelerate_launch(launched: Observed) -> None:
@@ -82,19 +76,16 @@ class TorchrunRun(Run):
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model: Path) -> Iterator[Observed]:
-    harness = Harness()
-    try:
-        harness.start_daemon()
-        run = TorchrunRun("ranks", "plain_hf_train.py", max_steps=16, save_steps=5)
-        yield _run_scenario(harness, run, tiny_model, save_hold=2, stop_hold=7)
-    finally:
-        harness.cleanup()
+    run = TorchrunRun("ranks", "plain_hf_train.py", max_steps=16, save_steps=5)
+    yield from observe(run, tiny_model, save_hold=2, stop_hold=7)
 
 
 def test_every_rank_under_torchrun_saves_and_stops_at_the_same_step(two_ranks: Observed) -> None:
     assert two_ranks.held_status["instrumentation"]["state"] == "attached"
     assert two_ranks.checkpoints_before_stop == [3, 5]  # `ftsup save` after step 2
     assert two_ranks.stopped["state"] == "stopped"
+    # torchrun's agent passed the stop on and kept the workers' 75 (plain torchrun: 1).
+    assert two_ranks.stopped["last_exit"]["returncode"] == 75
     step = int(two_ranks.stopped["last_exit"]["last_step"])
     assert step > 7 and two_ranks.checkpoints_after_stop == [3, 5, step]
     saved = two_ranks.output_dir / f"checkpoint-{step}"

@@ -30,7 +30,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
-def _forward(signum: int, _frame: FrameType | None) -> None:
+def forward(signum: int, _frame: FrameType | None) -> None:
+    """Signal handler: the same signal to each child (torchrun's workers)."""
     for pid in child_pids(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     for sig in FORWARDED:
-        signal.signal(sig, _forward)
+        signal.signal(sig, forward)
     launcher: Any = torchrun
     args = launcher.parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(argv or sys.argv[1:])])
     try:

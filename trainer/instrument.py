@@ -12,6 +12,14 @@ are covered too:
   instead of running the rest of the script (a final `save_model` would write a
   half-trained model where the finished one belongs).
 
+And one function of torchrun's agent (`torch.distributed.launcher.api`, which
+`torchrun`, `python -m torch.distributed.run` and `accelerate launch` all call),
+so that a command launched through it keeps the contract as the built-in
+trainer's `distrun` does: SIGTERM/SIGUSR1/SIGUSR2 are passed on to the workers
+(torchrun would SIGKILL them 30 s after a SIGTERM, and die of SIGUSR1/SIGUSR2),
+and a stop ends with 75 rather than torchrun's 1 for any worker exit. Its
+workers ask to die with it (they run in sessions of their own).
+
 Whatever fails in here is reported and the trainer runs on uninstrumented.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -34,6 +43,7 @@ from ftsup.trainer import dist
 from ftsup.trainer.progress import ProgressWriter
 
 _WRAPPED = "__ftsup_instrumented__"
+ENV_TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for its workers
 
 
 def instrument_trainer_module(module: ModuleType) -> None:
@@ -41,9 +51,63 @@ def instrument_trainer_module(module: ModuleType) -> None:
     trainer_class = module.Trainer
     if getattr(trainer_class, _WRAPPED, False):
         return
+    if ENV_TORCHELASTIC_RUN_ID in os.environ:  # a torchrun worker, in a session of its own
+        dist.die_with_parent()
     trainer_class.__init__ = _wrap_init(trainer_class.__init__)
     trainer_class.train = _wrap_train(trainer_class.train)
     setattr(trainer_class, _WRAPPED, True)
+
+
+def instrument_launcher_module(module: ModuleType) -> None:
+    """Wrap torchrun's `launch_agent` once (the bootstrap calls this on import)."""
+    original = module.launch_agent
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def launch_agent(*args: Any, **kwargs: Any) -> Any:
+        try:
+            _keep_signals_for_workers(args[0] if args else kwargs.get("config"))
+        except Exception as exc:  # torchrun runs on as it would without ftsup
+            _report_failure(f"torchrun's agent: {type(exc).__name__}: {exc}")
+            return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            try:
+                code = _stop_exit_code(exc)
+            except Exception:  # judging it must not hide torchrun's own error
+                code = None
+            if code == EXIT_STOPPED:
+                raise SystemExit(code) from None
+            raise
+
+    setattr(launch_agent, _WRAPPED, True)
+    setattr(module, "launch_agent", launch_agent)  # noqa: B010 (a module, typed as ModuleType)
+
+
+def _keep_signals_for_workers(config: Any) -> None:
+    """SIGTERM/SIGUSR1/SIGUSR2 go on to the workers; torchrun keeps only the others."""
+    from ftsup.trainer.distrun import FORWARDED, TORCHRUN_SIGNALS, forward
+
+    if not hasattr(config, "signals_to_handle"):  # torch < 2.6: torchrun handles SIGTERM
+        return
+    config.signals_to_handle = TORCHRUN_SIGNALS
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+
+def _stop_exit_code(exc: Exception) -> int | None:
+    """75 when the workers ended on a stop request (torchrun would say 1), else None."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ftsup.trainer.distrun import exit_code_for
+
+    if not isinstance(exc, ChildFailedError):
+        return None
+    first_rank, first = exc.get_first_failure()
+    others = [f.exitcode for rank, f in exc.failures.items() if rank != first_rank]
+    return exit_code_for(first.exitcode, others)
 
 
 def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -6,9 +6,12 @@ imports no module the interpreter has not already loaded:
 
 1. takes its own folder off `sys.path` (the user's imports resolve as before),
 2. runs the `sitecustomize` this one shadows, if there is one,
-3. watches for `transformers.trainer`: when (and only when) the process imports
-   it, `ftsup.trainer.instrument` adds `FtsupCallback` to every `Trainer` the
-   process creates.
+3. watches for two imports, and only when the process makes one does it load
+   ftsup's trainer-side code (`ftsup.trainer.instrument`):
+   `transformers.trainer` (add `FtsupCallback` to every `Trainer` the process
+   creates) and `torch.distributed.launcher.api` (torchrun's agent, also under
+   `accelerate launch`: pass stop and save signals on to the workers, keep
+   exit 75).
 
 A process that never imports transformers runs exactly as without it. Any failure
 while instrumenting is reported (stderr and the progress file) and the trainer
@@ -32,7 +35,11 @@ if TYPE_CHECKING:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # .../ftsup/trainer/bootstrap: the folder that holds ftsup's `trainer` and `supervisor`.
 _FTSUP_ROOT = os.path.dirname(os.path.dirname(_HERE))
-_TARGET = "transformers.trainer"
+# The modules watched, and the function of `ftsup.trainer.instrument` each is given to.
+_TARGETS = {
+    "transformers.trainer": "instrument_trainer_module",
+    "torch.distributed.launcher.api": "instrument_launcher_module",
+}
 
 
 def _same_dir(entry: str) -> bool:
@@ -83,9 +90,9 @@ def _attach(module: ModuleType) -> None:
         return
     try:
         _ensure_ftsup_importable()
-        from ftsup.trainer.instrument import instrument_trainer_module
+        from ftsup.trainer import instrument
 
-        instrument_trainer_module(module)
+        getattr(instrument, _TARGETS[module.__name__])(module)
     except Exception as exc:  # never break the trainer
         _report_failure(f"{type(exc).__name__}: {exc}")
 
@@ -109,13 +116,13 @@ class _AttachingLoader:
 
 
 class _TrainerImportWatcher:
-    """A meta-path finder that answers only for `transformers.trainer`, by asking the
+    """A meta-path finder that answers only for the watched modules, by asking the
     finders after it and wrapping the loader they return."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname != _TARGET:
+        if fullname not in _TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self:
