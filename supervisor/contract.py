@@ -36,6 +36,8 @@ ENV_RUNTIME_DIR = "FTSUP_RUNTIME_DIR"
 ENV_CLIENT_TIMEOUT = "FTSUP_CLIENT_TIMEOUT"
 # The user's soft RLIMIT_NOFILE, from a daemon that raised its own, for the shims to restore.
 ENV_USER_NOFILE = "FTSUP_USER_NOFILE"
+# `N` or `N:MEM_GIB`: the daemon sees N simulated GPUs instead of NVML's (laptops, tests).
+ENV_SIMULATE_GPUS = "FTSUP_SIMULATE_GPUS"
 
 # Set for `[notify] command` hooks.
 ENV_EVENT = "FTSUP_EVENT"

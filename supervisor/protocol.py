@@ -55,6 +55,7 @@ class RequestType(StrEnum):
     PROGRESS_HISTORY = "progress_history"
     GPUS = "gpus"
     GPU_RESET = "gpu_reset"
+    GPU_SIMULATE_XID = "gpu_simulate_xid"  # refused unless the daemon's GPUs are simulated
     SUBSCRIBE = "subscribe"  # served by the connection itself: it turns into a stream
     SHUTDOWN = "shutdown"
 

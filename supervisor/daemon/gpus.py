@@ -17,11 +17,13 @@ from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
+from ftsup.supervisor.contract import ENV_SIMULATE_GPUS
 from ftsup.supervisor.daemon.attempt import KILL_FILE
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.runner import JobRunner
 from ftsup.supervisor.health.gpu import GpuEvent, GpuMonitor
 from ftsup.supervisor.health.xid import XidPolicy
+from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.spec_types import JobSpec
 
 log = logging.getLogger("ftsup.daemon")
@@ -106,6 +108,14 @@ class GpuSupervision:
             runner.wake()  # jobs waiting for this GPU check again now
 
     # view -----------------------------------------------------------------
+    def simulate_xid(self, index: int, xid: int) -> None:
+        """Inject an XID on a simulated GPU (`ftsup gpus simulate-xid`); refused on real ones."""
+        raise RequestError(
+            "not_simulated",
+            "simulate-xid works only on simulated GPUs "
+            f"(start the daemon with {ENV_SIMULATE_GPUS}=N)",
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu)."""
         return self.monitor.reading()

@@ -94,6 +94,7 @@ ROUTES: dict[RequestType, str] = {
     RequestType.CHECKPOINTS: "checkpoints",
     RequestType.PROGRESS_HISTORY: "progress_history",
     RequestType.GPU_RESET: "gpu_reset",
+    RequestType.GPU_SIMULATE_XID: "gpu_simulate_xid",
 }
 
 
@@ -265,6 +266,14 @@ class Handlers:
         if index < 0:
             raise RequestError("bad_request", "gpu_reset: 'index' must be a GPU index")
         self.gpus.mark_healthy(index)
+        return self.gpus.snapshot()
+
+    async def gpu_simulate_xid(self, request: dict[str, Any]) -> dict[str, Any]:
+        index = _int_arg(request, "index", -1, low=-1)
+        xid = _int_arg(request, "xid", -1, low=-1)
+        if index < 0 or xid < 0:
+            raise RequestError("bad_request", "gpu_simulate_xid: 'index' and 'xid' are required")
+        self.gpus.simulate_xid(index, xid)
         return self.gpus.snapshot()
 
     async def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
