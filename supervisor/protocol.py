@@ -56,6 +56,7 @@ class RequestType(StrEnum):
     GPUS = "gpus"
     GPU_RESET = "gpu_reset"
     GPU_SIMULATE_XID = "gpu_simulate_xid"  # refused unless the daemon's GPUs are simulated
+    QUEUE = "queue"
     SUBSCRIBE = "subscribe"  # served by the connection itself: it turns into a stream
     SHUTDOWN = "shutdown"
 
@@ -71,6 +72,8 @@ class JobState(StrEnum):
     """A job's state as stored, served and shown. The values are the wire strings."""
 
     PENDING = "pending"
+    QUEUED = "queued"  # waits for GPUs, or for the jobs it runs after
+    BLOCKED = "blocked"  # a job it runs after failed, or it asks for GPUs that do not exist
     STARTING = "starting"
     RUNNING = "running"
     BACKOFF = "backoff"
@@ -86,6 +89,8 @@ LIVE_STATES: tuple[str, ...] = tuple(
     s.value
     for s in (
         JobState.PENDING,
+        JobState.QUEUED,
+        JobState.BLOCKED,
         JobState.STARTING,
         JobState.RUNNING,
         JobState.BACKOFF,
@@ -103,6 +108,8 @@ STATE_STYLES: dict[str, str] = {
     JobState.RUNNING: "bold green",
     JobState.STARTING: "green",
     JobState.PENDING: "yellow",
+    JobState.QUEUED: "cyan",
+    JobState.BLOCKED: "magenta",
     JobState.STOPPING: "yellow",
     JobState.BACKOFF: "bold yellow",
     JobState.GAVE_UP: "bold red",
@@ -120,6 +127,9 @@ class EventKind(StrEnum):
     SUBMITTED = "submitted"
     ADOPTED = "adopted"
     LAUNCH_WAIT = "launch_wait"
+    QUEUED = "queued"
+    BLOCKED = "blocked"
+    PLACED = "placed"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     RESTART = "restart"

@@ -598,6 +598,19 @@ def _devices(value: object, _base: Path) -> tuple[int, ...]:
     return tuple(value)
 
 
+MAX_GPUS = 1024  # GPUs one job may ask for (a sane bound, far above any server)
+
+
+def _job_names(value: object, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        got = _describe(value)
+        raise _Bad(f"expected an array of job names, got {got}", 'e.g. after = ["prep"]')
+    names = tuple(_job_name(item, base) for item in value)
+    if len(set(names)) != len(names):
+        raise _Bad("names a job more than once")
+    return names
+
+
 XID_ACTIONS = ("restart", "stop", "warn", "ignore")
 
 
@@ -743,6 +756,9 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
                 required=True,
                 example='output_dir = "/data/runs/qwen-lora"',
             ),
+            _Field("priority", _integer(-1000, "higher starts first", at_most=1000)),
+            _Field("after", _job_names),
+            _Field("preemptible", _boolean),
         ),
         "command": _table(
             CommandSection,
@@ -848,6 +864,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
         "gpu": _table(
             GpuSection,
             _Field("devices", _devices),
+            _Field("count", _integer(1, "the number of GPUs the job needs", at_most=MAX_GPUS)),
             _Field("xid_actions", _xid_actions),
         ),
         "notify": _table(
@@ -951,6 +968,19 @@ def _check_retention(sections: Mapping[str, Any], issues: _Collector) -> None:
             )
 
 
+def _check_queue(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """A job asks for GPUs one way, and never waits for itself."""
+    job, gpu = sections.get("job"), sections.get("gpu")
+    if isinstance(gpu, GpuSection) and gpu.count is not None and gpu.devices is not None:
+        issues.add(
+            ("gpu", "count"),
+            "count and devices cannot both be set",
+            "devices = [...] for exactly these GPUs, or count = N for any N free ones",
+        )
+    if isinstance(job, JobSection) and job.name in job.after:
+        issues.add(("job", "after"), f"a job cannot wait for itself ({job.name!r})", None)
+
+
 _CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
     {
         "train": _check_train,
@@ -992,6 +1022,8 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_kind(data, issues)
     issues.raise_if_any()
     _check_retention(sections, issues)
+    _check_queue(sections, issues)
+    issues.raise_if_any()
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 
 

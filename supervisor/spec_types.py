@@ -60,6 +60,11 @@ def _render_key(key: str) -> str:
 class JobSection:
     name: str
     output_dir: Path
+    # The GPU queue: higher first, then submission order; `after`: start only once
+    # these jobs finished; `preemptible`: a higher-priority job may take its GPUs.
+    priority: int = 0
+    after: tuple[str, ...] = ()
+    preemptible: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,10 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class GpuSection:
+    """`devices`: exactly these GPUs; `count`: any N free, healthy ones; neither: no GPU."""
+
     devices: tuple[int, ...] | None = None
+    count: int | None = None
     xid_actions: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
 
 

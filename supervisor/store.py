@@ -15,6 +15,7 @@ copy it back to disk. Every job and attempt row is also copied to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -91,6 +92,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     PRIMARY KEY (job, path)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS allocations (
+    job TEXT PRIMARY KEY,
+    gpus TEXT NOT NULL,
+    since REAL NOT NULL
+);
 """
 
 LIVE_STATES = protocol.LIVE_STATES  # one definition (state_rebuild's must equal it)
@@ -418,6 +424,23 @@ class Store:
             (output_dir, *LIVE_STATES),
         ).fetchone()
         return _job(row) if row else None
+
+    # GPU allocations (the queue's; a new daemon reads who holds what) -----
+    def set_allocation(self, job: str, gpus: tuple[int, ...]) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO allocations(job, gpus, since) VALUES (?, ?, ?)",
+            (job, json.dumps(list(gpus)), time.time()),
+        )
+
+    def clear_allocation(self, job: str) -> None:
+        self._write("DELETE FROM allocations WHERE job=?", (job,))
+
+    def allocations(self) -> dict[str, tuple[int, ...]]:
+        found: dict[str, tuple[int, ...]] = {}
+        for job, gpus in self._db.execute("SELECT job, gpus FROM allocations ORDER BY since"):
+            with contextlib.suppress(ValueError, TypeError):
+                found[job] = tuple(int(index) for index in json.loads(gpus))
+        return found
 
     # attempts -------------------------------------------------------------
     def next_attempt_number(self, job: str) -> int:

@@ -230,7 +230,13 @@ def test_spec_is_frozen_and_json_safe(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         spec.command.env["X"] = "1"  # type: ignore[index]
     data = json.loads(json.dumps(spec_to_json(spec)))
-    assert data["job"] == {"name": "demo", "output_dir": str(tmp_path / "runs" / "demo")}
+    assert data["job"] == {
+        "name": "demo",
+        "output_dir": str(tmp_path / "runs" / "demo"),
+        "priority": 0,
+        "after": [],
+        "preemptible": False,
+    }
     assert data["command"]["argv"] == ["python", "train.py"]
     assert data["train"] is None
     assert data["gpu"]["xid_actions"] == {"79": "stop"}

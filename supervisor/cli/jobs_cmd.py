@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_common(p)
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("queue", help="the GPU queue: who holds which GPUs, who waits and why")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_request(a, lambda c: c.request("queue"), render.print_queue))
+
     p = sub.add_parser("ls", help="list jobs")
     add_common(p)
     p.set_defaults(func=lambda a: run_request(a, lambda c: c.request("list"), render.print_jobs))

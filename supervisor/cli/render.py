@@ -76,6 +76,38 @@ def _instrumentation_row(job: dict[str, Any]) -> list[tuple[str, str]]:
     return [("instrument", escape(describe_instrumentation(data)))] if data else []
 
 
+def print_queue(result: dict[str, Any]) -> None:
+    """`ftsup queue`: the holders, then the waiting jobs in the order they are considered."""
+    holding, waiting = result.get("holding", []), result.get("waiting", [])
+    if not holding and not waiting:
+        stdout.print("the GPU queue is empty: no job holds or waits for GPUs")
+        return
+    for entry in holding:
+        gpus = ",".join(str(index) for index in entry["gpus"])
+        stdout.print(f"[bold]{escape(entry['job'])}[/] holds GPU {gpus}")
+    if waiting:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("#", "JOB", "STATE", "PRIORITY", "WANTS", "WHY"):
+            table.add_column(column)
+        for entry in waiting:
+            wants = (
+                f"GPU {','.join(map(str, entry['devices']))}"
+                if entry.get("devices")
+                else f"{entry['count']} GPUs"
+                if entry.get("count")
+                else "no GPU"
+            )
+            table.add_row(
+                str(entry["position"]),
+                escape(entry["job"]),
+                state_text(entry["state"]),
+                str(entry["priority"]),
+                wants,
+                escape(entry.get("reason") or "-"),
+            )
+        stdout.print(table)
+
+
 def print_job(job: dict[str, Any]) -> None:
     print_degraded(job)
     progress = job.get("progress") or {}

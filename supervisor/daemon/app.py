@@ -16,18 +16,25 @@ import signal
 import socket
 import threading
 import time
-from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor import __version__, nofile
-from ftsup.supervisor.contract import DAEMON_LOCK_NAME, ENV_RUNTIME_DIR, ENV_STATE_DIR
+from ftsup.supervisor.contract import (
+    DAEMON_LOCK_NAME,
+    ENV_RUNTIME_DIR,
+    ENV_SIMULATE_GPUS,
+    ENV_STATE_DIR,
+)
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.handlers import Handlers
 from ftsup.supervisor.daemon.launcher import default_env
 from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.daemon.placement import views_from_monitor
 from ftsup.supervisor.daemon.server import SocketServer
 from ftsup.supervisor.daemon.services import DaemonServices, MetricsOptions
+from ftsup.supervisor.health import simulated
+from ftsup.supervisor.health.nvml import Nvml
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import (
     NotPrivate,
@@ -53,11 +60,11 @@ class Daemon:
         self,
         layout: Layout,
         metrics: MetricsOptions | None = None,
-        nvml: ModuleType | None = None,
+        nvml: Nvml | None = None,
     ) -> None:
         self.layout = layout
         self.metrics = metrics or MetricsOptions()
-        self.nvml = nvml  # None: the real pynvml (tests pass a replaying double)
+        self.nvml = nvml  # None: the real pynvml or FTSUP_SIMULATE_GPUS (tests: a double)
         self.config = DaemonConfig()
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -103,8 +110,24 @@ class Daemon:
     def request_shutdown(self) -> None:
         self._stop.set()
 
+    def _gpu_module(self) -> Nvml | None:
+        """The injected NVML module, else simulated GPUs when FTSUP_SIMULATE_GPUS asks
+        for them (SimulationError: refuse to start), else None (the real pynvml)."""
+        if self.nvml is not None:
+            return self.nvml
+        gpus = simulated.from_env(os.environ)
+        if gpus is not None:
+            log.warning(
+                "GPUs are simulated (%s=%s): %s; `ftsup gpus simulate-xid` injects XIDs",
+                ENV_SIMULATE_GPUS,
+                os.environ[ENV_SIMULATE_GPUS],
+                gpus.describe(),
+            )
+        return gpus
+
     async def run(self) -> None:
         self.config = load_daemon_config(self.layout.daemon_config)  # SpecError: refuse to start
+        nvml = self._gpu_module()
         self._secure_folders()
         self._take_instance_lock()
         if _socket_answers(self.layout):
@@ -113,8 +136,9 @@ class Daemon:
         self._tighten_db()  # created just now under an in-process caller's umask
         bus = EventBus(store)
         manager = JobManager(store, bus, self.layout, default_env())
-        gpus = GpuSupervision(bus, manager.runners, self.nvml)
+        gpus = GpuSupervision(bus, manager.runners, nvml)
         manager.preflight = gpus.preflight
+        manager.placement.gpu_views = lambda: views_from_monitor(gpus.monitor, gpus.groups)
         handlers = Handlers(manager, store, self.layout, self.request_shutdown, gpus)
         server = SocketServer(self.layout.socket, handlers.table(), bus, self.hello_info)
         loop = asyncio.get_running_loop()
@@ -172,5 +196,8 @@ def run_daemon(layout: Layout, metrics: MetricsOptions | None = None) -> int:
         return 5
     except SpecError as exc:
         log.error("invalid daemon configuration:\n%s", exc)
+        return 2
+    except simulated.SimulationError as exc:
+        log.error("refusing to start: %s", exc)
         return 2
     return 0

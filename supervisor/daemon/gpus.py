@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from types import ModuleType
+import threading
 from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
@@ -22,27 +22,39 @@ from ftsup.supervisor.daemon.attempt import KILL_FILE
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.runner import JobRunner
 from ftsup.supervisor.health.gpu import GpuEvent, GpuMonitor
+from ftsup.supervisor.health.gpu_checks import gpu_pids
+from ftsup.supervisor.health.nvml import Nvml, NvmlUnavailable, describe_error, nvml_session
+from ftsup.supervisor.health.simulated import SimulatedGpus
 from ftsup.supervisor.health.xid import XidPolicy
 from ftsup.supervisor.protocol import RequestError
 from ftsup.supervisor.spec_types import JobSpec
 
 log = logging.getLogger("ftsup.daemon")
 KILLED_BY_GPU = "ftsup-gpu-fault"
+SIMULATED_XID_WAIT = 2.0  # seconds simulate_xid waits for the monitor to take its XID
 
 
 class GpuSupervision:
     def __init__(
-        self, bus: EventBus, runners: dict[str, JobRunner], nvml: ModuleType | None = None
+        self, bus: EventBus, runners: dict[str, JobRunner], nvml: Nvml | None = None
     ) -> None:
         self.bus = bus
         self.runners = runners
         self.monitor = GpuMonitor(nvml=nvml, on_event=self._from_thread)
+        self._nvml = nvml  # None: the real pynvml
+        self.groups: dict[int, int] = {}  # GPU -> its switch group (topology_groups)
+        # FTSUP_SIMULATE_GPUS: the monitor reads these instead of NVML (simulate-xid works)
+        self.simulated = nvml if isinstance(nvml, SimulatedGpus) else None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._seen = threading.Condition()
+        self._events_seen = 0  # monitor events so far (simulate_xid waits for its own)
 
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
         status = await asyncio.to_thread(self.monitor.start)
         log.info("%s", status.message)
+        if status.active:
+            self.groups = await asyncio.to_thread(self.topology_groups)
         return status.message
 
     async def close(self) -> None:
@@ -54,6 +66,9 @@ class GpuSupervision:
 
     # faults ---------------------------------------------------------------
     def _from_thread(self, event: GpuEvent) -> None:
+        with self._seen:
+            self._events_seen += 1
+            self._seen.notify_all()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.handle, event)
 
@@ -61,7 +76,7 @@ class GpuSupervision:
         """Act on one GPU event for every job running on that GPU."""
         self.bus.emit(None, "gpu_fault", event.message, event.to_dict())
         for runner in list(self.runners.values()):
-            if runner.attempt is None or not _uses(runner.spec, event.index):
+            if runner.attempt is None or not _uses(runner, event.index):
                 continue
             action = self._action_for(runner.spec, event)
             data = {**event.to_dict(), "action": action}
@@ -78,8 +93,14 @@ class GpuSupervision:
     @staticmethod
     def _action_for(spec: JobSpec, event: GpuEvent) -> str:
         if event.kind == "gpu_lost" or event.xid is None:
-            return "stop"
-        return str(XidPolicy.from_mapping(spec.gpu.xid_actions).action(event.xid))
+            action = "stop"
+        else:
+            action = str(XidPolicy.from_mapping(spec.gpu.xid_actions).action(event.xid))
+        if action == "stop" and spec.gpu.count is not None:
+            # A `count` job is not tied to this GPU: the queue places it again on
+            # healthy ones, and it resumes from its newest valid checkpoint.
+            return "restart"
+        return action
 
     # launch checks --------------------------------------------------------
     def preflight(self, spec: JobSpec) -> tuple[str, str]:
@@ -107,22 +128,95 @@ class GpuSupervision:
         for runner in self.runners.values():
             runner.wake()  # jobs waiting for this GPU check again now
 
+    # for placement (blocking NVML calls: call them from a thread) -------------
+    def topology_groups(self) -> dict[int, int]:
+        """GPU index -> the lowest index of the GPUs it shares a PCIe switch with
+        (NVML's common ancestor at NVML_TOPOLOGY_MULTIPLE or nearer). Empty when
+        NVML cannot tell (no monitor, a driver without topology)."""
+        indices = self.monitor.indices()
+        groups: dict[int, int] = {}
+        try:
+            with nvml_session(self._nvml) as n:
+                if not hasattr(n, "nvmlDeviceGetTopologyCommonAncestor"):
+                    return {}  # a binding without it (an old pynvml, a double): unknown
+                try:
+                    handles = {i: n.nvmlDeviceGetHandleByIndex(i) for i in indices}
+                    for i in indices:
+                        groups.setdefault(i, i)
+                        for j in indices:
+                            if j > i and j not in groups:
+                                level = n.nvmlDeviceGetTopologyCommonAncestor(
+                                    handles[i], handles[j]
+                                )
+                                if int(level) <= int(n.NVML_TOPOLOGY_MULTIPLE):
+                                    groups[j] = groups[i]
+                except n.NVMLError as err:  # not supported, a GPU lost: no topology, no fault
+                    log.info("GPU topology unknown: %s", describe_error(err))
+                    return {}
+        except NvmlUnavailable:
+            return {}
+        return groups
+
+    def gpu_processes(self) -> dict[int, dict[int, int | None]]:
+        """GPU index -> {pid: bytes of GPU memory} of its compute processes (NVML's
+        list: host pids). GPUs that do not answer are left out."""
+        found: dict[int, dict[int, int | None]] = {}
+        try:
+            with nvml_session(self._nvml) as n:
+                for index in self.monitor.indices():
+                    try:
+                        found[index] = gpu_pids(n, index)
+                    except n.NVMLError as err:
+                        log.debug("GPU %d: no process list: %s", index, describe_error(err))
+        except NvmlUnavailable:
+            return {}
+        return found
+
     # view -----------------------------------------------------------------
     def simulate_xid(self, index: int, xid: int) -> None:
-        """Inject an XID on a simulated GPU (`ftsup gpus simulate-xid`); refused on real ones."""
-        raise RequestError(
-            "not_simulated",
-            "simulate-xid works only on simulated GPUs "
-            f"(start the daemon with {ENV_SIMULATE_GPUS}=N)",
-        )
+        """Inject an XID on a simulated GPU (`ftsup gpus simulate-xid`); refused on real ones.
+
+        The XID takes the path of a real one (the monitor's XID thread, `handle`).
+        This waits, briefly, until the monitor has taken it, so that the answer's
+        snapshot shows its effect; the jobs are acted on right after, on the loop."""
+        if self.simulated is None:
+            raise RequestError(
+                "not_simulated",
+                "simulate-xid works only on simulated GPUs "
+                f"(start the daemon with {ENV_SIMULATE_GPUS}=N)",
+            )
+        count = self.simulated.count
+        if not 0 <= index < count:
+            raise RequestError(
+                "bad_request",
+                f"GPU {index} does not exist: the simulated GPUs are 0..{count - 1}",
+                {"index": index, "count": count},
+            )
+        with self._seen:
+            before = self._events_seen
+        if self.simulated.inject_xid(index, xid) == 0:
+            raise RequestError(
+                "not_running",
+                f"the GPU monitor does not listen for XIDs ({self.monitor.status.message})",
+            )
+        with self._seen:
+            self._seen.wait_for(lambda: self._events_seen > before, SIMULATED_XID_WAIT)
+        log.info("simulated XID %d on GPU %d", xid, index)
 
     def snapshot(self) -> dict[str, Any]:
-        """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu)."""
-        return self.monitor.reading()
+        """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu),
+        with `simulated` (FTSUP_SIMULATE_GPUS) as `ftsup gpus` adds it."""
+        return {**self.monitor.reading(), "simulated": self.simulated is not None}
 
 
-def _uses(spec: JobSpec, index: int | None) -> bool:
-    return index is None or spec.gpu.devices is None or index in spec.gpu.devices
+def _uses(runner: JobRunner, index: int | None) -> bool:
+    """Whether the job runs on GPU `index` (None: a fault not tied to one GPU)."""
+    devices = runner.gpus if runner.gpus is not None else runner.spec.gpu.devices
+    if index is None:
+        return True
+    if devices is None:  # a job that names no GPU may use any, unless it asked for a count
+        return runner.spec.gpu.count is None
+    return index in devices
 
 
 def _describe(unhealthy: dict[int, str]) -> str:

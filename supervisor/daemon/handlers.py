@@ -15,6 +15,7 @@ from ftsup.supervisor.checkpoints.listing import checkpoint_listing
 from ftsup.supervisor.contract import LOG_FILE
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
+from ftsup.supervisor.daemon.runner import JobRunner
 from ftsup.supervisor.daemon.server import HandlerTableError, check_handler_table
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.policy import failure_restarts
@@ -95,6 +96,7 @@ ROUTES: dict[RequestType, str] = {
     RequestType.PROGRESS_HISTORY: "progress_history",
     RequestType.GPU_RESET: "gpu_reset",
     RequestType.GPU_SIMULATE_XID: "gpu_simulate_xid",
+    RequestType.QUEUE: "queue",
 }
 
 
@@ -266,6 +268,7 @@ class Handlers:
         if index < 0:
             raise RequestError("bad_request", "gpu_reset: 'index' must be a GPU index")
         self.gpus.mark_healthy(index)
+        self.manager.placement.replan()  # jobs waiting for this GPU may start now
         return self.gpus.snapshot()
 
     async def gpu_simulate_xid(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +278,9 @@ class Handlers:
             raise RequestError("bad_request", "gpu_simulate_xid: 'index' and 'xid' are required")
         self.gpus.simulate_xid(index, xid)
         return self.gpus.snapshot()
+
+    async def queue(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.manager.placement.queue()
 
     async def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         self.on_shutdown()
@@ -311,9 +317,7 @@ class Handlers:
             "goodput": runner.goodput_report() if runner else None,
             "standby": runner.standbys.to_json() if runner else None,
             "instrumentation": runner.instrumentation.to_json() if runner else None,
-            "gpu_devices": list(runner.spec.gpu.devices)
-            if runner and runner.spec.gpu.devices is not None
-            else None,
+            "gpu_devices": _gpu_devices(runner),
         }
         if detail:
             data["env_keys"] = env_keys(job.spec_text)
@@ -333,3 +337,11 @@ def check_routes(routes: dict[RequestType, str]) -> None:
 
 
 check_routes(ROUTES)
+
+
+def _gpu_devices(runner: JobRunner | None) -> list[int] | None:
+    """The GPUs the job holds (the queue's allocation, else the ones it names)."""
+    if runner is None:
+        return None
+    devices = runner.gpus if runner.gpus is not None else runner.spec.gpu.devices
+    return list(devices) if devices is not None else None

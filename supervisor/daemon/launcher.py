@@ -40,7 +40,9 @@ def plan_attempt(
     attempt: int,
     resume_from: Path | None,
     base_env: Mapping[str, str],
+    devices: tuple[int, ...] | None = None,
 ) -> AttemptPlan:
+    """`devices`: the GPUs the queue allocated (default: the job's `[gpu] devices`)."""
     env = clean_child_env(base_env)  # systemd's notify/watchdog variables stay with the daemon
     env.update(
         {
@@ -53,9 +55,10 @@ def plan_attempt(
     )
     if resume_from is not None:
         env[contract.ENV_RESUME_FROM] = str(resume_from)
-    if spec.gpu.devices is not None:
+    devices = devices if devices is not None else spec.gpu.devices
+    if devices is not None:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in spec.gpu.devices)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     if spec.command is not None:
         env.update(spec.command.env)
         if spec.command.instrument:

@@ -16,6 +16,7 @@ from ftsup.supervisor.contract import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.daemon.attempt import LiveAttempt
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
+from ftsup.supervisor.daemon.placement import Placement
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
@@ -135,6 +136,7 @@ class JobManager:
         self.layout = layout
         self.env = env
         self.runners: dict[str, JobRunner] = {}
+        self.placement = Placement(store, bus)
         self._pump_task: asyncio.Task[None] | None = None
         self._submitting = asyncio.Lock()
 
@@ -148,6 +150,7 @@ class JobManager:
             classify=classify_attempt,
             env=self.env,
             preflight=self.preflight,
+            placement=self.placement,
         )
         self.runners[spec.name] = runner
         return runner
@@ -272,6 +275,10 @@ class JobManager:
                 runner.start(judge_last=True)
             else:
                 runner.start()
+        # Before any runner task runs: who holds which GPU, as the last daemon left it.
+        self.placement.restore({name: runner.spec for name, runner in self.runners.items()})
+        for runner in self.runners.values():
+            runner.gpus = self.placement.held(runner.name)
 
     def _never_ran(self, attempt: AttemptRow) -> bool:
         """The daemon died between recording the attempt and spawning its shim:

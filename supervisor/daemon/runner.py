@@ -33,6 +33,7 @@ from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import AttemptPlan, plan_attempt, spawn_shim
+from ftsup.supervisor.daemon.placement import Placement
 from ftsup.supervisor.daemon.standby import StandbyKeeper
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.goodput import checkpoint_advice
@@ -86,8 +87,11 @@ class JobRunner:
         classify: Classifier,
         env: dict[str, str],
         preflight: Preflight | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.spec = spec
+        self._placement = placement
+        self.gpus: tuple[int, ...] | None = None  # the GPUs the queue gave this job
         self.store = store
         self.bus = bus
         self.layout = layout
@@ -230,6 +234,11 @@ class JobRunner:
             self.store.set_job_state(self.name, state, reason)
         except Exception:
             log.exception("job %s: cannot record state %s (%s)", self.name, state, reason)
+        if self._placement is not None:
+            try:
+                self._placement.release(self.name)  # after the state: successors read it
+            except Exception:
+                log.exception("job %s: cannot give its GPUs back", self.name)
         for kind, message, payload in (
             (state, reason, data),
             ("state", state, {"state": state, "reason": reason}),
@@ -263,6 +272,8 @@ class JobRunner:
 
     # one attempt ----------------------------------------------------------
     async def _launch(self) -> LiveAttempt | None:
+        if not await self._wait_for_gpus():
+            return None
         if not await self._wait_until_launchable():
             return None
         self._set_state("starting")
@@ -396,7 +407,12 @@ class JobRunner:
         if self.skip_windows:  # the data a loss anomaly rolled back past
             env[ENV_SKIP_STEPS] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
         return plan_attempt(
-            self.spec, self.layout, attempt=attempt, resume_from=resume_from, base_env=env
+            self.spec,
+            self.layout,
+            attempt=attempt,
+            resume_from=resume_from,
+            base_env=env,
+            devices=self.gpus,
         )
 
     async def _activate_standby(
@@ -422,6 +438,20 @@ class JobRunner:
             and self.follower.progress.attempt_max_step > attempt.start_step
         )
         self.standbys.keep_warm(lambda: self._plan(0, None), start_one)
+
+    async def _wait_for_gpus(self) -> bool:
+        """Through the GPU queue (jobs that ask for GPUs or run after others); the
+        job shows `queued` or `blocked` with the reason while it waits."""
+        if self._placement is None:
+            return True
+        gpus = await self._placement.acquire(
+            self.spec, self._set_state, lambda: self.stop_requested, self._wake
+        )
+        if gpus is None:
+            self._finish("stopped", "stopped on request while queued")
+            return False
+        self.gpus = gpus or None
+        return True
 
     def _preflight_checks(self) -> tuple[str, str]:
         """The first pre-launch check that is not ok (GPUs, then disk space), else ok."""

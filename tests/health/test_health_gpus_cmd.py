@@ -88,6 +88,7 @@ def test_no_gpu_is_an_answer(code: int, reason: str, capsys: pytest.CaptureFixtu
         "driver": None,
         "gpus": [],
         "events": [],
+        "simulated": False,
     }
 
 

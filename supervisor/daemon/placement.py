@@ -1,0 +1,265 @@
+"""The daemon's GPU queue: who holds which GPU, who waits, and why.
+
+The decisions are `scheduling.plan`'s (pure, tested on its own); this module
+keeps its inputs (the GPUs as the monitor sees them, the allocations, the
+waiting jobs, the other jobs' outcomes) and acts on its answer: it grants GPUs
+to waiting runners, shows the others as `queued` or `blocked` with the reason,
+and records every allocation in the database, so that a new daemon that
+re-adopts running trainers knows who holds what before it places anything.
+
+A job keeps its GPUs across restarts (a restart never waits behind another job,
+and never races another job for the memory the dying run frees); it gives them
+back when its supervision ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ftsup.supervisor.daemon.bus import EventBus
+from ftsup.supervisor.health.gpu import GpuMonitor
+from ftsup.supervisor.protocol import EventKind, JobState
+from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
+from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.store import Store
+
+log = logging.getLogger("ftsup.daemon")
+
+# The GPUs as the monitor sees them now; None when there is no monitor (no NVML).
+GpuViews = Callable[[], list[GpuView] | None]
+# Show a waiting job's state and reason (the runner's own state setter).
+ShowState = Callable[[str, str], None]
+REPLAN_INTERVAL_S = 2.0  # while jobs wait: GPU health and foreign memory change on their own
+
+
+def views_from_monitor(
+    monitor: GpuMonitor, groups: Mapping[int, int] | None = None
+) -> list[GpuView] | None:
+    """The GPUs as the health monitor knows them (None when it is off: no NVML), with
+    their switch groups (NVML topology) where known."""
+    if not monitor.status.active:
+        return None
+    unhealthy, groups = monitor.unhealthy(), groups or {}
+    return [
+        GpuView(
+            index=index,
+            healthy=index not in unhealthy,
+            unhealthy_reason=unhealthy.get(index),
+            group=groups.get(index),
+        )
+        for index in monitor.indices()
+    ]
+
+
+def wants_queue(spec: JobSpec) -> bool:
+    """Jobs that ask for GPUs or run after others go through the queue."""
+    return spec.gpu.count is not None or spec.gpu.devices is not None or bool(spec.job.after)
+
+
+@dataclass
+class _Ticket:
+    spec: JobSpec
+    seq: float
+    show: ShowState
+    granted: asyncio.Event = field(default_factory=asyncio.Event)
+    gpus: tuple[int, ...] | None = None
+    shown: tuple[str, str] | None = None
+
+
+class Placement:
+    def __init__(self, store: Store, bus: EventBus, gpu_views: GpuViews | None = None) -> None:
+        self.store = store
+        self.bus = bus
+        self.gpu_views = gpu_views
+        self.holdings: dict[str, tuple[int, ...]] = {}
+        self._specs: dict[str, JobSpec] = {}
+        self._tickets: dict[str, _Ticket] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def restore(self, specs: Mapping[str, JobSpec]) -> None:
+        """At start: the allocations of the jobs still live (read before any placement)."""
+        for job, gpus in self.store.allocations().items():
+            if job in specs:
+                self.holdings[job] = gpus
+                self._specs[job] = specs[job]
+            else:
+                self.store.clear_allocation(job)
+
+    # the runner's side -------------------------------------------------------
+    def held(self, job: str) -> tuple[int, ...] | None:
+        return self.holdings.get(job)
+
+    async def acquire(
+        self, spec: JobSpec, show: ShowState, stopped: Callable[[], bool], wake: asyncio.Event
+    ) -> tuple[int, ...] | None:
+        """The GPUs `spec` may start on (`()` for a job that needs none), once the
+        queue grants them; None when the job was stopped while it waited."""
+        held = self.holdings.get(spec.name)
+        if held is not None and spec.gpu.count is not None and self._lost(held):
+            self._drop(spec.name)  # re-placed on healthy GPUs, from its newest checkpoint
+            held = None
+        if held is not None or not wants_queue(spec):
+            return held if held is not None else ()
+        job = self.store.get_job(spec.name)
+        ticket = _Ticket(spec, job.created_at if job else time.time(), show)
+        self._tickets[spec.name] = ticket
+        try:
+            self.replan()
+            while ticket.gpus is None:
+                if stopped():
+                    return None
+                wake.clear()
+                waiters = [asyncio.ensure_future(e.wait()) for e in (ticket.granted, wake)]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+            return ticket.gpus
+        finally:
+            self._tickets.pop(spec.name, None)
+
+    def release(self, job: str) -> None:
+        """The job's supervision ended: its GPUs go back, its successors may start."""
+        self._drop(job)
+        self.replan()
+
+    def _drop(self, job: str) -> None:
+        if self.holdings.pop(job, None) is not None:
+            self._specs.pop(job, None)
+            self.store.clear_allocation(job)
+
+    def _lost(self, gpus: tuple[int, ...]) -> bool:
+        """Some of these GPUs are unhealthy or gone (known only with a monitor)."""
+        views = self.gpu_views() if self.gpu_views is not None else None
+        if views is None:
+            return False
+        healthy = {view.index for view in views if view.healthy}
+        return not set(gpus) <= healthy
+
+    def queue(self) -> dict[str, object]:
+        """`ftsup queue`: who holds which GPUs, and the waiting jobs in the order the
+        queue considers them (priority, then submission), each with why it waits."""
+        holding = [{"job": job, "gpus": list(gpus)} for job, gpus in self.holdings.items()]
+        ordered = sorted(self._tickets.values(), key=lambda t: (-t.spec.job.priority, t.seq))
+        waiting = [
+            {
+                "job": t.spec.name,
+                "position": position,
+                "priority": t.spec.job.priority,
+                "count": t.spec.gpu.count,
+                "devices": list(t.spec.gpu.devices) if t.spec.gpu.devices else None,
+                "after": list(t.spec.job.after),
+                "state": t.shown[0] if t.shown else JobState.QUEUED.value,
+                "reason": t.shown[1] if t.shown else None,
+            }
+            for position, t in enumerate(ordered, start=1)
+        ]
+        return {"holding": holding, "waiting": waiting}
+
+    # deciding ------------------------------------------------------------------
+    def replan(self) -> None:
+        """Ask `scheduling.plan` and act on its answer (cheap: call it on any change).
+        A failure here is logged and tried again: it must not end a job or the loop."""
+        try:
+            self._replan()
+        except Exception:
+            log.exception("GPU placement failed; trying again in %.0fs", REPLAN_INTERVAL_S)
+            self._schedule_replan()
+
+    def _replan(self) -> None:
+        if not self._tickets:
+            self._cancel_timer()
+            return
+        decided = plan(
+            self._gpus(),
+            [self._holding(job, gpus) for job, gpus in self.holdings.items()],
+            self._requests(),
+            outcomes={job.name: job.state for job in self.store.jobs()},
+            now=time.time(),
+        )
+        for name, gpus in decided.start.items():
+            self._grant(name, gpus)
+        for name, why in decided.waiting.items():
+            self._show(name, JobState.QUEUED, EventKind.QUEUED, why)
+        monitor_off = self.gpu_views is None or self.gpu_views() is None
+        for name, why in decided.blocked.items():
+            ticket = self._tickets.get(name)
+            if monitor_off and ticket is not None and ticket.spec.gpu.count is not None:
+                why = f"{why} (the GPU monitor is off: without NVML no GPU is known)"
+            self._show(name, JobState.BLOCKED, EventKind.BLOCKED, why)
+        self._schedule_replan()
+
+    def _grant(self, name: str, gpus: tuple[int, ...]) -> None:
+        ticket = self._tickets.get(name)
+        if ticket is None:
+            return
+        ticket.gpus = gpus
+        ticket.granted.set()
+        if gpus:
+            self.holdings[name] = gpus
+            self._specs[name] = ticket.spec
+            self.store.set_allocation(name, gpus)
+            shown = ",".join(str(index) for index in gpus)
+            self.bus.emit(name, EventKind.PLACED, f"placed on GPU {shown}", {"gpus": list(gpus)})
+
+    def _show(self, name: str, state: str, kind: str, why: str) -> None:
+        ticket = self._tickets.get(name)
+        if ticket is None or ticket.shown == (state, why):
+            return
+        ticket.shown = (state, why)
+        ticket.show(state, why)
+        self.bus.emit(name, kind, why)
+
+    def _gpus(self) -> list[GpuView]:
+        views = self.gpu_views() if self.gpu_views is not None else None
+        if views is not None:
+            return views
+        # No monitor: nothing is known of the GPUs but the indices jobs name; those
+        # are taken as they are (exclusive among ftsup's jobs, health unknown).
+        named = {i for spec in self._all_specs() for i in (spec.gpu.devices or ())}
+        named |= {i for gpus in self.holdings.values() for i in gpus}
+        return [GpuView(index=index, healthy=True) for index in sorted(named)]
+
+    def _all_specs(self) -> list[JobSpec]:
+        return [*self._specs.values(), *(t.spec for t in self._tickets.values())]
+
+    def _holding(self, job: str, gpus: tuple[int, ...]) -> Holding:
+        spec = self._specs.get(job)
+        if spec is None:
+            return Holding(job=job, gpus=gpus)
+        return Holding(
+            job=job, gpus=gpus, priority=spec.job.priority, preemptible=spec.job.preemptible
+        )
+
+    def _requests(self) -> list[Request]:
+        ordered = sorted(self._tickets.values(), key=lambda t: (t.seq, t.spec.name))
+        return [
+            Request(
+                job=t.spec.name,
+                count=t.spec.gpu.count,
+                devices=t.spec.gpu.devices,
+                priority=t.spec.job.priority,
+                seq=seq,
+                after=t.spec.job.after,
+            )
+            for seq, t in enumerate(ordered)
+        ]
+
+    def _schedule_replan(self) -> None:
+        if self._timer is None and self._tickets:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(REPLAN_INTERVAL_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.replan()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
