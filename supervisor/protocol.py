@@ -130,6 +130,7 @@ class EventKind(StrEnum):
     QUEUED = "queued"
     BLOCKED = "blocked"
     PLACED = "placed"
+    PREEMPTED = "preempted"
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     RESTART = "restart"

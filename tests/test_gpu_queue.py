@@ -179,3 +179,31 @@ def test_a_gpu_fault_re_places_a_count_job_and_nobody_gets_the_bad_gpu(harness: 
     for name in ("moved", "spare"):
         daemon.cli("stop", name)
         daemon.wait_state(name, "stopped")
+
+
+def test_a_priority_job_preempts_a_preemptible_one_which_resumes_losing_no_step(
+    harness: Harness,
+) -> None:
+    daemon = with_gpus(harness, 2)
+    low = queued_job(daemon, "low", *LONG, job_keys="preemptible = true", gpu="count = 2")
+    daemon.cli("start", str(low))
+    assert running_on(daemon, "low") == [0, 1]
+    wait_for(lambda: daemon.status("low")["progress"]["step"] >= 3, what="low to train")
+    high = queued_job(daemon, "high", *LONG, job_keys="priority = 10", gpu="count = 2")
+    daemon.cli("start", str(high))
+    assert running_on(daemon, "high") == [0, 1]
+    low_status = daemon.wait_state("low", "queued")
+    assert "high" in low_status["reason"]
+    saved = daemon.steps("low")[-1]  # the step it saved at when it was stopped
+    assert low_status["attempt_history"][0]["returncode"] == 75
+    daemon.cli("stop", "high")
+    assert running_on(daemon, "low") == [0, 1]
+    wait_for(lambda: daemon.status("low")["progress"]["step"] > saved + 2, what="low to go on")
+    history = daemon.status("low")["attempt_history"]
+    assert history[1]["resume_from"].endswith(f"checkpoint-{saved}")
+    steps = daemon.steps("low")
+    assert steps == list(range(1, len(steps) + 1))  # no step run twice: nothing recomputed
+    kinds = [e["kind"] for e in daemon.cli_json("events", "low")["events"]]
+    assert "preempted" in kinds
+    daemon.cli("stop", "low")
+    assert daemon.wait_state("low", "stopped")["state"] == "stopped"

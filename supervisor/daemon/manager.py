@@ -137,8 +137,14 @@ class JobManager:
         self.env = env
         self.runners: dict[str, JobRunner] = {}
         self.placement = Placement(store, bus)
+        self.placement.preempt = self._preempt
         self._pump_task: asyncio.Task[None] | None = None
         self._submitting = asyncio.Lock()
+
+    def _preempt(self, victim: str, for_job: str) -> None:
+        runner = self.runners.get(victim)
+        if runner is not None:
+            runner.request_preempt(for_job)
 
     def _runner(self, spec: JobSpec) -> JobRunner:
         runner = JobRunner(

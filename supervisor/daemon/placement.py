@@ -33,6 +33,8 @@ log = logging.getLogger("ftsup.daemon")
 GpuViews = Callable[[], list[GpuView] | None]
 # Show a waiting job's state and reason (the runner's own state setter).
 ShowState = Callable[[str, str], None]
+# Stop a preemptible job gracefully so that `for_job` can have its GPUs.
+Preempt = Callable[[str, str], None]
 REPLAN_INTERVAL_S = 2.0  # while jobs wait: GPU health and foreign memory change on their own
 
 
@@ -75,6 +77,7 @@ class Placement:
         self.store = store
         self.bus = bus
         self.gpu_views = gpu_views
+        self.preempt: Preempt | None = None
         self.holdings: dict[str, tuple[int, ...]] = {}
         self._specs: dict[str, JobSpec] = {}
         self._tickets: dict[str, _Ticket] = {}
@@ -184,6 +187,9 @@ class Placement:
         )
         for name, gpus in decided.start.items():
             self._grant(name, gpus)
+        for victim, for_job in decided.preempt.items():
+            if self.preempt is not None:  # named again on each plan until it is gone
+                self.preempt(victim, for_job)
         for name, why in decided.waiting.items():
             self._show(name, JobState.QUEUED, EventKind.QUEUED, why)
         monitor_off = self.gpu_views is None or self.gpu_views() is None

@@ -45,6 +45,7 @@ from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.progress import ProgressState
+from ftsup.supervisor.protocol import EventKind
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store, ended_outcomes
@@ -116,6 +117,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.stop_requested = False
         self.restart_requested = False
+        self._preempted_for: str | None = None  # the job this one makes room for
         self._stop_reason: str | None = None
         # Set when the attempt must end (stop, restart, hang): the shim acts on its
         # SIGTERM; when the shim is gone, the runner stops the trainer itself.
@@ -170,6 +172,9 @@ class JobRunner:
                     row = await self._wait(attempt)
                     attempt = None
                 decision = policy.decide(self.history(), self.spec.restart)
+                if isinstance(decision, policy.Stopped) and self._preempted_for is not None:
+                    self._back_to_queue()
+                    continue
                 if isinstance(decision, policy.Stopped) and self.restart_requested:
                     self.stop_requested = self.restart_requested = False
                     self.store.reset_first_attempt(self.name)
@@ -195,6 +200,29 @@ class JobRunner:
         finally:
             self.checkpoints.stop()
             self.standbys.discard()
+
+    def request_preempt(self, for_job: str) -> None:
+        """A higher-priority job needs this job's GPUs: stop gracefully (the trainer
+        saves and exits 75), give the GPUs back, and wait in the queue again."""
+        if self._preempted_for is not None or self.attempt is None or self.stop_requested:
+            return
+        self.bus.emit(
+            self.name,
+            EventKind.PREEMPTED,
+            f"preempted for {for_job}: saving, then back to the queue",
+            {"for": for_job},
+        )
+        self.request_stop(now=False)
+        self._preempted_for = for_job  # after request_stop, which clears it (a user's stop)
+
+    def _back_to_queue(self) -> None:
+        """After a preemption's graceful stop: not `stopped`, queued again, to resume
+        later from the checkpoint it just saved."""
+        self._preempted_for = None
+        self.stop_requested = False
+        self.gpus = None
+        if self._placement is not None:
+            self._placement.release(self.name)
 
     def _conclude(self, decision: policy.Decision, row: AttemptRow) -> None:
         if isinstance(decision, policy.Done):
@@ -611,6 +639,7 @@ class JobRunner:
 
     # requests -------------------------------------------------------------
     def request_stop(self, *, now: bool) -> None:
+        self._preempted_for = None  # a stop ends the job, even one being preempted
         self.stop_requested = True
         self._wake.set()
         attempt = self.attempt

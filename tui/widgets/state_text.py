@@ -23,6 +23,7 @@ EVENT_STYLES: dict[str, str] = {
     EventKind.QUEUED: "cyan",
     EventKind.BLOCKED: "magenta",
     EventKind.PLACED: "green",
+    EventKind.PREEMPTED: "bold yellow",
     EventKind.ATTEMPT_STARTED: "green",
     EventKind.ATTEMPT_EXITED: "yellow",
     EventKind.RESTART: "bold yellow",
