@@ -17,7 +17,7 @@ import re
 import shlex
 import tomllib
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -1025,6 +1025,32 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_queue(sections, issues)
     issues.raise_if_any()
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
+
+
+_JOB_HEADER_RE = re.compile(r"^[ \t]*\[[ \t]*job[ \t]*\][ \t]*(#.*)?$", re.MULTILINE)
+
+
+def with_after(spec: JobSpec, names: Sequence[str]) -> JobSpec:
+    """`spec` that also runs after `names` (`ftsup start --after`): the key is written
+    into the job file's text, so the daemon stores, and a new daemon reads, the same."""
+    if spec.job.after:
+        issue = SpecIssue(
+            spec.source,
+            None,
+            "job.after",
+            f"the job file already sets after = {list(spec.job.after)}",
+            "add the names there instead of --after",
+        )
+        raise SpecError([issue])
+    header = _JOB_HEADER_RE.search(spec.text)
+    if header is None:  # [job] written as a dotted or inline table: no line to extend
+        issue = SpecIssue(
+            spec.source, None, "job", "cannot add --after to this job file", "set after there"
+        )
+        raise SpecError([issue])
+    line = f"after = {json.dumps(list(names))}  # ftsup start --after"
+    text = f"{spec.text[: header.end()]}\n{line}{spec.text[header.end() :]}"
+    return parse_spec(text, spec.source)
 
 
 def parse_train_table(table: Mapping[str, Any], source: Path) -> TrainSection:

@@ -207,3 +207,22 @@ def test_a_priority_job_preempts_a_preemptible_one_which_resumes_losing_no_step(
     assert "preempted" in kinds
     daemon.cli("stop", "low")
     assert daemon.wait_state("low", "stopped")["state"] == "stopped"
+
+
+def test_start_after_writes_the_dependency_into_the_stored_job(daemon: Harness) -> None:
+    short = ("--max-steps", "3", "--step-time", "0.01")
+    daemon.cli("start", str(queued_job(daemon, "late", *short)), "--after", "early")
+    assert "early" in daemon.wait_state("late", "blocked")["reason"]  # no such job yet
+    refused = daemon.cli(
+        "start",
+        str(queued_job(daemon, "twice", job_keys='after = ["x"]')),
+        "--after",
+        "y",
+        check=False,
+    )
+    assert refused.returncode != 0 and "already sets after" in refused.stderr
+    daemon.kill_daemon()  # the dependency lives in the stored job file, not in memory
+    daemon.start_daemon()
+    assert "early" in daemon.wait_state("late", "blocked")["reason"]
+    daemon.cli("start", str(queued_job(daemon, "early", *short)))
+    daemon.wait_state("late", "finished")

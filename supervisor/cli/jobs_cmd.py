@@ -19,7 +19,7 @@ from ftsup.supervisor.cli.common import (
 )
 from ftsup.supervisor.client import Client, DaemonUnavailable, ensure_daemon
 from ftsup.supervisor.protocol import RequestError
-from ftsup.supervisor.spec import SpecError, load_spec
+from ftsup.supervisor.spec import SpecError, load_spec, with_after
 from ftsup.supervisor.store import TERMINAL_STATES
 
 
@@ -33,6 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--wait", action="store_true", help="wait until the job ends; exit 0 only if it finished"
+    )
+    p.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="JOB",
+        help="start only once JOB has finished (repeatable; as [job] after in the file)",
     )
     add_common(p)
     p.set_defaults(func=cmd_start)
@@ -116,6 +123,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_start(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.job_file)
+        if args.after:
+            spec = with_after(spec, args.after)
     except SpecError as exc:
         if args.json:
             output.print_json({"ok": False, "error": {"code": "invalid_spec", "message": str(exc)}})

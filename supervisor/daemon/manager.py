@@ -138,8 +138,13 @@ class JobManager:
         self.runners: dict[str, JobRunner] = {}
         self.placement = Placement(store, bus)
         self.placement.preempt = self._preempt
+        self.placement.remaining = self._remaining
         self._pump_task: asyncio.Task[None] | None = None
         self._submitting = asyncio.Lock()
+
+    def _remaining(self, job: str) -> float | None:
+        runner = self.runners.get(job)
+        return runner.progress.eta_s() if runner is not None else None
 
     def _preempt(self, victim: str, for_job: str) -> None:
         runner = self.runners.get(victim)

@@ -35,6 +35,8 @@ GpuViews = Callable[[], list[GpuView] | None]
 ShowState = Callable[[str, str], None]
 # Stop a preemptible job gracefully so that `for_job` can have its GPUs.
 Preempt = Callable[[str, str], None]
+# Seconds a running job still needs (its ETA), None when unknown: for backfill.
+Remaining = Callable[[str], float | None]
 REPLAN_INTERVAL_S = 2.0  # while jobs wait: GPU health and foreign memory change on their own
 
 
@@ -78,6 +80,7 @@ class Placement:
         self.bus = bus
         self.gpu_views = gpu_views
         self.preempt: Preempt | None = None
+        self.remaining: Remaining | None = None
         self.holdings: dict[str, tuple[int, ...]] = {}
         self._specs: dict[str, JobSpec] = {}
         self._tickets: dict[str, _Ticket] = {}
@@ -178,12 +181,13 @@ class Placement:
         if not self._tickets:
             self._cancel_timer()
             return
+        now = time.time()
         decided = plan(
             self._gpus(),
-            [self._holding(job, gpus) for job, gpus in self.holdings.items()],
+            [self._holding(job, gpus, now) for job, gpus in self.holdings.items()],
             self._requests(),
             outcomes={job.name: job.state for job in self.store.jobs()},
-            now=time.time(),
+            now=now,
         )
         for name, gpus in decided.start.items():
             self._grant(name, gpus)
@@ -234,12 +238,18 @@ class Placement:
     def _all_specs(self) -> list[JobSpec]:
         return [*self._specs.values(), *(t.spec for t in self._tickets.values())]
 
-    def _holding(self, job: str, gpus: tuple[int, ...]) -> Holding:
+    def _holding(self, job: str, gpus: tuple[int, ...], now: float) -> Holding:
+        left = self.remaining(job) if self.remaining is not None else None
+        end = now + left if left is not None else None  # unknown: may end at any moment
         spec = self._specs.get(job)
         if spec is None:
-            return Holding(job=job, gpus=gpus)
+            return Holding(job=job, gpus=gpus, expected_end=end)
         return Holding(
-            job=job, gpus=gpus, priority=spec.job.priority, preemptible=spec.job.preemptible
+            job=job,
+            gpus=gpus,
+            priority=spec.job.priority,
+            preemptible=spec.job.preemptible,
+            expected_end=end,
         )
 
     def _requests(self) -> list[Request]:
