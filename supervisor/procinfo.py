@@ -143,22 +143,26 @@ def signal_group(pgid: int, sig: signal.Signals, *, leader_start_time: int | Non
 MAX_ANCESTRY = 64  # parents followed up from a process (a loop-safe bound)
 
 
-def signal_within(
-    pid: int, pgid: int, sig: signal.Signals, *, leader_start_time: int | None
-) -> bool:
-    """Signal one process of a trainer's: a member of group `pgid`, or a descendant
-    of its leader (torchrun starts each worker in a session of its own). A recycled
-    pid is neither: never a stranger's process."""
+def belongs_to(pid: int, pgid: int, *, leader_start_time: int | None) -> bool:
+    """Whether `pid` is one of a trainer's processes: a member of group `pgid`, or a
+    descendant of its leader (torchrun starts each worker in a session of its own).
+    A recycled pid is neither. Unreadable: False."""
     try:
         fields = _stat_fields(pid)
         if fields is None:
             return False
-        ours = int(fields[2]) == pgid or (
+        return int(fields[2]) == pgid or (
             is_same_process(pgid, leader_start_time) and _descends_from(fields, pgid)
         )
     except ProcessUnreadable:
         return False
-    if not ours:
+
+
+def signal_within(
+    pid: int, pgid: int, sig: signal.Signals, *, leader_start_time: int | None
+) -> bool:
+    """Signal one process of a trainer's (`belongs_to`), never a stranger's."""
+    if not belongs_to(pid, pgid, leader_start_time=leader_start_time):
         return False
     try:
         os.kill(pid, sig)

@@ -30,7 +30,7 @@ from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.handlers import Handlers
 from ftsup.supervisor.daemon.launcher import default_env
 from ftsup.supervisor.daemon.manager import JobManager
-from ftsup.supervisor.daemon.placement import views_from_monitor
+from ftsup.supervisor.daemon.placement import foreign_memory, views_from_monitor
 from ftsup.supervisor.daemon.server import SocketServer
 from ftsup.supervisor.daemon.services import DaemonServices, MetricsOptions
 from ftsup.supervisor.health import simulated
@@ -139,6 +139,7 @@ class Daemon:
         gpus = GpuSupervision(bus, manager.runners, nvml)
         manager.preflight = gpus.preflight
         manager.placement.gpu_views = lambda: views_from_monitor(gpus.monitor, gpus.groups)
+        manager.placement.foreign_memory = lambda: foreign_memory(gpus, manager.runners)
         handlers = Handlers(manager, store, self.layout, self.request_shutdown, gpus)
         server = SocketServer(self.layout.socket, handlers.table(), bus, self.hello_info)
         loop = asyncio.get_running_loop()

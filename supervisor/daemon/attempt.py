@@ -14,7 +14,7 @@ from typing import Any
 from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.contract import PIDS_FILE
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
-from ftsup.supervisor.procinfo import is_same_process, signal_group, signal_within
+from ftsup.supervisor.procinfo import belongs_to, is_same_process, signal_group, signal_within
 
 KILL_FILE = "kill.json"  # who killed the attempt and why, read when judging its exit
 
@@ -70,6 +70,12 @@ class LiveAttempt:
         if not isinstance(pgid, int):
             return False
         return signal_group(pgid, sig, leader_start_time=start)
+
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is one of this attempt's trainer processes."""
+        pids = self.pids()
+        pgid, start = pids.get("pgid"), pids.get("trainer_start")
+        return isinstance(pgid, int) and belongs_to(pid, pgid, leader_start_time=start)
 
     def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         """`sig` to one process of the trainer's (and to no other process)."""

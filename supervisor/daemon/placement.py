@@ -18,7 +18,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.health.gpu import GpuMonitor
@@ -26,6 +27,10 @@ from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import Store
+
+if TYPE_CHECKING:  # both import this module
+    from ftsup.supervisor.daemon.gpus import GpuSupervision
+    from ftsup.supervisor.daemon.runner import JobRunner
 
 log = logging.getLogger("ftsup.daemon")
 
@@ -37,6 +42,8 @@ ShowState = Callable[[str, str], None]
 Preempt = Callable[[str, str], None]
 # Seconds a running job still needs (its ETA), None when unknown: for backfill.
 Remaining = Callable[[str], float | None]
+# GPU -> MiB held by processes that are no ftsup job's (NVML; blocking: run in a thread).
+ForeignMemory = Callable[[], dict[int, int]]
 REPLAN_INTERVAL_S = 2.0  # while jobs wait: GPU health and foreign memory change on their own
 
 
@@ -57,6 +64,21 @@ def views_from_monitor(
         )
         for index in monitor.indices()
     ]
+
+
+def foreign_memory(gpus: GpuSupervision, runners: Mapping[str, JobRunner]) -> dict[int, int]:
+    """GPU -> MiB held by compute processes that belong to no running ftsup job
+    (NVML's process lists; blocking: call it in a thread)."""
+    attempts = [runner.attempt for runner in list(runners.values()) if runner.attempt]
+    found: dict[int, int] = {}
+    for index, processes in gpus.gpu_processes().items():
+        held = sum(
+            used or 0
+            for pid, used in processes.items()
+            if not any(attempt.owns(pid) for attempt in attempts)
+        )
+        found[index] = held >> 20
+    return found
 
 
 def wants_queue(spec: JobSpec) -> bool:
@@ -81,6 +103,9 @@ class Placement:
         self.gpu_views = gpu_views
         self.preempt: Preempt | None = None
         self.remaining: Remaining | None = None
+        self.foreign_memory: ForeignMemory | None = None
+        self._foreign: dict[int, int] = {}
+        self._refreshing: asyncio.Task[None] | None = None
         self.holdings: dict[str, tuple[int, ...]] = {}
         self._specs: dict[str, JobSpec] = {}
         self._tickets: dict[str, _Ticket] = {}
@@ -112,6 +137,7 @@ class Placement:
             return held if held is not None else ()
         job = self.store.get_job(spec.name)
         ticket = _Ticket(spec, job.created_at if job else time.time(), show)
+        await self._refresh_foreign()  # another user's process on a GPU makes it busy
         self._tickets[spec.name] = ticket
         try:
             self.replan()
@@ -228,7 +254,7 @@ class Placement:
     def _gpus(self) -> list[GpuView]:
         views = self.gpu_views() if self.gpu_views is not None else None
         if views is not None:
-            return views
+            return [replace(v, foreign_mib=self._foreign.get(v.index, 0)) for v in views]
         # No monitor: nothing is known of the GPUs but the indices jobs name; those
         # are taken as they are (exclusive among ftsup's jobs, health unknown).
         named = {i for spec in self._all_specs() for i in (spec.gpu.devices or ())}
@@ -273,7 +299,23 @@ class Placement:
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self.foreign_memory is None:
+            self.replan()
+        elif self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_then_replan())
+
+    async def _refresh_then_replan(self) -> None:
+        await self._refresh_foreign()
         self.replan()
+
+    async def _refresh_foreign(self) -> None:
+        """Foreign memory per GPU, read off the loop; a failure keeps the last reading."""
+        if self.foreign_memory is None:
+            return
+        try:
+            self._foreign = await asyncio.to_thread(self.foreign_memory)
+        except Exception:
+            log.exception("cannot read the GPUs' process lists; keeping the last reading")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
