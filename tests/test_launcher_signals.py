@@ -96,7 +96,10 @@ def test_every_rank_under_torchrun_saves_and_stops_at_the_same_step(two_ranks: O
     # One progress writer (rank 0), and the resumed attempt starts after the stop step.
     steps = [line["step"] for line in two_ranks.progress if line.get("event") == "step"]
     assert steps == list(range(1, 17))
+    # The restart's first attempt resumed at the stop step. (A rank that dies in
+    # gloo's teardown after the last step can make torchrun exit 1: one more attempt
+    # then resumes from the final checkpoint and ends at once. Seen once under CI load.)
     history = two_ranks.finished["attempt_history"]
-    assert history[-1]["resume_from"].endswith(f"checkpoint-{step}")
+    assert history[0]["resume_from"].endswith(f"checkpoint-{step}")
     assert two_ranks.finished["state"] == "finished"
     _assert_same_weights(two_ranks.output_dir, two_ranks.reference_dir)
