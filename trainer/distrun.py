@@ -41,14 +41,22 @@ def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
     """One exit code for the job from the failed workers' codes (`first` failed first).
 
     When a worker exits, torchrun SIGTERMs the others; one that is already
-    past its last barrier may die of it during interpreter shutdown. So a stop
-    (75) is judged by the first worker to exit, and SIGTERM/SIGKILL deaths
-    after it are collateral.
+    past its last barrier may die of it during interpreter shutdown, killed or,
+    with gloo's threads half torn down, aborted ("terminate called without an
+    active exception": SIGABRT; seen under CI load). A stop's checkpoint is
+    complete on every rank before any rank exits (the save ends with a barrier),
+    so a stop (75) is judged by the first worker to exit, and SIGTERM, SIGKILL
+    and SIGABRT deaths after it are collateral.
     """
     codes = [first, *others]
     if EXIT_CONFIG in codes:
         return EXIT_CONFIG
-    collateral = {EXIT_STOPPED, -int(signal.SIGTERM), -int(signal.SIGKILL)}
+    collateral = {
+        EXIT_STOPPED,
+        -int(signal.SIGTERM),
+        -int(signal.SIGKILL),
+        -int(signal.SIGABRT),
+    }
     if first == EXIT_STOPPED and all(code in collateral for code in others):
         return EXIT_STOPPED
     failures = [code for code in codes if code > 0 and code != EXIT_STOPPED]

@@ -70,6 +70,8 @@ def test_argv_single_and_distributed() -> None:
 def test_exit_code_mapping() -> None:
     assert exit_code_for(75, [75]) == 75
     assert exit_code_for(75, [-15]) == 75  # torchrun's SIGTERM to a rank already exiting
+    assert exit_code_for(75, [-6]) == 75  # ... which aborts in gloo's teardown
+    assert exit_code_for(-6, [75]) == 1  # an abort before any stop is a failure
     assert exit_code_for(-15, [2]) == 2
     assert exit_code_for(75, [1]) == 1
     assert exit_code_for(1, [75]) == 1
