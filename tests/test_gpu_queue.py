@@ -4,6 +4,7 @@ Trainers are the toy trainer; GPUs are named by index (no monitor needed)."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from ftsup.supervisor.contract import ENV_SIMULATE_GPUS
@@ -226,3 +227,22 @@ def test_start_after_writes_the_dependency_into_the_stored_job(daemon: Harness) 
     assert "early" in daemon.wait_state("late", "blocked")["reason"]
     daemon.cli("start", str(queued_job(daemon, "early", *short)))
     daemon.wait_state("late", "finished")
+
+
+def test_a_database_without_allocations_still_knows_who_holds_what(harness: Harness) -> None:
+    """Rebuilt from runs/, the database has no allocations: a new daemon reads the GPUs
+    of the trainers it re-adopts from their environment before it places anything."""
+    daemon = with_gpus(harness, 2)
+    daemon.cli("start", str(queued_job(daemon, "kept", *LONG, gpu="count = 1")))
+    held = running_on(daemon, "kept")
+    daemon.kill_daemon()
+    with sqlite3.connect(daemon.state_dir / "ftsup.db") as db:
+        db.execute("DELETE FROM allocations")
+    db.close()
+    daemon.start_daemon()
+    daemon.cli("start", str(queued_job(daemon, "pair", *LONG, gpu="count = 2")))
+    assert "kept" in daemon.wait_state("pair", "queued")["reason"]  # not placed over it
+    assert daemon.cli_json("queue")["holding"] == [{"job": "kept", "gpus": held}]
+    for name in ("kept", "pair"):
+        daemon.cli("stop", name)
+        daemon.wait_state(name, "stopped")

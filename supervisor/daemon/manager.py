@@ -16,7 +16,7 @@ from ftsup.supervisor.contract import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.daemon.attempt import LiveAttempt
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
-from ftsup.supervisor.daemon.placement import Placement
+from ftsup.supervisor.daemon.placement import Placement, trainer_gpus
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import RequestError
@@ -287,7 +287,15 @@ class JobManager:
             else:
                 runner.start()
         # Before any runner task runs: who holds which GPU, as the last daemon left it.
-        self.placement.restore({name: runner.spec for name, runner in self.runners.items()})
+        running = {
+            name: gpus
+            for name, runner in self.runners.items()
+            if runner.attempt is not None
+            and (gpus := trainer_gpus(runner.attempt.pids())) is not None
+        }
+        self.placement.restore(
+            {name: runner.spec for name, runner in self.runners.items()}, running
+        )
         for runner in self.runners.values():
             runner.gpus = self.placement.held(runner.name)
 

@@ -19,10 +19,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.health.gpu import GpuMonitor
+from ftsup.supervisor.procinfo import is_same_process
 from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
 from ftsup.supervisor.spec_types import JobSpec
@@ -81,6 +83,29 @@ def foreign_memory(gpus: GpuSupervision, runners: Mapping[str, JobRunner]) -> di
     return found
 
 
+def trainer_gpus(pids: Mapping[str, object]) -> tuple[int, ...] | None:
+    """The GPUs a running trainer was started on: its CUDA_VISIBLE_DEVICES, read from
+    /proc (the daemon set it), only while `pids` (its pids.json) still names the very
+    process (start time). None when unknown or unset."""
+    pid, start = pids.get("trainer_pid"), pids.get("trainer_start")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if not isinstance(start, int) or not is_same_process(pid, start):
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
+            value = item.split(b"=", 1)[1].decode(errors="replace")
+            try:
+                return tuple(int(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                return None  # UUIDs or MIG names: not ours to interpret
+    return None
+
+
 def wants_queue(spec: JobSpec) -> bool:
     """Jobs that ask for GPUs or run after others go through the queue."""
     return spec.gpu.count is not None or spec.gpu.devices is not None or bool(spec.job.after)
@@ -111,14 +136,21 @@ class Placement:
         self._tickets: dict[str, _Ticket] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def restore(self, specs: Mapping[str, JobSpec]) -> None:
-        """At start: the allocations of the jobs still live (read before any placement)."""
+    def restore(self, specs: Mapping[str, JobSpec], running: Mapping[str, tuple[int, ...]]) -> None:
+        """At start, before any placement: the allocations of the jobs still live.
+        `running`: the GPUs re-adopted trainers were started on (their environment),
+        which win over the database (a database rebuilt from runs/ has none)."""
         for job, gpus in self.store.allocations().items():
             if job in specs:
                 self.holdings[job] = gpus
                 self._specs[job] = specs[job]
             else:
                 self.store.clear_allocation(job)
+        for job, gpus in running.items():
+            if job in specs and wants_queue(specs[job]) and self.holdings.get(job) != gpus:
+                self.holdings[job] = gpus
+                self._specs[job] = specs[job]
+                self.store.set_allocation(job, gpus)
 
     # the runner's side -------------------------------------------------------
     def held(self, job: str) -> tuple[int, ...] | None:
