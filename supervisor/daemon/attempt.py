@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,14 @@ class LiveAttempt:
             return False
         return signal_group(pgid, sig, leader_start_time=start)
 
-    def owns(self, pid: int) -> bool:
-        """Whether `pid` is one of this attempt's trainer processes."""
+    def owner(self) -> Callable[[int], bool]:
+        """Whether a pid is one of this attempt's trainer processes (pids.json read
+        once, for many pids)."""
         pids = self.pids()
         pgid, start = pids.get("pgid"), pids.get("trainer_start")
-        return isinstance(pgid, int) and belongs_to(pid, pgid, leader_start_time=start)
+        if not isinstance(pgid, int):
+            return lambda _pid: False
+        return lambda pid: belongs_to(pid, pgid, leader_start_time=start)
 
     def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         """`sig` to one process of the trainer's (and to no other process)."""

@@ -71,13 +71,11 @@ def views_from_monitor(
 def foreign_memory(gpus: GpuSupervision, runners: Mapping[str, JobRunner]) -> dict[int, int]:
     """GPU -> MiB held by compute processes that belong to no running ftsup job
     (NVML's process lists; blocking: call it in a thread)."""
-    attempts = [runner.attempt for runner in list(runners.values()) if runner.attempt]
+    owners = [runner.attempt.owner() for runner in list(runners.values()) if runner.attempt]
     found: dict[int, int] = {}
     for index, processes in gpus.gpu_processes().items():
         held = sum(
-            used or 0
-            for pid, used in processes.items()
-            if not any(attempt.owns(pid) for attempt in attempts)
+            used or 0 for pid, used in processes.items() if not any(owns(pid) for owns in owners)
         )
         found[index] = held >> 20
     return found
@@ -135,6 +133,7 @@ class Placement:
         self._specs: dict[str, JobSpec] = {}
         self._tickets: dict[str, _Ticket] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._order: tuple[str, ...] = ()  # the requests in the last plan's queue order
 
     def restore(self, specs: Mapping[str, JobSpec], running: Mapping[str, tuple[int, ...]]) -> None:
         """At start, before any placement: the allocations of the jobs still live.
@@ -162,7 +161,7 @@ class Placement:
         """The GPUs `spec` may start on (`()` for a job that needs none), once the
         queue grants them; None when the job was stopped while it waited."""
         held = self.holdings.get(spec.name)
-        if held is not None and spec.gpu.count is not None and self._lost(held):
+        if held is not None and spec.gpu.count is not None and self._lost(held, self._views()):
             self._drop(spec.name)  # re-placed on healthy GPUs, from its newest checkpoint
             held = None
         if held is not None or not wants_queue(spec):
@@ -197,9 +196,12 @@ class Placement:
             self._specs.pop(job, None)
             self.store.clear_allocation(job)
 
-    def _lost(self, gpus: tuple[int, ...]) -> bool:
+    def _views(self) -> list[GpuView] | None:
+        return self.gpu_views() if self.gpu_views is not None else None
+
+    @staticmethod
+    def _lost(gpus: tuple[int, ...], views: list[GpuView] | None) -> bool:
         """Some of these GPUs are unhealthy or gone (known only with a monitor)."""
-        views = self.gpu_views() if self.gpu_views is not None else None
         if views is None:
             return False
         healthy = {view.index for view in views if view.healthy}
@@ -209,7 +211,8 @@ class Placement:
         """`ftsup queue`: who holds which GPUs, and the waiting jobs in the order the
         queue considers them (priority, then submission), each with why it waits."""
         holding = [{"job": job, "gpus": list(gpus)} for job, gpus in self.holdings.items()]
-        ordered = sorted(self._tickets.values(), key=lambda t: (-t.spec.job.priority, t.seq))
+        rank = {name: i for i, name in enumerate(self._order)}
+        ordered = sorted(self._tickets.values(), key=lambda t: rank.get(t.spec.name, len(rank)))
         waiting = [
             {
                 "job": t.spec.name,
@@ -240,13 +243,15 @@ class Placement:
             self._cancel_timer()
             return
         now = time.time()
+        views = self._views()
         decided = plan(
-            self._gpus(),
+            self._gpus(views),
             [self._holding(job, gpus, now) for job, gpus in self.holdings.items()],
             self._requests(),
             outcomes={job.name: job.state for job in self.store.jobs()},
             now=now,
         )
+        self._order = decided.order
         for name, gpus in decided.start.items():
             self._grant(name, gpus)
         for victim, for_job in decided.preempt.items():
@@ -254,10 +259,9 @@ class Placement:
                 self.preempt(victim, for_job)
         for name, why in decided.waiting.items():
             self._show(name, JobState.QUEUED, EventKind.QUEUED, why)
-        monitor_off = self.gpu_views is None or self.gpu_views() is None
         for name, why in decided.blocked.items():
             ticket = self._tickets.get(name)
-            if monitor_off and ticket is not None and ticket.spec.gpu.count is not None:
+            if views is None and ticket is not None and ticket.spec.gpu.count is not None:
                 why = f"{why} (the GPU monitor is off: without NVML no GPU is known)"
             self._show(name, JobState.BLOCKED, EventKind.BLOCKED, why)
         self._schedule_replan()
@@ -283,8 +287,7 @@ class Placement:
         ticket.show(state, why)
         self.bus.emit(name, kind, why)
 
-    def _gpus(self) -> list[GpuView]:
-        views = self.gpu_views() if self.gpu_views is not None else None
+    def _gpus(self, views: list[GpuView] | None) -> list[GpuView]:
         if views is not None:
             return [replace(v, foreign_mib=self._foreign.get(v.index, 0)) for v in views]
         # No monitor: nothing is known of the GPUs but the indices jobs name; those
