@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftsup.supervisor.userfiles import NotRegularFile, open_binary
@@ -18,9 +19,22 @@ _MAX_LINE = 1 << 20
 _MAX_READ = 4 << 20
 
 
+@dataclass(frozen=True)
+class Appended:
+    """What one read found: the complete lines, the file's mtime (None when it could
+    not be read) and whether the lines reach its end (nothing is left to read now)."""
+
+    lines: list[bytes]
+    mtime: float | None = None
+    at_end: bool = True
+
+
 class LineFollower:
-    def __init__(self, path: Path, *, from_end: bool = False) -> None:
+    """`follow=False` for a user's file: a symlink there reads as nothing."""
+
+    def __init__(self, path: Path, *, from_end: bool = False, follow: bool = True) -> None:
         self.path = path
+        self._follow = follow
         self._offset = 0
         self._inode: int | None = None
         self._partial = b""
@@ -37,28 +51,32 @@ class LineFollower:
         return self._partial
 
     def read_lines(self) -> list[bytes]:
+        return self.read().lines
+
+    def read(self) -> Appended:
         try:
-            st = self.path.stat()
+            st = os.stat(self.path, follow_symlinks=self._follow)
         except OSError:
-            return []
+            return Appended([])
         if not stat.S_ISREG(st.st_mode):
-            return []
+            return Appended([])
         if st.st_ino != self._inode or st.st_size < self._offset:
             self._inode, self._offset, self._partial = st.st_ino, 0, b""
         if st.st_size == self._offset:
-            return []
+            return Appended([], st.st_mtime)
         try:
-            with open_binary(self.path, follow=True) as handle:
+            with open_binary(self.path, follow=self._follow) as handle:
                 if os.fstat(handle.fileno()).st_ino != st.st_ino:
-                    return []  # replaced meanwhile: start over at the next call
+                    return Appended([])  # replaced meanwhile: start over at the next call
                 handle.seek(self._offset)
                 data = handle.read(min(st.st_size - self._offset, _MAX_READ))
+                st = os.fstat(handle.fileno())
         except (OSError, NotRegularFile):
-            return []
+            return Appended([])
         self._offset += len(data)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()
         if len(self._partial) > _MAX_LINE:
             chunks.append(self._partial)
             self._partial = b""
-        return chunks
+        return Appended(chunks, st.st_mtime, self._offset >= st.st_size)

@@ -32,17 +32,14 @@ import collections
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.userfiles import NotRegularFile, open_regular
+from ftsup.supervisor.follow import LineFollower
 
 LLAMAFACTORY_LOG = "trainer_log.jsonl"  # LLaMA-Factory's extras.constants.TRAINER_LOG
-_MAX_READ = 4 << 20
-_MAX_LINE = 1 << 20
 _REMEMBERED_LINES = 200_000
 
 
@@ -141,47 +138,6 @@ def llamafactory_record(entry: Any) -> dict[str, Any] | None:
     return record
 
 
-class _Tail:
-    """The complete lines appended to a user's file since the last call.
-
-    Opened through `userfiles.open_regular` (O_NONBLOCK, O_NOFOLLOW, regular
-    files only) and stat'ed through the open descriptor. Blocking: run it in a
-    worker thread. Starts over when the file is replaced or shrinks.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._inode: int | None = None
-        self._offset = 0
-        self._partial = b""
-
-    def read(self) -> tuple[list[bytes], float | None, bool]:
-        """(new complete lines, the file's mtime, whether they reach its end);
-        nothing when it cannot be read."""
-        try:
-            fd = open_regular(self.path)
-        except (OSError, NotRegularFile):
-            return [], None, True
-        try:
-            with os.fdopen(fd, "rb") as handle:
-                st = os.fstat(handle.fileno())
-                if st.st_ino != self._inode or st.st_size < self._offset:
-                    self._inode, self._offset, self._partial = st.st_ino, 0, b""
-                if st.st_size == self._offset:
-                    return [], st.st_mtime, True
-                handle.seek(self._offset)
-                data = handle.read(min(st.st_size - self._offset, _MAX_READ))
-                st = os.fstat(handle.fileno())
-        except OSError:
-            return [], None, True
-        self._offset += len(data)
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        if len(self._partial) > _MAX_LINE:
-            self._partial = b""  # no JSON object of ours is this long
-        return [c for c in chunks if c.strip()], st.st_mtime, self._offset >= st.st_size
-
-
 @dataclass
 class _Parsed:
     record: dict[str, Any]
@@ -195,7 +151,8 @@ class LlamaFactoryLog:
     """
 
     def __init__(self, output_dir: Path) -> None:
-        self._tail = _Tail(output_dir / LLAMAFACTORY_LOG)
+        # The user's output folder: never through a symlink, never a FIFO.
+        self._tail = LineFollower(output_dir / LLAMAFACTORY_LOG, follow=False)
         self._stamper = Stamper()
         self._seen: set[bytes] = set()
         self._seen_order: collections.deque[bytes] = collections.deque()
@@ -205,9 +162,10 @@ class LlamaFactoryLog:
         self._last_elapsed: float | None = None
 
     def read(self, now: float) -> list[dict[str, Any]]:
-        lines, mtime, caught_up = self._tail.read()
+        found = self._tail.read()
+        mtime, caught_up = found.mtime, found.at_end
         segments: list[list[_Parsed]] = [[]]  # the first continues the last read's
-        for line in lines:
+        for line in found.lines:
             parsed = self._parse(line)
             if parsed is None:
                 continue
@@ -244,6 +202,8 @@ class LlamaFactoryLog:
 
     def _parse(self, line: bytes) -> _Parsed | None:
         line = line.strip()
+        if not line:
+            return None
         digest = hashlib.blake2b(line, digest_size=16).digest()
         if digest in self._seen:
             return None  # the same line again: a rewritten or re-read file
