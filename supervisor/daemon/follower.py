@@ -21,13 +21,13 @@ likewise.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ftsup.supervisor.checkpoints.discovery import list_checkpoints
 from ftsup.supervisor.daemon.loss_watch import Emit, LossWatch
@@ -49,52 +49,41 @@ MAX_BAD_LINE_WARNINGS = 20  # then one last warning says the rest are skipped qu
 SLOW_READ_WARNING_S = 30.0
 TRAINER_LOG_EVERY_S = 1.0
 UNTIMED_SOURCE = "no timed step seen yet (the command writes no progress lines)"
+T = TypeVar("T")
 
 
-class _StateRead:
-    """One read of the newest checkpoint's trainer_state.json, in its own thread."""
+class _BackgroundRead(Generic[T]):
+    """One read of a user's file in its own thread: a FIFO or an unresponsive mount
+    there must never block the daemon's loop. `result` stays `default` when the read
+    fails (an OSError is only "nothing read this time")."""
 
-    def __init__(self, output_dir: Path, newer_than: float) -> None:
+    def __init__(self, name: str, read: Callable[[], T], default: T) -> None:
         self.started = time.monotonic()
         self.done = threading.Event()
-        self.result: tuple[float, list[dict[str, Any]]] | None = None
+        self.result = default
         self.warned = False
-        thread = threading.Thread(
-            target=self._run, args=(output_dir, newer_than), name="trainer-state", daemon=True
-        )
-        thread.start()
+        threading.Thread(target=self._run, args=(read,), name=name, daemon=True).start()
 
-    def _run(self, output_dir: Path, newer_than: float) -> None:
+    def _run(self, read: Callable[[], T]) -> None:
         try:
-            found = list_checkpoints(output_dir)  # by step, quarantined ones excluded
-            if found:
-                state_file = found[-1] / "trainer_state.json"
-                mtime = state_file.stat().st_mtime
-                if mtime > newer_than:
-                    self.result = (mtime, records_from_trainer_state(state_file))
+            self.result = read()
         except OSError:
             pass
         finally:
             self.done.set()
 
 
-class _TrainerLogRead:
-    """One read of LLaMA-Factory's trainer_log.jsonl, in its own thread."""
+StateResult = tuple[float, list[dict[str, Any]]] | None
 
-    def __init__(self, reader: LlamaFactoryLog, carry: list[dict[str, Any]] | None = None) -> None:
-        self.started = time.monotonic()
-        self.done = threading.Event()
-        self.result: list[dict[str, Any]] = list(carry or [])  # an earlier read's, not taken
-        self.warned = False
-        threading.Thread(target=self._run, args=(reader,), name="trainer-log", daemon=True).start()
 
-    def _run(self, reader: LlamaFactoryLog) -> None:
-        try:
-            self.result = self.result + reader.read(time.time())
-        except OSError:
-            pass
-        finally:
-            self.done.set()
+def _newest_trainer_state(output_dir: Path, newer_than: float) -> StateResult:
+    """(mtime, records) of the newest checkpoint's trainer_state.json, if newer."""
+    found = list_checkpoints(output_dir)  # by step, quarantined ones excluded
+    if not found:
+        return None
+    state_file = found[-1] / "trainer_state.json"
+    mtime = state_file.stat().st_mtime
+    return (mtime, records_from_trainer_state(state_file)) if mtime > newer_than else None
 
 
 @dataclass
@@ -110,7 +99,7 @@ class RunFollower:
         self.spec = spec
         self._emit = emit
         self._bad_lines = 0
-        self._state_read: _StateRead | None = None
+        self._state_read: _BackgroundRead[StateResult] | None = None
         self.progress = ProgressState()
         self.goodput = GoodputTracker()
         self.loss_watch = LossWatch(spec.health, emit)
@@ -123,7 +112,7 @@ class RunFollower:
         self._trainer_state_mtime = 0.0
         # The trainer's own logs, for commands without progress lines.
         self._trainer_log = LlamaFactoryLog(spec.output_dir)
-        self._trainer_log_read: _TrainerLogRead | None = None
+        self._trainer_log_read: _BackgroundRead[list[dict[str, Any]]] | None = None
         self._trainer_log_started = -TRAINER_LOG_EVERY_S  # monotonic time of the last read
         self._trainer_log_seen = False
         self._tqdm: TqdmReader | None = None
@@ -158,14 +147,17 @@ class RunFollower:
     # reading --------------------------------------------------------------
     def read(self) -> Observations:
         seen = Observations()
+        log_mtime: float | None = None
         if self._log is not None:
-            seen.log_lines = [ln.decode(errors="replace") for ln in self._log.read_lines()]
+            appended = self._log.read()
+            log_mtime = appended.mtime
+            seen.log_lines = [ln.decode(errors="replace") for ln in appended.lines]
             self.log_ring.extend(seen.log_lines)
         records = self._progress_file.read_new()
         if records:
             self._progress_seen = True
         elif not self._progress_seen and self.spec.command is not None:
-            records = self._own_log_records(seen.log_lines)
+            records = self._own_log_records(seen.log_lines, log_mtime)
         records = [r for r in records if self._usable(r)]
         for record in records:
             self._fold(record, seen)
@@ -174,7 +166,9 @@ class RunFollower:
             self._hang.heartbeat(time.monotonic())  # output is all a command shows
         return seen
 
-    def _own_log_records(self, log_lines: list[str]) -> list[dict[str, Any]]:
+    def _own_log_records(
+        self, log_lines: list[str], log_mtime: float | None
+    ) -> list[dict[str, Any]]:
         """For a command without progress lines: trainer_log.jsonl, else tqdm, plus
         trainer_state.json (its saves; its steps only while nothing else gave any)."""
         live = self._trainer_log_records()
@@ -189,7 +183,7 @@ class RunFollower:
         if any(self._of_current_attempt(r) for r in live):
             self._trainer_log_seen = True  # not by a stale file's old lines alone
         if not self._trainer_log_seen:
-            bar = self._tqdm_records(log_lines)
+            bar = self._tqdm_records(log_lines, log_mtime)
             self._tqdm_seen = self._tqdm_seen or bool(bar)
             for record in bar:
                 self._tqdm_high = max(self._tqdm_high, int(record["step"]))
@@ -200,15 +194,13 @@ class RunFollower:
         merged = live + state  # each in order; merged by time for the goodput account
         return sorted(merged, key=lambda r: _time_of(r.get("ts")))
 
-    def _tqdm_records(self, log_lines: list[str]) -> list[dict[str, Any]]:
+    def _tqdm_records(self, log_lines: list[str], log_mtime: float | None) -> list[dict[str, Any]]:
+        """`log_mtime`: the output log's, as the read that gave `log_lines` found it."""
         reader, log = self._tqdm, self._log
         if reader is None or log is None:
             return []
         now = time.time()
-        try:
-            anchor = min(now, os.stat(log.path).st_mtime)  # our attempt folder, not the user's
-        except OSError:
-            anchor = now
+        anchor = now if log_mtime is None else min(now, log_mtime)
         # The bar redraws after a carriage return with no newline until a log line:
         # the unfinished line is read too, from the last draw already fed.
         unfinished = log.unfinished()
@@ -284,7 +276,7 @@ class RunFollower:
             return
         if self._state_read is not None:  # may predate the last save: let it end, drop it
             await asyncio.to_thread(self._state_read.done.wait, timeout)
-        self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
+        self._state_read = self._read_trainer_state()
         await asyncio.to_thread(self._state_read.done.wait, timeout)
         pending = self._trainer_log_read
         if pending is not None:
@@ -313,9 +305,18 @@ class RunFollower:
 
     def _start_trainer_log_read(self, carry: list[dict[str, Any]] | None = None) -> None:
         self._trainer_log_started = time.monotonic()
-        self._trainer_log_read = _TrainerLogRead(self._trainer_log, carry)
+        kept, reader = list(carry or []), self._trainer_log  # an earlier read's, not taken
+        self._trainer_log_read = _BackgroundRead(
+            "trainer-log", lambda: kept + reader.read(time.time()), kept
+        )
 
-    def _warn_if_slow(self, pending: _StateRead | _TrainerLogRead, name: str) -> None:
+    def _read_trainer_state(self) -> _BackgroundRead[StateResult]:
+        output_dir, newer_than = self.spec.output_dir, self._trainer_state_mtime
+        return _BackgroundRead(
+            "trainer-state", lambda: _newest_trainer_state(output_dir, newer_than), None
+        )
+
+    def _warn_if_slow(self, pending: _BackgroundRead[Any], name: str) -> None:
         waited = time.monotonic() - pending.started
         if waited > SLOW_READ_WARNING_S and not pending.warned:
             pending.warned = True
@@ -331,7 +332,7 @@ class RunFollower:
         log_history, read in a worker thread (picked up by a later call)."""
         pending = self._state_read
         if pending is None:
-            self._state_read = _StateRead(self.spec.output_dir, self._trainer_state_mtime)
+            self._state_read = self._read_trainer_state()
             return []
         if not pending.done.is_set():
             self._warn_if_slow(pending, "trainer_state.json")
