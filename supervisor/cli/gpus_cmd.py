@@ -131,7 +131,6 @@ def run(
                     driver=None,
                     gpus=[],
                 )
-                | {"simulated": False}
             )
         else:
             output.stdout.print(f"no NVIDIA GPU: {err}", markup=False)
@@ -202,7 +201,7 @@ def run_reset(args: argparse.Namespace) -> int:
 
 def read_gpus(nvml: Nvml | None = None) -> dict[str, Any]:
     """One reading of every GPU in the shape of the daemon's `gpus` answer
-    (`gpu_reading`, docs/health.md, plus `simulated`); raises NvmlUnavailable."""
+    (`gpu_reading`, docs/health.md); raises NvmlUnavailable."""
     with nvml_session(nvml) as n:
         count = int(n.nvmlDeviceGetCount())
         if count == 0:
@@ -211,8 +210,14 @@ def read_gpus(nvml: Nvml | None = None) -> dict[str, Any]:
         gpus = [_read_one(n, index) for index in range(count)]
     driver = driver.decode() if isinstance(driver, bytes) else str(driver)
     status = f"{count} GPU{'s' if count != 1 else ''}, driver {driver}"
-    reading = gpu_reading(available=True, status=status, reason=None, driver=driver, gpus=gpus)
-    return {**reading, "simulated": isinstance(n, simulated.SimulatedGpus)}
+    return gpu_reading(
+        available=True,
+        status=status,
+        reason=None,
+        driver=driver,
+        gpus=gpus,
+        simulated=isinstance(n, simulated.SimulatedGpus),
+    )
 
 
 def _read_one(n: Nvml, index: int) -> dict[str, Any]:

@@ -204,9 +204,8 @@ class GpuSupervision:
         log.info("simulated XID %d on GPU %d", xid, index)
 
     def snapshot(self) -> dict[str, Any]:
-        """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu),
-        with `simulated` (FTSUP_SIMULATE_GPUS) as `ftsup gpus` adds it."""
-        return {**self.monitor.reading(), "simulated": self.simulated is not None}
+        """The `gpus` answer: the same shape as `ftsup gpus --json` (health.gpu)."""
+        return self.monitor.reading(simulated=self.simulated is not None)
 
 
 def _uses(runner: JobRunner, index: int | None) -> bool:

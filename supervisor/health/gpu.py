@@ -204,7 +204,7 @@ class GpuMonitor:
         status = asdict(self.status)
         return {"status": status, "gpus": gpus, "events": events}
 
-    def reading(self) -> dict[str, Any]:
+    def reading(self, *, simulated: bool = False) -> dict[str, Any]:
         """The daemon's `gpus` answer, in the shape `ftsup gpus --json` prints
         (`gpu_reading`). GPUs without an NVML handle are listed as unhealthy."""
         with self._lock:
@@ -226,6 +226,7 @@ class GpuMonitor:
             driver=status.driver,
             gpus=gpus,
             events=events,
+            simulated=simulated,
         )
 
     # --- work (monitor threads) -------------------------------------------------------------
@@ -404,9 +405,11 @@ def gpu_reading(
     driver: str | None,
     gpus: Iterable[dict[str, Any]],
     events: Iterable[dict[str, Any]] = (),
+    simulated: bool = False,
 ) -> dict[str, Any]:
     """The one shape of a GPU reading: `ftsup gpus --json` and the daemon's `gpus`
-    request. `reason`: why there is no reading (None when `available`)."""
+    request. `reason`: why there is no reading (None when `available`);
+    `simulated`: the GPUs are FTSUP_SIMULATE_GPUS's, not real ones."""
     return {
         "available": available,
         "status": status,
@@ -414,6 +417,7 @@ def gpu_reading(
         "driver": driver,
         "gpus": list(gpus),
         "events": list(events),
+        "simulated": simulated,
     }
 
 
