@@ -210,7 +210,7 @@ class GpuSupervision:
 
 def _uses(runner: JobRunner, index: int | None) -> bool:
     """Whether the job runs on GPU `index` (None: a fault not tied to one GPU)."""
-    devices = runner.gpus if runner.gpus is not None else runner.spec.gpu.devices
+    devices = runner.devices
     if index is None:
         return True
     if devices is None:  # a job that names no GPU may use any, unless it asked for a count

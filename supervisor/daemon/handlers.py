@@ -340,8 +340,5 @@ check_routes(ROUTES)
 
 
 def _gpu_devices(runner: JobRunner | None) -> list[int] | None:
-    """The GPUs the job holds (the queue's allocation, else the ones it names)."""
-    if runner is None:
-        return None
-    devices = runner.gpus if runner.gpus is not None else runner.spec.gpu.devices
+    devices = runner.devices if runner is not None else None
     return list(devices) if devices is not None else None

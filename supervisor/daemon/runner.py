@@ -137,6 +137,11 @@ class JobRunner:
         return self.spec.name
 
     @property
+    def devices(self) -> tuple[int, ...] | None:
+        """The GPUs the job runs on: the queue's allocation, else the ones it names."""
+        return self.gpus if self.gpus is not None else self.spec.gpu.devices
+
+    @property
     def progress(self) -> ProgressState:
         return self.follower.progress
 
