@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 # Out of descriptors, "could not read /proc" must not read as "the process is
 # gone" (the daemon would record a live run as ended). One descriptor is kept
@@ -183,6 +184,14 @@ def _descends_from(fields: list[bytes], ancestor: int) -> bool:
             return False
         fields = found
     return False
+
+
+def environment(pid: int) -> dict[str, str]:
+    """The environment a process was started with (/proc/PID/environ; ours only).
+    Raises OSError when it cannot be read."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
 
 
 def group_members(pgid: int) -> list[int]:

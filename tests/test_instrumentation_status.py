@@ -3,17 +3,13 @@ because of it (real daemon, real toy trainer that never imports transformers).""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ftsup.supervisor.daemon.launcher import bootstrap_dir
+from ftsup.supervisor.procinfo import environment
 from tests.supervisor_harness import Harness, wait_for
 
 
 def trainer_environ(daemon: Harness, job: str) -> dict[str, str]:
-    pid = daemon.status(job)["current_attempt"]["trainer_pid"]
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {key.decode(): value.decode() for key, value in pairs}
+    return environment(daemon.status(job)["current_attempt"]["trainer_pid"])
 
 
 def start_long_job(daemon: Harness, name: str, *, instrument: bool | None) -> None:

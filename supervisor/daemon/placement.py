@@ -19,12 +19,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.health.gpu import GpuMonitor
-from ftsup.supervisor.procinfo import is_same_process
+from ftsup.supervisor.procinfo import environment, is_same_process
 from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
 from ftsup.supervisor.spec_types import JobSpec
@@ -91,17 +90,15 @@ def trainer_gpus(pids: Mapping[str, object]) -> tuple[int, ...] | None:
     if not isinstance(start, int) or not is_same_process(pid, start):
         return None
     try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        value = environment(pid).get("CUDA_VISIBLE_DEVICES")
     except OSError:
         return None
-    for item in raw.split(b"\0"):
-        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
-            value = item.split(b"=", 1)[1].decode(errors="replace")
-            try:
-                return tuple(int(part) for part in value.split(",") if part.strip())
-            except ValueError:
-                return None  # UUIDs or MIG names: not ours to interpret
-    return None
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        return None  # UUIDs or MIG names: not ours to interpret
 
 
 def wants_queue(spec: JobSpec) -> bool:
