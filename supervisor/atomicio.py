@@ -17,6 +17,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     private (0600): state files may hold a job's `[command] env`.
     """
     text = json.dumps(data, indent=1, sort_keys=True, default=str)  # TypeError before any file
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`write_json_atomic` for text that is already serialised (a job file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

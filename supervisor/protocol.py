@@ -56,6 +56,8 @@ class RequestType(StrEnum):
     GPUS = "gpus"
     GPU_RESET = "gpu_reset"
     GPU_SIMULATE_XID = "gpu_simulate_xid"  # refused unless the daemon's GPUs are simulated
+    GPU_SIMULATE_PROCESS = "gpu_simulate_process"  # likewise
+    PRIORITY = "priority"
     QUEUE = "queue"
     SUBSCRIBE = "subscribe"  # served by the connection itself: it turns into a stream
     SHUTDOWN = "shutdown"
@@ -131,6 +133,8 @@ class EventKind(StrEnum):
     BLOCKED = "blocked"
     PLACED = "placed"
     PREEMPTED = "preempted"
+    PRIORITY = "priority"  # `ftsup priority` changed a job's place in the queue
+    RESIZED = "resized"  # an elastic job runs on another number of GPUs, same global batch
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     RESTART = "restart"

@@ -18,7 +18,7 @@ import shlex
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -26,9 +26,12 @@ from typing import Any
 from ftsup.supervisor import protocol
 from ftsup.supervisor.durations import MAX_DURATION, parse_duration, parse_size
 from ftsup.supervisor.spec_types import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     CheckpointSection,
     CommandSection,
     DaemonConfig,
+    DaemonGpuSection,
     GpuSection,
     HealthSection,
     JobSection,
@@ -756,7 +759,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
                 required=True,
                 example='output_dir = "/data/runs/qwen-lora"',
             ),
-            _Field("priority", _integer(-1000, "higher starts first", at_most=1000)),
+            _Field("priority", _integer(MIN_PRIORITY, "higher starts first", at_most=MAX_PRIORITY)),
             _Field("after", _job_names),
             _Field("preemptible", _boolean),
         ),
@@ -866,6 +869,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("devices", _devices),
             _Field("count", _integer(1, "the number of GPUs the job needs", at_most=MAX_GPUS)),
             _Field("xid_actions", _xid_actions),
+            _Field("elastic", _boolean),
         ),
         "notify": _table(
             NotifySection,
@@ -979,6 +983,48 @@ def _check_queue(sections: Mapping[str, Any], issues: _Collector) -> None:
         )
     if isinstance(job, JobSection) and job.name in job.after:
         issues.add(("job", "after"), f"a job cannot wait for itself ({job.name!r})", None)
+    if isinstance(gpu, GpuSection) and gpu.elastic:
+        if gpu.count is None:
+            issues.add(
+                ("gpu", "elastic"),
+                "needs count: an elastic job runs on any N free GPUs, fewer when some fail",
+                "set count = N (and no devices)",
+            )
+        if sections.get("train") is None:
+            issues.add(
+                ("gpu", "elastic"),
+                "works only for a [train] job: ftsup keeps the global batch by changing "
+                "the gradient accumulation, which it cannot do in a [command]",
+                "leave elastic out, or run the job as a [train] job",
+            )
+
+
+def _check_elastic_launch(
+    sections: Mapping[str, Any], raw: Mapping[str, Any], issues: _Collector
+) -> None:
+    gpu, raw_launch = sections.get("gpu"), raw.get("launch")
+    if not isinstance(gpu, GpuSection) or not gpu.elastic or not isinstance(raw_launch, dict):
+        return
+    for key in ("nproc_per_node", "nnodes"):
+        if key in raw_launch:
+            issues.add(
+                ("launch", key),
+                "is set by ftsup for an elastic job (one process per GPU it is placed on, "
+                "one node)",
+                "leave it out",
+            )
+
+
+def _launch_from_count(sections: dict[str, Any], raw: Mapping[str, Any]) -> None:
+    """A [train] job with `[gpu] count = N` runs N processes (one per GPU) unless
+    `[launch] nproc_per_node` says otherwise; an elastic job as many as it is placed on."""
+    gpu, launch = sections.get("gpu"), sections.get("launch") or LaunchSection()
+    if sections.get("train") is None or not isinstance(gpu, GpuSection) or gpu.count is None:
+        return
+    raw_launch = raw.get("launch")
+    if isinstance(raw_launch, dict) and "nproc_per_node" in raw_launch:
+        return
+    sections["launch"] = replace(launch, nproc_per_node=gpu.count)
 
 
 _CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
@@ -1023,7 +1069,9 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     issues.raise_if_any()
     _check_retention(sections, issues)
     _check_queue(sections, issues)
+    _check_elastic_launch(sections, data, issues)
     issues.raise_if_any()
+    _launch_from_count(sections, data)
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 
 
@@ -1053,6 +1101,36 @@ def with_after(spec: JobSpec, names: Sequence[str]) -> JobSpec:
     return parse_spec(text, spec.source)
 
 
+_TABLE_HEADER_RE = re.compile(r"^[ \t]*\[", re.MULTILINE)
+_PRIORITY_LINE_RE = re.compile(r"^[ \t]*priority[ \t]*=.*$", re.MULTILINE)
+
+
+def with_priority(spec: JobSpec, priority: int) -> JobSpec:
+    """`spec` with `[job] priority` set (`ftsup priority`), written into the job file's
+    text like `--after`, so that the database, runs/ and a new daemon all agree."""
+    header = _JOB_HEADER_RE.search(spec.text)
+    if header is None:
+        issue = SpecIssue(
+            spec.source, None, "job", "cannot set the priority in this job file", "edit it there"
+        )
+        raise SpecError([issue])
+    following = _TABLE_HEADER_RE.search(spec.text, header.end())
+    end = following.start() if following else len(spec.text)
+    line = f"priority = {priority}  # ftsup priority"
+    existing = _PRIORITY_LINE_RE.search(spec.text, header.end(), end)
+    if existing is not None:
+        text = f"{spec.text[: existing.start()]}{line}{spec.text[existing.end() :]}"
+    else:
+        text = f"{spec.text[: header.end()]}\n{line}{spec.text[header.end() :]}"
+    changed = parse_spec(text, spec.source)
+    if changed.job.priority != priority:  # e.g. a priority inside a multi-line string
+        issue = SpecIssue(
+            spec.source, None, "job.priority", "cannot set the priority in this job file", None
+        )
+        raise SpecError([issue])
+    return changed
+
+
 def parse_train_table(table: Mapping[str, Any], source: Path) -> TrainSection:
     """Validate a `[train]` table given as data (the trainer's train.json) by the same
     fields, bounds and cross-field rules as a job file; SpecError lists every problem.
@@ -1065,24 +1143,30 @@ def parse_train_table(table: Mapping[str, Any], source: Path) -> TrainSection:
     return train
 
 
-DAEMON_TABLES = frozenset({"notify"})
+DAEMON_TABLES: Mapping[str, _Table] = MappingProxyType(
+    {
+        "notify": _TABLES["notify"],
+        "gpu": _table(DaemonGpuSection, _Field("foreign_memory_limit", _size)),
+    }
+)
 
 
 def parse_daemon_config(text: str, source: Path) -> DaemonConfig:
-    """Validate `daemon.toml` (daemon-wide defaults; only `[notify]` today) like a job file."""
+    """Validate `daemon.toml` (`[notify]` defaults, `[gpu]` settings) like a job file."""
     data = _load_toml(text, source)
     issues = _Collector(source, _LineIndex(text))
     base = Path(os.path.abspath(os.path.expanduser(source))).parent
-    notify = None
+    sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in DAEMON_TABLES:
-            issues.add((name,), "not a daemon setting", "daemon.toml holds a [notify] table")
+            issues.add((name,), "not a daemon setting", "daemon.toml holds [notify] and [gpu]")
         elif not isinstance(value, dict):
             issues.add((name,), f"expected a table, got {_describe(value)}", None)
         else:
-            notify = _parse_section(name, _TABLES[name], value, base, issues)
+            sections[name] = _parse_section(name, DAEMON_TABLES[name], value, base, issues)
     issues.raise_if_any()
-    return DaemonConfig(source=source, notify=notify)
+    gpu = sections.get("gpu") or DaemonGpuSection()
+    return DaemonConfig(source=source, notify=sections.get("notify"), gpu=gpu)
 
 
 def load_daemon_config(path: Path) -> DaemonConfig:
@@ -1166,7 +1250,7 @@ def _parse_section(
             if spec is None:
                 continue
         if spec is None:
-            issues.add((name, key), "unknown key", _suggest_key(name, key))
+            issues.add((name, key), "unknown key", _suggest_key(name, key, table))
             continue
         try:
             values[spec.name] = spec.convert(value, base)
@@ -1286,8 +1370,12 @@ def _owners(key: str, *, besides: str = "") -> list[str]:
     return [name for name, table in _TABLES.items() if name != besides and key in table.fields]
 
 
-def _suggest_key(table: str, key: str) -> str:
-    """The right table for a misplaced key, else the nearest known key, else the list."""
+def _suggest_key(table: str, key: str, fields: _Table | None = None) -> str:
+    """The right table for a misplaced key, else the nearest known key, else the list.
+    `fields`: a table that is not the job file's of that name (daemon.toml's [gpu])."""
+    if fields is not None and fields is not _TABLES.get(table):
+        known = list(fields.fields)
+        return _did_you_mean(key, known) or f"known keys in [{table}]: {', '.join(known)}"
     if owners := _owners(key, besides=table):
         return f"belongs in [{owners[0]}]"
     known = list(_TABLES[table].fields)

@@ -56,6 +56,9 @@ def _render_key(key: str) -> str:
     return f"[{table}] {rest}" if rest else f"[{table}]"
 
 
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # `[job] priority`, `ftsup priority`
+
+
 @dataclass(frozen=True)
 class JobSection:
     name: str
@@ -177,6 +180,9 @@ class GpuSection:
     devices: tuple[int, ...] | None = None
     count: int | None = None
     xid_actions: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    # [train] jobs with `count`: go on with fewer GPUs (a divisor of count) when too
+    # few healthy ones are left, keeping the global batch; back to `count` later.
+    elastic: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,9 +220,21 @@ class JobSpec:
         return self.job.output_dir
 
 
+DEFAULT_FOREIGN_MEMORY_LIMIT = 1 << 30  # bytes
+
+
+@dataclass(frozen=True)
+class DaemonGpuSection:
+    """`[gpu]` in daemon.toml. `foreign_memory_limit`: a GPU where processes that are
+    no ftsup job's hold more than this is busy; a (re)launch waits until it is not."""
+
+    foreign_memory_limit: int = DEFAULT_FOREIGN_MEMORY_LIMIT
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """`daemon.toml` in the state folder: defaults for every job of one daemon."""
 
     source: Path | None = None
     notify: NotifySection | None = None  # used by jobs whose own [notify] names no receiver
+    gpu: DaemonGpuSection = field(default_factory=lambda: DaemonGpuSection())

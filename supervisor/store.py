@@ -401,6 +401,13 @@ class Store:
         )
         self._mirror_job(name)
 
+    def set_spec_text(self, name: str, text: str) -> None:
+        """The job file's text after `ftsup priority` changed it (the spec path stays)."""
+        self._write(
+            "UPDATE jobs SET spec_text=?, updated_at=? WHERE name=?", (text, time.time(), name)
+        )
+        self._mirror_job(name)
+
     def set_job_state(
         self, name: str, state: str, reason: str | None = None, next_start_at: float | None = None
     ) -> None:

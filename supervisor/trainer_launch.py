@@ -87,15 +87,28 @@ def standby_argv(trainer_argv: list[str]) -> list[str] | None:
 
 
 def train_json(
-    train: TrainSection, *, output_dir: Path, async_save: bool = True, job_name: str = "ftsup"
+    train: TrainSection,
+    *,
+    output_dir: Path,
+    async_save: bool = True,
+    job_name: str = "ftsup",
+    elastic_global_batch: int | None = None,
 ) -> dict[str, Any]:
-    """The `train.json` payload the trainer reads (`--config`): tuples become lists."""
-    return {
+    """The `train.json` payload the trainer reads (`--config`): tuples become lists.
+
+    `elastic_global_batch` (an elastic job's per-device batch x accumulation x full
+    process count): the trainer recomputes its accumulation from it at whatever
+    world size it is started with, so the global batch and data order stay the same.
+    """
+    payload: dict[str, Any] = {
         "train": {key: _plain(value) for key, value in asdict(train).items()},
         "output_dir": str(output_dir),
         "async_save": async_save,
         "job_name": job_name,
     }
+    if elastic_global_batch is not None:
+        payload["elastic"] = {"global_batch": elastic_global_batch}
+    return payload
 
 
 def write_train_json(path: Path, train: TrainSection, **kwargs: Any) -> Path:

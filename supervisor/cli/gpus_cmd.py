@@ -26,6 +26,7 @@ from rich.table import Table
 from ftsup.supervisor.cli import common, output
 from ftsup.supervisor.client import Client, DaemonUnavailable
 from ftsup.supervisor.contract import ENV_SIMULATE_GPUS
+from ftsup.supervisor.durations import parse_size
 from ftsup.supervisor.health import simulated
 from ftsup.supervisor.health.gpu import gpu_entry, gpu_reading
 from ftsup.supervisor.health.gpu_metrics import GpuLost, read_info, read_sample
@@ -83,6 +84,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     xid.add_argument("xid", type=int, metavar="XID", help="XID number, e.g. 79 or 13")
     common.add_common(xid)
     xid.set_defaults(func=run_simulate_xid)
+    held = actions.add_parser(
+        "simulate-process",
+        help="let a process hold memory on a simulated GPU (FTSUP_SIMULATE_GPUS)",
+        description=(
+            "Process PID holds SIZE (e.g. 4G) on simulated GPU INDEX until it exits, as "
+            "another user's process or a dying run would: jobs wait before (re)launching "
+            "there. SIZE 0 lets go. Refused (exit 5) unless the daemon's GPUs are simulated."
+        ),
+    )
+    held.add_argument("index", type=int, metavar="INDEX", help="GPU index")
+    held.add_argument("pid", type=int, metavar="PID", help="a live process on this machine")
+    held.add_argument("size", metavar="SIZE", help='memory it holds: "4G", "512M" or bytes')
+    common.add_common(held)
+    held.set_defaults(func=run_simulate_process)
     reset = actions.add_parser(
         "reset",
         help="mark a GPU healthy again (after nvidia-smi -r or a reboot)",
@@ -177,6 +192,34 @@ def run_simulate_xid(args: argparse.Namespace) -> int:
     health = "healthy" if gpu.get("healthy") else f"unhealthy ({gpu.get('unhealthy_reason')})"
     output.stdout.print(
         f"XID {args.xid} injected on simulated GPU {args.index}: now {health}", markup=False
+    )
+    output.stdout.print(gpus_table(reading))
+    return output.EXIT_OK
+
+
+def run_simulate_process(args: argparse.Namespace) -> int:
+    """`ftsup gpus simulate-process INDEX PID SIZE`: the answer is the daemon's GPU reading."""
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        output.error(f"SIZE {args.size!r}: {exc} (write e.g. 4G, 512M or bytes)")
+        return output.EXIT_BAD_INPUT
+    try:
+        with common.connect(args) as client:
+            reading = client.request(
+                RequestType.GPU_SIMULATE_PROCESS, index=args.index, pid=args.pid, bytes=size
+            )
+    except DaemonUnavailable as exc:
+        return common.report_unavailable(args, exc)
+    except RequestError as exc:
+        code = common.report_request_error(args, exc)
+        return output.EXIT_REFUSED if exc.code == "not_simulated" else code
+    if args.json:
+        output.print_json(reading)
+        return output.EXIT_OK
+    output.stdout.print(
+        f"pid {args.pid} holds {args.size} on simulated GPU {args.index} until it exits",
+        markup=False,
     )
     output.stdout.print(gpus_table(reading))
     return output.EXIT_OK

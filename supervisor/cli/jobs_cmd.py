@@ -53,6 +53,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_common(p)
     p.set_defaults(func=lambda a: run_request(a, lambda c: c.request("queue"), render.print_queue))
 
+    p = sub.add_parser(
+        "priority",
+        help="change a job's priority in the GPU queue (higher starts first)",
+        description=(
+            "Set [job] priority of JOB to N (-1000..1000). The stored job file is changed, "
+            "so the new priority outlives a daemon restart; the queue decides again at once "
+            "(a waiting job may start, or preempt a preemptible one)."
+        ),
+    )
+    p.add_argument("job")
+    p.add_argument("priority", type=int, metavar="N")
+    add_common(p)
+    p.set_defaults(func=cmd_priority)
+
     p = sub.add_parser("ls", help="list jobs")
     add_common(p)
     p.set_defaults(func=lambda a: run_request(a, lambda c: c.request("list"), render.print_jobs))
@@ -195,6 +209,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return _wait_terminal(client, args.job) if args.wait else job
 
     return run_request(args, action, render.print_job)
+
+
+def cmd_priority(args: argparse.Namespace) -> int:
+    def show(job: dict[str, Any]) -> None:
+        output.stdout.print(f"{args.job}: priority {args.priority}", markup=False)
+        render.print_job(job)
+
+    return run_request(
+        args, lambda c: c.request("priority", job=args.job, priority=args.priority), show
+    )
 
 
 def cmd_save(args: argparse.Namespace) -> int:

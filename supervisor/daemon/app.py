@@ -140,6 +140,8 @@ class Daemon:
         manager.preflight = gpus.preflight
         manager.placement.gpu_views = lambda: views_from_monitor(gpus.monitor, gpus.groups)
         manager.placement.foreign_memory = lambda: foreign_memory(gpus, manager.runners)
+        manager.placement.foreign_limit_mib = self.config.gpu.foreign_memory_limit >> 20
+        manager.placement.regrow = lambda job, why: _regrow(manager, job, why)
         handlers = Handlers(manager, store, self.layout, self.request_shutdown, gpus)
         server = SocketServer(self.layout.socket, handlers.table(), bus, self.hello_info)
         loop = asyncio.get_running_loop()
@@ -167,6 +169,12 @@ class Daemon:
             await manager.close()
             await gpus.close()
             store.close()
+
+
+def _regrow(manager: JobManager, job: str, why: str) -> None:
+    runner = manager.runners.get(job)
+    if runner is not None:
+        runner.request_regrow(why)
 
 
 def _socket_answers(layout: Layout) -> bool:

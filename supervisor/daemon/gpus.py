@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -173,16 +174,22 @@ class GpuSupervision:
         return found
 
     # view -----------------------------------------------------------------
-    def simulate_xid(self, index: int, xid: int) -> None:
-        """Inject an XID on a simulated GPU (`ftsup gpus simulate-xid`); refused on real ones.
+    def simulate_process(self, index: int, pid: int, size: int) -> None:
+        """`ftsup gpus simulate-process`: process `pid` holds `size` bytes on simulated
+        GPU `index` until it exits, as another user's process (or a dying run) would."""
+        self._simulated_gpu(index, "simulate-process")
+        assert self.simulated is not None
+        if not os.path.exists(f"/proc/{pid}"):
+            raise RequestError("bad_request", f"no process {pid} on this machine")
+        self.simulated.hold_memory(pid, index, size)
+        log.info("simulated process %d holds %d bytes on GPU %d", pid, size, index)
 
-        The XID takes the path of a real one (the monitor's XID thread, `handle`).
-        This waits, briefly, until the monitor has taken it, so that the answer's
-        snapshot shows its effect; the jobs are acted on right after, on the loop."""
+    def _simulated_gpu(self, index: int, verb: str) -> None:
+        """Refuse unless the GPUs are simulated and `index` is one of them."""
         if self.simulated is None:
             raise RequestError(
                 "not_simulated",
-                "simulate-xid works only on simulated GPUs "
+                f"{verb} works only on simulated GPUs "
                 f"(start the daemon with {ENV_SIMULATE_GPUS}=N)",
             )
         count = self.simulated.count
@@ -192,6 +199,15 @@ class GpuSupervision:
                 f"GPU {index} does not exist: the simulated GPUs are 0..{count - 1}",
                 {"index": index, "count": count},
             )
+
+    def simulate_xid(self, index: int, xid: int) -> None:
+        """Inject an XID on a simulated GPU (`ftsup gpus simulate-xid`); refused on real ones.
+
+        The XID takes the path of a real one (the monitor's XID thread, `handle`).
+        This waits, briefly, until the monitor has taken it, so that the answer's
+        snapshot shows its effect; the jobs are acted on right after, on the loop."""
+        self._simulated_gpu(index, "simulate-xid")
+        assert self.simulated is not None
         with self._seen:
             before = self._events_seen
         if self.simulated.inject_xid(index, xid) == 0:

@@ -10,18 +10,20 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.atomicio import tail_lines
+from ftsup.supervisor.atomicio import tail_lines, write_text_atomic
 from ftsup.supervisor.checkpoints.listing import checkpoint_listing
 from ftsup.supervisor.contract import LOG_FILE
 from ftsup.supervisor.daemon.gpus import GpuSupervision
 from ftsup.supervisor.daemon.manager import JobManager
 from ftsup.supervisor.daemon.runner import JobRunner
 from ftsup.supervisor.daemon.server import HandlerTableError, check_handler_table
+from ftsup.supervisor.daemon.state_rebuild import SPEC_FILE
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.policy import failure_restarts
 from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.protocol import EventKind, JobState, RequestError, RequestType
-from ftsup.supervisor.spec import SpecError, parse_spec
+from ftsup.supervisor.spec import SpecError, parse_spec, with_priority
+from ftsup.supervisor.spec_types import MAX_PRIORITY, MIN_PRIORITY
 from ftsup.supervisor.store import AttemptRow, JobRow, Store, ended_outcomes
 from ftsup.supervisor.userfiles import in_thread
 
@@ -96,7 +98,9 @@ ROUTES: dict[RequestType, str] = {
     RequestType.PROGRESS_HISTORY: "progress_history",
     RequestType.GPU_RESET: "gpu_reset",
     RequestType.GPU_SIMULATE_XID: "gpu_simulate_xid",
+    RequestType.GPU_SIMULATE_PROCESS: "gpu_simulate_process",
     RequestType.QUEUE: "queue",
+    RequestType.PRIORITY: "priority",
 }
 
 
@@ -160,6 +164,34 @@ class Handlers:
         if not job.live:
             raise RequestError("not_running", f"job {name!r} is already {job.state}")
         runner.request_stop(now=bool(request.get("now")))
+        return self.job_json(name)
+
+    async def priority(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`ftsup priority JOB N`: written into the stored job file (database and
+        runs/<job>/job.toml), so a new daemon keeps it; the queue decides again now."""
+        name = _str_arg(request, "job")
+        if "priority" not in request:
+            raise RequestError("bad_request", "priority: 'priority' is required")
+        value = _int_arg(request, "priority", 0, low=MIN_PRIORITY, high=MAX_PRIORITY)
+        job = self._job(name)
+        try:
+            old = parse_spec(job.spec_text, Path(job.spec_path))
+            spec = with_priority(old, value)
+        except SpecError as exc:
+            raise RequestError("invalid_spec", str(exc)) from None
+        if spec.job.priority != old.job.priority:
+            write_text_atomic(self.layout.run_dir(name) / SPEC_FILE, spec.text)
+            self.store.set_spec_text(name, spec.text)
+            runner = self.manager.runners.get(name)
+            if runner is not None:
+                runner.spec = spec
+            self.manager.bus.emit(
+                name,
+                EventKind.PRIORITY,
+                f"priority {old.job.priority} -> {value}",
+                {"old": old.job.priority, "new": value},
+            )
+            self.manager.placement.update_spec(spec)
         return self.job_json(name)
 
     async def restart(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +309,17 @@ class Handlers:
         if index < 0 or xid < 0:
             raise RequestError("bad_request", "gpu_simulate_xid: 'index' and 'xid' are required")
         self.gpus.simulate_xid(index, xid)
+        return self.gpus.snapshot()
+
+    async def gpu_simulate_process(self, request: dict[str, Any]) -> dict[str, Any]:
+        index = _int_arg(request, "index", -1, low=-1)
+        pid = _int_arg(request, "pid", 0, low=0)
+        size = _int_arg(request, "bytes", -1, low=-1)
+        if index < 0 or pid <= 0 or size < 0:
+            raise RequestError(
+                "bad_request", "gpu_simulate_process: 'index', 'pid' and 'bytes' are required"
+            )
+        self.gpus.simulate_process(index, pid, size)
         return self.gpus.snapshot()
 
     async def queue(self, request: dict[str, Any]) -> dict[str, Any]:

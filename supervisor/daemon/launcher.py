@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ftsup.supervisor import contract
@@ -21,9 +21,12 @@ from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
-from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.spec_types import JobSpec, LaunchSection
 from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
 from ftsup.supervisor.trainer_launch import build_trainer_argv, write_train_json
+
+# torchrun's --nproc-per-node default (torch.distributed.run reads PET_<OPTION>)
+ENV_TORCHRUN_NPROC = "PET_NPROC_PER_NODE"
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ def plan_attempt(
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     if spec.command is not None:
+        if spec.gpu.count is not None and devices:
+            # torchrun reads its defaults from PET_*: one process per placed GPU,
+            # unless the command line or the job's own env says otherwise
+            env[ENV_TORCHRUN_NPROC] = str(len(devices))
         env.update(spec.command.env)
         if spec.command.instrument:
             env["PYTHONPATH"] = os.pathsep.join(
@@ -73,15 +80,31 @@ def plan_attempt(
     # signal contract (`trainer_launch`); the daemon never imports the trainer.
     assert spec.train is not None  # the spec has exactly one of [command] and [train]
     config_path = layout.run_dir(spec.name) / contract.TRAIN_CONFIG_FILE
+    launch = launch_for(spec, devices)
     write_train_json(
         config_path,
         spec.train,
         output_dir=spec.output_dir,
         async_save=spec.checkpoint.async_save,
         job_name=spec.name,
+        elastic_global_batch=global_batch(spec) if spec.gpu.elastic else None,
     )
-    argv = build_trainer_argv(config_path, resume_from, spec.launch, sys.executable)
+    argv = build_trainer_argv(config_path, resume_from, launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
+
+
+def launch_for(spec: JobSpec, devices: tuple[int, ...] | None) -> LaunchSection:
+    """The job's [launch], with one process per GPU it was placed on when elastic."""
+    if spec.gpu.elastic and devices:
+        return replace(spec.launch, nproc_per_node=len(devices), nnodes=1)
+    return spec.launch
+
+
+def global_batch(spec: JobSpec) -> int:
+    """Samples per optimizer step at the job's full GPU count: what an elastic job keeps."""
+    assert spec.train is not None and spec.gpu.count is not None
+    train = spec.train
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps * spec.gpu.count
 
 
 def spawn_shim(

@@ -26,7 +26,7 @@ from ftsup.supervisor.health.gpu import GpuMonitor
 from ftsup.supervisor.procinfo import environment, is_same_process
 from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
-from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.spec_types import DEFAULT_FOREIGN_MEMORY_LIMIT, JobSpec
 from ftsup.supervisor.store import Store
 
 if TYPE_CHECKING:  # both import this module
@@ -45,6 +45,8 @@ Preempt = Callable[[str, str], None]
 Remaining = Callable[[str], float | None]
 # GPU -> MiB held by processes that are no ftsup job's (NVML; blocking: run in a thread).
 ForeignMemory = Callable[[], dict[int, int]]
+# An elastic job runs on fewer GPUs than it asked for; `why`: the GPUs it could have now.
+Regrow = Callable[[str, str], None]
 REPLAN_INTERVAL_S = 2.0  # while jobs wait: GPU health and foreign memory change on their own
 
 
@@ -101,6 +103,16 @@ def trainer_gpus(pids: Mapping[str, object]) -> tuple[int, ...] | None:
         return None  # UUIDs or MIG names: not ours to interpret
 
 
+def elastic_count(spec: JobSpec, healthy: int | None) -> int | None:
+    """The GPUs to ask for: `count`, or for an elastic job the largest divisor of it
+    that the machine's `healthy` GPUs can still meet (the trainer keeps the global
+    batch by raising the accumulation by count / that)."""
+    count = spec.gpu.count
+    if count is None or not spec.gpu.elastic or healthy is None or healthy >= count:
+        return count
+    return max(d for d in range(1, count + 1) if count % d == 0 and d <= max(healthy, 1))
+
+
 def wants_queue(spec: JobSpec) -> bool:
     """Jobs that ask for GPUs or run after others go through the queue."""
     return spec.gpu.count is not None or spec.gpu.devices is not None or bool(spec.job.after)
@@ -131,6 +143,9 @@ class Placement:
         self._tickets: dict[str, _Ticket] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._order: tuple[str, ...] = ()  # the requests in the last plan's queue order
+        self.foreign_limit_mib = DEFAULT_FOREIGN_MEMORY_LIMIT >> 20  # daemon.toml [gpu]
+        # Ask an elastic job that runs on fewer GPUs than it wants to restart on more.
+        self.regrow: Regrow | None = None
 
     def restore(self, specs: Mapping[str, JobSpec], running: Mapping[str, tuple[int, ...]]) -> None:
         """At start, before any placement: the allocations of the jobs still live.
@@ -188,6 +203,16 @@ class Placement:
         self._drop(job)
         self.replan()
 
+    async def foreign_on(self, gpus: tuple[int, ...]) -> dict[int, int]:
+        """GPU -> MiB held there by processes that are no running ftsup job's, for the
+        GPUs of `gpus` above the limit (fresh NVML process lists, read off the loop).
+        A (re)launch waits while this is not empty: a restart never races the memory
+        its own dying run still holds, nor another user's process."""
+        if self.foreign_memory is None or not gpus:
+            return {}
+        await self._refresh_foreign()
+        return {i: mib for i in gpus if (mib := self._foreign.get(i, 0)) > self.foreign_limit_mib}
+
     def _drop(self, job: str) -> None:
         if self.holdings.pop(job, None) is not None:
             self._specs.pop(job, None)
@@ -225,6 +250,15 @@ class Placement:
         ]
         return {"holding": holding, "waiting": waiting}
 
+    def update_spec(self, spec: JobSpec) -> None:
+        """The job's spec changed (`ftsup priority`): decide again with it."""
+        if spec.name in self._specs:
+            self._specs[spec.name] = spec
+        ticket = self._tickets.get(spec.name)
+        if ticket is not None:
+            ticket.spec = spec
+        self.replan()
+
     # deciding ------------------------------------------------------------------
     def replan(self) -> None:
         """Ask `scheduling.plan` and act on its answer (cheap: call it on any change).
@@ -238,15 +272,17 @@ class Placement:
     def _replan(self) -> None:
         if not self._tickets:
             self._cancel_timer()
+            self._regrow_elastic()
             return
         now = time.time()
         views = self._views()
         decided = plan(
             self._gpus(views),
             [self._holding(job, gpus, now) for job, gpus in self.holdings.items()],
-            self._requests(),
+            self._requests(views),
             outcomes={job.name: job.state for job in self.store.jobs()},
             now=now,
+            foreign_limit_mib=self.foreign_limit_mib,
         )
         self._order = decided.order
         for name, gpus in decided.start.items():
@@ -310,12 +346,13 @@ class Placement:
             expected_end=end,
         )
 
-    def _requests(self) -> list[Request]:
+    def _requests(self, views: list[GpuView] | None) -> list[Request]:
         ordered = sorted(self._tickets.values(), key=lambda t: (t.seq, t.spec.name))
+        healthy = None if views is None else sum(1 for view in views if view.healthy)
         return [
             Request(
                 job=t.spec.name,
-                count=t.spec.gpu.count,
+                count=elastic_count(t.spec, healthy),
                 devices=t.spec.gpu.devices,
                 priority=t.spec.job.priority,
                 seq=seq,
@@ -323,6 +360,31 @@ class Placement:
             )
             for seq, t in enumerate(ordered)
         ]
+
+    def _regrow_elastic(self) -> None:
+        """With no job waiting: an elastic job on fewer GPUs than it asked for, that
+        could now run on more (healthy, free, no foreign memory), is asked to save
+        and restart on them (once; it asks again only if that did not happen)."""
+        views = self._views()
+        if self.regrow is None or views is None:
+            return
+        healthy = sum(1 for view in views if view.healthy)
+        held = {i for gpus in self.holdings.values() for i in gpus}
+        free = [
+            v.index
+            for v in views
+            if v.healthy
+            and v.index not in held
+            and self._foreign.get(v.index, 0) <= self.foreign_limit_mib
+        ]
+        for job, gpus in list(self.holdings.items()):
+            spec = self._specs.get(job)
+            if spec is None or not spec.gpu.elastic:
+                continue
+            wanted = elastic_count(spec, healthy)
+            if wanted is not None and len(gpus) < wanted <= len(gpus) + len(free):
+                shown = ",".join(str(i) for i in sorted([*gpus, *free][:wanted]))
+                self.regrow(job, f"{wanted} healthy GPUs are free again ({shown})")
 
     def _schedule_replan(self) -> None:
         if self._timer is None and self._tickets:

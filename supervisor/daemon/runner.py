@@ -45,7 +45,7 @@ from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.progress import ProgressState
-from ftsup.supervisor.protocol import EventKind
+from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.store import AttemptRow, Store, ended_outcomes
@@ -59,6 +59,7 @@ ResumeSelector = Callable[[JobSpec], ResumePoint]
 # ("ok" | "wait" | "fail", why): may an attempt be launched now (GPUs present and healthy)?
 Preflight = Callable[[JobSpec], tuple[str, str]]
 PREFLIGHT_RETRY = 5.0
+MEMORY_RETRY = 2.0  # while another process's memory is on the job's GPUs
 # Errors of the moment (full or failing disk, no descriptors or memory left): a
 # launch that meets one waits and tries again; any other OSError fails the job.
 TRANSIENT_ERRNOS = frozenset(
@@ -117,7 +118,9 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.stop_requested = False
         self.restart_requested = False
-        self._preempted_for: str | None = None  # the job this one makes room for
+        # The graceful stop under way is a trip back to the queue (a preemption, an
+        # elastic job's regrowth), not the end of the job.
+        self._requeued = False
         self._stop_reason: str | None = None
         # Set when the attempt must end (stop, restart, hang): the shim acts on its
         # SIGTERM; when the shim is gone, the runner stops the trainer itself.
@@ -177,7 +180,7 @@ class JobRunner:
                     row = await self._wait(attempt)
                     attempt = None
                 decision = policy.decide(self.history(), self.spec.restart)
-                if isinstance(decision, policy.Stopped) and self._preempted_for is not None:
+                if isinstance(decision, policy.Stopped) and self._requeued:
                     self._back_to_queue()
                     continue
                 if isinstance(decision, policy.Stopped) and self.restart_requested:
@@ -209,21 +212,27 @@ class JobRunner:
     def request_preempt(self, for_job: str) -> None:
         """A higher-priority job needs this job's GPUs: stop gracefully (the trainer
         saves and exits 75), give the GPUs back, and wait in the queue again."""
-        if self._preempted_for is not None or self.attempt is None or self.stop_requested:
-            return
-        self.bus.emit(
-            self.name,
-            EventKind.PREEMPTED,
-            f"preempted for {for_job}: saving, then back to the queue",
-            {"for": for_job},
+        message = f"preempted for {for_job}: saving, then back to the queue"
+        self._requeue(EventKind.PREEMPTED, message, {"for": for_job})
+
+    def request_regrow(self, why: str) -> None:
+        """An elastic job on fewer GPUs than it asked for: GPUs are back, so save,
+        and go through the queue again, which places it on the full count."""
+        self._requeue(
+            EventKind.RESTART, f"{why}: saving, then restarting on them", {"regrow": True}
         )
+
+    def _requeue(self, kind: str, message: str, data: dict[str, object]) -> None:
+        if self._requeued or self.attempt is None or self.stop_requested:
+            return
+        self.bus.emit(self.name, kind, message, data)
         self.request_stop(now=False)
-        self._preempted_for = for_job  # after request_stop, which clears it (a user's stop)
+        self._requeued = True  # after request_stop, which clears it (a user's stop)
 
     def _back_to_queue(self) -> None:
         """After a preemption's graceful stop: not `stopped`, queued again, to resume
         later from the checkpoint it just saved."""
-        self._preempted_for = None
+        self._requeued = False
         self.stop_requested = False
         self.gpus = None
         if self._placement is not None:
@@ -308,6 +317,8 @@ class JobRunner:
         if not await self._wait_for_gpus():
             return None
         if not await self._wait_until_launchable():
+            return None
+        if not await self._wait_for_gpu_memory():
             return None
         self._set_state("starting")
         await asyncio.to_thread(self._set_aside_after_rollback)
@@ -508,6 +519,27 @@ class JobRunner:
                 self._finish("stopped", "stopped on request while waiting to launch")
                 return False
 
+    async def _wait_for_gpu_memory(self) -> bool:
+        """Launch only on GPUs where processes that are not this job's running
+        trainer hold no more than the limit: the dying run's own memory (its
+        processes may outlive the exit by seconds) and another user's process."""
+        why = None
+        while self._placement is not None and self.gpus:
+            held = await self._placement.foreign_on(self.gpus)
+            if not held:
+                return True
+            now_why = "waiting for GPU memory held by processes that are not this job's: "
+            now_why += ", ".join(f"GPU {i} {mib / 1024:.1f} GiB" for i, mib in sorted(held.items()))
+            if now_why != why:
+                why = now_why
+                held_mib = {str(i): mib for i, mib in held.items()}
+                self.bus.emit(self.name, EventKind.LAUNCH_WAIT, why, {"held_mib": held_mib})
+                self._set_state(JobState.QUEUED, why)
+            if not await self._sleep(MEMORY_RETRY):
+                self._finish("stopped", "stopped on request while waiting for GPU memory")
+                return False
+        return True
+
     def _drift_allowed(self, checkpoint: Path) -> bool:
         """Refuse a resume whose data order or optimizer state would silently change."""
         if self.spec.train is None:
@@ -644,7 +676,7 @@ class JobRunner:
 
     # requests -------------------------------------------------------------
     def request_stop(self, *, now: bool) -> None:
-        self._preempted_for = None  # a stop ends the job, even one being preempted
+        self._requeued = False  # a stop ends the job, even one being preempted
         self.stop_requested = True
         self._wake.set()
         attempt = self.attempt

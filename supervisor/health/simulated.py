@@ -16,6 +16,7 @@ compute-process list is empty until `set_processes`.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -136,6 +137,15 @@ class SimulatedGpus:
             self._cond.notify_all()
         return delivered
 
+    def hold_memory(self, pid: int, index: int, size: int) -> None:
+        """Process `pid` holds `size` bytes on GPU `index` until it exits (or 0 bytes)."""
+        gpu = self._gpu_at(index)
+        with self._cond:
+            if size > 0:
+                gpu.processes[pid] = size
+            else:
+                gpu.processes.pop(pid, None)
+
     def set_processes(self, index: int, processes: Mapping[int, int]) -> None:
         """The compute processes on GPU `index`: pid -> bytes of GPU memory they hold."""
         gpu = self._gpu_at(index)
@@ -217,7 +227,7 @@ class SimulatedGpus:
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
         gpu = self._gpu(handle)
         with self._cond:
-            used = sum(gpu.processes.values())
+            used = sum(_alive(gpu.processes).values())
         total = gpu.memory_total
         if not version:
             return pynvml.c_nvmlMemory_t(total, total - used, used)
@@ -280,7 +290,7 @@ class SimulatedGpus:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
         gpu = self._gpu(handle)
         with self._cond:
-            processes = sorted(gpu.processes.items())
+            processes = sorted(_alive(gpu.processes).items())
         found = []
         for pid, used in processes:
             info = pynvml.c_nvmlProcessInfo_v3_t(
@@ -373,3 +383,11 @@ def _topology(a: int, b: int) -> int:
     if a // 4 == b // 4:
         return int(pynvml.NVML_TOPOLOGY_NODE)
     return int(pynvml.NVML_TOPOLOGY_SYSTEM)
+
+
+def _alive(processes: dict[int, int]) -> dict[int, int]:
+    """As NVML: a process that exited no longer holds memory (its context is gone).
+    Dead ones are forgotten, so a reused pid never inherits them."""
+    for pid in [pid for pid in processes if not os.path.exists(f"/proc/{pid}")]:
+        del processes[pid]
+    return processes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -181,21 +182,22 @@ def test_compute_processes_and_the_launch_checks() -> None:
     gpus.nvmlInit()
     handle = gpus.nvmlDeviceGetHandleByIndex(1)
     assert gpus.nvmlDeviceGetComputeRunningProcesses(handle) == []
-    gpus.set_processes(1, {4242: 3 * GiB})
+    pid = os.getpid()  # a live process: the simulated GPUs, like NVML, list only those
+    gpus.set_processes(1, {pid: 3 * GiB})
     (proc,) = gpus.nvmlDeviceGetComputeRunningProcesses(handle)
-    assert (proc.pid, proc.usedGpuMemory) == (4242, 3 * GiB)
+    assert (proc.pid, proc.usedGpuMemory) == (pid, 3 * GiB)
     memory = gpus.nvmlDeviceGetMemoryInfo(handle)
     assert (memory.used, memory.free, memory.total) == (3 * GiB, 37 * GiB, 40 * GiB)
     assert gpus.nvmlDeviceGetMemoryInfo(handle, pynvml.nvmlMemory_v2).used == 3 * GiB
     gpus.nvmlShutdown()
     # What the daemon asks before a launch, through the same object:
-    assert gpu_pids_of(gpus, 1) == {4242: 3 * GiB}
+    assert gpu_pids_of(gpus, 1) == {pid: 3 * GiB}
     assert check_devices([0, 5], nvml=gpus) == ["GPU 5 does not exist (this machine has 4)"]
     assert supports_bf16(0, nvml=gpus) is True
-    held = wait_for_memory_release([1], [4242], 0, nvml=gpus, sleep=lambda _: None)
-    assert held == ["GPU 1: pid 4242 still holds 3.0 GiB after 0 s"]
+    held = wait_for_memory_release([1], [pid], 0, nvml=gpus, sleep=lambda _: None)
+    assert held == [f"GPU 1: pid {pid} still holds 3.0 GiB after 0 s"]
     gpus.set_processes(1, {})
-    assert wait_for_memory_release([1], [4242], 0, nvml=gpus) == []
+    assert wait_for_memory_release([1], [pid], 0, nvml=gpus) == []
 
 
 def gpu_pids_of(gpus: SimulatedGpus, index: int) -> dict[int, int | None]:
@@ -204,6 +206,26 @@ def gpu_pids_of(gpus: SimulatedGpus, index: int) -> dict[int, int | None]:
         return gpu_pids(gpus, index)
     finally:
         gpus.nvmlShutdown()
+
+
+def test_a_process_that_exits_no_longer_holds_memory() -> None:
+    """As NVML: memory is listed only while its process lives (hold_memory is what
+    `ftsup gpus simulate-process` sets in the daemon)."""
+    gpus = SimulatedGpus(2, 40)
+    gpus.nvmlInit()
+    holder = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        gpus.hold_memory(holder.pid, 1, 5 * GiB)
+        handle = gpus.nvmlDeviceGetHandleByIndex(1)
+        (proc,) = gpus.nvmlDeviceGetComputeRunningProcesses(handle)
+        assert (proc.pid, proc.usedGpuMemory) == (holder.pid, 5 * GiB)
+        assert gpus.nvmlDeviceGetMemoryInfo(handle).used == 5 * GiB
+    finally:
+        holder.kill()
+        holder.wait()
+    assert gpus.nvmlDeviceGetComputeRunningProcesses(handle) == []
+    assert gpus.nvmlDeviceGetMemoryInfo(handle).used == 0
+    gpus.nvmlShutdown()
 
 
 def test_ftsup_gpus_reads_them_in_the_shape_it_reads_nvml() -> None:
@@ -218,7 +240,7 @@ def test_ftsup_gpus_reads_them_in_the_shape_it_reads_nvml() -> None:
 
 def test_the_daemon_reads_switch_groups_and_processes_for_placement(tmp_path: Path) -> None:
     gpus = SimulatedGpus(6)
-    gpus.set_processes(3, {777: 2 * GiB})
+    gpus.set_processes(3, {os.getpid(): 2 * GiB})
     supervision = GpuSupervision(EventBus(Store(tmp_path / "db.sqlite")), {}, gpus)
 
     async def started() -> None:
@@ -233,7 +255,7 @@ def test_the_daemon_reads_switch_groups_and_processes_for_placement(tmp_path: Pa
         processes = supervision.gpu_processes()
     finally:
         supervision.monitor.stop()
-    assert processes == {0: {}, 1: {}, 2: {}, 3: {777: 2 * GiB}, 4: {}, 5: {}}
+    assert processes == {0: {}, 1: {}, 2: {}, 3: {os.getpid(): 2 * GiB}, 4: {}, 5: {}}
     # GPUs whose driver cannot tell topology (as NVML says it): no groups, not a failure.
     blind = GpuSupervision(EventBus(Store(tmp_path / "b.sqlite")), {}, _NoTopology(2))
     blind.monitor.start()

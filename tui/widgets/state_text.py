@@ -24,6 +24,8 @@ EVENT_STYLES: dict[str, str] = {
     EventKind.BLOCKED: "magenta",
     EventKind.PLACED: "green",
     EventKind.PREEMPTED: "bold yellow",
+    EventKind.PRIORITY: "cyan",
+    EventKind.RESIZED: "yellow",
     EventKind.ATTEMPT_STARTED: "green",
     EventKind.ATTEMPT_EXITED: "yellow",
     EventKind.RESTART: "bold yellow",
