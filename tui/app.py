@@ -29,6 +29,7 @@ from ftsup.tui.model import Change, TuiState
 from ftsup.tui.screens.base import StateScreen
 from ftsup.tui.screens.confirm import ConfirmScreen
 from ftsup.tui.screens.dashboard import DashboardScreen
+from ftsup.tui.screens.gpu_map import GpuMapScreen
 from ftsup.tui.screens.help import HelpScreen
 from ftsup.tui.screens.job import JobScreen
 from ftsup.tui.screens.start_job import StartJobScreen
@@ -62,6 +63,7 @@ class FtsupApp(App[None]):
         Binding("r", "restart_job", "Restart", tooltip="restart from the newest valid checkpoint"),
         Binding("c", "save_job", "Save", tooltip="ask the trainer to save a checkpoint now"),
         Binding("n", "start_job", "New", tooltip="start a job from a job file"),
+        Binding("m", "gpu_map", "GPUs", tooltip="GPU map (who holds which GPU) and the queue"),
         Binding("q", "quit", "Quit", tooltip="leave the TUI (jobs keep running)"),
     ]
 
@@ -73,10 +75,13 @@ class FtsupApp(App[None]):
         self.synced = asyncio.Event()  # set after each complete (re)load; tests wait on it
         self._refetch_dirty = False
         self._refetch_running = False
+        self._queue_dirty = False
+        self._queue_running = False
         self._job_pending: dict[str, set[str]] = {}
         self._job_loading: set[str] = set()
         self._last_gpu_sample = 0.0
         self._last_detail_poll = 0.0
+        self._last_queue_poll = 0.0
         self._ever_connected = False
         self._unsynced = Change()
         self._flush_timer: Timer | None = None
@@ -131,6 +136,13 @@ class FtsupApp(App[None]):
         ):
             self._last_gpu_sample = now
             self._spawn(self._load_gpus(), "gpus")
+        if (
+            isinstance(screen, GpuMapScreen)
+            and self.state.connection.state == "connected"
+            and now - self._last_queue_poll > GPU_POLL_S  # foreign memory changes silently
+        ):
+            self._last_queue_poll = now
+            self.schedule_queue()
         connected = self.state.connection.state == "connected"
         if (
             isinstance(screen, JobScreen)
@@ -190,6 +202,8 @@ class FtsupApp(App[None]):
             self._spawn(self._load_all(), "load")
         if change.refetch:
             self.schedule_refetch()
+        if change.requeue:
+            self.schedule_queue()
         self._unsynced |= change
         if now or SYNC_DELAY_S <= 0:
             self._flush_changes()
@@ -236,10 +250,11 @@ class FtsupApp(App[None]):
                 if not job.events:  # its newest event is older than the global window
                     answer = await self.source.request(RequestType.EVENTS, job=job.name, limit=5)
                     change |= self.state.apply_history(answer.get("events", []))
-            change.refetch = False
+            change.refetch = change.requeue = False
             change.roster = True
             self._apply(change, now=True)
             await self._load_gpus()
+            await self._load_queue()
         except NotConnected:
             return
         except RequestError as exc:
@@ -263,6 +278,34 @@ class FtsupApp(App[None]):
         else:
             self.state.gpus.apply(result, sample=False)
         self._apply(Change(gpus=True), now=True)
+
+    async def _load_queue(self) -> None:
+        """Who holds which GPU and who waits (`queue`); an older daemon has no such request."""
+        try:
+            answer = await self._optional(RequestType.QUEUE)
+        except RequestError as exc:
+            change = self.state.apply_queue(None, f"the daemon refused `queue`: {exc.message}")
+        else:
+            note = "this daemon has no `queue` request (an older ftsup)"
+            change = self.state.apply_queue(answer, "" if answer is not None else note)
+        self._apply(change, now=True)
+
+    def schedule_queue(self) -> None:
+        """Ask for `queue` again soon; a burst of placement events causes one request."""
+        self._queue_dirty = True
+        if not self._queue_running:
+            self._queue_running = True
+            self._spawn(self._requeue(), "queue")
+
+    async def _requeue(self) -> None:
+        try:
+            while self._queue_dirty:
+                self._queue_dirty = False
+                await self._load_queue()
+        except NotConnected:
+            return
+        finally:
+            self._queue_running = False
 
     def schedule_refetch(self) -> None:
         """Ask for `status` again soon; bursts of events cause one request, not many."""
@@ -371,6 +414,15 @@ class FtsupApp(App[None]):
         self.push_screen(JobScreen(self.state, self.source.now, job, self.reload_job))
         self.reload_job(job, JOB_PARTS)
 
+    def action_gpu_map(self) -> None:
+        """`m` opens the GPU map; on the map it goes back."""
+        if isinstance(self.screen, GpuMapScreen):
+            self.pop_screen()
+            return
+        if isinstance(self.screen, StateScreen):
+            self.push_screen(GpuMapScreen(self.state, self.source.now))
+            self.schedule_queue()
+
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
@@ -391,6 +443,7 @@ class FtsupApp(App[None]):
                 ],
             ),
             ("Log tab", LogView.BINDINGS),
+            ("GPU map (m)", [Binding("escape,m", "", "back")]),
             ("Command palette", [Binding("ctrl+p", "", "every action, searchable")]),
         ]
         self.push_screen(HelpScreen(sections))
@@ -513,6 +566,9 @@ class FtsupApp(App[None]):
         )
         yield SystemCommand(
             "Start a job from a job file", "ftsup start JOB.toml", self.action_start_job
+        )
+        yield SystemCommand(
+            "GPU map and queue", "who holds which GPU; who waits, and why", self.action_gpu_map
         )
         for name in sorted(self.state.jobs):
             yield SystemCommand(

@@ -24,11 +24,13 @@ EVENTS_MAX = 500  # durable events kept per job (and in the global timeline)
 LOG_MAX = 5000  # log lines kept per job
 GPU_SERIES_MAX = 120  # samples per GPU sparkline
 SEEN_IDS_MAX = 20000
+FOREIGN_LIMIT_MIB = 1024  # the daemon's default: other processes' memory that makes a GPU busy
 
 LIVE_STATES = frozenset(protocol.LIVE_STATES)
 RUNNING_STATES = frozenset(
     {JobState.PENDING, JobState.STARTING, JobState.RUNNING, JobState.STOPPING}
 )
+WAITING_STATES = frozenset({JobState.QUEUED, JobState.BLOCKED})  # in the GPU queue
 FAILING_STATES = frozenset({JobState.BACKOFF, JobState.GAVE_UP, JobState.FAILED})
 STREAM_KINDS = protocol.STREAM_ONLY_KINDS
 # Durable events after which the job's summary (restarts, attempts, last exit)
@@ -46,6 +48,24 @@ REFETCH_KINDS = frozenset(
         EventKind.ADOPTED,
         EventKind.QUARANTINE,
         EventKind.CHECKPOINT,
+    }
+)
+# Events after which the GPU queue (who holds which GPU, who waits and why) may
+# have changed: the app asks the daemon for `queue` again, once per burst. A
+# job's every state change is a `state` stream event, so holders that end and
+# jobs that leave the queue are covered by it.
+QUEUE_KINDS = frozenset(
+    {
+        EventKind.STATE,
+        EventKind.SUBMITTED,
+        EventKind.QUEUED,
+        EventKind.BLOCKED,
+        EventKind.PLACED,
+        EventKind.PREEMPTED,
+        EventKind.PRIORITY,
+        EventKind.RESIZED,
+        EventKind.GPU_FAULT,
+        EventKind.GPU_RESET,
     }
 )
 
@@ -77,6 +97,8 @@ class Change:
     connection: bool = False
     resync: bool = False  # the daemon dropped events for us: ask for everything again
     refetch: bool = False  # a durable event made summaries stale: ask for `status`
+    queue: bool = False  # the GPU queue's answer changed (the GPU map redraws)
+    requeue: bool = False  # an event made the queue's answer stale: ask for `queue`
 
     def __ior__(self, other: Change) -> Change:
         self.jobs |= other.jobs
@@ -89,6 +111,8 @@ class Change:
         self.connection |= other.connection
         self.resync |= other.resync
         self.refetch |= other.refetch
+        self.queue |= other.queue
+        self.requeue |= other.requeue
         return self
 
     def __bool__(self) -> bool:
@@ -103,6 +127,8 @@ class Change:
             or self.connection
             or self.resync
             or self.refetch
+            or self.queue
+            or self.requeue
         )
 
 
@@ -385,6 +411,45 @@ class GpuModel:
         self.series = {}
 
 
+@dataclass
+class QueueModel:
+    """The daemon's GPU queue (`queue`, docs/scheduling.md): who holds which GPU,
+    and the waiting jobs in the order placement considers them, with why."""
+
+    known: bool = False  # an answer came; False also when this daemon has no `queue`
+    note: str = "GPU queue: waiting for the daemon"
+    holders: dict[int, str] = field(default_factory=dict)  # GPU index -> job
+    waiting: list[dict[str, Any]] = field(default_factory=list)
+    # MiB held on a GPU by processes that are no ftsup job's, when the daemon says,
+    # and from how much on that makes the GPU busy (daemon.toml; 1 GiB by default)
+    foreign_mib: dict[int, int] = field(default_factory=dict)
+    foreign_limit_mib: int = FOREIGN_LIMIT_MIB
+
+    def apply(self, result: dict[str, Any]) -> None:
+        self.known, self.note = True, ""
+        self.holders = {}
+        for entry in result.get("holding", []):
+            if isinstance(entry, dict) and isinstance(entry.get("job"), str):
+                for index in entry.get("gpus", []):
+                    if as_int(index) is not None:
+                        self.holders[int(index)] = entry["job"]
+        waiting = [w for w in result.get("waiting", []) if isinstance(w, dict) and w.get("job")]
+        self.waiting = sorted(waiting, key=lambda w: as_int(w.get("position")) or 0)
+        foreign = result.get("foreign_mib")
+        limit = as_int(result.get("foreign_limit_mib"))
+        self.foreign_limit_mib = limit if limit is not None else FOREIGN_LIMIT_MIB
+        self.foreign_mib = {}
+        if isinstance(foreign, dict):
+            for key, mib in foreign.items():
+                if str(key).isdigit() and as_int(mib) is not None:
+                    self.foreign_mib[int(key)] = int(mib)
+
+    def unavailable(self, note: str) -> None:
+        """An older daemon (no `queue`) or a failed answer: no holders, say why."""
+        self.known, self.note = False, note
+        self.holders, self.waiting, self.foreign_mib = {}, [], {}
+
+
 def _quarantined_item(entry: Any) -> dict[str, Any]:
     """A quarantined folder as a checkpoint row: `{"path", "step", "reason"}` from
     the listing (docs/checkpoints.md), or a bare path from a daemon before it."""
@@ -428,6 +493,7 @@ class TuiState:
     def __init__(self) -> None:
         self.jobs: dict[str, JobModel] = {}
         self.gpus = GpuModel()
+        self.queue = QueueModel()
         self.connection = ConnectionInfo()
         self.timeline: deque[dict[str, Any]] = deque(maxlen=EVENTS_MAX)
         self._seen_ids: set[int] = set()
@@ -446,9 +512,11 @@ class TuiState:
         return sorted(self.jobs.values(), key=lambda j: (not j.live, j.name))
 
     def counts(self) -> dict[str, int]:
-        counts = {"running": 0, "failing": 0, "finished": 0, "stopped": 0}
+        counts = {"running": 0, "waiting": 0, "failing": 0, "finished": 0, "stopped": 0}
         for job in self.jobs.values():
-            if job.state in RUNNING_STATES:
+            if job.state in WAITING_STATES:
+                counts["waiting"] += 1
+            elif job.state in RUNNING_STATES:
                 counts["running"] += 1
             elif job.state in FAILING_STATES:
                 counts["failing"] += 1
@@ -492,6 +560,14 @@ class TuiState:
             model.detail = dict(job_json)
             change.detail.add(name)
         return change
+
+    def apply_queue(self, result: dict[str, Any] | None, note: str = "") -> Change:
+        """The answer of `queue`, or None with why there is none (an older daemon)."""
+        if result is None:
+            self.queue.unavailable(note)
+        else:
+            self.queue.apply(result)
+        return Change(queue=True)
 
     def apply_history(self, events: Iterable[dict[str, Any]]) -> Change:
         """Answers of `events`: durable events, deduplicated by id."""
@@ -571,7 +647,7 @@ class TuiState:
                 model.state = str(data.get("state", model.state))
                 model.reason = data.get("reason") if isinstance(data.get("reason"), str) else None
                 model.state_ts = ts
-            return Change(jobs={name}, roster=new)
+            return Change(jobs={name}, roster=new, requeue=True)
         return self._add_durable(event)
 
     def _set_degraded(self, reason: Any) -> Change:
@@ -593,7 +669,8 @@ class TuiState:
             self.last_event_id = max(self.last_event_id, event_id)
         _insert_sorted(self.timeline, event)
         name = event.get("job")
-        change = Change(events={""}, refetch=event.get("kind") in REFETCH_KINDS)
+        kind = event.get("kind")
+        change = Change(events={""}, refetch=kind in REFETCH_KINDS, requeue=kind in QUEUE_KINDS)
         if isinstance(name, str):
             change.roster = name not in self.jobs
             model = self.job(name)
@@ -601,7 +678,7 @@ class TuiState:
             change.events.add(name)
             change.jobs.add(name)
             data = event.get("data")
-            if isinstance(data, dict) and model.fold_checkpoint_event(str(event.get("kind")), data):
+            if isinstance(data, dict) and model.fold_checkpoint_event(str(kind), data):
                 change.detail.add(name)
         return change
 

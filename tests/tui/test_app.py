@@ -70,6 +70,7 @@ async def test_command_palette_offers_the_actions() -> None:
             "Restart job (qwen-lora)",
             "Save a checkpoint now (qwen-lora)",
             "Start a job from a job file",
+            "GPU map and queue",
             "Open job mistral-dpo",
             "Help",
         ):

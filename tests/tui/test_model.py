@@ -39,7 +39,13 @@ def test_recorded_answers_replayed_give_the_same_state_as_the_daemon_said() -> N
         assert model.state == job["state"]
         assert model.restarts == job["restarts"]
         assert model.step == job["progress"]["step"]
-    assert state.counts() == {"running": 1, "failing": 1, "finished": 1, "stopped": 1}
+    assert state.counts() == {
+        "running": 1,
+        "waiting": 0,
+        "failing": 1,
+        "finished": 1,
+        "stopped": 1,
+    }
 
 
 def test_a_late_status_answer_does_not_roll_progress_or_state_back() -> None:

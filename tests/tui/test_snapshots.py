@@ -48,3 +48,14 @@ def test_help_screen(snap_compare: SnapCompare, size: tuple[int, int]) -> None:
         await pilot.pause()
 
     assert snap_compare(recorded_app(), terminal_size=size, run_before=run_before)
+
+
+def test_gpu_map_screen(snap_compare: SnapCompare) -> None:
+    """`m`: the recording's daemon never answered `queue`, so holders read `?`."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await until_synced(pilot)
+        await pilot.press("m")
+        await pilot.pause()
+
+    assert snap_compare(recorded_app(), terminal_size=(80, 24), run_before=run_before)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from textual.app import ComposeResult
-from textual.widgets import Footer
 
 from ftsup.tui.model import Change, TuiState
 from ftsup.tui.screens.base import StateScreen
 from ftsup.tui.widgets.connection_bar import ConnectionBar
 from ftsup.tui.widgets.event_timeline import EventTimeline
+from ftsup.tui.widgets.footer import KeyFooter
 from ftsup.tui.widgets.gpu_strip import GpuStrip
 from ftsup.tui.widgets.job_brief import JobBrief
 from ftsup.tui.widgets.jobs_table import JobsTable
@@ -26,7 +26,7 @@ class DashboardScreen(StateScreen):
         yield JobsTable(id="jobs")
         yield EventTimeline(with_job=True, id="recent")
         yield JobBrief(id="brief")
-        yield Footer()
+        yield KeyFooter()
 
     DEFAULT_CSS = """
     DashboardScreen #recent { height: 1fr; border-top: solid $panel-lighten-2; }

@@ -15,13 +15,14 @@ from typing import ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.timer import Timer
-from textual.widgets import Footer, TabbedContent, TabPane
+from textual.widgets import TabbedContent, TabPane
 
 from ftsup.tui.model import Change, JobModel, TuiState, as_int
 from ftsup.tui.screens.base import StateScreen
 from ftsup.tui.widgets.checkpoint_table import CheckpointTable
 from ftsup.tui.widgets.connection_bar import ConnectionBar
 from ftsup.tui.widgets.event_timeline import EventTimeline
+from ftsup.tui.widgets.footer import KeyFooter
 from ftsup.tui.widgets.gpu_strip import GpuStrip
 from ftsup.tui.widgets.job_header import JobHeader
 from ftsup.tui.widgets.line_chart import ChartSeries, LineChart
@@ -85,7 +86,7 @@ class JobScreen(StateScreen):
                 yield EventTimeline()
             with TabPane("4 Log", id="log"):
                 yield LogView()
-        yield Footer()
+        yield KeyFooter()
 
     def current_job(self) -> str | None:
         return self.job_name

@@ -1,4 +1,5 @@
-"""The top line: whether the daemon is reachable, and how many jobs are in which state.
+"""The top line: whether the daemon is reachable, and how many jobs are in which state
+(running, waiting in the GPU queue when any do, failing, finished, stopped).
 
 It is the one place that says "reconnecting…", so a person never mistakes a
 frozen picture for a healthy run. It renders at its real width (shortening the
@@ -14,14 +15,17 @@ from textual.widget import Widget
 from ftsup.tui.format import shorten
 from ftsup.tui.model import ConnectionInfo
 
-LONG_LABELS = ("running", "failing", "finished", "stopped")
-SHORT_LABELS = ("run", "fail", "done", "stop")
-STYLES = ("green", "red", "blue", "")
+LONG_LABELS = ("running", "waiting", "failing", "finished", "stopped")
+SHORT_LABELS = ("run", "wait", "fail", "done", "stop")
+STYLES = ("green", "cyan", "red", "blue", "")
+SHOWN_IF_ANY = frozenset({"waiting"})  # queued/blocked jobs: only on a shared server
 
 
 def counts_text(counts: dict[str, int], labels: tuple[str, ...]) -> Text:
     text = Text()
     for key, label, style in zip(LONG_LABELS, labels, STYLES, strict=True):
+        if key in SHOWN_IF_ANY and not counts.get(key):
+            continue
         if text:
             text.append(" · ", style="dim")
         text.append(str(counts.get(key, 0)), style=f"bold {style}".strip())
