@@ -86,6 +86,9 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             step=state.global_step,
             max_steps=state.max_steps,
             resumed_from=str(resumed) if resumed and state.global_step > 0 else None,
+            # The batch geometry this attempt runs with (an elastic job's changes).
+            world_size=args.world_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
 
     def on_step_end(

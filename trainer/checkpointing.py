@@ -41,13 +41,16 @@ PointHook = Callable[[int, str], None]
 _Item = tuple[str, Path, int, Any, float | None]
 
 
-def fingerprint(train: TrainSection, world_size: int) -> dict[str, Any]:
+def fingerprint(
+    train: TrainSection, world_size: int, *, global_batch: int | None = None
+) -> dict[str, Any]:
     """What must not change across a resume for it to be exact.
 
     One definition for both sides (`ftsup.supervisor.fingerprint`): the daemon
-    compares it with the job's at resume (its drift guard).
+    compares it with the job's at resume (its drift guard). `global_batch`:
+    an elastic run's, recorded so that a resize is recognised as one.
     """
-    return train_fingerprint(train, world_size)
+    return train_fingerprint(train, world_size, global_batch=global_batch)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

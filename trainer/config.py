@@ -34,6 +34,7 @@ __all__ = [
     "LR_SCHEDULERS",
     "ConfigError",
     "RunConfig",
+    "at_world_size",
     "check_data",
     "check_environment",
     "load_run_config",
@@ -61,6 +62,8 @@ class RunConfig:
     async_save: bool = True
     job_name: str = "ftsup"
     source: Path | None = None
+    # Elastic jobs: the global batch kept at any world size (train.json `elastic`).
+    elastic_global_batch: int | None = None
 
 
 def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
@@ -83,6 +86,7 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
         async_save=bool(raw.get("async_save", True)),
         job_name=str(raw.get("job_name", "ftsup")),
         source=path,
+        elastic_global_batch=_elastic_global_batch(raw.get("elastic"), path),
     )
     problems: list[str] = []
     checks = [check_environment] + ([check_data] if check_files else [])
@@ -94,6 +98,45 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _elastic_global_batch(value: Any, path: Path) -> int | None:
+    """`"elastic": {"global_batch": G}` -> G; absent or null -> not elastic."""
+    if value is None:
+        return None
+    batch = value.get("global_batch") if isinstance(value, dict) else None
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(
+            [f'--config {path}: `elastic` must be {{"global_batch": N}} with N >= 1, got {value!r}']
+        )
+    return batch
+
+
+def at_world_size(config: RunConfig, world_size: int) -> RunConfig:
+    """The configuration as it runs on `world_size` processes.
+
+    An elastic run's accumulation becomes global batch / (per-device batch x
+    world size), so each optimizer step sees the same samples at any world size;
+    a ConfigError when that is not a whole number. Not elastic: unchanged.
+    """
+    from ftsup.supervisor.fingerprint import elastic_accumulation
+
+    batch = config.elastic_global_batch
+    if batch is None:
+        return config
+    per_device = config.train.per_device_train_batch_size
+    try:
+        accumulation = elastic_accumulation(batch, per_device, world_size)
+    except ValueError:
+        raise ConfigError(
+            [
+                f"elastic global batch {batch} cannot be kept on {world_size} process(es): "
+                f"it is not a multiple of [train] per_device_train_batch_size ({per_device}) "
+                f"x {world_size}; run on a number of processes that divides the job's full count"
+            ]
+        ) from None
+    train = dataclasses.replace(config.train, gradient_accumulation_steps=accumulation)
+    return dataclasses.replace(config, train=train)
 
 
 def train_section_from_dict(

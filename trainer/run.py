@@ -19,7 +19,7 @@ from typing import Any
 
 from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from ftsup.trainer import dist
-from ftsup.trainer.config import ConfigError, RunConfig, load_run_config
+from ftsup.trainer.config import ConfigError, RunConfig, at_world_size, load_run_config
 from ftsup.trainer.data import DataError
 from ftsup.trainer.prepared import PreparedData
 from ftsup.trainer.signals import install_handlers
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     if dist.world_size() > 1:
         dist.die_with_parent()
     try:
-        config = load_run_config(args.config, check_files=False)
+        config = at_world_size(load_run_config(args.config, check_files=False), dist.world_size())
     except ConfigError as exc:
         return fail(str(exc))
     if args.resume_from is not None and not args.resume_from.is_dir():
@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
 
 def warn_if_fingerprint_changed(config: RunConfig, checkpoint: Path) -> None:
     """Resuming under other settings works, but the run is no longer exact: say so."""
+    from ftsup.supervisor.checkpoints.drift_guard import elastic_summary
     from ftsup.supervisor.manifest import ManifestError, read_manifest
     from ftsup.trainer.checkpointing import fingerprint
 
@@ -78,8 +79,16 @@ def warn_if_fingerprint_changed(config: RunConfig, checkpoint: Path) -> None:
         saved = dict(read_manifest(checkpoint).fingerprint)
     except ManifestError:
         return  # not written by ftsup; the supervisor judged it resumable
-    now = fingerprint(config.train, dist.world_size())
-    changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+    now = fingerprint(config.train, dist.world_size(), global_batch=config.elastic_global_batch)
+    resized = elastic_summary(saved, now)
+    if resized is not None and dist.rank() == 0:
+        print(f"ftsup trainer: elastic resume from {checkpoint}: {resized}", file=sys.stderr)
+    elastic = {"world_size", "gradient_accumulation_steps"} if resized else set()
+    changed = sorted(
+        key
+        for key in set(saved) | set(now)
+        if saved.get(key) != now.get(key) and key not in elastic
+    )
     if changed and dist.rank() == 0:
         print(
             f"ftsup trainer: warning: resuming {checkpoint} with changed {', '.join(changed)}; "
@@ -125,7 +134,7 @@ def build_trainer(
     fault = FaultInjector.from_env()
     checkpointer = Checkpointer(
         config.output_dir,
-        fingerprint=fingerprint(train, dist.world_size()),
+        fingerprint=fingerprint(train, dist.world_size(), global_batch=config.elastic_global_batch),
         world_size=dist.world_size(),
         keep=train.save_total_limit,
         async_save=config.async_save,

@@ -5,6 +5,13 @@ job's at resume. Changing the model, the data, the batch geometry or the number
 of processes changes which samples come next (the trainer skips batches by
 count) or invalidates the optimizer state; those are refused unless the user
 accepts the drift. Other differences are reported but allowed.
+
+One change of the batch geometry is exact: an elastic job (`[gpu] elastic`)
+that runs on fewer (or again more) processes keeps its global batch by
+changing its accumulation, and the trainer shards each global batch across
+the ranks, so every step sees the same samples. When both fingerprints carry
+the same `global_batch` and per-device batch, a change of world size and
+accumulation is an elastic resize (`elastic_resize`): reported, not refused.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ RULES: Mapping[str, _Rule] = {
         "gradient accumulation", True, True, ("grad_accum", "gradient_accumulation")
     ),
     "world_size": _Rule("world size", True, True, ("num_processes",)),
+    "global_batch": _Rule("global batch", True, True),
     "cutoff_len": _Rule(
         "sequence length",
         False,
@@ -50,17 +58,21 @@ class Drift:
     new: Any
     data_order: bool
     optimizer_state: bool
+    # Part of an elastic resize (same global batch): exact, so never refused.
+    elastic: bool = False
 
     @property
     def refused(self) -> bool:
         """Resuming across this change needs `--accept-drift`."""
-        return self.data_order or self.optimizer_state
+        return (self.data_order or self.optimizer_state) and not self.elastic
 
     @property
     def message(self) -> str:
         rule = RULES.get(self.key)
         label = rule.label if rule else self.key
         text = f"{label} changed from {_show(self.old)} to {_show(self.new)}"
+        if self.elastic:
+            return f"{text} (elastic: the global batch is kept, the data order is unchanged)"
         effects = [
             name
             for name, on in (
@@ -83,6 +95,7 @@ def make_fingerprint(
     world_size: int,
     cutoff_len: int | None = None,
     seed: int | None = None,
+    global_batch: int | None = None,
 ) -> dict[str, Any]:
     """The fingerprint a writer stores in the manifest, under the canonical names
     the guard compares (the built-in trainer should use this)."""
@@ -98,6 +111,8 @@ def make_fingerprint(
         fingerprint["cutoff_len"] = cutoff_len
     if seed is not None:
         fingerprint["seed"] = seed
+    if global_batch is not None:
+        fingerprint["global_batch"] = global_batch
     return fingerprint
 
 
@@ -105,6 +120,7 @@ def diff_fingerprints(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Dr
     """What changed from the checkpoint's fingerprint (`old`) to the job's (`new`).
     A key missing on either side cannot be compared and is not reported."""
     a, b = _canonical(old), _canonical(new)
+    elastic = _ELASTIC_KEYS if elastic_resize(old, new) is not None else frozenset()
     drifts = []
     for key in [*RULES, *sorted((a.keys() & b.keys()) - RULES.keys())]:
         if key in a and key in b and a[key] != b[key]:
@@ -116,9 +132,49 @@ def diff_fingerprints(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Dr
                     b[key],
                     bool(rule and rule.data_order),
                     bool(rule and rule.optimizer_state),
+                    elastic=key in elastic,
                 )
             )
     return drifts
+
+
+_ELASTIC_KEYS = frozenset({"world_size", "gradient_accumulation_steps"})
+
+
+def elastic_resize(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(old world size, new world size) when `old` -> `new` is an elastic resize, else None.
+
+    Both must carry the same `global_batch` and per-device batch, each must be
+    consistent (per-device batch x accumulation x world size == global batch),
+    and the world size must differ.
+    """
+    a, b = _canonical(old), _canonical(new)
+    geometry = ("global_batch", "per_device_train_batch_size")
+    if any(key not in a or key not in b or a[key] != b[key] for key in geometry):
+        return None
+    sizes = []
+    for side in (a, b):
+        world, accumulation = side.get("world_size"), side.get("gradient_accumulation_steps")
+        if not isinstance(world, int) or not isinstance(accumulation, int):
+            return None
+        if side["per_device_train_batch_size"] * accumulation * world != side["global_batch"]:
+            return None
+        sizes.append(world)
+    return (sizes[0], sizes[1]) if sizes[0] != sizes[1] else None
+
+
+def elastic_summary(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """`world size 2 -> 1, accumulation 4 -> 8, global batch 16 kept`, or None."""
+    resized = elastic_resize(old, new)
+    if resized is None:
+        return None
+    a, b = _canonical(old), _canonical(new)
+    accumulation = (a["gradient_accumulation_steps"], b["gradient_accumulation_steps"])
+    return (
+        f"world size {resized[0]} -> {resized[1]}, "
+        f"accumulation {accumulation[0]} -> {accumulation[1]}, "
+        f"global batch {a['global_batch']} kept"
+    )
 
 
 def compare_fingerprints(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
