@@ -7,7 +7,9 @@ middle of a checkpoint; `after_weights`, `after_optimizer`, `after_scheduler`
 and `after_trainer_state` kill it inside an asynchronous save's background
 write, right after that file. `FTSUP_FAULT_WRITE_DELAY=seconds` makes the
 background writer sleep before each file, so that a kill from outside lands
-in the middle of a write. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
+in the middle of a write; `FTSUP_FAULT_STEP_DELAY=seconds` makes every step
+that long at least (a slow GPU), so that a test can act while a tiny model
+trains. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
 only once (the file is created just before the kill), so the restarted run
 goes on.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from ftsup.supervisor.contract import (
     ENV_FAULT_AT_STEP,
     ENV_FAULT_ONCE_FILE,
     ENV_FAULT_POINT,
+    ENV_FAULT_STEP_DELAY,
     ENV_FAULT_WRITE_DELAY,
 )
 
@@ -35,6 +39,21 @@ POINTS = ("step_end", "before_manifest", *WRITE_POINTS)
 def write_delay() -> float:
     """Seconds the background writer sleeps before each file (tests only; 0 otherwise)."""
     return float(os.environ.get(ENV_FAULT_WRITE_DELAY) or 0.0)
+
+
+class StepDelay(TrainerCallback):  # type: ignore[misc]
+    """Sleep at the end of every step (FTSUP_FAULT_STEP_DELAY; tests and demos only)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @classmethod
+    def from_env(cls) -> StepDelay | None:
+        seconds = float(os.environ.get(ENV_FAULT_STEP_DELAY) or 0.0)
+        return cls(seconds) if seconds > 0 else None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        time.sleep(self.seconds)
 
 
 class FaultInjector(TrainerCallback):  # type: ignore[misc]

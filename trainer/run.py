@@ -117,7 +117,7 @@ def build_trainer(
     from ftsup.trainer.batching import PadCollator
     from ftsup.trainer.callback import FtsupCallback
     from ftsup.trainer.checkpointing import Checkpointer, fingerprint
-    from ftsup.trainer.faults import FaultInjector
+    from ftsup.trainer.faults import FaultInjector, StepDelay
     from ftsup.trainer.model import load_model
     from ftsup.trainer.prepared import reuse_or_prepare
     from ftsup.trainer.skipping import skip_windows_from_env, with_skipped_steps
@@ -140,7 +140,7 @@ def build_trainer(
         async_save=config.async_save,
         on_point=fault.fire if fault is not None else None,
     )
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [delay] if (delay := StepDelay.from_env()) is not None else []
     if fault is not None:
         callbacks.append(fault)
     progress = FtsupCallback(

@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1200)")
     p.add_argument("--no-crash", action="store_true", help="do not kill the trainer midway")
+    p.add_argument(
+        "--queue",
+        action="store_true",
+        help="instead: four small runs share two simulated GPUs (queue, priority, preemption)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -74,10 +79,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             hint="pip install 'ftsup[train]'",
         )
         return output.EXIT_FAILED
+    say = _Narrator(quiet=args.json)
+    if args.queue:
+        from ftsup.supervisor.cli.demo_queue import run_queue_demo
+
+        return run_queue_demo(args, demo, say)
     layout = layout_from(args)
     workdir = (args.workdir or layout.state_dir / "demo").absolute()
     steps = args.steps or demo.DEMO_STEPS
-    say = _Narrator(quiet=args.json)
     say.line(f"building a tiny Llama model, its tokenizer and an arithmetic data set in {workdir}")
     job_file = demo.prepare_demo(workdir, steps=steps, name=DEMO_JOB)
     try:

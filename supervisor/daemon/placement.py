@@ -248,7 +248,13 @@ class Placement:
             }
             for position, t in enumerate(ordered, start=1)
         ]
-        return {"holding": holding, "waiting": waiting}
+        foreign = {str(i): mib for i, mib in sorted(self._foreign.items()) if mib}
+        return {
+            "holding": holding,
+            "waiting": waiting,
+            "foreign_mib": foreign,  # GPU -> MiB of processes that are no job's (last look)
+            "foreign_limit_mib": self.foreign_limit_mib,
+        }
 
     def update_spec(self, spec: JobSpec) -> None:
         """The job's spec changed (`ftsup priority`): decide again with it."""

@@ -25,14 +25,25 @@ from typing import Any
 
 from ftsup.supervisor import policy
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
-from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
+from ftsup.supervisor.checkpoints.drift_guard import (
+    diff_fingerprints,
+    drift_refused,
+    elastic_resize,
+    elastic_summary,
+)
 from ftsup.supervisor.contract import ENV_SKIP_STEPS, EXIT_CONFIG, EXIT_FILE, LOG_FILE
 from ftsup.supervisor.daemon.attempt import KILL_FILE, LiveAttempt, wait_until_gone
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
-from ftsup.supervisor.daemon.launcher import AttemptPlan, plan_attempt, spawn_shim
+from ftsup.supervisor.daemon.launcher import (
+    AttemptPlan,
+    global_batch,
+    launch_for,
+    plan_attempt,
+    spawn_shim,
+)
 from ftsup.supervisor.daemon.placement import Placement
 from ftsup.supervisor.daemon.standby import StandbyKeeper
 from ftsup.supervisor.fingerprint import train_fingerprint
@@ -548,9 +559,22 @@ class JobRunner:
             recorded = read_manifest(checkpoint).fingerprint
         except ManifestError:
             return True  # no fingerprint to compare (validation decided it is resumable)
-        job_fingerprint = train_fingerprint(self.spec.train, self.spec.launch.world_size)
+        elastic = self.spec.gpu.elastic
+        job_fingerprint = train_fingerprint(
+            self.spec.train,
+            launch_for(self.spec, self.gpus).world_size,
+            global_batch=global_batch(self.spec) if elastic else None,
+        )
         drifts = diff_fingerprints(recorded, job_fingerprint)
         if not drifts:
+            return True
+        resized = elastic_summary(recorded, job_fingerprint) if elastic else None
+        sizes = elastic_resize(recorded, job_fingerprint)
+        if resized is not None and sizes is not None and all(d.elastic for d in drifts):
+            data = {"checkpoint": checkpoint.name, "world_size": list(sizes), "summary": resized}
+            self.bus.emit(
+                self.name, EventKind.RESIZED, f"resuming {checkpoint.name}: {resized}", data
+            )
             return True
         changes = "; ".join(d.message for d in drifts)
         job = self.store.get_job(self.name)
