@@ -170,15 +170,19 @@ class Harness:
             self.daemon.kill()
             self.daemon.wait(10)
             self.daemon = None
-        standbys = self.state_dir.glob("runs/*/standby-*/standby.json")
-        for pids_file in [*self.state_dir.glob("runs/*/attempt-*/pids.json"), *standbys]:
+        # `**/`: daemons with a state folder inside this one too (`ftsup demo --queue`)
+        standbys = self.state_dir.glob("**/runs/*/standby-*/standby.json")
+        for pids_file in [*self.state_dir.glob("**/runs/*/attempt-*/pids.json"), *standbys]:
             pids = json.loads(pids_file.read_text())
             if is_same_process(pids["shim_pid"], pids["shim_start"]):
                 os.kill(pids["shim_pid"], signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pids["pgid"], signal.SIGKILL)
         # A daemon started by `ftsup start` (not by this harness) records its pid here.
-        lock = self.state_dir / "daemon.lock"
+        for lock in self.state_dir.glob("**/daemon.lock"):
+            self._kill_daemon_of(lock)
+
+    def _kill_daemon_of(self, lock: Path) -> None:
         if lock.exists() and lock.read_text().strip().isdigit():
             pid = int(lock.read_text())
             try:

@@ -188,13 +188,20 @@ def _show_queue(client: Client, say: Any) -> None:
 def _job_summary(client: Client, name: str) -> dict[str, Any]:
     status = _status_or_none(client, name) or {"state": "unknown"}
     history = status.get("attempt_history") or []
+    events = client.request("events", job=name, limit=500)["events"]
     return {
+        "waited": [e["message"] for e in events if e["kind"] == EventKind.QUEUED],
+        "preempted": [e["message"] for e in events if e["kind"] == EventKind.PREEMPTED],
         "job": name,
         "state": status["state"],
         "attempts": len(history),
         "steps": (status.get("progress") or {}).get("step"),
-        "starts": [
-            {"start_step": a.get("start_step"), "resume_from": a.get("resume_from")}
+        "attempt_steps": [
+            {
+                "start_step": a.get("start_step"),
+                "last_step": a.get("last_step"),
+                "resume_from": a.get("resume_from"),
+            }
             for a in history
         ],
     }
@@ -204,9 +211,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out = output.stdout
     out.print("\n[bold]the four runs[/]")
     for job in summary["jobs"]:
-        starts = ", then from step ".join(str(s["start_step"]) for s in job["starts"])
+        spans = " | ".join(
+            f"steps {a['start_step'] + 1}-{a['last_step']}"
+            for a in job["attempt_steps"]
+            if a["start_step"] is not None and a["last_step"] is not None
+        )
         out.print(
-            f"  {job['job']:<9} {job['state']:<9} {job['steps']} steps, "
-            f"{job['attempts']} attempt(s), started at step {starts}",
+            f"  {job['job']:<9} {job['state']:<9} {job['attempts']} attempt(s): {spans}",
             markup=False,
         )
+    out.print(
+        "[dim]a preempted run resumes at the step it saved when it stopped: no step is "
+        "trained twice[/]"
+    )

@@ -93,7 +93,7 @@ def print_queue(result: dict[str, Any]) -> None:
             wants = (
                 f"GPU {','.join(map(str, entry['devices']))}"
                 if entry.get("devices")
-                else f"{entry['count']} GPUs"
+                else f"{entry['count']} GPU{'s' if entry['count'] != 1 else ''}"
                 if entry.get("count")
                 else "no GPU"
             )
