@@ -146,6 +146,8 @@ def test_three_jobs_of_two_gpus_on_four_share_them_in_turn(harness: Harness) -> 
     daemon.cli("start", str(queued_job(daemon, "three", *LONG, gpu="count = 2")))
     reason = daemon.wait_state("three", "queued")["reason"]
     assert "one" in reason and "two" in reason  # who holds what it needs
+    listing = " ".join(daemon.cli("ls").stdout.split())  # `ftsup ls` says it too
+    assert f"three: {reason}" in listing
     daemon.cli("stop", "two")
     daemon.wait_state("two", "stopped")
     assert running_on(daemon, "three") == held["two"]  # the freed pair

@@ -9,6 +9,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from ftsup.supervisor.spec_types import JobSpec
 from tests.supervisor_harness import Harness, wait_for
 from tests.test_gpu_queue import LONG, queued_job, running_on, with_gpus
 from tests.test_instrumentation_status import trainer_environ
@@ -81,7 +84,9 @@ def test_a_relaunch_waits_for_memory_that_is_not_the_jobs(harness: Harness) -> N
     events = daemon.cli_json("events", "m")["events"]
     kinds = [e["kind"] for e in events]
     assert "launch_wait" in kinds
-    assert kinds.index("launch_wait") < max(i for i, k in enumerate(kinds) if k == "attempt_started")
+    assert kinds.index("launch_wait") < max(
+        i for i, k in enumerate(kinds) if k == "attempt_started"
+    )
 
     # daemon.toml raises the limit: 3 GiB of another process no longer makes it wait.
     config = Path(daemon.state_dir / "daemon.toml")
@@ -104,3 +109,53 @@ def test_a_relaunch_waits_for_memory_that_is_not_the_jobs(harness: Harness) -> N
 def test_simulate_process_is_refused_on_real_gpus(daemon: Harness) -> None:
     refused = daemon.cli("gpus", "simulate-process", "0", "1", "1G", check=False)
     assert refused.returncode == 5 and "simulated" in refused.stderr
+
+
+TRAIN_JOB = """[job]
+name = "t"
+output_dir = "out"
+[train]
+model = "m"
+dataset = "d.jsonl"
+per_device_train_batch_size = 2
+gradient_accumulation_steps = 4
+{extra}
+"""
+
+
+def test_a_train_job_runs_one_process_per_gpu_and_elastic_is_checked(tmp_path: Path) -> None:
+    from ftsup.supervisor.daemon.launcher import global_batch, launch_for
+    from ftsup.supervisor.spec import SpecError, parse_spec
+
+    def parse(extra: str) -> JobSpec:
+        return parse_spec(TRAIN_JOB.format(extra=extra), tmp_path / "t.toml")
+
+    assert parse("[gpu]\ncount = 4").launch.nproc_per_node == 4
+    assert parse("[gpu]\ncount = 4\n[launch]\nnproc_per_node = 1").launch.nproc_per_node == 1
+    assert parse("[gpu]\ndevices = [0, 1]").launch.nproc_per_node == 1  # as written
+    elastic = parse("[gpu]\ncount = 4\nelastic = true")
+    assert global_batch(elastic) == 2 * 4 * 4
+    assert launch_for(elastic, (0, 1)).nproc_per_node == 2  # one process per GPU placed
+    assert launch_for(parse("[gpu]\ncount = 4"), (0, 1)).nproc_per_node == 4  # not elastic
+    for extra, message in (
+        ("[gpu]\nelastic = true", "needs count"),
+        ("[gpu]\ncount = 2\nelastic = true\n[launch]\nnproc_per_node = 2", "set by ftsup"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            parse(extra)
+    command = '[job]\nname = "c"\noutput_dir = "o"\n[command]\nargv = ["x"]\n'
+    with pytest.raises(SpecError, match="only for a \\[train\\] job"):
+        parse_spec(command + "[gpu]\ncount = 2\nelastic = true\n", tmp_path / "c.toml")
+
+
+def test_daemon_toml_sets_the_foreign_memory_limit(tmp_path: Path) -> None:
+    from ftsup.supervisor.spec import SpecError, parse_daemon_config
+
+    source = tmp_path / "daemon.toml"
+    assert parse_daemon_config("", source).gpu.foreign_memory_limit == 1 << 30
+    limit = parse_daemon_config('[gpu]\nforeign_memory_limit = "512M"\n', source)
+    assert limit.gpu.foreign_memory_limit == 512 << 20
+    with pytest.raises(SpecError, match='did you mean "foreign_memory_limit"'):
+        parse_daemon_config('[gpu]\nforeign_memory_limt = "1G"\n', source)
+    with pytest.raises(SpecError, match="count"):  # a job's key is not a daemon setting
+        parse_daemon_config("[gpu]\ncount = 2\n", source)

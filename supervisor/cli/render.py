@@ -12,7 +12,7 @@ from rich.table import Table
 from ftsup.supervisor.cli.output import stdout
 from ftsup.supervisor.durations import format_duration
 from ftsup.supervisor.instrumentation import describe as describe_instrumentation
-from ftsup.supervisor.protocol import STATE_STYLES
+from ftsup.supervisor.protocol import STATE_STYLES, JobState
 
 
 def state_text(state: str) -> str:
@@ -33,16 +33,22 @@ def step_text(progress: dict[str, Any] | None) -> str:
     return str(step)
 
 
+WAITING_STATES = (JobState.QUEUED, JobState.BLOCKED, JobState.BACKOFF)
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("JOB", "STATE", "STEP", "LOSS", "STEPS/S", "ETA", "RESTARTS", "OUTPUT"):
+    columns = ("JOB", "STATE", "GPUS", "STEP", "LOSS", "STEPS/S", "ETA", "RESTARTS", "OUTPUT")
+    for column in columns:
         table.add_column(column)
     for job in jobs:
         progress = job.get("progress") or {}
         eta = progress.get("eta_s")
+        devices = job.get("gpu_devices")
         table.add_row(
             job["name"],
             state_text(job["state"]),
+            ",".join(str(d) for d in devices) if devices else "-",
             step_text(progress),
             _fmt(progress.get("loss")),
             _fmt(progress.get("steps_per_s"), ".3g"),
@@ -69,6 +75,9 @@ def print_jobs(result: dict[str, Any]) -> None:
         stdout.print("no jobs; submit one with [bold]ftsup start JOB.toml[/]")
         return
     stdout.print(jobs_table(jobs))
+    for job in jobs:  # why the waiting ones wait (the table has no room for a sentence)
+        if job["state"] in WAITING_STATES and job.get("reason"):
+            stdout.print(f"[dim]{escape(job['name'])}: {escape(job['reason'])}[/]")
 
 
 def _instrumentation_row(job: dict[str, Any]) -> list[tuple[str, str]]:
