@@ -119,6 +119,7 @@ class RunFollower:
         self._tqdm_seen = False  # since the daemon started, any attempt
         self._tqdm_high = 0  # the highest step the bar showed in this attempt
         self._unfinished_fed = 0
+        self._idle_reads: set[str] = set()  # output-folder reads done while no attempt runs
         if spec.command is not None:
             self.goodput.untimed_source = UNTIMED_SOURCE
 
@@ -136,10 +137,28 @@ class RunFollower:
         self._tqdm = TqdmReader(self.progress.max_steps)
         self._tqdm_high = 0
         self._unfinished_fed = 0
+        self._idle_reads.clear()
 
     def end_attempt(self) -> None:
         self._hang = None
         self._attempt_started_at = None
+        self._idle_reads.clear()
+
+    @property
+    def reads_pending(self) -> bool:
+        """A read of the output folder runs or waits to be picked up by a `read()`."""
+        return self._state_read is not None or self._trainer_log_read is not None
+
+    def _may_start_read(self, name: str) -> bool:
+        """While an attempt runs, its trainer's files change: read them again and
+        again. Without one, nothing writes them: one read (after a daemon restart,
+        or the attempt's end) finds all there is, and a queued job costs nothing."""
+        if self._attempt_started_at is not None:
+            return True
+        if name in self._idle_reads:
+            return False
+        self._idle_reads.add(name)
+        return True
 
     def hung(self) -> HangVerdict | None:
         return self._hang.is_hung(time.monotonic()) if self._hang is not None else None
@@ -299,7 +318,8 @@ class RunFollower:
                 self._warn_if_slow(pending, "trainer_log.jsonl")
                 return []
             found, self._trainer_log_read = pending.result, None
-        if time.monotonic() - self._trainer_log_started >= TRAINER_LOG_EVERY_S:
+        due = time.monotonic() - self._trainer_log_started >= TRAINER_LOG_EVERY_S
+        if due and self._may_start_read("trainer_log"):
             self._start_trainer_log_read()
         return found
 
@@ -332,7 +352,8 @@ class RunFollower:
         log_history, read in a worker thread (picked up by a later call)."""
         pending = self._state_read
         if pending is None:
-            self._state_read = self._read_trainer_state()
+            if self._may_start_read("trainer_state"):
+                self._state_read = self._read_trainer_state()
             return []
         if not pending.done.is_set():
             self._warn_if_slow(pending, "trainer_state.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -18,8 +19,9 @@ from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
 from ftsup.supervisor.daemon.placement import Placement, trainer_gpus
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
+from ftsup.supervisor.daemon.wakeups import FALLBACK_POLL_S, InotifyUnavailable, PumpWakeups
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.protocol import RequestError
+from ftsup.supervisor.protocol import STREAM_ONLY_KINDS, RequestError
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import JobSpec
@@ -27,7 +29,8 @@ from ftsup.supervisor.store import AttemptRow, Store
 from ftsup.supervisor.userfiles import call_with_deadline, in_thread
 
 log = logging.getLogger("ftsup.daemon")
-PUMP_INTERVAL = 0.2
+PUMP_INTERVAL = 0.2  # the pump's shortest rest: appends during it are read together
+SLOW_PASS_S = 1.0  # running jobs are read this often even when nothing wakes the pump
 OUTPUT_CHECK_TIMEOUT = 10.0
 SELECT_TIMEOUT = 300.0  # the fast path takes milliseconds; this is for dead mounts
 
@@ -140,6 +143,7 @@ class JobManager:
         self.placement.preempt = self._preempt
         self.placement.remaining = self._remaining
         self._pump_task: asyncio.Task[None] | None = None
+        self.wakeups = PumpWakeups()
         self._submitting = asyncio.Lock()
 
     def _remaining(self, job: str) -> float | None:
@@ -164,6 +168,7 @@ class JobManager:
             placement=self.placement,
         )
         self.runners[spec.name] = runner
+        self.wakeups.changed({spec.name})  # its first read; its folders to watch
         return runner
 
     # submission -----------------------------------------------------------
@@ -328,17 +333,82 @@ class JobManager:
 
     # following ------------------------------------------------------------
     def start_pump(self) -> None:
+        self.wakeups.open_watch()
+        self.wakeups.changed(set(self.runners))  # a first read of every job
+        self.bus.add_listener(self._on_event)
         self._pump_task = asyncio.create_task(self._pump_forever(), name="pump")
 
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """A job's own event (submitted, attempt started, state) may mean new files
+        to watch or read; the pump's own progress and log events do not."""
+        job = event.get("job")
+        if job in self.runners and event.get("kind") not in STREAM_ONLY_KINDS:
+            self.wakeups.changed({str(job)})
+
+    def _needs_polling(self, runner: JobRunner) -> bool:
+        """A running attempt (hang checks, the trainer's files in the output folder,
+        which are not watched), a read of those files still to pick up, or a warm
+        standby (ready or lost: its folder is not watched either)."""
+        return (
+            runner.attempt is not None
+            or runner.follower.reads_pending
+            or runner.standbys.current is not None
+        )
+
     async def _pump_forever(self) -> None:
+        wakeups = self.wakeups
+        last_slow = time.monotonic()
         while True:
-            for runner in list(self.runners.values()):
-                try:
-                    runner.pump()
-                    runner.check_hang()
-                except Exception:
-                    log.exception("job %s: reading progress failed", runner.name)
-            await asyncio.sleep(PUMP_INTERVAL)
+            if wakeups.polling:
+                timeout: float | None = FALLBACK_POLL_S
+            elif any(self._needs_polling(r) for r in self.runners.values()):
+                timeout = max(0.0, last_slow + SLOW_PASS_S - time.monotonic())
+            else:
+                timeout = None  # nothing changes unless an event says so: sleep
+            await wakeups.wait(timeout)
+            due = wakeups.take()
+            now = time.monotonic()
+            if wakeups.polling:
+                due = set(self.runners)
+            elif now - last_slow >= SLOW_PASS_S:
+                last_slow = now
+                due |= {n for n, r in self.runners.items() if self._needs_polling(r)}
+            if due:
+                self._pump_pass(due)
+                await asyncio.sleep(PUMP_INTERVAL)
+
+    def _pump_pass(self, names: set[str]) -> None:
+        self.wakeups.passes += 1
+        for name in names:
+            runner = self.runners.get(name)
+            if runner is None:
+                continue
+            self.wakeups.reads += 1
+            try:
+                self._watch_folders(runner)
+                runner.pump()
+                runner.check_hang()
+            except Exception:
+                log.exception("job %s: reading progress failed", runner.name)
+
+    def _watch_folders(self, runner: JobRunner) -> None:
+        """The job's run folder (progress.jsonl) and its attempt's (the output log)."""
+        watch = self.wakeups.watch
+        if watch is None:
+            return
+        wanted = {self.layout.run_dir(runner.name)}
+        if runner.attempt is not None:
+            wanted.add(runner.attempt.attempt_dir)
+        have = watch.watching(runner.name)
+        for folder in have - wanted:
+            watch.unwatch(runner.name, folder)
+        try:
+            for folder in wanted - have:
+                watch.watch(runner.name, folder)
+        except InotifyUnavailable as exc:
+            if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENOMEM):
+                self.wakeups.fall_back(str(exc))  # out of watches: poll every job
+            # ENOENT: not made yet; its creation in the run folder wakes the pump again
 
     async def close(self) -> None:
         """Stop supervising (the daemon exits); the runs themselves keep going."""
@@ -348,6 +418,7 @@ class JobManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.wakeups.close()
 
     def get(self, name: str) -> JobRunner:
         runner = self.runners.get(name)

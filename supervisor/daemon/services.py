@@ -70,7 +70,10 @@ class DaemonServices:
         self.bus.add_listener(self._on_event)
         if self._metrics_options.port is not None:
             self._start_metrics(self._metrics_options)
-        self._tasks.append(asyncio.create_task(self._tick_forever(), name="services"))
+        # systemd (status, watchdog) and metrics need the tick; without them (a
+        # user's daemon) it has no timer of its own and sleeps while nothing happens.
+        if self.notifier.enabled or self._metrics is not None:
+            self._tasks.append(asyncio.create_task(self._tick_forever(), name="services"))
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
             liveness = self.heartbeat.fresh_within(max(interval * 2, 5.0))
@@ -105,11 +108,13 @@ class DaemonServices:
     async def _tick_forever(self) -> None:
         while True:
             self.heartbeat.beat()
-            self._snapshot = self._build_snapshot()
-            status = self.summary()
-            if status != self._last_status:
-                self.notifier.status(status)
-                self._last_status = status
+            if self._metrics is not None:  # only scrapes read it
+                self._snapshot = self._build_snapshot()
+            if self.notifier.enabled:
+                status = self.summary()
+                if status != self._last_status:
+                    self.notifier.status(status)
+                    self._last_status = status
             await asyncio.sleep(min(STATUS_INTERVAL, 1.0))
 
     # views ----------------------------------------------------------------
