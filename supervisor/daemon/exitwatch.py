@@ -44,7 +44,8 @@ async def wait_for_exit(
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        _reap(child)
+        if exited.done():  # cancelled (the daemon shuts down): the shim runs on; no wait
+            _reap(child)
 
 
 def _reap(child: subprocess.Popen[bytes] | None) -> None:

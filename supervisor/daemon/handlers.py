@@ -142,7 +142,7 @@ class Handlers:
         name = request.get("job")
         if name is None:
             return {
-                "jobs": [self.job_json(job.name) for job in self.store.jobs()],
+                "jobs": [self.job_json(job.name, row=job) for job in self.store.jobs()],
                 "counts": self.manager.summary(),
                 "degraded": self.store.degraded,
             }
@@ -153,7 +153,7 @@ class Handlers:
 
     async def list(self, request: dict[str, Any]) -> dict[str, Any]:
         return {
-            "jobs": [self.job_json(job.name) for job in self.store.jobs()],
+            "jobs": [self.job_json(job.name, row=job) for job in self.store.jobs()],
             "degraded": self.store.degraded,
         }
 
@@ -336,8 +336,12 @@ class Handlers:
             raise RequestError("not_found", f"no job named {name!r} (see `ftsup ls`)")
         return job
 
-    def job_json(self, name: str, *, detail: bool = False) -> dict[str, Any]:
-        job = self._job(name)
+    def job_json(
+        self, name: str, *, detail: bool = False, row: JobRow | None = None
+    ) -> dict[str, Any]:
+        """`row`: the job's row when the caller has it (`status` of every job: one
+        lookup per job, not five)."""
+        job = row if row is not None else self._job(name)
         runner = self.manager.runners.get(name)
         attempts = self.store.current_attempts(name)
         ended = [a for a in attempts if a.ended_at is not None]
@@ -355,9 +359,9 @@ class Handlers:
             "attempts": len(attempts),
             "restarts": failure_restarts(outcomes),
             "progress": runner.progress.to_json() if runner else _stored_progress(attempts),
-            "current_attempt": runner.status()["current_attempt"] if runner else None,
+            "current_attempt": runner.attempt.to_json() if runner and runner.attempt else None,
             "last_exit": ended[-1].to_json() if ended else None,
-            "goodput": runner.goodput_report() if runner else None,
+            "goodput": runner.goodput_report(job, attempts) if runner else None,
             "standby": runner.standbys.to_json() if runner else None,
             "instrumentation": runner.instrumentation.to_json() if runner else None,
             "gpu_devices": _gpu_devices(runner),

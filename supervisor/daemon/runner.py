@@ -59,7 +59,7 @@ from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.protocol import EventKind, JobState
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
 from ftsup.supervisor.spec_types import JobSpec
-from ftsup.supervisor.store import AttemptRow, Store, ended_outcomes
+from ftsup.supervisor.store import AttemptRow, JobRow, Store, ended_outcomes
 
 log = logging.getLogger("ftsup.daemon")
 
@@ -778,15 +778,18 @@ class JobRunner:
             [a.started_at for a in self.store.current_attempts(self.name)]
         )
 
-    def goodput_report(self) -> dict[str, Any] | None:
-        """Wall time split into productive, stall, recomputed and downtime, plus advice."""
-        job = self.store.get_job(self.name)
-        attempts = self.store.current_attempts(self.name)
+    def goodput_report(
+        self, job: JobRow | None = None, attempts: list[AttemptRow] | None = None
+    ) -> dict[str, Any] | None:
+        """Wall time split into productive, stall, recomputed and downtime, plus advice.
+        `job`, `attempts`: the job's row and current attempts when the caller has them."""
+        job = job if job is not None else self.store.get_job(self.name)
+        attempts = attempts if attempts is not None else self.store.current_attempts(self.name)
         if job is None or not attempts:
             return None
         until = time.time() if job.live else max(a.ended_at or a.started_at for a in attempts)
         report = self.follower.goodput.report(attempts[0].started_at, until)
-        failures = policy.failure_restarts(self.history())
+        failures = policy.failure_restarts(ended_outcomes(attempts))
         configured = self.spec.train.save_steps if self.spec.train else None
         advice = checkpoint_advice(
             self.follower.goodput,

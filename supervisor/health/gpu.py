@@ -83,7 +83,7 @@ class GpuMonitor:
         history: int = 900,
         xid_policy: XidPolicy | None = None,
         on_event: Callable[[GpuEvent], None] | None = None,
-        event_wait: float = 0.5,
+        event_wait: float = 2.0,
         clock: Callable[[], float] = time.time,
         keep_events: int = 100,
     ) -> None:
