@@ -10,6 +10,9 @@ writes the same files HF would (same names and formats: safetensors weights,
 `torch.save` for optimizer.pt / scheduler.pt / scaler.pt, trainer_state.json
 last) and seals the folder with the manifest. Until then the folder has no
 manifest, so a kill leaves the previous checkpoint the newest complete one.
+Each file is checksummed right after it is written (its bytes are still in
+the page cache) and the entries go to the seal in a manifest part file, so
+sealing only fsyncs and assembles (`ftsup.supervisor.manifest`).
 
 At most one save is in flight: the next save first waits for the previous
 one (that save is delayed, neither is corrupted), which also makes reusing
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from ftsup.supervisor.contract import checkpoint_name
+from ftsup.supervisor.manifest import FileEntry, entry_for, iter_checkpoint_files, write_part
 from ftsup.trainer import faults
 from ftsup.trainer.checkpointing import Checkpointer
 
@@ -39,6 +44,32 @@ SCHEDULER_NAME = "scheduler.pt"
 SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.bin"
+# Written by every rank on its training thread, maybe while this writer runs:
+# never checksummed here (the seal does it, after the barrier).
+_RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
+
+
+class WrittenFiles:
+    """Checksums of the files this writer produced, taken right after each write."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.entries: dict[str, FileEntry] = {}
+
+    def update(self) -> None:
+        """Checksum every file that is new or changed since the last call."""
+        for file in iter_checkpoint_files(self.folder):
+            if _RNG_FILE.fullmatch(file.name):
+                continue
+            rel = file.relative_to(self.folder).as_posix()
+            st = os.stat(file)
+            old = self.entries.get(rel)
+            if old is None or (old.size, old.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self.entries[rel] = entry_for(self.folder, file)
+
+    def hand_over(self, name: str) -> None:
+        """Leave the entries for the seal (a manifest part file)."""
+        write_part(self.folder, name, self.entries.values())
 
 
 class HostBuffers:
@@ -171,14 +202,17 @@ def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
                 torch.cuda.synchronize()  # the non-blocking copies have landed
             model_to_save, tokenizer, args = self.model, self.processing_class, self.args
             step = self.state.global_step
+            rank = self.args.process_index
 
             def write() -> None:
                 delay = faults.write_delay()
+                written = WrittenFiles(output_dir)
 
                 def part(point: str | None, action: Callable[[], None]) -> None:
                     if delay:
                         time.sleep(delay)
                     action()
+                    written.update()  # while the bytes are hot in the page cache
                     if point is not None and checkpointer.on_point is not None:
                         checkpointer.on_point(step, point)  # fault injection (tests)
 
@@ -200,6 +234,7 @@ def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
                     "after_trainer_state",
                     lambda: state.save_to_json(str(output_dir / TRAINER_STATE_NAME)),
                 )
+                written.hand_over(f"rank-{rank}")
                 # The manifest (fsync of every file, then the seal) is the checkpointer's.
 
             return write

@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     verify.add_argument("path", type=Path, metavar="PATH", help="checkpoint or output folder")
     verify.add_argument(
-        "--deep", action="store_true", help="also verify hashes and every zip CRC (reads all)"
+        "--deep",
+        action="store_true",
+        help="also verify checksums (the manifest's algorithm) and every zip CRC (reads all)",
     )
     _add_world_size(verify)
     verify.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -10,6 +10,7 @@ import pytest
 from ftsup.supervisor.checkpoints.discovery import select_resume
 from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
+from ftsup.supervisor.checksums import DEFAULT_ALGORITHM
 
 from .builders import DAMAGE, flip_bit, truncate
 from .conftest import Factory
@@ -227,7 +228,7 @@ def test_ftsup_corruption_is_detected(output_dir: Factory, name: str, damage: st
         "truncated": f"{name} is {size // 2} bytes, the manifest says {size} (truncated)",
         "zero-length": f"{name} is 0 bytes, the manifest says {size} (truncated)",
         "deleted": f"{name} listed in the manifest is missing",
-        "bit-flipped": f"{name} content differs from the manifest (sha256 mismatch)",
+        "bit-flipped": f"{name} content differs from the manifest ({DEFAULT_ALGORITHM} mismatch)",
     }[damage]
     deep = damage == "bit-flipped"
     if deep:
