@@ -468,6 +468,14 @@ def _path_text(value: object, base: Path) -> str:
     return str(_path(value, base))
 
 
+def _deepspeed_ref(value: object, base: Path) -> str:
+    """`[launch] deepspeed`: a built-in name (zero2, zero3, zero3-offload) stays, else a path."""
+    from ftsup.trainer.deepspeed_configs import is_builtin
+
+    text = _text(value, "a path (string) or zero2, zero3, zero3-offload")
+    return text if is_builtin(text) else _path_text(text, base)
+
+
 def _looks_like_path(text: str, base: Path) -> bool:
     prefixes = ("/", "./", "../", "~")
     return text.startswith(prefixes) or text in (".", "..") or _exists(os.path.join(base, text))
@@ -834,7 +842,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("rdzv_backend", _string),
             _Field("rdzv_endpoint", _string),
             _Field("rdzv_id", _string),
-            _Field("deepspeed", _path_text),
+            _Field("deepspeed", _deepspeed_ref),
         ),
         "restart": _table(
             RestartSection,
@@ -1027,6 +1035,35 @@ def _launch_from_count(sections: dict[str, Any], raw: Mapping[str, Any]) -> None
     sections["launch"] = replace(launch, nproc_per_node=gpu.count)
 
 
+def _check_deepspeed(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """A [train] job's `[launch] deepspeed`: a readable config whose batch keys are
+    "auto" or agree with [train] (the same check the trainer makes; exit 2 there)."""
+    from ftsup.trainer.deepspeed_configs import (
+        DeepSpeedConfigError,
+        batch_key_problems,
+        load_deepspeed_config,
+    )
+
+    launch, train, gpu = sections.get("launch"), sections.get("train"), sections.get("gpu")
+    if not isinstance(launch, LaunchSection) or not launch.deepspeed or train is None:
+        return
+    where = ("launch", "deepspeed")
+    try:
+        config = load_deepspeed_config(launch.deepspeed)
+    except DeepSpeedConfigError as exc:
+        issues.add(where, str(exc).removeprefix("[launch] deepspeed = "))
+        return
+    elastic = isinstance(gpu, GpuSection) and gpu.elastic
+    for problem in batch_key_problems(
+        config,
+        per_device=train.per_device_train_batch_size,
+        accumulation=None if elastic else train.gradient_accumulation_steps,
+        world_size=None if elastic else launch.world_size,
+        source=launch.deepspeed,
+    ):
+        issues.add(where, problem)
+
+
 _CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
     {
         "train": _check_train,
@@ -1072,6 +1109,8 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_elastic_launch(sections, data, issues)
     issues.raise_if_any()
     _launch_from_count(sections, data)
+    _check_deepspeed(sections, issues)
+    issues.raise_if_any()
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 
 

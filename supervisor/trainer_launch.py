@@ -27,10 +27,14 @@ DISTRUN_MODULE = "ftsup.trainer.distrun"
 STANDBY_MODULE = "ftsup.trainer.standby"
 
 
-def trainer_args(config_path: Path, resume_from: Path | None) -> list[str]:
+def trainer_args(
+    config_path: Path, resume_from: Path | None, *, deepspeed: str | None = None
+) -> list[str]:
     args = ["--config", str(config_path)]
     if resume_from is not None:
         args += ["--resume-from", str(resume_from)]
+    if deepspeed:
+        args += ["--deepspeed", deepspeed]
     return args
 
 
@@ -57,11 +61,14 @@ def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
 def build_trainer_argv(
     config_path: Path, resume_from: Path | None, launch: LaunchSection, python: str
 ) -> list[str]:
-    """The argv that runs the built-in trainer for one attempt."""
-    if launch.deepspeed:
-        raise ValueError("[launch] deepspeed is not supported by the built-in trainer")
-    tail = trainer_args(config_path, resume_from)
-    if not launch.distributed:
+    """The argv that runs the built-in trainer for one attempt.
+
+    `[launch] deepspeed` is passed on as `--deepspeed`; such a run always goes
+    through the torchrun wrapper, even on one process, since DeepSpeed's engine
+    needs torch.distributed's environment (RANK, LOCAL_RANK, MASTER_ADDR).
+    """
+    tail = trainer_args(config_path, resume_from, deepspeed=launch.deepspeed)
+    if not launch.distributed and not launch.deepspeed:
         return [python, "-m", TRAINER_MODULE, *tail]
     rdzv_id = f"ftsup-{Path(config_path).parent.name}"
     launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]

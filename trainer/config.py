@@ -64,6 +64,8 @@ class RunConfig:
     source: Path | None = None
     # Elastic jobs: the global batch kept at any world size (train.json `elastic`).
     elastic_global_batch: int | None = None
+    # [launch] deepspeed (the trainer's --deepspeed): a built-in name or a JSON file.
+    deepspeed: str | None = None
 
 
 def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:

@@ -33,6 +33,19 @@ def barrier() -> None:
         dist.barrier()  # type: ignore[attr-defined]
 
 
+def shutdown() -> None:
+    """Leave the process group together, before interpreter exit.
+
+    DeepSpeed keeps gloo's process group alive to the end; torn down by
+    interpreter exit, its threads abort the process ("terminate called without
+    an active exception", SIGABRT), which turns a finished run into a failure.
+    """
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()  # type: ignore[attr-defined]
+        dist.destroy_process_group()  # type: ignore[attr-defined]
+
+
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Each flag OR-ed over all ranks (unchanged in a single process)."""
     dist = _dist()

@@ -11,6 +11,7 @@ the checkpoint is the supervisor's job, never the trainer's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resume-from", type=Path, default=None, help="checkpoint folder to resume from"
     )
+    parser.add_argument(
+        "--deepspeed",
+        default=None,
+        help="[launch] deepspeed: zero2, zero3, zero3-offload or a DeepSpeed JSON file",
+    )
     return parser.parse_args(argv)
 
 
@@ -56,6 +62,8 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         config = at_world_size(load_run_config(args.config, check_files=False), dist.world_size())
     except ConfigError as exc:
         return fail(str(exc))
+    if args.deepspeed:
+        config = dataclasses.replace(config, deepspeed=args.deepspeed)
     if args.resume_from is not None and not args.resume_from.is_dir():
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:
@@ -66,6 +74,8 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         return fail(str(exc))
     resume = str(args.resume_from) if args.resume_from else None
     trainer.train(resume_from_checkpoint=resume)
+    if config.deepspeed:
+        dist.shutdown()
     return EXIT_STOPPED if callback.stopped else EXIT_OK
 
 
@@ -127,9 +137,14 @@ def build_trainer(
         skip = skip_windows_from_env()
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
+    zero = deepspeed_config(config)
     configure_determinism(train.seed)
     data = reuse_or_prepare(train, prepared)
     tokenizer, train_set, eval_set = data.tokenizer, data.train_set, data.eval_set
+    args = None
+    if zero is not None:
+        # Before the model: under ZeRO-3, from_pretrained then loads it partitioned.
+        args = training_arguments(config, has_eval=len(eval_set) > 0, deepspeed=zero)
     model = load_model(train)
     fault = FaultInjector.from_env()
     checkpointer = Checkpointer(
@@ -151,11 +166,19 @@ def build_trainer(
     )
     callbacks.append(progress)
     trainer_class = with_skipped_steps(Trainer, skip)
-    if config.async_save:
+    if config.async_save and zero is None:
         trainer_class = with_async_save(trainer_class, checkpointer)
+    elif config.async_save and dist.rank() == 0:
+        print(
+            "ftsup trainer: DeepSpeed: checkpoint files are written synchronously by every "
+            "rank (asynchronous save is off); the manifest is sealed in the background",
+            file=sys.stderr,
+        )
+    if args is None:
+        args = training_arguments(config, has_eval=len(eval_set) > 0)
     trainer = trainer_class(
         model=model,
-        args=training_arguments(config, has_eval=len(eval_set) > 0),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set if len(eval_set) else None,
         data_collator=PadCollator(tokenizer.pad_token_id),
@@ -165,7 +188,37 @@ def build_trainer(
     return trainer, progress
 
 
-def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
+def deepspeed_config(config: RunConfig) -> dict[str, Any] | None:
+    """The DeepSpeed configuration (`--deepspeed`), checked against `[train]`; None: off."""
+    if not config.deepspeed:
+        return None
+    from ftsup.trainer.deepspeed_configs import (
+        DeepSpeedConfigError,
+        batch_key_problems,
+        load_deepspeed_config,
+    )
+    from ftsup.trainer.zero import prepare_process
+
+    try:
+        zero = load_deepspeed_config(config.deepspeed)
+    except DeepSpeedConfigError as exc:
+        raise ConfigError([str(exc)]) from None
+    problems = batch_key_problems(
+        zero,
+        per_device=config.train.per_device_train_batch_size,
+        accumulation=config.train.gradient_accumulation_steps,
+        world_size=dist.world_size(),
+        source=f"[launch] deepspeed = {config.deepspeed!r}",
+    )
+    if problems:
+        raise ConfigError(problems)
+    prepare_process()
+    return zero
+
+
+def training_arguments(
+    config: RunConfig, *, has_eval: bool, deepspeed: dict[str, Any] | None = None
+) -> Any:
     """`[train]` mapped onto TrainingArguments; rotation is ours, not HF's."""
     import torch
     from transformers import TrainingArguments
@@ -183,6 +236,13 @@ def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
         )
     distributed = dist.world_size() > 1
     cuda = torch.cuda.is_available()
+    zero_kwargs: dict[str, Any] = {}
+    if deepspeed is not None:
+        from ftsup.trainer.zero import configure_state
+
+        # DeepSpeed on CPU: accelerate's state is built here (use_cpu=False; see trainer/zero.py).
+        zero_kwargs = {"deepspeed": deepspeed, **configure_state(timeout_s=1800)}
+    use_cpu = zero_kwargs.pop("use_cpu", not cuda)
     return TrainingArguments(
         output_dir=str(config.output_dir),
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -211,9 +271,9 @@ def training_arguments(config: RunConfig, *, has_eval: bool) -> Any:
         disable_tqdm=True,
         # Without use_cpu, accelerate on a CPU-only box shards the data across ranks
         # but never wraps the model in DDP: gradients are silently not averaged.
-        use_cpu=not cuda,
+        use_cpu=use_cpu,
         dataloader_pin_memory=cuda,
         ddp_backend=("nccl" if cuda else "gloo") if distributed else None,
         ddp_find_unused_parameters=False if distributed else None,
-        **eval_kwargs,
+        **{**eval_kwargs, **zero_kwargs},
     )
