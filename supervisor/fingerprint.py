@@ -32,10 +32,11 @@ def elastic_accumulation(global_batch: int, per_device_batch: int, world_size: i
 
 
 def train_fingerprint(
-    train: TrainSection, world_size: int, *, global_batch: int | None = None
+    train: TrainSection, world_size: int, *, global_batch: int | None = None, zero_stage: int = 0
 ) -> dict[str, Any]:
     """`global_batch` (elastic jobs): the accumulation recorded is the one that keeps it
-    at `world_size`, whatever `train` says (ValueError when none does)."""
+    at `world_size`, whatever `train` says (ValueError when none does). `zero_stage`:
+    DeepSpeed's (0 without DeepSpeed): another stage cannot load the optimizer state."""
     accumulation = train.gradient_accumulation_steps
     if global_batch is not None:
         accumulation = elastic_accumulation(
@@ -54,6 +55,7 @@ def train_fingerprint(
         "cutoff_len": train.cutoff_len,
         "seed": train.seed,
         "finetuning_type": train.finetuning_type,
+        "zero_stage": zero_stage,
     }
     if global_batch is not None:
         fingerprint["global_batch"] = global_batch

@@ -1035,13 +1035,15 @@ def _launch_from_count(sections: dict[str, Any], raw: Mapping[str, Any]) -> None
     sections["launch"] = replace(launch, nproc_per_node=gpu.count)
 
 
-def _check_deepspeed(sections: Mapping[str, Any], issues: _Collector) -> None:
+def _check_deepspeed(sections: dict[str, Any], issues: _Collector) -> None:
     """A [train] job's `[launch] deepspeed`: a readable config whose batch keys are
-    "auto" or agree with [train] (the same check the trainer makes; exit 2 there)."""
+    "auto" or agree with [train] (the same check the trainer makes; exit 2 there).
+    Its ZeRO stage is kept in the launch section (`zero_stage`) for the drift guard."""
     from ftsup.trainer.deepspeed_configs import (
         DeepSpeedConfigError,
         batch_key_problems,
         load_deepspeed_config,
+        zero_stage,
     )
 
     launch, train, gpu = sections.get("launch"), sections.get("train"), sections.get("gpu")
@@ -1053,6 +1055,7 @@ def _check_deepspeed(sections: Mapping[str, Any], issues: _Collector) -> None:
     except DeepSpeedConfigError as exc:
         issues.add(where, str(exc).removeprefix("[launch] deepspeed = "))
         return
+    sections["launch"] = replace(launch, zero_stage=zero_stage(config))
     elastic = isinstance(gpu, GpuSection) and gpu.elastic
     for problem in batch_key_problems(
         config,

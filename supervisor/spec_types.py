@@ -131,6 +131,9 @@ class LaunchSection:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     deepspeed: str | None = None
+    # Not a key: the stage of `deepspeed`'s config, read when the job file is parsed
+    # (the daemon compares it at resume without reading the user's file again).
+    zero_stage: int = 0
 
     @property
     def distributed(self) -> bool:

@@ -42,7 +42,7 @@ _Item = tuple[str, Path, int, Any, float | None]
 
 
 def fingerprint(
-    train: TrainSection, world_size: int, *, global_batch: int | None = None
+    train: TrainSection, world_size: int, *, global_batch: int | None = None, zero_stage: int = 0
 ) -> dict[str, Any]:
     """What must not change across a resume for it to be exact.
 
@@ -50,7 +50,7 @@ def fingerprint(
     compares it with the job's at resume (its drift guard). `global_batch`:
     an elastic run's, recorded so that a resize is recognised as one.
     """
-    return train_fingerprint(train, world_size, global_batch=global_batch)
+    return train_fingerprint(train, world_size, global_batch=global_batch, zero_stage=zero_stage)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

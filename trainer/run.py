@@ -83,13 +83,12 @@ def warn_if_fingerprint_changed(config: RunConfig, checkpoint: Path) -> None:
     """Resuming under other settings works, but the run is no longer exact: say so."""
     from ftsup.supervisor.checkpoints.drift_guard import elastic_summary
     from ftsup.supervisor.manifest import ManifestError, read_manifest
-    from ftsup.trainer.checkpointing import fingerprint
 
     try:
         saved = dict(read_manifest(checkpoint).fingerprint)
     except ManifestError:
         return  # not written by ftsup; the supervisor judged it resumable
-    now = fingerprint(config.train, dist.world_size(), global_batch=config.elastic_global_batch)
+    now = run_fingerprint(config)
     resized = elastic_summary(saved, now)
     if resized is not None and dist.rank() == 0:
         print(f"ftsup trainer: elastic resume from {checkpoint}: {resized}", file=sys.stderr)
@@ -126,7 +125,7 @@ def build_trainer(
     from ftsup.trainer.async_save import with_async_save
     from ftsup.trainer.batching import PadCollator
     from ftsup.trainer.callback import FtsupCallback
-    from ftsup.trainer.checkpointing import Checkpointer, fingerprint
+    from ftsup.trainer.checkpointing import Checkpointer
     from ftsup.trainer.faults import FaultInjector, StepDelay
     from ftsup.trainer.model import load_model
     from ftsup.trainer.prepared import reuse_or_prepare
@@ -149,7 +148,7 @@ def build_trainer(
     fault = FaultInjector.from_env()
     checkpointer = Checkpointer(
         config.output_dir,
-        fingerprint=fingerprint(train, dist.world_size(), global_batch=config.elastic_global_batch),
+        fingerprint=run_fingerprint(config),
         world_size=dist.world_size(),
         keep=train.save_total_limit,
         async_save=config.async_save,
@@ -186,6 +185,20 @@ def build_trainer(
         callbacks=callbacks,
     )
     return trainer, progress
+
+
+def run_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """The fingerprint this run's checkpoints carry (the daemon computes the same)."""
+    from ftsup.trainer.checkpointing import fingerprint
+    from ftsup.trainer.deepspeed_configs import load_deepspeed_config, zero_stage
+
+    stage = zero_stage(load_deepspeed_config(config.deepspeed)) if config.deepspeed else 0
+    return fingerprint(
+        config.train,
+        dist.world_size(),
+        global_batch=config.elastic_global_batch,
+        zero_stage=stage,
+    )
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from ftsup.supervisor.policy import failure_restarts
 from ftsup.supervisor.progress import ProgressState
 from ftsup.supervisor.protocol import EventKind, JobState, RequestError, RequestType
 from ftsup.supervisor.spec import SpecError, parse_spec, with_priority
-from ftsup.supervisor.spec_types import MAX_PRIORITY, MIN_PRIORITY
+from ftsup.supervisor.spec_types import MAX_PRIORITY, MIN_PRIORITY, JobSpec
 from ftsup.supervisor.store import AttemptRow, JobRow, Store, ended_outcomes
 from ftsup.supervisor.userfiles import in_thread
 
@@ -43,6 +43,27 @@ def _str_arg(request: dict[str, Any], key: str) -> str:
     if "\0" in value:
         raise RequestError("bad_request", f"{request.get('type')}: {key!r} contains a NUL byte")
     return value
+
+
+# Parsing a job file looks at the user's paths (model folders, a DeepSpeed config):
+# off the loop, with a deadline, so a dead mount cannot freeze the daemon.
+SPEC_TIMEOUT = 10.0
+
+
+async def _parse_off_loop(text: str, path: Path) -> JobSpec:
+    try:
+        return await in_thread(lambda: parse_spec(text, path), SPEC_TIMEOUT, "the job file")
+    except SpecError as exc:
+        raise RequestError("invalid_spec", str(exc)) from None
+    except TimeoutError:
+        raise RequestError("bad_request", _spec_timeout(str(path))) from None
+
+
+def _spec_timeout(path: str) -> str:
+    return (
+        f"the paths {path} names did not answer within {SPEC_TIMEOUT:g}s "
+        "(an unresponsive file system?); fix them and submit again"
+    )
 
 
 def _int_arg(
@@ -129,10 +150,7 @@ class Handlers:
     async def start(self, request: dict[str, Any]) -> dict[str, Any]:
         path = Path(_str_arg(request, "spec_path"))
         text = _str_arg(request, "spec_text")
-        try:
-            spec = parse_spec(text, path)
-        except SpecError as exc:
-            raise RequestError("invalid_spec", str(exc)) from None
+        spec = await _parse_off_loop(text, path)
         await self.manager.submit(spec, accept_drift=bool(request.get("accept_drift")))
         for warning in spec.warnings:  # deprecated keys, retention at odds: in the job's history
             self.manager.bus.emit(spec.name, EventKind.WARNING, str(warning))
@@ -174,11 +192,13 @@ class Handlers:
             raise RequestError("bad_request", "priority: 'priority' is required")
         value = _int_arg(request, "priority", 0, low=MIN_PRIORITY, high=MAX_PRIORITY)
         job = self._job(name)
+        old = await _parse_off_loop(job.spec_text, Path(job.spec_path))
         try:
-            old = parse_spec(job.spec_text, Path(job.spec_path))
-            spec = with_priority(old, value)
+            spec = await in_thread(lambda: with_priority(old, value), SPEC_TIMEOUT, "the job file")
         except SpecError as exc:
             raise RequestError("invalid_spec", str(exc)) from None
+        except TimeoutError:
+            raise RequestError("bad_request", _spec_timeout(job.spec_path)) from None
         if spec.job.priority != old.job.priority:
             write_text_atomic(self.layout.run_dir(name) / SPEC_FILE, spec.text)
             self.store.set_spec_text(name, spec.text)

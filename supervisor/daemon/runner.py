@@ -564,6 +564,7 @@ class JobRunner:
             self.spec.train,
             launch_for(self.spec, self.gpus).world_size,
             global_batch=global_batch(self.spec) if elastic else None,
+            zero_stage=self.spec.launch.zero_stage,
         )
         drifts = diff_fingerprints(recorded, job_fingerprint)
         if not drifts:

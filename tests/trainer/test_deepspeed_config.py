@@ -124,3 +124,32 @@ def test_the_trainer_refuses_a_disagreeing_config_with_exit_2(
         process.kill_group()
     assert "gradient_accumulation_steps = 8 disagrees with [train]" in process.log()
     assert not (tmp_path / "run" / "out" / "checkpoint-1").exists()
+
+
+def test_another_zero_stage_at_resume_is_refused(tmp_path: Path) -> None:
+    """ZeRO-2 optimizer shards do not load under ZeRO-3, and without DeepSpeed the
+    optimizer state would silently be dropped: the stage is in the fingerprint."""
+    from ftsup.supervisor.checkpoints.drift_guard import diff_fingerprints, drift_refused
+    from ftsup.supervisor.fingerprint import train_fingerprint
+
+    specs = {
+        name: parse_spec(JOB + f'deepspeed = "{name}"\n', tmp_path / "job.toml")
+        for name in ("zero2", "zero3")
+    }
+    assert {n: s.launch.zero_stage for n, s in specs.items()} == {"zero2": 2, "zero3": 3}
+    plain = parse_spec(JOB, tmp_path / "job.toml")
+    assert plain.launch.zero_stage == 0
+
+    def fingerprint(spec: Any) -> dict[str, Any]:
+        assert spec.train is not None
+        return train_fingerprint(spec.train, 2, zero_stage=spec.launch.zero_stage)
+
+    drifts = diff_fingerprints(fingerprint(specs["zero2"]), fingerprint(specs["zero3"]))
+    assert [d.message for d in drifts] == [
+        "DeepSpeed ZeRO stage changed from 2 to 3: changes the optimizer state"
+    ]
+    assert drift_refused(drifts)
+    assert drift_refused(diff_fingerprints(fingerprint(specs["zero2"]), fingerprint(plain)))
+    # A checkpoint from before the stage was recorded is not compared on it.
+    old = {k: v for k, v in fingerprint(specs["zero2"]).items() if k != "zero_stage"}
+    assert not diff_fingerprints(old, fingerprint(specs["zero2"]))
