@@ -25,7 +25,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ftsup.supervisor.contract import checkpoint_name
 from ftsup.trainer import dist
-from ftsup.trainer.checkpointing import Checkpointer, retire_checkpoints_after
+from ftsup.trainer.checkpointing import (
+    Checkpointer,
+    hand_over_rank_shards,
+    retire_checkpoints_after,
+)
 from ftsup.trainer.progress import ProgressWriter
 from ftsup.trainer.signals import REQUESTS, install_handlers
 from ftsup.trainer.skipping import in_windows
@@ -148,6 +152,8 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             seconds = time.monotonic() - self._save_started
             self._report_saved(ckpt, state.global_step, seconds, seconds)
             return
+        if getattr(args, "deepspeed", None):
+            hand_over_rank_shards(ckpt, dist.rank())  # while its shards are hot in the cache
         # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on disk.
         dist.barrier()
         if self.checkpointer.async_save:

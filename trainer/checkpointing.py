@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -28,8 +29,11 @@ from ftsup.supervisor.manifest import (
     MANIFEST_NAME,
     ManifestError,
     build_manifest,
+    entry_for,
+    iter_checkpoint_files,
     read_manifest,
     write_manifest,
+    write_part,
 )
 from ftsup.supervisor.spec_types import TrainSection
 
@@ -51,6 +55,19 @@ def fingerprint(
     an elastic run's, recorded so that a resize is recognised as one.
     """
     return train_fingerprint(train, world_size, global_batch=global_batch, zero_stage=zero_stage)
+
+
+def hand_over_rank_shards(ckpt_dir: Path, rank: int) -> int:
+    """A DeepSpeed rank's own shards (`*_rank_<rank>_*`), checksummed by that rank
+    right after it wrote them and handed to rank 0's seal (a manifest part), so the
+    seal only assembles instead of reading every rank's bytes. Returns the count."""
+    own = re.compile(rf"(?:^|_)rank_{rank}_")
+    if not Path(ckpt_dir).is_dir():
+        return 0
+    files = [f for f in iter_checkpoint_files(Path(ckpt_dir)) if own.search(f.name)]
+    if files:
+        write_part(Path(ckpt_dir), f"rank-{rank}", [entry_for(Path(ckpt_dir), f) for f in files])
+    return len(files)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ftsup.supervisor.manifest import MANIFEST_NAME, read_manifest
@@ -92,3 +93,33 @@ def test_importing_the_package_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'eager import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_each_deepspeed_rank_hands_its_own_shards_to_the_seal(tmp_path: Path) -> None:
+    """Rank 1 checksums only its shards; rank 0's seal takes those entries as they are
+    (a planted digest survives: the seal did not read rank 1's bytes again)."""
+    from ftsup.supervisor.manifest import build_manifest, read_parts, write_part
+    from ftsup.trainer.checkpointing import hand_over_rank_shards
+
+    ckpt = tmp_path / "checkpoint-4"
+    shards = ckpt / "global_step4"
+    shards.mkdir(parents=True)
+    for rank in (0, 1):
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * (rank + 5))
+    (shards / "mp_rank_00_model_states.pt").write_bytes(b"model")  # rank 0 alone writes it
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert hand_over_rank_shards(ckpt, 1) == 1
+    parts = read_parts(ckpt)
+    assert list(parts) == ["global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    (entry,) = parts.values()
+    planted = replace(entry, digest="0" * len(entry.digest))
+    write_part(ckpt, "rank-1", [planted])
+    manifest = build_manifest(ckpt, step=4, world_size=2, fingerprint={}, created_at=0.0)
+    digests = {f.path: f for f in manifest.files}
+    assert set(digests) == {
+        "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "global_step4/mp_rank_00_model_states.pt",
+        "trainer_state.json",
+    }
+    assert digests[entry.path].digest == planted.digest
