@@ -415,7 +415,7 @@ class JobRunner:
                 plan = self._plan(n, resume_from)
                 warm = await self._activate_standby(plan, n, attempt_dir)
                 return warm or spawn_shim(self.spec, self.layout, attempt=n, plan=plan), plan, warm
-            except ValueError as exc:  # a launch the trainer cannot do (e.g. deepspeed)
+            except ValueError as exc:  # a launch the trainer cannot do (multi-node, no endpoint)
                 self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
                 self._finish("failed", f"cannot launch: {exc}")
                 return None
