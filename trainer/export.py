@@ -114,8 +114,50 @@ def _export_adapter(checkpoint_dir: Path, base: str, out: Path, dtype: Any) -> N
 def _export_full(checkpoint_dir: Path, out: Path, dtype: Any) -> None:
     from transformers import AutoModelForCausalLM
 
+    if _zero_shards_only(checkpoint_dir):
+        model = _model_from_zero_shards(checkpoint_dir)
+        model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+        return
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype)
     model.save_pretrained(str(out), safe_serialization=True)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _zero_shards_only(checkpoint_dir: Path) -> bool:
+    """A DeepSpeed checkpoint whose weights exist only as ZeRO shards (a config with
+    stage3_gather_16bit_weights_on_model_save = false): no HF weights file, a `latest`."""
+    has_weights = any((checkpoint_dir / name).exists() for name in _WEIGHT_FILES)
+    return not has_weights and (checkpoint_dir / "latest").is_file()
+
+
+def _model_from_zero_shards(checkpoint_dir: Path) -> Any:
+    """Consolidate the ZeRO-2/3 shards into fp32 weights (DeepSpeed's zero_to_fp32,
+    on CPU, any number of ranks) and put them into the checkpoint's model config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as exc:
+        raise ExportError(
+            f"{checkpoint_dir} holds its weights only as DeepSpeed ZeRO shards; "
+            "install deepspeed to consolidate them (pip install 'ftsup[train]')"
+        ) from exc
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    config = AutoConfig.from_pretrained(str(checkpoint_dir))
+    dtype = state[next(iter(state))].dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if unexpected or set(missing) - tied:
+        raise ExportError(
+            f"{checkpoint_dir}: the ZeRO shards do not match the model "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    if missing:
+        model.tie_weights()
+    return model
 
 
 def _has_tokenizer(folder: Path) -> bool:

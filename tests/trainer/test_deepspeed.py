@@ -261,3 +261,26 @@ def test_a_latest_ahead_of_its_shards_is_refused(copies: dict[str, Path]) -> Non
     assert "global_step6" in reason and "step 4" in reason, report
     report = validate_checkpoint(ckpt, world_size=2)
     assert any("zero_pp_rank_1_mp_rank_00_optim_states.pt missing" in p for p in report.problems)
+
+
+def test_export_consolidates_a_checkpoint_that_holds_only_zero_shards(
+    zero3: Runs, tmp_path: Path
+) -> None:
+    """`ftsup export` of a ZeRO-3 checkpoint without gathered weights (a config with
+    stage3_gather_16bit_weights_on_model_save = false): the rank shards are merged
+    into a standalone model equal to the gathered weights the trainer saved."""
+    from transformers import AutoModelForCausalLM
+
+    from ftsup.trainer.export import export_model
+
+    final = zero3.resumed / f"checkpoint-{MAX_STEPS}"
+    shards_only = tmp_path / final.name
+    shutil.copytree(final, shards_only)
+    (shards_only / "model.safetensors").unlink()
+    out = export_model(shards_only, None, tmp_path / "exported")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    exported = {k: v for k, v in model.state_dict().items()}
+    saved = final_weights(zero3.resumed)
+    for name, tensor in saved.items():
+        assert name in exported, name
+        assert exported[name].equal(tensor.to(exported[name].dtype)), name
