@@ -70,6 +70,9 @@ BOOTSTRAP_DIR_NAME = "bootstrap"
 PROGRESS_INSTRUMENTED = "instrumented"
 PROGRESS_INSTRUMENT_FAILED = "instrument_failed"
 
+# A sharded checkpoint was converted to resume on another world size (ZeRO universal).
+PROGRESS_ELASTIC_CONVERT = "elastic_convert"
+
 # Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also
 # matches before a trailing newline ("checkpoint-8\n").
 CHECKPOINT_PREFIX = "checkpoint-"

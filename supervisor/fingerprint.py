@@ -32,11 +32,17 @@ def elastic_accumulation(global_batch: int, per_device_batch: int, world_size: i
 
 
 def train_fingerprint(
-    train: TrainSection, world_size: int, *, global_batch: int | None = None, zero_stage: int = 0
+    train: TrainSection,
+    world_size: int,
+    *,
+    global_batch: int | None = None,
+    zero_stage: int = 0,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """`global_batch` (elastic jobs): the accumulation recorded is the one that keeps it
     at `world_size`, whatever `train` says (ValueError when none does). `zero_stage`:
-    DeepSpeed's (0 without DeepSpeed): another stage cannot load the optimizer state."""
+    DeepSpeed's (0 without DeepSpeed): another stage cannot load the optimizer state.
+    `fsdp`: sharded (DCP) checkpoints, which a run without FSDP cannot load (nor back)."""
     accumulation = train.gradient_accumulation_steps
     if global_batch is not None:
         accumulation = elastic_accumulation(
@@ -56,6 +62,7 @@ def train_fingerprint(
         "seed": train.seed,
         "finetuning_type": train.finetuning_type,
         "zero_stage": zero_stage,
+        "fsdp": fsdp,
     }
     if global_batch is not None:
         fingerprint["global_batch"] = global_batch

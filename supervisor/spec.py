@@ -843,6 +843,8 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("rdzv_endpoint", _string),
             _Field("rdzv_id", _string),
             _Field("deepspeed", _deepspeed_ref),
+            # HF's `fsdp` option names (ftsup.trainer.fsdp.STRATEGIES).
+            _Field("fsdp", _choice("full_shard", "shard_grad_op")),
         ),
         "restart": _table(
             RestartSection,
@@ -1067,6 +1069,28 @@ def _check_deepspeed(sections: dict[str, Any], issues: _Collector) -> None:
         issues.add(where, problem)
 
 
+def _check_fsdp(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """`[launch] fsdp` runs the built-in trainer's FSDP: a [train] job, not with DeepSpeed."""
+    launch = sections.get("launch")
+    if not isinstance(launch, LaunchSection) or not launch.fsdp:
+        return
+    where = ("launch", "fsdp")
+    if sections.get("train") is None:
+        issues.add(
+            where,
+            "works only for a [train] job: ftsup's trainer passes it to HF Trainer; "
+            "a [command] configures FSDP itself",
+            "leave fsdp out, or run the job as a [train] job",
+        )
+    if launch.deepspeed:
+        issues.add(
+            where,
+            "cannot be combined with [launch] deepspeed: both shard the model, "
+            "HF Trainer takes one",
+            "keep one of deepspeed and fsdp",
+        )
+
+
 _CHECKS: Mapping[str, Callable[[Any], Iterator[_Problem]]] = MappingProxyType(
     {
         "train": _check_train,
@@ -1113,6 +1137,7 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     issues.raise_if_any()
     _launch_from_count(sections, data)
     _check_deepspeed(sections, issues)
+    _check_fsdp(sections, issues)
     issues.raise_if_any()
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 

@@ -134,6 +134,8 @@ class LaunchSection:
     # Not a key: the stage of `deepspeed`'s config, read when the job file is parsed
     # (the daemon compares it at resume without reading the user's file again).
     zero_stage: int = 0
+    # full_shard or shard_grad_op: HF Trainer's FSDP (FSDP2), [train] jobs only.
+    fsdp: str | None = None
 
     @property
     def distributed(self) -> bool:

@@ -28,13 +28,19 @@ STANDBY_MODULE = "ftsup.trainer.standby"
 
 
 def trainer_args(
-    config_path: Path, resume_from: Path | None, *, deepspeed: str | None = None
+    config_path: Path,
+    resume_from: Path | None,
+    *,
+    deepspeed: str | None = None,
+    fsdp: str | None = None,
 ) -> list[str]:
     args = ["--config", str(config_path)]
     if resume_from is not None:
         args += ["--resume-from", str(resume_from)]
     if deepspeed:
         args += ["--deepspeed", deepspeed]
+    if fsdp:
+        args += ["--fsdp", fsdp]
     return args
 
 
@@ -66,9 +72,10 @@ def build_trainer_argv(
     `[launch] deepspeed` is passed on as `--deepspeed`; such a run always goes
     through the torchrun wrapper, even on one process, since DeepSpeed's engine
     needs torch.distributed's environment (RANK, LOCAL_RANK, MASTER_ADDR).
+    `[launch] fsdp` likewise (`--fsdp`): FSDP shards over torch.distributed's group.
     """
-    tail = trainer_args(config_path, resume_from, deepspeed=launch.deepspeed)
-    if not launch.distributed and not launch.deepspeed:
+    tail = trainer_args(config_path, resume_from, deepspeed=launch.deepspeed, fsdp=launch.fsdp)
+    if not launch.distributed and not launch.deepspeed and not launch.fsdp:
         return [python, "-m", TRAINER_MODULE, *tail]
     rdzv_id = f"ftsup-{Path(config_path).parent.name}"
     launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]

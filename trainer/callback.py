@@ -152,7 +152,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             seconds = time.monotonic() - self._save_started
             self._report_saved(ckpt, state.global_step, seconds, seconds)
             return
-        if getattr(args, "deepspeed", None):
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             hand_over_rank_shards(ckpt, dist.rank())  # while its shards are hot in the cache
         # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on disk.
         dist.barrier()

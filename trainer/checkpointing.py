@@ -35,7 +35,6 @@ from ftsup.supervisor.manifest import (
     write_manifest,
     write_part,
 )
-from ftsup.supervisor.spec_types import TrainSection
 
 # (checkpoint folder, step, seconds from the save's start to its manifest,
 #  seconds training was blocked by it)
@@ -45,23 +44,17 @@ PointHook = Callable[[int, str], None]
 _Item = tuple[str, Path, int, Any, float | None]
 
 
-def fingerprint(
-    train: TrainSection, world_size: int, *, global_batch: int | None = None, zero_stage: int = 0
-) -> dict[str, Any]:
-    """What must not change across a resume for it to be exact.
-
-    One definition for both sides (`ftsup.supervisor.fingerprint`): the daemon
-    compares it with the job's at resume (its drift guard). `global_batch`:
-    an elastic run's, recorded so that a resize is recognised as one.
-    """
-    return train_fingerprint(train, world_size, global_batch=global_batch, zero_stage=zero_stage)
+# What must not change across a resume for it to be exact: one definition for both
+# sides, so that the daemon's drift guard compares like with like.
+fingerprint = train_fingerprint
 
 
 def hand_over_rank_shards(ckpt_dir: Path, rank: int) -> int:
-    """A DeepSpeed rank's own shards (`*_rank_<rank>_*`), checksummed by that rank
-    right after it wrote them and handed to rank 0's seal (a manifest part), so the
-    seal only assembles instead of reading every rank's bytes. Returns the count."""
-    own = re.compile(rf"(?:^|_)rank_{rank}_")
+    """A rank's own shards (DeepSpeed's `*_rank_<rank>_*`, DCP's `__<rank>_<n>.distcp`),
+    checksummed by that rank right after it wrote them and handed to rank 0's seal
+    (a manifest part), so the seal only assembles instead of reading every rank's
+    bytes. Returns the count."""
+    own = re.compile(rf"(?:^|_)rank_{rank}_|^__{rank}_\d+\.distcp$")
     if not Path(ckpt_dir).is_dir():
         return 0
     files = [f for f in iter_checkpoint_files(Path(ckpt_dir)) if own.search(f.name)]

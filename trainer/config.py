@@ -66,6 +66,8 @@ class RunConfig:
     elastic_global_batch: int | None = None
     # [launch] deepspeed (the trainer's --deepspeed): a built-in name or a JSON file.
     deepspeed: str | None = None
+    # [launch] fsdp (the trainer's --fsdp): full_shard or shard_grad_op.
+    fsdp: str | None = None
 
 
 def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:

@@ -41,6 +41,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="[launch] deepspeed: zero2, zero3, zero3-offload or a DeepSpeed JSON file",
     )
+    parser.add_argument(
+        "--fsdp",
+        default=None,
+        choices=("full_shard", "shard_grad_op"),
+        help="[launch] fsdp: shard weights, gradients and optimizer state with FSDP2",
+    )
     return parser.parse_args(argv)
 
 
@@ -59,24 +65,43 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     if dist.world_size() > 1:
         dist.die_with_parent()
     try:
-        config = at_world_size(load_run_config(args.config, check_files=False), dist.world_size())
+        config = run_config(args)
     except ConfigError as exc:
         return fail(str(exc))
-    if args.deepspeed:
-        config = dataclasses.replace(config, deepspeed=args.deepspeed)
     if args.resume_from is not None and not args.resume_from.is_dir():
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:
         warn_if_fingerprint_changed(config, args.resume_from)
+    resize = None
+    if args.resume_from is not None and config.deepspeed:
+        from ftsup.trainer import zero_resize
+
+        try:  # ZeRO shards of another world size: converted below (trainer/zero_resize.py)
+            resize = zero_resize.plan_for(config.deepspeed, args.resume_from, dist.world_size())
+        except zero_resize.ResizeError as exc:
+            return fail(str(exc))
     try:
         trainer, callback = build_trainer(config, args.resume_from, prepared)
     except (ConfigError, DataError) as exc:
         return fail(str(exc))
     resume = str(args.resume_from) if args.resume_from else None
+    if resize is not None:
+        resume = str(zero_resize.convert(resize))  # rank 0 converts, every rank waits
+        trainer.add_callback(zero_resize.after_load(resize))
     trainer.train(resume_from_checkpoint=resume)
     if config.deepspeed:
         dist.shutdown()
     return EXIT_STOPPED if callback.stopped else EXIT_OK
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """train.json at this world size, with the launcher's flags (ConfigError if bad)."""
+    config = at_world_size(load_run_config(args.config, check_files=False), dist.world_size())
+    if args.deepspeed:
+        config = dataclasses.replace(config, deepspeed=args.deepspeed)
+    if args.fsdp:
+        config = dataclasses.replace(config, fsdp=args.fsdp)
+    return config
 
 
 def warn_if_fingerprint_changed(config: RunConfig, checkpoint: Path) -> None:
@@ -137,6 +162,10 @@ def build_trainer(
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
     zero = deepspeed_config(config)
+    if zero is not None and resume_from is not None:
+        from ftsup.trainer.zero_resize import resume_config
+
+        zero = resume_config(zero, resume_from, dist.world_size())
     configure_determinism(train.seed)
     data = reuse_or_prepare(train, prepared)
     tokenizer, train_set, eval_set = data.tokenizer, data.train_set, data.eval_set
@@ -165,7 +194,18 @@ def build_trainer(
     )
     callbacks.append(progress)
     trainer_class = with_skipped_steps(Trainer, skip)
-    if config.async_save and zero is None:
+    if config.fsdp:
+        from ftsup.trainer.fsdp import with_fsdp_on_cpu
+
+        trainer_class = with_fsdp_on_cpu(trainer_class)
+    if config.async_save and config.fsdp:
+        if dist.rank() == 0:
+            print(
+                "ftsup trainer: FSDP: every rank writes its own shards synchronously "
+                "(asynchronous save is off); the manifest is sealed in the background",
+                file=sys.stderr,
+            )
+    elif config.async_save and zero is None:
         trainer_class = with_async_save(trainer_class, checkpointer)
     elif config.async_save and dist.rank() == 0:
         print(
@@ -198,6 +238,7 @@ def run_fingerprint(config: RunConfig) -> dict[str, Any]:
         dist.world_size(),
         global_batch=config.elastic_global_batch,
         zero_stage=stage,
+        fsdp=bool(config.fsdp),
     )
 
 
@@ -255,6 +296,10 @@ def training_arguments(
 
         # DeepSpeed on CPU: accelerate's state is built here (use_cpu=False; see trainer/zero.py).
         zero_kwargs = {"deepspeed": deepspeed, **configure_state(timeout_s=1800)}
+    elif config.fsdp:
+        from ftsup.trainer.fsdp import training_kwargs
+
+        zero_kwargs = training_kwargs(config.fsdp)
     use_cpu = zero_kwargs.pop("use_cpu", not cuda)
     return TrainingArguments(
         output_dir=str(config.output_dir),

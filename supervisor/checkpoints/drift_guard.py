@@ -49,6 +49,7 @@ RULES: Mapping[str, _Rule] = {
     "seed": _Rule("seed", True, False),
     "finetuning_type": _Rule("fine-tuning type", False, True),
     "zero_stage": _Rule("DeepSpeed ZeRO stage", False, True),
+    "fsdp": _Rule("FSDP sharding", False, True),
 }
 
 

@@ -17,6 +17,7 @@ from .deepspeed import check_deepspeed, is_deepspeed
 from .files import check_file, folder_stats
 from .findings import Findings
 from .formats import detect_format, looks_hf
+from .fsdp import check_fsdp, is_fsdp
 from .ftsup_format import QUARANTINE_NOTE, check_manifest
 from .hf import TRAINER_STATE, check_hf
 from .report import CheckpointReport, Format, checkpoint_step
@@ -128,6 +129,8 @@ def _check_layout(
     if deepspeed:
         check_deepspeed(folder, found, world_size=world_size, deep=deep)
         world_size = world_size or found.details.get("world_size")
+    if is_fsdp(folder):  # FSDP's sharded state dicts (DCP folders) inside an HF checkpoint
+        check_fsdp(folder, found, world_size=world_size, deep=deep)
     if looks_hf(folder):  # also an HF Trainer checkpoint made with DeepSpeed
         check_hf(
             folder,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ftsup.supervisor.checkpoints.discovery import list_checkpoints
+from ftsup.supervisor.contract import PROGRESS_ELASTIC_CONVERT
 from ftsup.supervisor.daemon.loss_watch import Emit, LossWatch
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.goodput import GoodputTracker
@@ -41,6 +42,7 @@ from ftsup.supervisor.progress import (
     check_record,
     records_from_trainer_state,
 )
+from ftsup.supervisor.protocol import EventKind
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.trainer_logs import LlamaFactoryLog, TqdmReader
 
@@ -239,6 +241,8 @@ class RunFollower:
             self._feed_hang_detector(event, step)
             if event == "checkpoint_saved" and isinstance(step, int):
                 seen.saved_steps.append(step)
+            if event == PROGRESS_ELASTIC_CONVERT:
+                self._report_conversion(record)
         if event != "step" or not isinstance(step, int) or not isinstance(loss, int | float):
             return
         if not current:
@@ -247,6 +251,18 @@ class RunFollower:
         anomaly = self.loss_watch.observe(step, float(loss))
         if anomaly is not None and seen.anomaly is None:
             seen.anomaly = anomaly
+
+    def _report_conversion(self, record: dict[str, Any]) -> None:
+        """The trainer converted a sharded checkpoint to resume it on another world
+        size (a ZeRO universal checkpoint): a `resized` event in the job's history."""
+        keys = ("checkpoint", "step", "from_world_size", "to_world_size", "zero_stage", "seconds")
+        data = {key: record.get(key) for key in keys}
+        message = (
+            f"converted {Path(str(record.get('checkpoint'))).name} (ZeRO-{data['zero_stage']}) "
+            f"from {data['from_world_size']} to {data['to_world_size']} processes "
+            f"in {data['seconds']} s (universal checkpoint)"
+        )
+        self._emit(EventKind.RESIZED, message, data)
 
     def _of_current_attempt(self, record: dict[str, Any]) -> bool:
         started, ts = self._attempt_started_at, record.get("ts")

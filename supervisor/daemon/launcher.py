@@ -15,9 +15,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ftsup.supervisor import contract
 from ftsup.supervisor.atomicio import write_json_atomic
+from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
@@ -98,6 +100,19 @@ def launch_for(spec: JobSpec, devices: tuple[int, ...] | None) -> LaunchSection:
     if spec.gpu.elastic and devices:
         return replace(spec.launch, nproc_per_node=len(devices), nnodes=1)
     return spec.launch
+
+
+def job_fingerprint(spec: JobSpec, devices: tuple[int, ...] | None) -> dict[str, Any]:
+    """The fingerprint the trainer records for this job on `devices` (the drift guard
+    compares a checkpoint's with it): the same function, fed what the trainer is fed."""
+    assert spec.train is not None
+    return train_fingerprint(
+        spec.train,
+        launch_for(spec, devices).world_size,
+        global_batch=global_batch(spec) if spec.gpu.elastic else None,
+        zero_stage=spec.launch.zero_stage,
+        fsdp=bool(spec.launch.fsdp),
+    )
 
 
 def global_batch(spec: JobSpec) -> int:

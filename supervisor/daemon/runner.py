@@ -39,14 +39,14 @@ from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import (
     AttemptPlan,
-    global_batch,
-    launch_for,
     plan_attempt,
     spawn_shim,
 )
+from ftsup.supervisor.daemon.launcher import (
+    job_fingerprint as launcher_fingerprint,
+)
 from ftsup.supervisor.daemon.placement import Placement
 from ftsup.supervisor.daemon.standby import StandbyKeeper
-from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.goodput import checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.loss import Anomaly
@@ -560,12 +560,7 @@ class JobRunner:
         except ManifestError:
             return True  # no fingerprint to compare (validation decided it is resumable)
         elastic = self.spec.gpu.elastic
-        job_fingerprint = train_fingerprint(
-            self.spec.train,
-            launch_for(self.spec, self.gpus).world_size,
-            global_batch=global_batch(self.spec) if elastic else None,
-            zero_stage=self.spec.launch.zero_stage,
-        )
+        job_fingerprint = launcher_fingerprint(self.spec, self.gpus)
         drifts = diff_fingerprints(recorded, job_fingerprint)
         if not drifts:
             return True

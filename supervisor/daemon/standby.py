@@ -118,6 +118,7 @@ class StandbyKeeper:
             and spec.train is not None
             and not spec.launch.distributed
             and not spec.launch.deepspeed
+            and not spec.launch.fsdp  # both always run under distrun: nothing to take over
         )
         self.spec = spec
         self.run_dir = run_dir
