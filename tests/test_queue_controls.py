@@ -40,7 +40,9 @@ def test_priority_reorders_the_queue_and_a_new_daemon_keeps_it(harness: Harness)
 
     daemon.kill_daemon()
     daemon.start_daemon()
-    wait_for(lambda: waiting_order(daemon) == ["late", "early"], what="the order after restart")
+    wait_for(
+        lambda: waiting_order(daemon) == ["late", "early"], 120, what="the order after restart"
+    )
     refused = daemon.cli("priority", "late", "5000", check=False)
     assert refused.returncode != 0 and "1000" in refused.stderr
 
@@ -79,7 +81,7 @@ def test_a_relaunch_waits_for_memory_that_is_not_the_jobs(harness: Harness) -> N
     finally:
         sleeper.kill()
         sleeper.wait()
-    wait_for(lambda: attempts(daemon, "m") == 2, what="the relaunch once the memory is free")
+    wait_for(lambda: attempts(daemon, "m") == 2, 120, what="the relaunch once the memory is free")
     assert running_on(daemon, "m") == [gpu]  # it kept its GPU meanwhile
     events = daemon.cli_json("events", "m")["events"]
     kinds = [e["kind"] for e in events]
@@ -97,7 +99,7 @@ def test_a_relaunch_waits_for_memory_that_is_not_the_jobs(harness: Harness) -> N
     sleeper = held_by_sleeper(daemon, gpu, "3G")
     try:
         daemon.cli("restart", "m")
-        wait_for(lambda: attempts(daemon, "m") == 3, what="a relaunch under the higher limit")
+        wait_for(lambda: attempts(daemon, "m") == 3, 120, what="a relaunch under the higher limit")
         daemon.wait_state("m", "running")
     finally:
         sleeper.kill()

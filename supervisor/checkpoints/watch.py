@@ -115,6 +115,7 @@ class CheckpointWatcher:
         self._observer: BaseObserver | None = None
         self._thread: threading.Thread | None = None
         self.active_mode: Literal["inotify", "polling", "stopped"] = "stopped"
+        self._read_problem: str | None = None  # the last one reported (not every 0.5 s)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -231,11 +232,18 @@ class CheckpointWatcher:
             now = time.monotonic()
             if self.active_mode == "inotify" and self._observer_died():
                 self._fall_back_to_polling()
-            if now >= next_rescan:
-                self._rescan(now)
-                next_rescan = now + self._rescan_interval
-            for name, last in pending.items():
-                self._consider(name, last, now)
+            try:
+                if now >= next_rescan:
+                    next_rescan = now + self._rescan_interval
+                    self._rescan(now)
+                for name, last in pending.items():
+                    self._consider(name, last, now)
+                self._read_problem = None
+            except OSError as exc:  # EMFILE, EIO, a mount gone: report once, keep watching
+                message = f"{self.output_dir} could not be read: {exc}"
+                if message != self._read_problem:
+                    self._read_problem = message
+                    self._problem(message)
 
     def _consider(self, name: str, last: float, now: float) -> None:
         folder = self.output_dir / name

@@ -67,6 +67,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    output.libraries_log_to_stderr()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

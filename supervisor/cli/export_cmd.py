@@ -67,6 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if isinstance(found, int):
             return found
         checkpoint, base = found
+    output.libraries_log_to_stderr()  # --json: nothing but the answer on stdout
     try:
         from ftsup.trainer.export import ExportError, export_model
     except ImportError as exc:

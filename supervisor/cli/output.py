@@ -37,3 +37,19 @@ def error(message: str, *, hint: str | None = None) -> None:
     if hint:
         stderr.print("[dim]hint:[/] ", end="")
         stderr.print(hint, markup=False)
+
+
+def libraries_log_to_stderr() -> None:
+    """Make the ML libraries' import-time loggers write to stderr, not stdout.
+
+    DeepSpeed (imported by transformers whenever it is installed) gives its
+    logger a handler on the stdout *of the moment* and, on a host without a
+    GPU, logs a warning at once: that line would corrupt `--json` output.
+    Importing it here, with stdout pointed at stderr, binds that handler to
+    stderr for the rest of the process. Without transformers, nothing to do.
+    """
+    import contextlib
+    import importlib
+
+    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(ImportError):
+        importlib.import_module("transformers.integrations.deepspeed")
