@@ -40,16 +40,20 @@ def error(message: str, *, hint: str | None = None) -> None:
 
 
 def libraries_log_to_stderr() -> None:
-    """Make the ML libraries' import-time loggers write to stderr, not stdout.
+    """Make DeepSpeed's logger write to stderr, not stdout, in this process.
 
-    DeepSpeed (imported by transformers whenever it is installed) gives its
-    logger a handler on the stdout *of the moment* and, on a host without a
-    GPU, logs a warning at once: that line would corrupt `--json` output.
-    Importing it here, with stdout pointed at stderr, binds that handler to
-    stderr for the rest of the process. Without transformers, nothing to do.
+    When DeepSpeed is installed, transformers imports it on first use, and
+    DeepSpeed gives its logger a handler on the stdout *of that moment*; on a
+    host without a GPU it logs a warning at once. That line would corrupt
+    `--json` output. Importing it here, with stdout pointed at stderr, binds
+    the handler to stderr for the rest of the process (a second or two, and
+    only where DeepSpeed is installed).
     """
     import contextlib
     import importlib
+    import importlib.util
 
-    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(ImportError):
-        importlib.import_module("transformers.integrations.deepspeed")
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
+        importlib.import_module("deepspeed.utils.logging")  # a broken install: not ours to fix
