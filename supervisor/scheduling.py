@@ -97,6 +97,18 @@ class Plan:
     reservation: Reservation | None = None  # the head's, when it has one
 
 
+def foreign_busy(foreign_mib: int, limit_mib: int) -> bool:
+    """Processes that are no job's hold enough memory on a GPU to make it busy."""
+    return foreign_mib >= limit_mib
+
+
+def free_gpus(
+    gpus: Sequence[GpuView], holdings: Sequence[Holding], *, foreign_limit_mib: int
+) -> frozenset[int]:
+    """The GPUs `plan` would give out now: healthy, held by no job, no foreign memory."""
+    return _Machine(gpus, holdings, foreign_limit_mib).free
+
+
 def plan(
     gpus: Sequence[GpuView],
     holdings: Sequence[Holding],
@@ -186,7 +198,7 @@ class _Machine:
     def usable(self, index: int) -> bool:
         """Could be given out once no job holds it: present, healthy, no foreign memory."""
         g = self.gpus.get(index)
-        return g is not None and g.healthy and g.foreign_mib < self.limit
+        return g is not None and g.healthy and not foreign_busy(g.foreign_mib, self.limit)
 
     def place(self, r: Request, pool: Iterable[int]) -> tuple[int, ...] | None:
         """The GPUs `r` gets from `pool`, or None. One topology group if one fits (the

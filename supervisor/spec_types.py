@@ -231,7 +231,7 @@ DEFAULT_FOREIGN_MEMORY_LIMIT = 1 << 30  # bytes
 @dataclass(frozen=True)
 class DaemonGpuSection:
     """`[gpu]` in daemon.toml. `foreign_memory_limit`: a GPU where processes that are
-    no ftsup job's hold more than this is busy; a (re)launch waits until it is not."""
+    no ftsup job's hold this much or more is busy; a (re)launch waits until it is not."""
 
     foreign_memory_limit: int = DEFAULT_FOREIGN_MEMORY_LIMIT
 

@@ -25,7 +25,14 @@ from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.health.gpu import GpuMonitor
 from ftsup.supervisor.procinfo import environment, is_same_process
 from ftsup.supervisor.protocol import EventKind, JobState
-from ftsup.supervisor.scheduling import GpuView, Holding, Request, plan
+from ftsup.supervisor.scheduling import (
+    GpuView,
+    Holding,
+    Request,
+    foreign_busy,
+    free_gpus,
+    plan,
+)
 from ftsup.supervisor.spec_types import DEFAULT_FOREIGN_MEMORY_LIMIT, JobSpec
 from ftsup.supervisor.store import Store
 
@@ -205,13 +212,14 @@ class Placement:
 
     async def foreign_on(self, gpus: tuple[int, ...]) -> dict[int, int]:
         """GPU -> MiB held there by processes that are no running ftsup job's, for the
-        GPUs of `gpus` above the limit (fresh NVML process lists, read off the loop).
+        GPUs of `gpus` at or above the limit (fresh NVML process lists, read off the loop).
         A (re)launch waits while this is not empty: a restart never races the memory
         its own dying run still holds, nor another user's process."""
         if self.foreign_memory is None or not gpus:
             return {}
         await self._refresh_foreign()
-        return {i: mib for i in gpus if (mib := self._foreign.get(i, 0)) > self.foreign_limit_mib}
+        found = {i: self._foreign.get(i, 0) for i in gpus}
+        return {i: mib for i, mib in found.items() if foreign_busy(mib, self.foreign_limit_mib)}
 
     def _drop(self, job: str) -> None:
         if self.holdings.pop(job, None) is not None:
@@ -375,14 +383,10 @@ class Placement:
         if self.regrow is None or views is None:
             return
         healthy = sum(1 for view in views if view.healthy)
-        held = {i for gpus in self.holdings.values() for i in gpus}
-        free = [
-            v.index
-            for v in views
-            if v.healthy
-            and v.index not in held
-            and self._foreign.get(v.index, 0) <= self.foreign_limit_mib
-        ]
+        holdings = [Holding(job=job, gpus=gpus) for job, gpus in self.holdings.items()]
+        free = sorted(
+            free_gpus(self._gpus(views), holdings, foreign_limit_mib=self.foreign_limit_mib)
+        )
         for job, gpus in list(self.holdings.items()):
             spec = self._specs.get(job)
             if spec is None or not spec.gpu.elastic:
