@@ -153,6 +153,8 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             self._report_saved(ckpt, state.global_step, seconds, seconds)
             return
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            if self.checkpointer.on_point is not None:
+                self.checkpointer.on_point(state.global_step, "before_handover")  # tests
             hand_over_rank_shards(ckpt, dist.rank())  # while its shards are hot in the cache
         # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on disk.
         dist.barrier()

@@ -3,7 +3,9 @@
 A LoRA checkpoint is either merged into its base model (one ordinary model
 folder, no peft needed to use it) or exported as an adapter folder that names
 its base (transformers loads it when peft is installed). A full fine-tuning
-checkpoint is re-saved without the optimizer and trainer state. The result is
+checkpoint is re-saved without the optimizer and trainer state; one whose
+weights exist only as DeepSpeed ZeRO or FSDP (DCP) shards is consolidated
+first. The result is
 written to a temporary folder and renamed, so a crash never leaves half a model
 at `out_dir`.
 """
@@ -81,7 +83,7 @@ def export_model(
         elif is_lora:
             _export_adapter(checkpoint_dir, str(base), tmp, torch_dtype)
         else:
-            _export_full(checkpoint_dir, tmp, torch_dtype)
+            _export_full(checkpoint_dir, base, tmp, torch_dtype)
         _copy_tokenizer(checkpoint_dir if _has_tokenizer(checkpoint_dir) else Path(str(base)), tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -111,11 +113,15 @@ def _export_adapter(checkpoint_dir: Path, base: str, out: Path, dtype: Any) -> N
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _export_full(checkpoint_dir: Path, out: Path, dtype: Any) -> None:
+def _export_full(checkpoint_dir: Path, base: str | None, out: Path, dtype: Any) -> None:
     from transformers import AutoModelForCausalLM
 
     if _zero_shards_only(checkpoint_dir):
         model = _model_from_zero_shards(checkpoint_dir)
+        model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+        return
+    if _dcp_shards_only(checkpoint_dir):
+        model = _model_from_dcp_shards(checkpoint_dir, base, out)
         model.to(dtype).save_pretrained(str(out), safe_serialization=True)
         return
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype)
@@ -135,8 +141,6 @@ def _zero_shards_only(checkpoint_dir: Path) -> bool:
 def _model_from_zero_shards(checkpoint_dir: Path) -> Any:
     """Consolidate the ZeRO-2/3 shards into fp32 weights (DeepSpeed's zero_to_fp32,
     on CPU, any number of ranks) and put them into the checkpoint's model config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as exc:
@@ -145,19 +149,75 @@ def _model_from_zero_shards(checkpoint_dir: Path) -> Any:
             "install deepspeed to consolidate them (pip install 'ftsup[train]')"
         ) from exc
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    config = AutoConfig.from_pretrained(str(checkpoint_dir))
+    return _model_with_state(str(checkpoint_dir), state, f"{checkpoint_dir}: the ZeRO shards")
+
+
+def _model_with_state(config_source: str, state: dict[str, Any], what: str) -> Any:
+    """The model of `config_source`'s config holding `state` (tied weights re-tied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_source)
     dtype = state[next(iter(state))].dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     if unexpected or set(missing) - tied:
         raise ExportError(
-            f"{checkpoint_dir}: the ZeRO shards do not match the model "
+            f"{what} do not match the model "
             f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     if missing:
         model.tie_weights()
     return model
+
+
+DCP_MODEL_FOLDER = "pytorch_model_fsdp_0"  # accelerate's sharded FSDP weights (DCP)
+
+
+def _dcp_shards_only(checkpoint_dir: Path) -> bool:
+    """An FSDP checkpoint with sharded state dicts: weights only as DCP shards."""
+    has_weights = any((checkpoint_dir / name).exists() for name in _WEIGHT_FILES)
+    return not has_weights and (checkpoint_dir / DCP_MODEL_FOLDER / ".metadata").is_file()
+
+
+def _model_from_dcp_shards(checkpoint_dir: Path, base: str | None, scratch: Path) -> Any:
+    """Consolidate FSDP's DCP shards (any number of ranks, one process, no process
+    group: torch's own offline converter) and put them into the model's config:
+    the checkpoint's config.json (ftsup's trainer writes it), else `base`, else the
+    model its manifest records."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    source = _config_source(checkpoint_dir, base)
+    consolidated = scratch / ".consolidated.pt"
+    try:
+        dcp_to_torch_save(str(checkpoint_dir / DCP_MODEL_FOLDER), str(consolidated))
+        saved = torch.load(consolidated, map_location="cpu", weights_only=True)
+    finally:
+        consolidated.unlink(missing_ok=True)
+    state = saved.get("model", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ExportError(f"{checkpoint_dir / DCP_MODEL_FOLDER}: no model weights in the shards")
+    return _model_with_state(source, state, f"{checkpoint_dir}: the FSDP shards")
+
+
+def _config_source(checkpoint_dir: Path, base: str | None) -> str:
+    if (checkpoint_dir / "config.json").is_file():
+        return str(checkpoint_dir)
+    if base:
+        return base
+    from ftsup.supervisor.manifest import ManifestError, read_manifest
+
+    try:
+        recorded = read_manifest(checkpoint_dir).fingerprint.get("model")
+    except ManifestError:
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    raise ExportError(
+        f"{checkpoint_dir}: its FSDP shards carry no config.json; name the model they belong "
+        "to with --base MODEL"
+    )
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -3,7 +3,9 @@
 `FTSUP_FAULT_AT_STEP=N` kills the trainer with SIGKILL when step N ends, as a
 real crash would. `FTSUP_FAULT_POINT=before_manifest` instead kills it after
 every file of checkpoint N is written but before its manifest, i.e. in the
-middle of a checkpoint; `after_weights`, `after_optimizer`, `after_scheduler`
+middle of a checkpoint; `before_handover` kills a rank of a sharded run
+(DeepSpeed, FSDP) after it wrote its shards of checkpoint N, before it handed
+their checksums to rank 0's seal; `after_weights`, `after_optimizer`, `after_scheduler`
 and `after_trainer_state` kill it inside an asynchronous save's background
 write, right after that file. `FTSUP_FAULT_WRITE_DELAY=seconds` makes the
 background writer sleep before each file, so that a kill from outside lands
@@ -11,7 +13,9 @@ in the middle of a write; `FTSUP_FAULT_STEP_DELAY=seconds` makes every step
 that long at least (a slow GPU), so that a test can act while a tiny model
 trains. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
 only once (the file is created just before the kill), so the restarted run
-goes on.
+goes on. `FTSUP_FAULT_RANK=R` fires it on rank R alone (default: every rank
+that reaches the point), so one rank of a distributed run dies as on a real
+fault while the others carry on until the launcher notices.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from ftsup.supervisor.contract import (
     ENV_FAULT_AT_STEP,
     ENV_FAULT_ONCE_FILE,
     ENV_FAULT_POINT,
+    ENV_FAULT_RANK,
     ENV_FAULT_STEP_DELAY,
     ENV_FAULT_WRITE_DELAY,
 )
 
 WRITE_POINTS = ("after_weights", "after_optimizer", "after_scheduler", "after_trainer_state")
-POINTS = ("step_end", "before_manifest", *WRITE_POINTS)
+POINTS = ("step_end", "before_handover", "before_manifest", *WRITE_POINTS)
 
 
 def write_delay() -> float:
@@ -59,10 +64,17 @@ class StepDelay(TrainerCallback):  # type: ignore[misc]
 class FaultInjector(TrainerCallback):  # type: ignore[misc]
     """SIGKILL this process at a chosen step; must run before FtsupCallback."""
 
-    def __init__(self, step: int, point: str = "step_end", once_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        step: int,
+        point: str = "step_end",
+        once_file: Path | None = None,
+        rank: int | None = None,
+    ) -> None:
         if point not in POINTS:
             raise ValueError(f"{ENV_FAULT_POINT}={point!r}: use one of {POINTS}")
         self.step, self.point, self.once_file = step, point, once_file
+        self.rank = rank
 
     @classmethod
     def from_env(cls) -> FaultInjector | None:
@@ -70,13 +82,19 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
         if not step:
             return None
         once = os.environ.get(ENV_FAULT_ONCE_FILE)
+        rank = os.environ.get(ENV_FAULT_RANK)
         return cls(
-            int(step), os.environ.get(ENV_FAULT_POINT, "step_end"), Path(once) if once else None
+            int(step),
+            os.environ.get(ENV_FAULT_POINT, "step_end"),
+            Path(once) if once else None,
+            int(rank) if rank else None,
         )
 
     def fire(self, step: int, point: str) -> None:
         """SIGKILL now if this is the chosen step and point (any thread may call it)."""
         if step != self.step or point != self.point:
+            return
+        if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
             return
         if self.once_file is not None:
             if self.once_file.exists():

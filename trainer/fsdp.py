@@ -19,6 +19,7 @@ On CUDA nothing is changed.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 # `[launch] fsdp` values (HF's `fsdp` option names) -> FSDP2's reshard_after_forward:
@@ -41,7 +42,8 @@ def training_kwargs(strategy: str) -> dict[str, Any]:
 
 
 def with_fsdp_on_cpu(trainer_class: type) -> type:
-    """`trainer_class` whose accelerator shards with FSDP on CPU too (module docstring)."""
+    """`trainer_class` whose accelerator shards with FSDP on CPU too (module docstring),
+    and whose sharded checkpoints carry the model's config and tokenizer."""
 
     class FsdpTrainer(trainer_class):  # type: ignore[misc,valid-type]
         is_fsdp_enabled: bool  # set by Trainer.create_accelerator_and_postprocess
@@ -51,7 +53,32 @@ def with_fsdp_on_cpu(trainer_class: type) -> type:
             if not self.is_fsdp_enabled and self.args.fsdp_plugin_args is not None:
                 self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args)
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            if output_dir is not None and self.args.should_save:
+                save_model_description(self.model, self.processing_class, output_dir)
+
     return FsdpTrainer
+
+
+def save_model_description(model: Any, tokenizer: Any, folder: str) -> None:
+    """config.json (and the tokenizer) beside the DCP shards, written by rank 0.
+
+    HF's sharded FSDP save writes only `pytorch_model_fsdp_0/`: without the
+    config, `ftsup export` could not build the model the shards belong to, and
+    the checkpoint would depend on the base model still being where it was.
+    """
+    target = Path(folder)
+    if (target / "config.json").exists():
+        return  # a full state dict save wrote the model as usual
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
 
 
 def enable_fsdp_on_cpu(accelerator: Any, args: Any) -> bool:
@@ -81,6 +108,7 @@ __all__ = [
     "STATE_DICT_TYPE",
     "STRATEGIES",
     "enable_fsdp_on_cpu",
+    "save_model_description",
     "training_kwargs",
     "with_fsdp_on_cpu",
 ]

@@ -6,9 +6,11 @@ an uninterrupted run, and a run killed after a sealed checkpoint, resumed by
 the checkpoint the supervisor selects. The final weights must be bit-identical.
 DeepSpeed on CPU with one thread per process is deterministic: the killed
 run's losses before its kill repeat the reference's bit for bit (two runs
-from scratch), so no tolerance is needed. The ZeRO-2 run's
-kill is one rank dying *during* a save (rank 0, files written, before the
-manifest): that checkpoint must never be resumed. The checkpoints these runs
+from scratch), so no tolerance is needed. Both kills are one rank dying
+*during* a save of step 4, after checkpoint 2 was sealed: in the ZeRO-2 run
+rank 0, with every file written, before the manifest; in the ZeRO-3 run rank
+1, with its shards written, before it confirmed them to rank 0's seal. Such a
+checkpoint must never be resumed. The checkpoints these runs
 wrote are then damaged in the ways real failures do (a missing or truncated
 rank shard, a `latest` ahead of its shards) and must be refused.
 """
@@ -124,8 +126,10 @@ def zero2(tmp_path_factory: pytest.TempPathFactory, inputs: tuple[Path, Path]) -
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory: pytest.TempPathFactory, inputs: tuple[Path, Path]) -> Runs:
-    # Every rank SIGKILLed when step 3 ends; checkpoint 2 is sealed (synchronous seal).
-    kill = {"FTSUP_FAULT_AT_STEP": "3"}
+    # Rank 1 alone is SIGKILLed while saving step 4 (synchronous seal): its shards
+    # are on disk, their checksums never reached rank 0; torchrun ends rank 0.
+    kill = {"FTSUP_FAULT_AT_STEP": "4", "FTSUP_FAULT_POINT": "before_handover"}
+    kill["FTSUP_FAULT_RANK"] = "1"
     return exact_resume_runs(tmp_path_factory.mktemp("zero3"), inputs, "zero3", kill, False)
 
 
@@ -177,9 +181,15 @@ def test_zero2_resume_after_a_rank_died_during_a_save_is_exact(zero2: Runs) -> N
     assert "asynchronous save is off" in zero2.killed_log
 
 
-def test_zero3_killed_after_a_checkpoint_resumes_exactly(zero3: Runs) -> None:
-    assert_repeats_reference(zero3, 2)  # killed when step 3 ended, before reporting it
-    assert zero3.resumed_from.name == "checkpoint-2"
+def test_zero3_resume_after_rank_1_died_during_a_save_is_exact(zero3: Runs) -> None:
+    assert_repeats_reference(zero3, 4)
+    # Rank 1 wrote its shards of step 4 and died before confirming them: rank 0
+    # never sealed checkpoint 4, and the supervisor resumes checkpoint 2.
+    (retired,) = [p for p in zero3.resumed.iterdir() if p.name.startswith("checkpoint-4.")]
+    assert retired.name.startswith("checkpoint-4.invalid-incomplete"), retired
+    assert (retired / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert not (retired / MANIFEST_NAME).exists()
+    assert zero3.resumed_from.name == "checkpoint-2", zero3.killed_log
     assert zero3.resumed_start_step == 2
     assert [step for step, _ in zero3.resumed_losses] == [3, 4, 5, 6]
     assert zero3.resumed_losses == zero3.reference_losses[2:]

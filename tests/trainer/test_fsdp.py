@@ -10,12 +10,25 @@ killed run repeats the reference's losses bit for bit up to its kill (two
 runs from scratch), so the runs are deterministic and no tolerance is needed.
 The checkpoints these runs wrote are then damaged as real failures do (a
 missing or truncated rank shard, a `.metadata` missing) and must be refused.
+
+All runs are elastic (`"elastic": {"global_batch": 4}`, 2 per device), so the
+killed run's sealed checkpoint 2, written by two processes, also resumes on
+one (accumulation 2): DCP reshards it on load. Its losses must match an
+uninterrupted one-process run with the same global batch within a relative
+1e-5 (on two processes the gradient is the mean of two reduced partial sums,
+on one a single sum: float rounding, see test_elastic); a lost optimizer
+state or a wrong data position moves them by far more. The final checkpoint
+is exported to a standalone model equal to its DCP shards.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +43,12 @@ from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.trainer_launch import DISTRUN_MODULE, build_trainer_argv
 from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
-from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
+from tests.trainer.trainer_helpers import TRAINER_ENV, TrainerProcess, step_losses, write_config
 
 MAX_STEPS = 6
 SAVE_STEPS = 2
+GLOBAL_BATCH = 4  # 2 per device x 2 processes x accumulation 1; on one process, accumulation 2
+REL_TOL = 1e-5
 SHARDS = sorted(
     f"{folder}/{name}"
     for folder in ("optimizer_0", "pytorch_model_fsdp_0")
@@ -68,11 +83,19 @@ class Runs:
     resumed_losses: list[tuple[int, float]]
     reference_losses: list[tuple[int, float]]
     resumed_start_step: int
+    one_process_losses: list[tuple[int, float]]  # uninterrupted, same global batch
+    resized: Path  # output folder of the one-process resume of checkpoint 2
+    resized_start: dict[str, Any]
+    resized_losses: list[tuple[int, float]]
+    resized_log: str
 
 
-def run(run_dir: Path, train: dict[str, Any], **kwargs: Any) -> TrainerProcess:
+def run(run_dir: Path, train: dict[str, Any], nproc: int = 2, **kwargs: Any) -> TrainerProcess:
     config = write_config(run_dir, train, async_save=True)
-    launch = LaunchSection(nproc_per_node=2, fsdp="full_shard")
+    payload = json.loads(config.read_text())
+    payload["elastic"] = {"global_batch": GLOBAL_BATCH}
+    config.write_text(json.dumps(payload, indent=1))
+    launch = LaunchSection(nproc_per_node=nproc, fsdp="full_shard")
     process = TrainerProcess(config, launch=launch, **kwargs)
     try:
         process.wait(timeout=180)
@@ -96,9 +119,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     out = base / "run" / "out"
     choice = select_resume(out, world_size=2, quarantine=False)
     assert choice.checkpoint is not None, killed.log()
+    # The same sealed checkpoint, copied before the resume goes on beside it, for
+    # a one-process resume (a GPU lost while the job was down).
+    sealed_copy = base / "one" / "out" / choice.checkpoint.path.name
+    shutil.copytree(choice.checkpoint.path, sealed_copy)
     resumed = run(base / "run", train, resume_from=choice.checkpoint.path)
     assert resumed.proc.returncode == 0, resumed.log()
     starts = [e for e in resumed.own_events() if e["event"] == "train_start"]
+    one = run(base / "one-ref", train, nproc=1)
+    assert one.proc.returncode == 0, one.log()
+    resized = run(base / "one", train, nproc=1, resume_from=sealed_copy)
+    assert resized.proc.returncode == 0, resized.log()
+    (resized_start,) = [e for e in resized.own_events() if e["event"] == "train_start"]
     return Runs(
         reference=base / "ref" / "out",
         resumed=out,
@@ -108,6 +140,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         resumed_losses=step_losses(resumed.own_events()),
         reference_losses=step_losses(reference.events()),
         resumed_start_step=starts[0]["step"],
+        one_process_losses=step_losses(one.events()),
+        resized=base / "one" / "out",
+        resized_start=resized_start,
+        resized_losses=step_losses(resized.own_events()),
+        resized_log=resized.log_path.read_text(errors="replace"),
     )
 
 
@@ -166,12 +203,80 @@ def test_the_model_is_sharded_and_every_shard_is_sealed(runs: Runs) -> None:
     assert report.valid and report.resumable, report
 
 
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs: Runs) -> None:
+    """DCP reshards the two ranks' weights and optimizer state onto one rank; the
+    global batch is kept (accumulation 1 -> 2) and the data position with it."""
+    expected = dict(runs.one_process_losses)
+    assert sorted(expected) == list(range(1, MAX_STEPS + 1))
+    assert len({round(loss, 4) for loss in expected.values()}) == MAX_STEPS
+    start = runs.resized_start
+    assert (start["step"], start["world_size"], start["gradient_accumulation_steps"]) == (2, 1, 2)
+    assert start["resumed_from"].endswith("one/out/checkpoint-2")
+    assert [step for step, _ in runs.resized_losses] == [3, 4, 5, 6]
+    for step, loss in runs.resized_losses:
+        assert math.isclose(loss, expected[step], rel_tol=REL_TOL), (
+            f"step {step}: loss {loss} != one-process reference {expected[step]}"
+        )
+    summary = "world size 2 -> 1, accumulation 1 -> 2, global batch 4 kept"
+    assert summary in runs.resized_log, runs.resized_log
+    sealed = runs.resized / "checkpoint-2"
+    assert read_manifest(sealed).world_size == 2
+    report = validate_checkpoint(sealed, require_manifest=True, deep=True)
+    assert report.valid and not report.notes, report  # resharded on load, never rewritten
+    final = runs.resized / f"checkpoint-{MAX_STEPS}"
+    manifest = read_manifest(final)
+    assert manifest.world_size == 1 and manifest.fingerprint["global_batch"] == GLOBAL_BATCH
+    one_rank = [".metadata", "__0_0.distcp"]
+    assert sorted(p.name for p in (final / "optimizer_0").iterdir()) == one_rank
+
+
+def test_export_consolidates_the_shards_into_a_standalone_model(runs: Runs, tmp_path: Path) -> None:
+    """`ftsup export` of a sealed FSDP checkpoint: one model folder that
+    from_pretrained loads, every tensor equal to the DCP shards'."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = runs.resumed / f"checkpoint-{MAX_STEPS}"
+    listed = {entry.path for entry in read_manifest(ckpt).files}
+    assert {"config.json", "tokenizer_config.json"} <= listed  # self-contained, sealed
+    out = tmp_path / "model"
+    env = {**os.environ, **TRAINER_ENV}
+    argv = [sys.executable, "-m", "ftsup.supervisor", "export", str(ckpt), "--out", str(out)]
+    done = subprocess.run([*argv, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["out"] == str(out)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    shards = dcp_state(ckpt / "pytorch_model_fsdp_0", tmp_path)["model"]
+    exported = model.state_dict()
+    assert sorted(shards) == sorted(exported)
+    assert_identical(dict(exported), shards, "exported")
+    assert AutoTokenizer.from_pretrained(str(out)) is not None
+
+
 @pytest.fixture
 def copy(runs: Runs, tmp_path: Path) -> Iterator[Path]:
     """A fresh copy of a real sealed checkpoint (step 4 of the reference) to damage."""
     target = tmp_path / "checkpoint-4"
     shutil.copytree(runs.reference / "checkpoint-4", target)
     yield target
+
+
+def test_export_without_config_uses_the_model_the_manifest_records(
+    copy: Path, tmp_path: Path
+) -> None:
+    """A checkpoint without config.json beside its shards (written by an older
+    ftsup): the model the manifest's fingerprint names gives the architecture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftsup.trainer.export import export_model
+
+    (copy / "config.json").unlink()
+    out = export_model(copy, None, tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert_identical(
+        dict(model.state_dict()), dcp_state(copy / "pytorch_model_fsdp_0", tmp_path)["model"]
+    )
 
 
 def test_truncated_rank_shard_is_refused_with_and_without_manifest(copy: Path) -> None:
