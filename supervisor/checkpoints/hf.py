@@ -12,6 +12,7 @@ interrupted save.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,17 @@ def _check_training_state(
     if not scheduler:
         found.problem(f"{SCHEDULER} missing")
     _check_rng(names, found, world_size)
+
+
+def rng_world_size(folder: Path) -> int | None:
+    """The process count HF's RNG files imply (`rng_state_<r>.pth`: highest rank + 1).
+
+    Every rank writes its own before the checkpoint counts as saved, so a rank
+    whose DeepSpeed shard is gone is still named by its RNG file: the sharded
+    layout's check then knows how many ranks to expect without the job's word.
+    """
+    ranks = [int(m.group(1)) for name in os.listdir(folder) if (m := _RNG_RANK.match(name))]
+    return max(ranks) + 1 if ranks else None
 
 
 def _check_rng(names: set[str], found: Findings, world_size: int | None) -> None:

@@ -19,7 +19,7 @@ from .findings import Findings
 from .formats import detect_format, looks_hf
 from .fsdp import check_fsdp, is_fsdp
 from .ftsup_format import QUARANTINE_NOTE, check_manifest
-from .hf import TRAINER_STATE, check_hf
+from .hf import TRAINER_STATE, check_hf, rng_world_size
 from .report import CheckpointReport, Format, checkpoint_step
 
 
@@ -127,6 +127,8 @@ def _check_layout(
     skip = frozenset([QUARANTINE_NOTE, *(p.name for p in folder.glob(f"{MANIFEST_NAME}*"))])
     deepspeed = is_deepspeed(folder)
     if deepspeed:
+        if looks_hf(folder):  # a job's word of 1 (a [command] job) must not hide rank 1
+            world_size = max(world_size or 0, rng_world_size(folder) or 0) or None
         check_deepspeed(folder, found, world_size=world_size, deep=deep)
         world_size = world_size or found.details.get("world_size")
     if is_fsdp(folder):  # FSDP's sharded state dicts (DCP folders) inside an HF checkpoint

@@ -237,10 +237,13 @@ def test_real_checkpoints_validate_and_damage_is_refused(
         report
     )
     shard.unlink()  # missing rank-1 shard
-    report = validate_checkpoint(ckpt, world_size=2)
-    assert not report.valid and "zero_pp_rank_1_mp_rank_00_optim_states.pt missing" in str(
-        report.reason
-    ), report
+    # Also when the job says 1 (a [command] job's world size is torchrun's, not
+    # ftsup's) or nothing: rank 1's RNG file says two ranks wrote it.
+    for world_size in (2, 1, None):
+        report = validate_checkpoint(ckpt, world_size=world_size)
+        assert not report.valid and "zero_pp_rank_1_mp_rank_00_optim_states.pt missing" in str(
+            report.reason
+        ), (world_size, report)
 
 
 def test_zero3_missing_model_states_of_one_rank_is_refused(copies: dict[str, Path]) -> None:
