@@ -4,6 +4,16 @@ The shim takes an exclusive `flock` on `<output_dir>/.ftsup.lock` before it
 starts the trainer and hands the open descriptor to the trainer, so the lock
 lives exactly as long as someone who may write checkpoints: it survives the
 daemon and even the shim, and the kernel drops it when the last holder dies.
+
+A multi-node job (`[launch] nnodes > 1`) has one trainer per node, all writing
+the same (shared) folder: each node's shim takes the lock *shared*, plus a
+shared lock on the job's own group file `.ftsup.group-<rdzv id>.lock`. A
+single-node job's exclusive lock still excludes them all, and a node of
+another multi-node job is refused when a live process holds another group's
+file (probed with a non-blocking exclusive lock, which fails while anyone
+holds it). Two groups starting at the same instant may both be refused: never
+both admitted. Across machines this relies on the shared file system's flock
+(NFSv4 and Lustre with `flock` mount options provide it).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -56,11 +67,7 @@ def lock_path(output_dir: Path) -> Path:
 
 def read_holder(output_dir: Path) -> dict[str, Any] | None:
     """What the holder wrote; None when absent, unreadable or not a regular file."""
-    try:
-        data = json.loads(read_bytes(lock_path(output_dir), limit=_HOLDER_MAX) or b"null")
-    except (OSError, NotRegularFile, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_json(lock_path(output_dir))
 
 
 def acquire(output_dir: Path, holder: dict[str, Any]) -> int:
@@ -81,10 +88,83 @@ def acquire(output_dir: Path, holder: dict[str, Any]) -> int:
     return fd
 
 
+GROUP_PREFIX = ".ftsup.group-"
+GROUP_SUFFIX = ".lock"
+
+
+def group_lock_path(output_dir: Path, group: str) -> Path:
+    """The multi-node job's own lock file (its rendezvous id, made a safe name)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group)[:120]
+    return output_dir / f"{GROUP_PREFIX}{safe}{GROUP_SUFFIX}"
+
+
+def _open_lock(path: Path) -> int:
+    try:  # O_NOFOLLOW: a symlink here must never truncate its target
+        return open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except NotRegularFile as exc:
+        raise LockFileUnusable(path, exc) from None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(read_bytes(path, limit=_HOLDER_MAX) or b"null")
+    except (OSError, NotRegularFile, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def acquire_for_group(output_dir: Path, holder: dict[str, Any], group: str) -> list[int]:
+    """One node's share of a multi-node job's lock: [folder lock, group lock], both
+    shared and inheritable by the trainer (see the module docstring)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"job": holder.get("job"), "group": group}).encode()
+    fds: list[int] = []
+    try:
+        main = lock_path(output_dir)
+        fds.append(_open_lock(main))
+        try:
+            fcntl.flock(fds[0], fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLocked(main, read_holder(output_dir)) from None
+        own = group_lock_path(output_dir, group)
+        fds.append(_open_lock(own))
+        try:
+            fcntl.flock(fds[1], fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # another group's node is probing it right now
+            raise OutputLocked(own, _read_json(own)) from None
+        for other in sorted(output_dir.glob(f"{GROUP_PREFIX}*{GROUP_SUFFIX}")):
+            if other != own and _held(other):
+                raise OutputLocked(other, _read_json(other))
+        for fd in fds:  # the same bytes from every node: concurrent writes agree
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _held(path: Path) -> bool:
+    """A live process holds `path` (a non-blocking exclusive probe fails)."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except (FileNotFoundError, NotRegularFile):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def acquire_after_predecessor(
-    output_dir: Path, holder: dict[str, Any], *, timeout: float = 30.0
-) -> int:
-    """`acquire`, but wait while the holder is an earlier attempt of the same job.
+    output_dir: Path, holder: dict[str, Any], *, group: str | None = None, timeout: float = 30.0
+) -> list[int]:
+    """`acquire` (or `acquire_for_group`), but wait while the holder is an earlier
+    attempt of the same job; the descriptors to hand to the trainer.
 
     A killed trainer's process group dies asynchronously (data-loader workers
     inherit the descriptor), so the next attempt can be ready a few
@@ -94,7 +174,9 @@ def acquire_after_predecessor(
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return acquire(output_dir, holder)
+            if group is not None:
+                return acquire_for_group(output_dir, holder, group)
+            return [acquire(output_dir, holder)]
         except OutputLocked as exc:
             same_job = exc.holder is not None and exc.holder.get("job") == holder.get("job")
             if not same_job or time.monotonic() >= deadline:
@@ -102,8 +184,10 @@ def acquire_after_predecessor(
         time.sleep(0.02)
 
 
-def is_locked(output_dir: Path) -> bool:
-    """True when a live process holds the lock (probe without keeping it).
+def is_locked(output_dir: Path, *, group: str | None = None) -> bool:
+    """True when a live process holds the lock against us (probe without keeping it):
+    anyone at all for a single-node job; a single-node job, or another group's
+    node, for a node of the multi-node job `group`.
 
     Raises LockFileUnusable when the name holds anything but a regular file.
     """
@@ -115,12 +199,16 @@ def is_locked(output_dir: Path) -> bool:
     except NotRegularFile as exc:
         raise LockFileUnusable(path, exc) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if group is None else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
         os.close(fd)
-    return False
+    if group is None:
+        return False
+    own = group_lock_path(output_dir, group)
+    others = output_dir.glob(f"{GROUP_PREFIX}*{GROUP_SUFFIX}")
+    return any(other != own and _held(other) for other in others)
 
 
 def output_dir_problem(output_dir: Path) -> str | None:

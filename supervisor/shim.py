@@ -82,6 +82,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ftsup-shim")
     parser.add_argument("--attempt-dir", type=Path, required=True)
     parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument(
+        "--lock-group", default=None, help="a multi-node job's rendezvous id: share the lock"
+    )
     return parse_shim_args(parser, argv)
 
 
@@ -196,11 +199,16 @@ def write_exit(attempt_dir: Path, **fields: object) -> bool:
 
 
 def lock_for_attempt(
-    output_dir: Path, attempt_dir: Path, holder: dict[str, object], started_at: float
-) -> int | None:
-    """The output-folder lock, or None after writing a `locked` exit.json."""
+    output_dir: Path,
+    attempt_dir: Path,
+    holder: dict[str, object],
+    started_at: float,
+    group: str | None = None,
+) -> list[int] | None:
+    """The output-folder lock's descriptors (a multi-node job's `group` shares it
+    with its other nodes), or None after writing a `locked` exit.json."""
     try:
-        return outlock.acquire_after_predecessor(output_dir, holder)
+        return outlock.acquire_after_predecessor(output_dir, holder, group=group)
     except outlock.OutputLocked as exc:
         write_exit(
             attempt_dir,
@@ -220,12 +228,12 @@ def run(args: argparse.Namespace) -> int:
     reserve_records(attempt_dir)  # first: the disk may be full by the time the trainer ends
     started_at = time.time()
     holder = {"job": args.job, "attempt": args.attempt, "pid": os.getpid()}
-    lock_fd = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
-    if lock_fd is None:
+    lock_fds = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at, args.lock_group)
+    if lock_fds is None:
         return 1
     wake_r = wakeup_pipe()
     try:
-        child = start_trainer(args.argv, attempt_dir, pass_fd=lock_fd)
+        child = start_trainer(args.argv, attempt_dir, pass_fds=lock_fds)
     except OSError as exc:
         with contextlib.suppress(OSError), open_log(attempt_dir, buffering=-1) as log:
             log.write(f"ftsup: cannot start {args.argv[0]!r}: {exc}\n".encode())
@@ -238,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
             signal=None,
         )
         return 1
-    os.close(lock_fd)  # the trainer holds it now; it is released when the trainer dies
+    for fd in lock_fds:  # the trainer holds it now; it is released when the trainer dies
+        os.close(fd)
     return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
 
 
@@ -250,10 +259,10 @@ def open_log(folder: Path, *, buffering: int = 0) -> BinaryIO:
 
 
 def start_trainer(
-    argv: Sequence[str], folder: Path, *, pass_fd: int, env: dict[str, str] | None = None
+    argv: Sequence[str], folder: Path, *, pass_fds: Sequence[int], env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """The trainer in its own process group, its output appended to `folder/stdout.log`,
-    with `pass_fd` (the output lock, or a standby's control socket) inherited."""
+    with `pass_fds` (the output lock's, or a standby's control socket) inherited."""
     with open_log(folder) as log:
         return subprocess.Popen(
             argv,
@@ -261,7 +270,7 @@ def start_trainer(
             stdout=log,
             stderr=subprocess.STDOUT,
             process_group=0,
-            pass_fds=(pass_fd,),
+            pass_fds=tuple(pass_fds),
             env=env,
         )
 

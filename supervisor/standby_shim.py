@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     fifo_fd = os.open(standby_dir / FIFO_NAME, os.O_RDWR | os.O_NONBLOCK)  # never sees EOF
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     env = {**os.environ, ENV_STANDBY_FD: str(theirs.fileno())}
-    child = start_trainer(args.argv, standby_dir, pass_fd=theirs.fileno(), env=env)
+    child = start_trainer(args.argv, standby_dir, pass_fds=[theirs.fileno()], env=env)
     theirs.close()
     info: dict[str, Any] = {
         "shim_pid": os.getpid(),
@@ -191,16 +191,17 @@ def _take_over(
     except OSError:
         activation = {}
     holder = {"job": args.job, "attempt": activation.get("attempt"), "pid": os.getpid()}
-    lock_fd = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
-    if lock_fd is None:
+    lock_fds = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
+    if lock_fds is None:
         killpg(child.pid, signal.SIGKILL)
         child.wait()
         return 1
     payload = {"args": activation.get("args", []), "env": activation.get("env", {})}
     # If the trainer died meanwhile, supervise() records its exit like any other.
     with contextlib.suppress(OSError):
-        socket.send_fds(control, [json.dumps(payload).encode()], [lock_fd])
-    os.close(lock_fd)
+        socket.send_fds(control, [json.dumps(payload).encode()], lock_fds)
+    for fd in lock_fds:
+        os.close(fd)
     control.close()
     return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
 

@@ -44,6 +44,12 @@ def trainer_args(
     return args
 
 
+def rendezvous_id(launch: LaunchSection, job_name: str) -> str:
+    """The job's identity across nodes: `[launch] rdzv_id`, else `ftsup-<job name>`
+    (the same job file started on every node gives the same id)."""
+    return launch.rdzv_id or f"ftsup-{job_name}"
+
+
 def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
     """torchrun options for `launch`; single-node runs rendezvous on a free local port."""
     args = [f"--nproc-per-node={launch.nproc_per_node}", "--max-restarts=0"]
@@ -77,7 +83,7 @@ def build_trainer_argv(
     tail = trainer_args(config_path, resume_from, deepspeed=launch.deepspeed, fsdp=launch.fsdp)
     if not launch.distributed and not launch.deepspeed and not launch.fsdp:
         return [python, "-m", TRAINER_MODULE, *tail]
-    rdzv_id = f"ftsup-{Path(config_path).parent.name}"
+    rdzv_id = rendezvous_id(launch, Path(config_path).parent.name)
     launcher = [python, "-m", DISTRUN_MODULE, *torchrun_args(launch, rdzv_id=rdzv_id)]
     return [*launcher, "-m", TRAINER_MODULE, *tail]
 

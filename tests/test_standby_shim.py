@@ -129,7 +129,7 @@ def test_the_lock_is_waited_for_only_while_the_same_job_holds_it(tmp_path: Path)
     dying = _hold_lock(tmp_path, "j", 0.5)  # the killed attempt's last process
     try:
         began = time.monotonic()
-        fd = outlock.acquire_after_predecessor(tmp_path, {"job": "j"}, timeout=20)
+        (fd,) = outlock.acquire_after_predecessor(tmp_path, {"job": "j"}, timeout=20)
         assert 0.2 < time.monotonic() - began < 15
         os.close(fd)
     finally:

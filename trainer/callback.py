@@ -69,6 +69,9 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self._save_started = time.monotonic()
         self._start_pending = False
         self._is_zero = dist.rank() == 0
+        # Progress lines come from every node's first process: each node's daemon
+        # follows its own trainer (a multi-node run); checkpoints are rank 0's.
+        self._reports = dist.local_rank() == 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -76,6 +79,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self._is_zero = state.is_world_process_zero
+        self._reports = state.is_local_process_zero
         if self.checkpointer is not None:
             # Steps after the resume point will be written again: move leftovers away.
             if self._is_zero:
@@ -235,9 +239,9 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         )
 
     def report(self, event: str, **fields: Any) -> None:
-        """One progress line of the caller's (rank 0 writes it)."""
+        """One progress line of the caller's (each node's first process writes it)."""
         self._emit(event, **fields)
 
     def _emit(self, event: str, **fields: Any) -> None:
-        if self._is_zero:
+        if self._reports:
             self.progress.emit(event, **fields)

@@ -27,6 +27,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """The process's rank on its node (equal to `rank` on one node)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def barrier() -> None:
     dist = _dist()
     if dist is not None:

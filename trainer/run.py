@@ -22,10 +22,13 @@ from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from ftsup.trainer import dist
 from ftsup.trainer.config import ConfigError, RunConfig, at_world_size, load_run_config
 from ftsup.trainer.data import DataError
+from ftsup.trainer.nodes import agree_on_resume
 from ftsup.trainer.prepared import PreparedData
 from ftsup.trainer.signals import install_handlers
 
 _NEVER = 10**12  # save_steps when only time-based saves are wanted
+# How long other nodes wait for rank 0's resume choice (it validates a few folders).
+AGREE_TIMEOUT_S = 600.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         config = run_config(args)
     except ConfigError as exc:
         return fail(str(exc))
+    # Every node of a multi-node run resumes rank 0's choice (trainer/nodes.py).
+    args.resume_from = agree_on_resume(args.resume_from, config.output_dir, AGREE_TIMEOUT_S)
     if args.resume_from is not None and not args.resume_from.is_dir():
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:

@@ -25,7 +25,7 @@ from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.spec_types import JobSpec, LaunchSection
 from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
-from ftsup.supervisor.trainer_launch import build_trainer_argv, write_train_json
+from ftsup.supervisor.trainer_launch import build_trainer_argv, rendezvous_id, write_train_json
 
 # torchrun's --nproc-per-node default (torch.distributed.run reads PET_<OPTION>)
 ENV_TORCHRUN_NPROC = "PET_NPROC_PER_NODE"
@@ -122,6 +122,11 @@ def global_batch(spec: JobSpec) -> int:
     return train.per_device_train_batch_size * train.gradient_accumulation_steps * spec.gpu.count
 
 
+def lock_group(spec: JobSpec) -> str | None:
+    """A multi-node job's rendezvous id (its nodes share the output lock), else None."""
+    return rendezvous_id(spec.launch, spec.name) if spec.launch.nnodes > 1 else None
+
+
 def spawn_shim(
     spec: JobSpec, layout: Layout, *, attempt: int, plan: AttemptPlan
 ) -> subprocess.Popen[bytes]:
@@ -144,9 +149,11 @@ def spawn_shim(
         str(attempt),
         "--grace",
         str(spec.restart.stop_grace),
-        "--",
-        *plan.argv,
     ]
+    group = lock_group(spec)
+    if group is not None:  # every node's trainer writes the shared folder
+        shim_argv += ["--lock-group", group]
+    shim_argv += ["--", *plan.argv]
     return _start_shim(shim_argv, attempt_dir / "shim.log", plan)
 
 

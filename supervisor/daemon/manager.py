@@ -17,6 +17,7 @@ from ftsup.supervisor.contract import EXIT_FILE, PIDS_FILE
 from ftsup.supervisor.daemon.attempt import LiveAttempt
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.diagnose import classify_attempt
+from ftsup.supervisor.daemon.launcher import lock_group
 from ftsup.supervisor.daemon.placement import Placement, trainer_gpus
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.daemon.wakeups import FALLBACK_POLL_S, InotifyUnavailable, PumpWakeups
@@ -36,7 +37,8 @@ SELECT_TIMEOUT = 300.0  # the fast path takes milliseconds; this is for dead mou
 
 
 def select_resume(spec: JobSpec) -> ResumePoint:
-    """The newest valid, resumable checkpoint; invalid newer ones are quarantined.
+    """The newest valid, resumable checkpoint; invalid newer ones are quarantined
+    (by a single-node job's daemon; a multi-node job's rank 0 does it).
 
     Called only while no trainer of the job runs, so a half-written newest
     folder is an interrupted save, not one in progress. A built-in trainer job
@@ -51,6 +53,9 @@ def select_resume(spec: JobSpec) -> ResumePoint:
             spec.output_dir,
             world_size=spec.launch.world_size,
             require_manifest=True if spec.train is not None else None,
+            # A multi-node job's other nodes may still be writing into the shared
+            # folder: only its rank 0 quarantines, once all nodes met (trainer/nodes.py).
+            quarantine=spec.launch.nnodes == 1,
         )
 
     try:
@@ -83,7 +88,9 @@ def _process_mentions(text: str) -> bool:
     return False
 
 
-def check_output_dir(output_dir: Path, live: list[tuple[str, str, str]]) -> None:
+def check_output_dir(
+    output_dir: Path, live: list[tuple[str, str, str]], group: str | None = None
+) -> None:
     """Refuse an output folder that no run could use, or that another live job
     (`(name, state, output_dir)`) writes to, under any alias (compared by real
     path: a symlink or `..` must not let two runs share checkpoints).
@@ -105,7 +112,7 @@ def check_output_dir(output_dir: Path, live: list[tuple[str, str, str]]) -> None
                 {"holder": name},
             )
     try:
-        locked = outlock.is_locked(output_dir)
+        locked = outlock.is_locked(output_dir, group=group)
     except outlock.LockFileUnusable as exc:
         raise RequestError("bad_request", str(exc), {"output_dir": str(output_dir)}) from None
     except OSError as exc:
@@ -197,7 +204,7 @@ class JobManager:
         ]
         try:
             await in_thread(
-                lambda: check_output_dir(spec.output_dir, live),
+                lambda: check_output_dir(spec.output_dir, live, lock_group(spec)),
                 OUTPUT_CHECK_TIMEOUT,
                 f"checking {spec.output_dir}",
             )
