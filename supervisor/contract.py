@@ -73,6 +73,9 @@ PROGRESS_INSTRUMENT_FAILED = "instrument_failed"
 
 # A sharded checkpoint was converted to resume on another world size (ZeRO universal).
 PROGRESS_ELASTIC_CONVERT = "elastic_convert"
+# A multi-node launcher waits in torchrun's rendezvous (`state`: "waiting"), and a
+# node's trainer started with every node present (`state`: "joined").
+PROGRESS_RENDEZVOUS = "rendezvous"
 
 # Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also
 # matches before a trailing newline ("checkpoint-8\n").

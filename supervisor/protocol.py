@@ -135,6 +135,8 @@ class EventKind(StrEnum):
     PREEMPTED = "preempted"
     PRIORITY = "priority"  # `ftsup priority` changed a job's place in the queue
     RESIZED = "resized"  # an elastic job runs on another number of GPUs, same global batch
+    WAITING_FOR_NODES = "waiting_for_nodes"  # a multi-node launcher waits in the rendezvous
+    NODES_JOINED = "nodes_joined"  # ... and every node of the job is there
     ATTEMPT_STARTED = "attempt_started"
     ATTEMPT_EXITED = "attempt_exited"
     RESTART = "restart"

@@ -44,6 +44,9 @@ def trainer_args(
     return args
 
 
+RDZV_JOIN_TIMEOUT_S = 7 * 24 * 3600  # how long a node's launcher waits for the others
+
+
 def rendezvous_id(launch: LaunchSection, job_name: str) -> str:
     """The job's identity across nodes: `[launch] rdzv_id`, else `ftsup-<job name>`
     (the same job file started on every node gives the same id)."""
@@ -63,6 +66,10 @@ def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
         f"--rdzv-endpoint={launch.rdzv_endpoint}",
         f"--rdzv-id={launch.rdzv_id or rdzv_id}",
     ]
+    if launch.rdzv_backend != "static":
+        # A node that is gone is waited for (the daemon shows it), not a failure
+        # after torchrun's default 600 s, which would count against max_restarts.
+        args.append(f"--rdzv-conf=join_timeout={RDZV_JOIN_TIMEOUT_S}")
     if launch.rdzv_backend == "static":
         host, _, port = launch.rdzv_endpoint.rpartition(":")
         args += [f"--node-rank={launch.node_rank}", f"--master-addr={host}"]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_STOPPED
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_STOPPED, PROGRESS_RENDEZVOUS
 from ftsup.supervisor.procinfo import child_pids
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -63,6 +63,25 @@ def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
     return failures[0] if failures else 1
 
 
+def announce_rendezvous(args: Any) -> None:
+    """Tell the daemon this launcher now waits for the job's other nodes (a
+    multi-node run): until a trainer reports `joined`, a missing node is what
+    the run waits for, not a hang."""
+    if str(args.nnodes) in ("1", "1:1") or args.rdzv_backend == "static" or args.standalone:
+        return
+    from ftsup.trainer.progress import ProgressWriter
+
+    writer = ProgressWriter.from_env()
+    writer.emit(
+        PROGRESS_RENDEZVOUS,
+        state="waiting",
+        nnodes=str(args.nnodes),
+        endpoint=str(args.rdzv_endpoint),
+        rdzv_id=str(args.rdzv_id),
+    )
+    writer.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -72,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, forward)
     launcher: Any = torchrun
     args = launcher.parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(argv or sys.argv[1:])])
+    announce_rendezvous(args)
     try:
         launcher.run(args)
     except ChildFailedError as exc:

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import PROGRESS_RENDEZVOUS
 from ftsup.trainer import dist
 
 STORE_PREFIX = "ftsup/resume"
@@ -37,6 +38,7 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
     if not multi_node():
         return suggested
     store = _store(timeout_s)
+    _report_joined()
     key = f"{STORE_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if dist.rank() == 0:
         choice = _choose(output_dir)
@@ -56,6 +58,18 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
             file=sys.stderr,
         )
     return choice
+
+
+def _report_joined() -> None:
+    """Every node is here (this code runs after the rendezvous): the node's daemon
+    stops waiting for nodes and times the start-up from now."""
+    if dist.local_rank() != 0:
+        return
+    from ftsup.trainer.progress import ProgressWriter
+
+    writer = ProgressWriter.from_env()
+    writer.emit(PROGRESS_RENDEZVOUS, state="joined", world_size=dist.world_size())
+    writer.close()
 
 
 def _choose(output_dir: Path) -> Path | None:

@@ -78,6 +78,8 @@ def print_jobs(result: dict[str, Any]) -> None:
     for job in jobs:  # why the waiting ones wait (the table has no room for a sentence)
         if job["state"] in WAITING_STATES and job.get("reason"):
             stdout.print(f"[dim]{escape(job['name'])}: {escape(job['reason'])}[/]")
+        elif job.get("waiting_for_nodes"):
+            stdout.print(f"[dim]{escape(job['name'])}: {escape(job['waiting_for_nodes'])}[/]")
 
 
 def _instrumentation_row(job: dict[str, Any]) -> list[tuple[str, str]]:
@@ -124,9 +126,11 @@ def print_job(job: dict[str, Any]) -> None:
         f"[bold]{job['name']}[/]  {state_text(job['state'])}"
         + (f"  [dim]{job['reason']}[/]" if job.get("reason") else "")
     )
+    waiting = job.get("waiting_for_nodes")
     rows = [
         ("kind", job["kind"]),
         ("output", job["output_dir"]),
+        *([("nodes", f"[yellow]{escape(waiting)}[/]")] if waiting else []),
         *_instrumentation_row(job),
         *_env_row(job),
         ("step", step_text(progress)),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ftsup.supervisor.checkpoints.discovery import list_checkpoints
-from ftsup.supervisor.contract import PROGRESS_ELASTIC_CONVERT
+from ftsup.supervisor.contract import PROGRESS_ELASTIC_CONVERT, PROGRESS_RENDEZVOUS
 from ftsup.supervisor.daemon.loss_watch import Emit, LossWatch
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.goodput import GoodputTracker
@@ -112,6 +112,8 @@ class RunFollower:
         self._attempt_started_at: float | None = None
         self._progress_seen = False
         self._trainer_state_mtime = 0.0
+        # A multi-node launcher waits for the job's other nodes: why, for the status.
+        self.waiting_for_nodes: str | None = None
         # The trainer's own logs, for commands without progress lines.
         self._trainer_log = LlamaFactoryLog(spec.output_dir)
         self._trainer_log_read: _BackgroundRead[list[dict[str, Any]]] | None = None
@@ -143,6 +145,7 @@ class RunFollower:
 
     def end_attempt(self) -> None:
         self._hang = None
+        self.waiting_for_nodes = None
         self._attempt_started_at = None
         self._idle_reads.clear()
 
@@ -243,6 +246,10 @@ class RunFollower:
                 seen.saved_steps.append(step)
             if event == PROGRESS_ELASTIC_CONVERT:
                 self._report_conversion(record)
+            if event == PROGRESS_RENDEZVOUS:
+                self._follow_rendezvous(record)
+            elif event in ("train_start", "step"):
+                self.waiting_for_nodes = None
         if event != "step" or not isinstance(step, int) or not isinstance(loss, int | float):
             return
         if not current:
@@ -263,6 +270,25 @@ class RunFollower:
             f"in {data['seconds']} s (universal checkpoint)"
         )
         self._emit(EventKind.RESIZED, message, data)
+
+    def _follow_rendezvous(self, record: dict[str, Any]) -> None:
+        """A multi-node launcher waits for the job's other nodes (no hang: shown as
+        `waiting_for_nodes`, with an event), or every node met (`joined`)."""
+        if record.get("state") == "waiting":
+            why = (
+                f"waiting for nodes: rendezvous {record.get('rdzv_id')} at "
+                f"{record.get('endpoint')} needs {record.get('nnodes')} node(s)"
+            )
+            self.waiting_for_nodes = why
+            if self._hang is not None:
+                self._hang.waiting_for_nodes(time.monotonic())
+            data = {key: record.get(key) for key in ("rdzv_id", "endpoint", "nnodes")}
+            self._emit(EventKind.WAITING_FOR_NODES, why, data)
+        elif record.get("state") == "joined" and self.waiting_for_nodes is not None:
+            self.waiting_for_nodes = None
+            world = record.get("world_size")
+            message = f"every node joined ({world} processes)"
+            self._emit(EventKind.NODES_JOINED, message, {"world_size": world})
 
     def _of_current_attempt(self, record: dict[str, Any]) -> bool:
         started, ts = self._attempt_started_at, record.get("ts")

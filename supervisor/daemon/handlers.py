@@ -385,6 +385,8 @@ class Handlers:
             "standby": runner.standbys.to_json() if runner else None,
             "instrumentation": runner.instrumentation.to_json() if runner else None,
             "gpu_devices": _gpu_devices(runner),
+            # A multi-node job's launcher waits in the rendezvous for its other nodes.
+            "waiting_for_nodes": runner.follower.waiting_for_nodes if runner else None,
         }
         if detail:
             data["env_keys"] = env_keys(job.spec_text)

@@ -58,9 +58,11 @@ class HangDetector:
         self._saved_since_last_step = False
         self._step_intervals: deque[float] = deque(maxlen=policy.window)
         self._save_durations: deque[float] = deque(maxlen=policy.window)
+        self._waiting_for_nodes = False
 
     def step(self, step: int, at: float) -> None:
         """A step record. Only an advancing step counts (a repeated one is a heartbeat)."""
+        self._waiting_for_nodes = False
         if self._last_step is not None and step <= self._last_step:
             self.heartbeat(at)
             return
@@ -71,6 +73,14 @@ class HangDetector:
         self._touch(at)
 
     def heartbeat(self, at: float) -> None:
+        self._waiting_for_nodes = False
+        self._touch(at)
+
+    def waiting_for_nodes(self, at: float) -> None:
+        """A multi-node launcher waits in the rendezvous for the job's other nodes:
+        no timeout until the next progress (a node that never comes is waited for,
+        and shown; the start-up timeout counts from when all nodes met)."""
+        self._waiting_for_nodes = True
         self._touch(at)
 
     def checkpoint_started(self, at: float) -> None:
@@ -107,6 +117,8 @@ class HangDetector:
         return raw, derived
 
     def is_hung(self, now: float) -> HangVerdict | None:
+        if self._waiting_for_nodes:
+            return None
         idle = now - self._last_progress
         limit, how = self.timeout()
         if idle <= limit:

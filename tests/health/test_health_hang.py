@@ -160,3 +160,19 @@ def test_silence_past_the_timeout_is_hung(run: Run, overshoot: float) -> None:
     verdict = detector.is_hung(last + limit * overshoot)
     assert verdict is not None
     assert verdict.reason.startswith("no progress for ")
+
+
+def test_waiting_for_nodes_has_no_timeout_and_startup_counts_from_the_join() -> None:
+    """A multi-node launcher waiting in the rendezvous for a node that is gone is
+    not hung, however long; once every node joined, the start-up timeout runs."""
+    policy = HangPolicy(startup_timeout=100)
+    detector = HangDetector(policy, started_at=0)
+    detector.waiting_for_nodes(5)
+    assert detector.is_hung(10_000) is None
+    detector.heartbeat(10_000)  # `joined`: every node is there
+    assert detector.is_hung(10_099) is None
+    verdict = detector.is_hung(10_101)
+    assert verdict is not None and verdict.phase == "startup"
+    detector.waiting_for_nodes(10_200)  # the next attempt's launcher waits again
+    detector.step(1, 10_210)  # ... and a step ends the wait as well
+    assert detector.is_hung(10_210 + 10 * policy.ceiling) is not None

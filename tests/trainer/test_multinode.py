@@ -2,15 +2,23 @@
 
 Each "node" is a daemon with its own state and runtime folders; both are given
 the same job file (`[launch] nnodes = 2`, one process each, c10d rendezvous on
-127.0.0.1, gloo) and write one shared output folder. The second node's trainer
-is SIGKILLed once, when step 5 ends (after checkpoint 4 was sealed). Both
-nodes' attempts end (the first node's rank sees its peer vanish), both daemons
-restart their launchers, and both resume from checkpoint 4, the one rank 0
-chose and published in the rendezvous store. The run must end with the LoRA
-weights of the same job run as two processes on one node (the reference, a
-third job on the first daemon), bit for bit, and with the same loss at every
-step. The nodes' rank order comes from the rendezvous and may differ between
-attempts; the gradient all-reduce gives the same sum either way.
+127.0.0.1, gloo) and write one shared output folder. Two failures, one run:
+
+1. The second node's trainer is SIGKILLed once, when step 5 ends (checkpoint
+   4 sealed). The first node's rank sees its peer vanish, so both attempts
+   end, both daemons restart their launchers, and both resume checkpoint 4,
+   the one rank 0 chose and published in the rendezvous store.
+2. Later the second node disappears whole: its daemon and trainer SIGKILLed.
+   The first node's attempt ends too, its next launcher waits in the
+   rendezvous, and its daemon says so (`waiting_for_nodes`, no hang verdict).
+   The second daemon is started again; it relaunches its job, the nodes meet,
+   and both resume the same checkpoint.
+
+The run must end with the LoRA weights of the same job run as two processes
+on one node (the reference, a third job on the first daemon), bit for bit,
+and with the same loss at every step. The nodes' rank order comes from the
+rendezvous and may change between attempts; the gradient all-reduce gives the
+same sum either way.
 """
 
 from __future__ import annotations
@@ -26,13 +34,13 @@ import pytest
 
 from ftsup.supervisor import outlock
 from ftsup.supervisor.client import Client
-from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE
+from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE, ENV_FAULT_STEP_DELAY
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec_types import LaunchSection
-from tests.supervisor_harness import Harness
+from tests.supervisor_harness import Harness, wait_for
 from tests.trainer.trainer_helpers import TrainerProcess
 
-MAX_STEPS = 8
+MAX_STEPS = 10
 JOB = "mn"
 ENDED = ("finished", "failed", "gave_up", "stopped")
 
@@ -97,6 +105,14 @@ class Nodes:
     shared: Path  # the job's output folder
     reference: Path
     statuses: list[dict[str, Any]]  # each node's final status
+    waiting: dict[str, Any]  # the first node's status while the second was gone
+
+
+def progress_lines(node: Harness) -> list[dict[str, Any]]:
+    """The node's progress file (its trainer's first process writes it)."""
+    path = node.state_dir / "runs" / JOB / "progress.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +125,7 @@ def nodes(tiny_model: Path, arith_data: Path) -> Iterator[Nodes]:
             # with one process per node it leaves the default (all cores), and a
             # matmul summed in another order differs in the last bits.
             node.env["OMP_NUM_THREADS"] = "1"
+            node.env[ENV_FAULT_STEP_DELAY] = "0.3"  # time to act between steps
         second.env[ENV_FAULT_AT_STEP] = "5"  # this node's trainer only, once
         second.env[ENV_FAULT_ONCE_FILE] = str(second.work / "fault-fired")
         launch = (
@@ -121,6 +138,22 @@ def nodes(tiny_model: Path, arith_data: Path) -> Iterator[Nodes]:
             path = node.work / "mn.toml"
             path.write_text(text)
             node.cli("start", str(path))
+
+        # Failure 2, once the resumed run is past checkpoint 6 on the second node.
+        def resumed_past_6() -> bool:
+            starts = [r for r in progress_lines(second) if r.get("event") == "train_start"]
+            steps = [r["step"] for r in progress_lines(second) if r.get("event") == "step"]
+            return len(starts) == 2 and max(steps, default=0) >= 7
+
+        wait_for(resumed_past_6, 300, 0.05, "the resumed run to pass step 7")
+        second.cleanup_processes()  # the node is gone: daemon, shim, launcher, trainer
+
+        def first_waits() -> dict[str, Any] | None:
+            status = first.status(JOB)
+            return status if status.get("waiting_for_nodes") else None
+
+        waiting = wait_for(first_waits, 300, 0.2, "the first node to wait for the second")
+        second.start_daemon()  # the node is back: its daemon relaunches the job
         statuses = [node.wait_state(JOB, *ENDED, timeout=600) for node in (first, second)]
 
         reference = first.work / "reference-out"
@@ -128,31 +161,54 @@ def nodes(tiny_model: Path, arith_data: Path) -> Iterator[Nodes]:
         path.write_text(job_text("ref", tiny_model, arith_data, reference, "nproc_per_node = 2"))
         first.cli("start", str(path))
         assert first.wait_state("ref", *ENDED, timeout=600)["state"] == "finished"
-        yield Nodes(first, second, shared, reference, statuses)
+        yield Nodes(first, second, shared, reference, statuses, dict(waiting))
     finally:
         for node in (first, second):
             node.cleanup()
 
 
-def test_both_nodes_finish_after_one_nodes_trainer_was_killed(nodes: Nodes) -> None:
+def test_both_nodes_finish_after_a_trainer_and_then_a_whole_node_were_lost(
+    nodes: Nodes,
+) -> None:
     assert [s["state"] for s in nodes.statuses] == ["finished", "finished"], nodes.statuses
     assert (nodes.second.work / "fault-fired").exists()
     for node in (nodes.first, nodes.second):
         attempts = node.status(JOB)["attempt_history"]
-        assert len(attempts) == 2, attempts  # the killed attempt and the resumed one
-        assert attempts[0]["returncode"] != 0 and not attempts[0]["stop_requested"], attempts
+        assert len(attempts) == 3, attempts  # killed trainer, lost node, the last one
+        for ended in attempts[:2]:
+            assert ended["returncode"] != 0 and not ended["stop_requested"], attempts
         assert attempts[1]["resume_from"] == str(nodes.shared / "checkpoint-4"), attempts
         assert attempts[1]["start_step"] == 4
+        kinds = [e["kind"] for e in node.cli_json("events", JOB)["events"]]
+        assert "hung" not in kinds
 
 
-def test_every_node_resumed_the_same_checkpoint(nodes: Nodes) -> None:
-    """Each node's first process reports to its own daemon; the second attempt
-    of both started at step 4 from the shared checkpoint-4 (rank 0's choice)."""
+def test_the_remaining_node_says_it_waits_for_the_lost_one(nodes: Nodes) -> None:
+    waiting = nodes.waiting
+    assert waiting["state"] == "running", waiting
+    assert waiting["waiting_for_nodes"].startswith(
+        f"waiting for nodes: rendezvous ftsup-{JOB} at 127.0.0.1:"
+    )
+    assert waiting["waiting_for_nodes"].endswith("needs 2 node(s)")
+    events = nodes.first.cli_json("events", JOB)["events"]
+    kinds = [e["kind"] for e in events]
+    assert "waiting_for_nodes" in kinds and "nodes_joined" in kinds
+    # It waited in its third attempt (the second ended when the node went away).
+    assert waiting["attempts"] == 3, waiting
+
+
+def test_every_node_resumed_the_same_checkpoints(nodes: Nodes) -> None:
+    """Each node's first process reports to its own daemon: every attempt of both
+    nodes started from the same checkpoint, rank 0's choice."""
+    starts = []
     for node in (nodes.first, nodes.second):
-        lines = (node.state_dir / "runs" / JOB / "progress.jsonl").read_text().splitlines()
-        starts = [r for r in map(json.loads, lines) if r.get("event") == "train_start"]
-        assert [(s["step"], s["world_size"]) for s in starts] == [(0, 2), (4, 2)], starts
-        assert starts[1]["resumed_from"] == str(nodes.shared / "checkpoint-4")
+        node_starts = [r for r in progress_lines(node) if r.get("event") == "train_start"]
+        assert [s["world_size"] for s in node_starts] == [2, 2, 2], node_starts
+        starts.append([(s["step"], s["resumed_from"]) for s in node_starts])
+    assert starts[0] == starts[1]
+    (_, first), (four, second), (last, third) = starts[0]
+    assert first is None and (four, second) == (4, str(nodes.shared / "checkpoint-4"))
+    assert last >= 6 and third == str(nodes.shared / f"checkpoint-{last}")
 
 
 def test_the_run_ends_as_the_same_job_on_one_node(nodes: Nodes) -> None:
@@ -182,8 +238,8 @@ def test_every_rank_resumes_rank_0s_choice_whatever_its_daemon_suggested(
 ) -> None:
     """The agreement itself (trainer/nodes.py), with suggestions that differ: one
     node's daemon says checkpoint-4, the other's checkpoint-6. Both ranks start
-    from the newest valid one, checkpoint-8, which rank 0 chose (run last: the
-    runs end at once, max_steps reached)."""
+    from the newest valid one, the last, which rank 0 chose (run last: the runs
+    end at once, max_steps reached)."""
     config = nodes.first.state_dir / "runs" / JOB / "train.json"
     launch = LaunchSection(
         nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="agree"
@@ -210,7 +266,8 @@ def test_every_rank_resumes_rank_0s_choice_whatever_its_daemon_suggested(
             for line in progress.read_text().splitlines()
             if '"train_start"' in line
         ]
-        assert [s["resumed_from"] for s in starts] == [str(nodes.shared / "checkpoint-8")]
+        newest = str(nodes.shared / f"checkpoint-{MAX_STEPS}")
+        assert [s["resumed_from"] for s in starts] == [newest]
     logs = "".join(process.log() for process, _ in runs)
     assert "rank 0 resumes every node from" in logs
     assert "rank 0 chose" in logs and "which every node resumes" in logs

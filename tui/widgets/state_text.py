@@ -26,6 +26,8 @@ EVENT_STYLES: dict[str, str] = {
     EventKind.PREEMPTED: "bold yellow",
     EventKind.PRIORITY: "cyan",
     EventKind.RESIZED: "yellow",
+    EventKind.WAITING_FOR_NODES: "yellow",
+    EventKind.NODES_JOINED: "green",
     EventKind.ATTEMPT_STARTED: "green",
     EventKind.ATTEMPT_EXITED: "yellow",
     EventKind.RESTART: "bold yellow",
