@@ -842,6 +842,8 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("rdzv_backend", _string),
             _Field("rdzv_endpoint", _string),
             _Field("rdzv_id", _string),
+            _Field("min_nodes", _integer(at_least=1, at_most=_MAX_SIZE_FACTOR)),
+            _Field("rdzv_last_call", _duration(positive=True)),
             _Field("deepspeed", _deepspeed_ref),
             # HF's `fsdp` option names (ftsup.trainer.fsdp.STRATEGIES).
             _Field("fsdp", _choice("full_shard", "shard_grad_op")),
@@ -932,6 +934,18 @@ def _check_launch(launch: LaunchSection) -> Iterator[_Problem]:
             "required when nnodes > 1",
             'add rdzv_endpoint = "host:29500" (the same on every node)',
         )
+    if launch.min_nodes is not None and launch.min_nodes > launch.nnodes:
+        yield (
+            "min_nodes",
+            f"must not exceed nnodes ({launch.nnodes}), got {launch.min_nodes}",
+            "min_nodes is the fewest nodes the run goes on with",
+        )
+    if launch.elastic_nodes and launch.rdzv_backend == "static":
+        yield (
+            "min_nodes",
+            "needs a dynamic rendezvous: the static backend fixes every node's rank",
+            'use rdzv_backend = "c10d", or leave min_nodes out',
+        )
 
 
 def _check_restart(restart: RestartSection) -> Iterator[_Problem]:
@@ -1009,6 +1023,26 @@ def _check_queue(sections: Mapping[str, Any], issues: _Collector) -> None:
             )
 
 
+def _check_elastic_nodes(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """`[launch] min_nodes`: every node count the run may go on with must keep the
+    global batch (per-device batch x processes divides it)."""
+    launch, train = sections.get("launch"), sections.get("train")
+    if not isinstance(launch, LaunchSection) or not launch.elastic_nodes or train is None:
+        return
+    assert launch.min_nodes is not None
+    per_device = train.per_device_train_batch_size
+    batch = per_device * train.gradient_accumulation_steps * launch.world_size
+    for nodes in range(launch.min_nodes, launch.nnodes):
+        if batch % (per_device * launch.nproc_per_node * nodes):
+            issues.add(
+                ("launch", "min_nodes"),
+                f"on {nodes} node(s) the global batch {batch} cannot be kept "
+                f"({per_device} per device x {launch.nproc_per_node * nodes} processes "
+                "does not divide it)",
+                "choose min_nodes, nnodes and gradient_accumulation_steps so that it does",
+            )
+
+
 def _check_elastic_launch(
     sections: Mapping[str, Any], raw: Mapping[str, Any], issues: _Collector
 ) -> None:
@@ -1058,7 +1092,7 @@ def _check_deepspeed(sections: dict[str, Any], issues: _Collector) -> None:
         issues.add(where, str(exc).removeprefix("[launch] deepspeed = "))
         return
     sections["launch"] = replace(launch, zero_stage=zero_stage(config))
-    elastic = isinstance(gpu, GpuSection) and gpu.elastic
+    elastic = (isinstance(gpu, GpuSection) and gpu.elastic) or launch.elastic_nodes
     for problem in batch_key_problems(
         config,
         per_device=train.per_device_train_batch_size,
@@ -1134,6 +1168,7 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_retention(sections, issues)
     _check_queue(sections, issues)
     _check_elastic_launch(sections, data, issues)
+    _check_elastic_nodes(sections, issues)
     issues.raise_if_any()
     _launch_from_count(sections, data)
     _check_deepspeed(sections, issues)

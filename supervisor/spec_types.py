@@ -130,6 +130,10 @@ class LaunchSection:
     rdzv_backend: str = "c10d"
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    # Elastic nodes: the run goes on with as few as min_nodes (global batch kept).
+    min_nodes: int | None = None
+    # How long the rendezvous waits for more nodes once min_nodes are there (torchrun: 30 s).
+    rdzv_last_call: float | None = None
     deepspeed: str | None = None
     # Not a key: the stage of `deepspeed`'s config, read when the job file is parsed
     # (the daemon compares it at resume without reading the user's file again).
@@ -145,6 +149,11 @@ class LaunchSection:
     def world_size(self) -> int:
         """Processes in the whole run (what rng_state_<rank> files and fingerprints count)."""
         return self.nproc_per_node * self.nnodes
+
+    @property
+    def elastic_nodes(self) -> bool:
+        """The run may go on with fewer nodes than `nnodes` (`min_nodes` below it)."""
+        return self.min_nodes is not None and self.min_nodes < self.nnodes
 
 
 @dataclass(frozen=True)

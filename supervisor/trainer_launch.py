@@ -60,8 +60,9 @@ def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
         return [*args, "--standalone"]
     if not launch.rdzv_endpoint:
         raise ValueError("[launch] nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+    nnodes = f"{launch.min_nodes}:{launch.nnodes}" if launch.elastic_nodes else str(launch.nnodes)
     args += [
-        f"--nnodes={launch.nnodes}",
+        f"--nnodes={nnodes}",
         f"--rdzv-backend={launch.rdzv_backend}",
         f"--rdzv-endpoint={launch.rdzv_endpoint}",
         f"--rdzv-id={launch.rdzv_id or rdzv_id}",
@@ -69,7 +70,10 @@ def torchrun_args(launch: LaunchSection, *, rdzv_id: str) -> list[str]:
     if launch.rdzv_backend != "static":
         # A node that is gone is waited for (the daemon shows it), not a failure
         # after torchrun's default 600 s, which would count against max_restarts.
-        args.append(f"--rdzv-conf=join_timeout={RDZV_JOIN_TIMEOUT_S}")
+        conf = f"join_timeout={RDZV_JOIN_TIMEOUT_S}"
+        if launch.rdzv_last_call is not None:
+            conf += f",last_call_timeout={launch.rdzv_last_call:g}"
+        args.append(f"--rdzv-conf={conf}")
     if launch.rdzv_backend == "static":
         host, _, port = launch.rdzv_endpoint.rpartition(":")
         args += [f"--node-rank={launch.node_rank}", f"--master-addr={host}"]

@@ -359,6 +359,15 @@ BAD = [
      "[health] hang_timeout", "units are"),
     ("multi-node-no-endpoint", JOB + COMMAND + "[launch]\nnnodes = 2\n", "[launch]",
      "[launch] rdzv_endpoint", "host:29500"),
+    ("min-nodes-above-nnodes", JOB + COMMAND
+     + '[launch]\nnnodes = 2\nmin_nodes = 3\nrdzv_endpoint = "h:1"\n', "min_nodes",
+     "[launch] min_nodes", "fewest nodes"),
+    ("min-nodes-static", JOB + COMMAND + '[launch]\nnnodes = 2\nmin_nodes = 1\n'
+     'rdzv_endpoint = "h:1"\nrdzv_backend = "static"\n', "min_nodes", "[launch] min_nodes",
+     'rdzv_backend = "c10d"'),
+    ("min-nodes-batch", JOB + TRAIN + "per_device_train_batch_size = 2\n"
+     '[launch]\nnnodes = 3\nmin_nodes = 2\nrdzv_endpoint = "h:1"\n', "min_nodes",
+     "[launch] min_nodes", "so that it does"),
     ("table-as-value", "restart = 5\n" + JOB + COMMAND, "restart = 5", "[restart]",
      "write a [restart] header"),
     ("missing-model", JOB + TRAIN.replace('model = "Qwen/Qwen2.5-0.5B"\n', ""), "[train]",

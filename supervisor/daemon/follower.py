@@ -114,6 +114,7 @@ class RunFollower:
         self._trainer_state_mtime = 0.0
         # A multi-node launcher waits for the job's other nodes: why, for the status.
         self.waiting_for_nodes: str | None = None
+        self._geometry: tuple[int, int] | None = None  # (world size, accumulation) last started
         # The trainer's own logs, for commands without progress lines.
         self._trainer_log = LlamaFactoryLog(spec.output_dir)
         self._trainer_log_read: _BackgroundRead[list[dict[str, Any]]] | None = None
@@ -250,6 +251,8 @@ class RunFollower:
                 self._follow_rendezvous(record)
             elif event in ("train_start", "step"):
                 self.waiting_for_nodes = None
+            if event == "train_start" and self.spec.launch.elastic_nodes:
+                self._report_node_resize(record)
         if event != "step" or not isinstance(step, int) or not isinstance(loss, int | float):
             return
         if not current:
@@ -270,6 +273,27 @@ class RunFollower:
             f"in {data['seconds']} s (universal checkpoint)"
         )
         self._emit(EventKind.RESIZED, message, data)
+
+    def _report_node_resize(self, record: dict[str, Any]) -> None:
+        """`[launch] min_nodes`: torchrun decides how many nodes take part, so the
+        daemon learns a new world size from the trainers' `train_start`."""
+        world, accumulation = record.get("world_size"), record.get("gradient_accumulation_steps")
+        if not isinstance(world, int) or not isinstance(accumulation, int):
+            return
+        before, self._geometry = self._geometry, (world, accumulation)
+        if before is None or before[0] == world:
+            return
+        train = self.spec.train
+        batch = (
+            f", global batch {train.per_device_train_batch_size * world * accumulation} kept"
+            if train is not None
+            else ""
+        )
+        message = (
+            f"world size {before[0]} -> {world}, accumulation {before[1]} -> {accumulation}"
+            f"{batch} (nodes that joined the rendezvous)"
+        )
+        self._emit(EventKind.RESIZED, message, {"world_size": [before[0], world]})
 
     def _follow_rendezvous(self, record: dict[str, Any]) -> None:
         """A multi-node launcher waits for the job's other nodes (no hang: shown as

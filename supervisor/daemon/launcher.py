@@ -89,7 +89,7 @@ def plan_attempt(
         output_dir=spec.output_dir,
         async_save=spec.checkpoint.async_save,
         job_name=spec.name,
-        elastic_global_batch=global_batch(spec) if spec.gpu.elastic else None,
+        elastic_global_batch=global_batch(spec) if is_elastic(spec) else None,
     )
     argv = build_trainer_argv(config_path, resume_from, launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
@@ -109,17 +109,24 @@ def job_fingerprint(spec: JobSpec, devices: tuple[int, ...] | None) -> dict[str,
     return train_fingerprint(
         spec.train,
         launch_for(spec, devices).world_size,
-        global_batch=global_batch(spec) if spec.gpu.elastic else None,
+        global_batch=global_batch(spec) if is_elastic(spec) else None,
         zero_stage=spec.launch.zero_stage,
         fsdp=bool(spec.launch.fsdp),
     )
 
 
+def is_elastic(spec: JobSpec) -> bool:
+    """The job's world size may change while its global batch stays: `[gpu] elastic`
+    (fewer GPUs), or `[launch] min_nodes` below `nnodes` (fewer nodes)."""
+    return spec.gpu.elastic or spec.launch.elastic_nodes
+
+
 def global_batch(spec: JobSpec) -> int:
-    """Samples per optimizer step at the job's full GPU count: what an elastic job keeps."""
-    assert spec.train is not None and spec.gpu.count is not None
+    """Samples per optimizer step at the job's full size: what an elastic job keeps."""
+    assert spec.train is not None
     train = spec.train
-    return train.per_device_train_batch_size * train.gradient_accumulation_steps * spec.gpu.count
+    processes = spec.gpu.count if spec.gpu.elastic and spec.gpu.count else spec.launch.world_size
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps * processes
 
 
 def lock_group(spec: JobSpec) -> str | None:

@@ -39,6 +39,7 @@ from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import (
     AttemptPlan,
+    is_elastic,
     plan_attempt,
     spawn_shim,
 )
@@ -559,7 +560,7 @@ class JobRunner:
             recorded = read_manifest(checkpoint).fingerprint
         except ManifestError:
             return True  # no fingerprint to compare (validation decided it is resumable)
-        elastic = self.spec.gpu.elastic
+        elastic = is_elastic(self.spec)
         job_fingerprint = launcher_fingerprint(self.spec, self.gpus)
         drifts = diff_fingerprints(recorded, job_fingerprint)
         if not drifts:

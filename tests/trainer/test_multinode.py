@@ -24,6 +24,7 @@ same sum either way.
 from __future__ import annotations
 
 import json
+import math
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ftsup.supervisor.client import Client
 from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE, ENV_FAULT_STEP_DELAY
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec_types import LaunchSection
+from ftsup.supervisor.trainer_launch import RDZV_JOIN_TIMEOUT_S, torchrun_args
 from tests.supervisor_harness import Harness, wait_for
 from tests.trainer.trainer_helpers import TrainerProcess
 
@@ -271,3 +273,83 @@ def test_every_rank_resumes_rank_0s_choice_whatever_its_daemon_suggested(
     logs = "".join(process.log() for process, _ in runs)
     assert "rank 0 resumes every node from" in logs
     assert "rank 0 chose" in logs and "which every node resumes" in logs
+
+
+def test_min_nodes_passes_a_node_range_and_the_rendezvous_settings() -> None:
+    launch = LaunchSection(
+        nproc_per_node=8, nnodes=4, min_nodes=2, rdzv_endpoint="n1:29400", rdzv_last_call=5.0
+    )
+    args = torchrun_args(launch, rdzv_id="ftsup-x")
+    assert "--nnodes=2:4" in args and "--rdzv-id=ftsup-x" in args
+    assert f"--rdzv-conf=join_timeout={RDZV_JOIN_TIMEOUT_S},last_call_timeout=5" in args
+    fixed = torchrun_args(LaunchSection(nnodes=2, rdzv_endpoint="n1:1"), rdzv_id="y")
+    assert "--nnodes=2" in fixed and f"--rdzv-conf=join_timeout={RDZV_JOIN_TIMEOUT_S}" in fixed
+
+
+@dataclass
+class Shrunk:
+    node: Harness  # the node that stayed
+    status: dict[str, Any]
+    reference: list[tuple[int, float]]
+
+
+@pytest.fixture(scope="module")
+def shrunk(nodes: Nodes, tiny_model: Path, arith_data: Path) -> Iterator[Shrunk]:
+    """`min_nodes = 1`: the second node is lost for good after checkpoint 2; the
+    first goes on alone with the same global batch (accumulation 1 -> 2)."""
+    first, second = Harness(), Harness()
+    try:
+        for node in (first, second):
+            node.env["OMP_NUM_THREADS"] = "1"
+            node.env[ENV_FAULT_STEP_DELAY] = "0.3"
+        launch = (
+            "nproc_per_node = 1\nnnodes = 2\nmin_nodes = 1\n"
+            f'rdzv_endpoint = "127.0.0.1:{free_port()}"\nrdzv_last_call = "1s"'
+        )
+        text = job_text(JOB, tiny_model, arith_data, first.work / "out", launch)
+        for node in (first, second):
+            node.start_daemon()
+            path = node.work / "mn.toml"
+            path.write_text(text)
+            node.cli("start", str(path))
+
+        def past_step_3() -> bool:
+            steps = [r["step"] for r in progress_lines(second) if r.get("event") == "step"]
+            return max(steps, default=0) >= 3
+
+        wait_for(past_step_3, 300, 0.05, "the run to pass step 3")
+        second.cleanup_processes()  # gone for good
+        status = first.wait_state(JOB, *ENDED, timeout=600)
+        yield Shrunk(first, status, losses(history(nodes.first, "ref")))
+    finally:
+        for node in (first, second):
+            node.cleanup()
+
+
+def test_with_min_nodes_the_run_goes_on_alone_with_the_same_global_batch(
+    shrunk: Shrunk,
+) -> None:
+    assert shrunk.status["state"] == "finished", shrunk.status
+    starts = [r for r in progress_lines(shrunk.node) if r.get("event") == "train_start"]
+    geometry = [(s["world_size"], s["gradient_accumulation_steps"]) for s in starts]
+    # Two nodes, then the lost one: alone with twice the accumulation. (The first
+    # node may also have begun alone, before the second's launcher arrived within
+    # the 1 s last call, and grown to two when it did: torchrun's own regrowth.)
+    assert geometry[-2:] == [(2, 1), (1, 2)], starts
+    assert set(geometry[:-2]) <= {(1, 2)}, starts
+    resumed = starts[-1]["step"]
+    assert resumed >= 2 and starts[-1]["resumed_from"].endswith(f"checkpoint-{resumed}")
+    events = shrunk.node.cli_json("events", JOB)["events"]
+    assert any(
+        e["kind"] == "resized"
+        and "world size 2 -> 1, accumulation 1 -> 2, global batch 4 kept" in e["message"]
+        for e in events
+    ), [e["message"] for e in events]
+    # Alone, one process sums the gradient of both halves itself: the same
+    # update up to float rounding (test_elastic), so every step matches the
+    # two-process reference within 1e-5 relative.
+    expected = dict(shrunk.reference)
+    got = losses(history(shrunk.node, JOB))
+    assert {step for step, _ in got} == set(expected)
+    for step, loss in got:
+        assert math.isclose(loss, expected[step], rel_tol=1e-5), (step, loss, expected[step])
