@@ -178,11 +178,36 @@ def print_job(job: dict[str, Any]) -> None:
         rows.append(("last exit", f"#{last['n']}: {last.get('reason')}"))
     for key, value in rows:
         stdout.print(f"  [dim]{key:>10}[/]  {value}")
+    _print_nodes(job.get("nodes"))
     tail = job.get("log_tail")
     if tail:
         stdout.print("  [dim]last log lines:[/]")
         for line in tail:
             stdout.print(f"    {line}", markup=False)
+
+
+def _print_nodes(view: dict[str, Any] | None) -> None:
+    """A multi-node job: every node's part, as its daemon last wrote it."""
+    if not view:
+        return
+    if view.get("error"):
+        stdout.print(f"  [dim]nodes:[/] [yellow]{escape(view['error'])}[/]")
+    nodes = view.get("nodes") or []
+    if not nodes:
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("  NODE", "STATE", "STEP", "ATTEMPT", "UPDATED", "WAITING FOR"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            "  " + escape(str(node.get("node"))) + (" (this)" if node.get("self") else ""),
+            state_text(str(node.get("state"))),
+            str(node.get("step") if node.get("step") is not None else "-"),
+            str(node.get("attempt") or "-"),
+            f"{format_duration(float(node.get('age_s') or 0))} ago",
+            escape(str(node.get("waiting_for_nodes") or "-")),
+        )
+    stdout.print(table)
 
 
 def _env_row(job: dict[str, Any]) -> list[tuple[str, str]]:

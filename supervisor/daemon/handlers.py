@@ -387,6 +387,7 @@ class Handlers:
             "gpu_devices": _gpu_devices(runner),
             # A multi-node job's launcher waits in the rendezvous for its other nodes.
             "waiting_for_nodes": runner.follower.waiting_for_nodes if runner else None,
+            "nodes": _nodes(runner),
         }
         if detail:
             data["env_keys"] = env_keys(job.spec_text)
@@ -406,6 +407,15 @@ def check_routes(routes: dict[RequestType, str]) -> None:
 
 
 check_routes(ROUTES)
+
+
+def _nodes(runner: JobRunner | None) -> dict[str, Any] | None:
+    """A multi-node job's nodes as last read from the shared folder (and a fresh
+    read started for the next call: the folder is never read on the loop)."""
+    if runner is None or runner.nodes is None:
+        return None
+    runner.report_node()
+    return runner.nodes.to_json()
 
 
 def _gpu_devices(runner: JobRunner | None) -> list[int] | None:

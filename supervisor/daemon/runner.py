@@ -46,6 +46,7 @@ from ftsup.supervisor.daemon.launcher import (
 from ftsup.supervisor.daemon.launcher import (
     job_fingerprint as launcher_fingerprint,
 )
+from ftsup.supervisor.daemon.nodes_view import NodesView, node_name
 from ftsup.supervisor.daemon.placement import Placement
 from ftsup.supervisor.daemon.standby import StandbyKeeper
 from ftsup.supervisor.goodput import checkpoint_advice
@@ -125,6 +126,13 @@ class JobRunner:
             lambda kind, message, data: self.bus.emit(self.name, kind, message, data),
         )
         self.instrumentation = Instrumentation.for_spec(spec)
+        # A multi-node job: every node's part, through the shared output folder.
+        self.nodes = (
+            NodesView(spec.output_dir, node_name(layout.state_dir))
+            if spec.launch.nnodes > 1
+            else None
+        )
+        self._node_state = "submitted"
         self.attempt: LiveAttempt | None = None
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -288,6 +296,7 @@ class JobRunner:
             self.store.set_job_state(self.name, state, reason)
         except Exception:
             log.exception("job %s: cannot record state %s (%s)", self.name, state, reason)
+        self.report_node(state, force=True)
         if self._placement is not None:
             try:
                 self._placement.release(self.name)  # after the state: successors read it
@@ -307,6 +316,24 @@ class JobRunner:
     ) -> None:
         self.store.set_job_state(self.name, state, reason, next_start_at)
         self.bus.emit(self.name, "state", state, {"state": state, "reason": reason})
+        self.report_node(state, force=True)
+
+    def report_node(self, state: str | None = None, *, force: bool = False) -> None:
+        """A multi-node job: this node's record in the shared folder, and the other
+        nodes' read back (in a thread, at most every few seconds unless `force`)."""
+        if self.nodes is None:
+            return
+        if state is not None:
+            self._node_state = state
+        progress = self.follower.progress.to_json()
+        own = {
+            "job": self.name,
+            "state": self._node_state,
+            "step": progress.get("step"),
+            "attempt": self.attempt.n if self.attempt is not None else None,
+            "waiting_for_nodes": self.follower.waiting_for_nodes,
+        }
+        self.nodes.refresh(own, force=force)
 
     async def _backoff(self, seconds: float, reason: str) -> bool:
         self._set_state("backoff", reason, time.time() + seconds)
@@ -754,6 +781,7 @@ class JobRunner:
             self._observe_instrumentation(seen.records)
             self.bus.emit(self.name, "progress", "", self.follower.progress.to_json())
             self._store_step()
+            self.report_node()
         if seen.anomaly is not None:
             self._on_loss_anomaly(seen.anomaly)
         if seen.log_lines and self.bus.has_subscribers("log"):

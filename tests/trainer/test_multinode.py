@@ -151,8 +151,11 @@ def nodes(tiny_model: Path, arith_data: Path) -> Iterator[Nodes]:
         second.cleanup_processes()  # the node is gone: daemon, shim, launcher, trainer
 
         def first_waits() -> dict[str, Any] | None:
+            """Waiting, and the shared view says so too (it is refreshed every few s)."""
             status = first.status(JOB)
-            return status if status.get("waiting_for_nodes") else None
+            view = (status.get("nodes") or {}).get("nodes") or []
+            shown = any(n["self"] and n["waiting_for_nodes"] for n in view)
+            return status if status.get("waiting_for_nodes") and shown else None
 
         waiting = wait_for(first_waits, 300, 0.2, "the first node to wait for the second")
         second.start_daemon()  # the node is back: its daemon relaunches the job
@@ -197,6 +200,29 @@ def test_the_remaining_node_says_it_waits_for_the_lost_one(nodes: Nodes) -> None
     assert "waiting_for_nodes" in kinds and "nodes_joined" in kinds
     # It waited in its third attempt (the second ended when the node went away).
     assert waiting["attempts"] == 3, waiting
+
+
+def test_status_on_either_node_shows_both_nodes(nodes: Nodes) -> None:
+    """Each daemon writes its part into the shared folder (`.ftsup-nodes/`) and
+    reads the other's: while the second node was gone, the first showed itself
+    waiting and the second's last record; at the end both show both finished."""
+    during = nodes.waiting["nodes"]["nodes"]
+    (this,) = [n for n in during if n["self"]]
+    assert this["state"] == "running" and this["waiting_for_nodes"].startswith("waiting for")
+    (other,) = [n for n in during if not n["self"]]  # its last record, before it died
+    assert other["state"] in ("starting", "running") and other["node"] != this["node"], during
+
+    def both_finished(node: Harness) -> list[dict[str, Any]] | None:
+        view = node.status(JOB)["nodes"]
+        states = sorted(n["state"] for n in view["nodes"])
+        return view["nodes"] if states == ["finished", "finished"] else None
+
+    for node in (nodes.first, nodes.second):
+        seen = wait_for(lambda node=node: both_finished(node), 60, 0.5, "both nodes finished")
+        assert sorted(n["self"] for n in seen) == [False, True]
+        assert {n["step"] for n in seen} == {MAX_STEPS}
+    text = nodes.first.cli("status", JOB).stdout
+    assert "(this)" in text and text.count("finished") >= 3, text
 
 
 def test_every_node_resumed_the_same_checkpoints(nodes: Nodes) -> None:
