@@ -26,6 +26,20 @@ REPO = Path(__file__).resolve().parent.parent
 TOY_TRAINER = REPO / "tests" / "scripts" / "toy_trainer.py"
 
 
+def ftsup_check_json(job: Path) -> dict[str, Any]:
+    """`ftsup check JOB --json` as a user runs it; fails the test unless it passes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ftsup.supervisor", "check", str(job), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    assert answer["ok"] and answer["warnings"] == [], answer
+    return answer
+
+
 def wait_for(
     predicate: Callable[[], Any],
     timeout: float = 30.0,
@@ -106,6 +120,24 @@ class Harness:
 
     def status(self, job: str) -> dict[str, Any]:
         return dict(self.cli_json("status", job))
+
+    def progress_history(self, job: str) -> list[dict[str, Any]]:
+        """Every progress record of the job the daemon recorded, all attempts."""
+        from ftsup.supervisor.client import Client
+        from ftsup.supervisor.paths import Layout
+
+        layout = Layout.from_env(self.state_dir, self.runtime_dir)
+        with Client(layout.socket) as client:
+            answer = client.request("progress_history", job=job, limit=5000)
+        return list(answer["records"])
+
+    def step_losses(self, job: str) -> list[tuple[int, float]]:
+        """(step, loss) of every step record with a loss, all attempts included."""
+        return [
+            (r["step"], r["loss"])
+            for r in self.progress_history(job)
+            if r.get("event") == "step" and r.get("loss") is not None
+        ]
 
     def wait_state(self, job: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ import pytest
 
 from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
-from tests.supervisor_harness import REPO, Harness, wait_for
+from tests.supervisor_harness import REPO, Harness, ftsup_check_json, wait_for
 
 SCRIPT = REPO / "tests" / "scripts" / "deepspeed_hf_train.py"
 DS_CONFIG = REPO / "examples" / "deepspeed-command" / "ds_zero2.json"
@@ -295,16 +295,7 @@ def test_the_resumed_run_ends_bit_identical_to_an_uninterrupted_one(crashed: Obs
 
 
 def test_the_example_job_passes_ftsup_check_and_uses_the_tested_config() -> None:
-    job = DS_CONFIG.parent / "job.toml"
-    result = subprocess.run(
-        [sys.executable, "-m", "ftsup.supervisor", "check", str(job), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    answer = json.loads(result.stdout)
-    assert answer["ok"] and answer["warnings"] == []
+    answer = ftsup_check_json(DS_CONFIG.parent / "job.toml")
     argv = answer["job"]["command"]["argv"]
     assert argv[argv.index("--deepspeed") + 1] == DS_CONFIG.name
     assert answer["job"]["command"]["resume_args"] == ["--resume_from_checkpoint", "{checkpoint}"]

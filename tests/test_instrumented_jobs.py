@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.supervisor_harness import REPO, Harness, wait_for
+from tests.supervisor_harness import REPO, Harness, ftsup_check_json, wait_for
 
 SCRIPTS = REPO / "tests" / "scripts"
 EXAMPLES = REPO / "examples"
@@ -359,14 +359,5 @@ def test_trl_sft_trainer_stops_at_its_step_and_resumes_bit_identically(trl: Obse
 
 @pytest.mark.parametrize("example", ["trl-sft", "axolotl", "llamafactory"])
 def test_example_job_files_pass_ftsup_check(example: str) -> None:
-    job = EXAMPLES / example / "job.toml"
-    result = subprocess.run(
-        [sys.executable, "-m", "ftsup.supervisor", "check", str(job), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    answer = json.loads(result.stdout)
-    assert answer["ok"] and answer["warnings"] == []
+    answer = ftsup_check_json(EXAMPLES / example / "job.toml")
     assert answer["job"]["command"]["resume_args"], "an example must say how to resume"

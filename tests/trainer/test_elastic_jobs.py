@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ftsup.supervisor.client import Client
 from ftsup.supervisor.contract import ENV_FAULT_STEP_DELAY, ENV_SIMULATE_GPUS
-from ftsup.supervisor.paths import Layout
 from tests.supervisor_harness import Harness, wait_for
 
 MAX_STEPS = 12  # 24 examples / global batch 8: three steps an epoch
@@ -55,18 +53,6 @@ backoff = "1s"
 [gpu]
 {gpu}
 """
-
-
-def step_losses(daemon: Harness, job: str) -> list[tuple[int, float]]:
-    """(step, loss) of every step progress line of the job, all attempts included."""
-    layout = Layout.from_env(daemon.state_dir, daemon.runtime_dir)
-    with Client(layout.socket) as client:
-        answer = client.request("progress_history", job=job, limit=5000)
-    return [
-        (r["step"], r["loss"])
-        for r in answer["records"]
-        if r.get("event") == "step" and r.get("loss") is not None
-    ]
 
 
 def running_on(daemon: Harness, job: str, gpus: list[int]) -> None:
@@ -148,9 +134,9 @@ def test_an_elastic_job_goes_on_with_one_gpu_and_comes_back_to_two(
         == "finished"
     )
 
-    expected = dict(step_losses(daemon, "reference"))
+    expected = dict(daemon.step_losses("reference"))
     assert sorted(expected) == list(range(1, MAX_STEPS + 1))
-    got = step_losses(daemon, "elastic")
+    got = daemon.step_losses("elastic")
     assert {step for step, _ in got} == set(expected)  # every step, some twice (recomputed)
     for step, loss in got:
         assert math.isclose(loss, expected[step], rel_tol=REL_TOL), (step, loss, expected[step])

@@ -34,9 +34,7 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor import outlock
-from ftsup.supervisor.client import Client
 from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE, ENV_FAULT_STEP_DELAY
-from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.trainer_launch import RDZV_JOIN_TIMEOUT_S, torchrun_args
 from tests.supervisor_harness import Harness, wait_for
@@ -82,22 +80,6 @@ backoff = "0.5s"
 [launch]
 {launch}
 """
-
-
-def history(daemon: Harness, job: str) -> list[dict[str, Any]]:
-    """Every progress line of the job the daemon recorded, all attempts."""
-    layout = Layout.from_env(daemon.state_dir, daemon.runtime_dir)
-    with Client(layout.socket) as client:
-        answer = client.request("progress_history", job=job, limit=5000)
-    return list(answer["records"])
-
-
-def losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    return [
-        (r["step"], r["loss"])
-        for r in records
-        if r.get("event") == "step" and r.get("loss") is not None
-    ]
 
 
 @dataclass
@@ -243,10 +225,10 @@ def test_the_run_ends_as_the_same_job_on_one_node(nodes: Nodes) -> None:
     import torch
     from safetensors.torch import load_file
 
-    expected = losses(history(nodes.first, "ref"))
+    expected = nodes.first.step_losses("ref")
     assert [step for step, _ in expected] == list(range(1, MAX_STEPS + 1))
     for node in (nodes.first, nodes.second):
-        got = dict(losses(history(node, JOB)))  # steps 5.. ran twice: the last run wins
+        got = dict(node.step_losses(JOB))  # steps 5.. ran twice: the last run wins
         assert sorted(got) == list(range(1, MAX_STEPS + 1))
         assert got == dict(expected), node.state_dir
     name = f"checkpoint-{MAX_STEPS}/adapter_model.safetensors"
@@ -346,7 +328,7 @@ def shrunk(nodes: Nodes, tiny_model: Path, arith_data: Path) -> Iterator[Shrunk]
         wait_for(past_step_3, 300, 0.05, "the run to pass step 3")
         second.cleanup_processes()  # gone for good
         status = first.wait_state(JOB, *ENDED, timeout=600)
-        yield Shrunk(first, status, losses(history(nodes.first, "ref")))
+        yield Shrunk(first, status, nodes.first.step_losses("ref"))
     finally:
         for node in (first, second):
             node.cleanup()
@@ -375,7 +357,7 @@ def test_with_min_nodes_the_run_goes_on_alone_with_the_same_global_batch(
     # update up to float rounding (test_elastic), so every step matches the
     # two-process reference within 1e-5 relative.
     expected = dict(shrunk.reference)
-    got = losses(history(shrunk.node, JOB))
+    got = shrunk.node.step_losses(JOB)
     assert {step for step, _ in got} == set(expected)
     for step, loss in got:
         assert math.isclose(loss, expected[step], rel_tol=1e-5), (step, loss, expected[step])
