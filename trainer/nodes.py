@@ -39,7 +39,11 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
         return suggested
     store = _store(timeout_s)
     _report_joined()
-    key = f"{STORE_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    # One key per rendezvous round. torchrun's restart count stays the same when
+    # nodes join a running job (`min_nodes`), but then the world grows, and it
+    # never shrinks within one launcher (a lost node ends the attempt).
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
     if dist.rank() == 0:
         choice = _choose(output_dir)
         store.set(key, str(choice) if choice is not None else NONE)
