@@ -115,3 +115,25 @@ def test_job_header_says_goodput_is_unknown_never_zero() -> None:
     text = goodput_text(info).plain
     assert text == f"goodput unknown over 35s ({reason})"
     assert "0%" not in text
+
+
+def test_job_header_shows_a_multi_node_jobs_nodes_and_what_it_waits_for() -> None:
+    """The job screen's nodes line: the status's `waiting_for_nodes` and `nodes`
+    view (each node's last record), a stale record with its age."""
+    from ftsup.tui.widgets.job_header import nodes_text
+
+    info = {
+        "waiting_for_nodes": "waiting for nodes: rendezvous ftsup-mn at n1:29400 needs 2 node(s)",
+        "nodes": {
+            "nodes": [
+                {"node": "n1-aa", "state": "running", "step": 1730, "age_s": 2.0, "self": True},
+                {"node": "n2-bb", "state": "running", "step": 1702, "age_s": 240.0},
+            ],
+            "error": None,
+        },
+    }
+    assert nodes_text(info, 0.0).plain == (
+        "waiting for nodes: rendezvous ftsup-mn at n1:29400 needs 2 node(s)"
+        " · n1-aa running step 1730 · n2-bb running step 1702 (4m ago)"
+    )
+    assert nodes_text({"nodes": None, "waiting_for_nodes": None}, 0.0).plain == ""

@@ -53,6 +53,34 @@ def header_text(job: JobModel, now: float) -> Text:
     if goodput_line.plain:
         text.append("\n")
         text.append_text(goodput_line)
+    nodes_line = nodes_text(job.info, now)
+    if nodes_line.plain:
+        text.append("\n")
+        text.append_text(nodes_line)
+    return text
+
+
+def nodes_text(info: dict[str, Any], now: float) -> Text:
+    """A multi-node job: `waiting for nodes: ...` and every node's part, as the
+    nodes' daemons last wrote it into the shared folder (`ftsup status` too)."""
+    text = Text()
+    waiting = info.get("waiting_for_nodes")
+    if isinstance(waiting, str):
+        text.append(waiting, style="yellow")
+    view = info.get("nodes")
+    nodes = view.get("nodes") if isinstance(view, dict) else None
+    for node in nodes if isinstance(nodes, list) else []:
+        if not isinstance(node, dict):
+            continue
+        text.append(" · " if text.plain else "nodes: ")
+        text.append(str(node.get("node")), style="bold" if node.get("self") else "")
+        text.append(" ")
+        text.append_text(state_text(str(node.get("state"))))
+        step = as_int(node.get("step"))
+        text.append(f" step {step if step is not None else '-'}")
+        age = as_float(node.get("age_s"))
+        if age is not None and age >= 60:
+            text.append(f" ({fmt.duration(age)} ago)", style="dim")
     return text
 
 
