@@ -249,6 +249,9 @@ def test_examples_validate() -> None:
         assert spec.output_dir.is_absolute()
     assert load_spec(REPO / "examples" / "command-job.toml").command is not None
     assert load_spec(REPO / "examples" / "lora-job.toml").train is not None
+    multinode = load_spec(REPO / "examples" / "multinode" / "job.toml").launch
+    assert (multinode.nnodes, multinode.min_nodes, multinode.rdzv_last_call) == (2, 1, 60.0)
+    assert multinode.elastic_nodes and multinode.world_size == 16
 
 
 # --------------------------------------------------------------- bad specs

@@ -96,7 +96,10 @@ def _summary_rows(spec: JobSpec) -> list[tuple[str, str]]:
         rows += _train_rows(spec.train)
     if spec.launch.distributed:
         launch = spec.launch
-        rows.append(("launch", f"torchrun, {launch.nproc_per_node} x {launch.nnodes} node(s)"))
+        nodes = f"{launch.nnodes} node(s)"
+        if launch.elastic_nodes:
+            nodes += f", going on with {launch.min_nodes} or more"
+        rows.append(("launch", f"torchrun, {launch.nproc_per_node} x {nodes}"))
     rows.append(("restart", _restart_policy(spec.restart)))
     return rows
 
