@@ -119,7 +119,14 @@ class Harness:
         return json.loads(result.stdout)
 
     def status(self, job: str) -> dict[str, Any]:
-        return dict(self.cli_json("status", job))
+        """What `ftsup status JOB --json` prints (the daemon's answer, unchanged),
+        asked over the socket from this process: a new CLI process per poll would
+        keep a core from the trainers on a 2-core machine."""
+        from ftsup.supervisor.client import Client
+        from ftsup.supervisor.paths import Layout
+
+        with Client(Layout.from_env(self.state_dir, self.runtime_dir).socket) as client:
+            return dict(client.request("status", job=job))
 
     def progress_history(self, job: str) -> list[dict[str, Any]]:
         """Every progress record of the job the daemon recorded, all attempts."""

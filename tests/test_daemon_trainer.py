@@ -10,6 +10,12 @@ from ftsup.supervisor.procinfo import group_members
 from ftsup.trainer.demo import prepare_demo
 from tests.supervisor_harness import Harness, wait_for
 
+FINAL = ("finished", "failed", "gave_up")
+
+
+def _step(daemon: Harness, job: str) -> int:
+    return int((daemon.status(job)["progress"] or {}).get("step", 0))
+
 
 def _with_batch_size(job_file: Path, size: int) -> None:
     text = job_file.read_text()
@@ -20,8 +26,11 @@ def _with_batch_size(job_file: Path, size: int) -> None:
 
 def test_resume_after_a_batch_size_change_is_refused_unless_accepted(daemon: Harness) -> None:
     job_file = prepare_demo(daemon.work / "demo", steps=16, name="drifty")
+    # No warm standby: nothing here restarts within a run, and a standby warming up
+    # beside the trainer (torch's default: a thread per core each) slows every step.
+    job_file.write_text(job_file.read_text().replace("[restart]\n", "[restart]\nstandby = false\n"))
     daemon.cli("start", str(job_file))
-    first = daemon.wait_state("drifty", "finished", "failed", "gave_up", timeout=300)
+    first = daemon.wait_state("drifty", *FINAL, timeout=300)
     assert first["state"] == "finished"
 
     # Resubmit with a longer run and another batch size: resuming would change the data order.
@@ -29,14 +38,14 @@ def test_resume_after_a_batch_size_change_is_refused_unless_accepted(daemon: Har
     job_file.write_text(text)
     _with_batch_size(job_file, 8)
     daemon.cli("start", str(job_file))
-    refused = daemon.wait_state("drifty", "finished", "failed", "gave_up", timeout=120)
+    refused = daemon.wait_state("drifty", *FINAL, timeout=120)
     assert refused["state"] == "failed"
     assert "refusing to resume from checkpoint-16" in refused["reason"]
     assert "per-device batch size changed from 16 to 8" in refused["reason"]
     assert "--accept-drift" in refused["reason"]
 
     daemon.cli("start", str(job_file), "--accept-drift")
-    accepted = daemon.wait_state("drifty", "finished", "failed", "gave_up", timeout=300)
+    accepted = daemon.wait_state("drifty", *FINAL, timeout=300)
     assert accepted["state"] == "finished", accepted
     assert accepted["attempt_history"][-1]["resume_from"].endswith("checkpoint-16")
     drift = [e for e in daemon.cli_json("events", "drifty")["events"] if e["kind"] == "drift"]
@@ -49,11 +58,7 @@ def test_two_process_job_stops_gracefully_and_resumes_under_the_daemon(daemon: H
     job_file = prepare_demo(daemon.work / "ddp", steps=400, name="ddp")
     job_file.write_text(job_file.read_text() + "\n[launch]\nnproc_per_node = 2\n")
     daemon.cli("start", str(job_file))
-    wait_for(
-        lambda: (daemon.status("ddp")["progress"] or {}).get("step", 0) >= 5,
-        180,
-        what="step 5 under torchrun",
-    )
+    wait_for(lambda: _step(daemon, "ddp") >= 5, 180, 0.1, "step 5 under torchrun")
     pgid = daemon.attempt_pids("ddp")[0]["pgid"]
     stopped = daemon.cli_json("stop", "ddp", "--wait")
     assert stopped["state"] == "stopped"
@@ -65,12 +70,10 @@ def test_two_process_job_stops_gracefully_and_resumes_under_the_daemon(daemon: H
     assert not _workers_left(config)
     daemon.cli("restart", "ddp")
     wait_for(
-        lambda: (
-            daemon.status("ddp")["state"] == "running"
-            and (daemon.status("ddp")["progress"] or {}).get("step", 0) > saved
-        ),
+        lambda: daemon.status("ddp")["state"] == "running" and _step(daemon, "ddp") > saved,
         180,
-        what="the resumed run to pass the saved step",
+        0.1,
+        "the resumed run to pass the saved step",
     )
     resumed = daemon.status("ddp")["attempt_history"][-1]
     assert resumed["resume_from"].endswith(f"checkpoint-{saved}")

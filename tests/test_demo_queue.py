@@ -11,11 +11,16 @@ import pytest
 from tests.supervisor_harness import Harness
 
 STEPS = 40
+# Up to four trainers and standbys share the CPU cores; torch's default of one thread
+# per core then oversubscribes them and every step crawls (~130 s for the demo here,
+# ~30 s with one thread each). Nothing asserted here depends on the thread count.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_queue_demo_preempts_and_resumes_without_losing_a_step(harness: Harness) -> None:
+    harness.env.update(ONE_THREAD)  # the demo's daemon, and its trainers, inherit it
     result = harness.cli("demo", "--queue", "--steps", str(STEPS), "--json", timeout=900)
     summary = json.loads(result.stdout)
     jobs = {job["job"]: job for job in summary["jobs"]}

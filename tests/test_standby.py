@@ -13,11 +13,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import ENV_FAULT_STEP_DELAY
 from ftsup.supervisor.procinfo import group_members, is_same_process
 from ftsup.trainer.demo import prepare_demo
 from tests.supervisor_harness import Harness, wait_for
 
 STEPS = 400  # a checkpoint every 50 steps; about 15 s of training here
+FINAL = ("finished", "failed", "gave_up")
 
 
 def _demo_job(daemon: Harness, name: str, *, standby: bool = True) -> Path:
@@ -25,6 +27,15 @@ def _demo_job(daemon: Harness, name: str, *, standby: bool = True) -> Path:
     if not standby:
         job.write_text(job.read_text().replace("[restart]\n", "[restart]\nstandby = false\n"))
     return job
+
+
+def _one_thread(daemon: Harness, **env: str) -> None:
+    """Restart the daemon (its environment is its trainers') with one torch thread per
+    trainer: a run and a standby warming beside it, each with a thread per core,
+    oversubscribe the cores and every step crawls."""
+    daemon.env.update({"OMP_NUM_THREADS": "1", **env})
+    daemon.kill_daemon()
+    daemon.start_daemon()
 
 
 def _events(daemon: Harness, job: str, kind: str) -> list[dict[str, Any]]:
@@ -93,23 +104,18 @@ def _assert_resumed_from_its_checkpoint(daemon: Harness, job: str) -> None:
 
 
 def test_standby_takes_over_a_killed_run_identical_to_a_cold_restart(daemon: Harness) -> None:
-    daemon.env["OMP_NUM_THREADS"] = "1"  # the same thread count in both runs
-    daemon.kill_daemon()
-    daemon.start_daemon()
+    _one_thread(daemon)  # also: the same thread count in both runs
     daemon.cli("start", str(_demo_job(daemon, "warm")))
     daemon.cli("start", str(_demo_job(daemon, "cold", standby=False)))
     standby = _ready_standby(daemon, "warm")
     for job in ("warm", "cold"):
-        wait_for(
-            lambda job=job: (daemon.work / job / "output" / "checkpoint-50").is_dir(),
-            120,
-            what=f"{job}'s first checkpoint",
-        )
+        first_checkpoint = daemon.work / job / "output" / "checkpoint-50"
+        wait_for(first_checkpoint.is_dir, 120, what=f"{job}'s first checkpoint")
         assert daemon.status(job)["progress"]["step"] < STEPS, "killed too late to resume"
         _kill_trainer(daemon, job)
 
     for job in ("warm", "cold"):
-        finished = daemon.wait_state(job, "finished", "failed", "gave_up", timeout=240)
+        finished = daemon.wait_state(job, *FINAL, timeout=240)
         assert finished["state"] == "finished", finished
         assert finished["attempts"] == 2
     warm_started = _events(daemon, "warm", "attempt_started")[-1]
@@ -131,6 +137,9 @@ def test_standby_takes_over_a_killed_run_identical_to_a_cold_restart(daemon: Har
 def test_standby_is_replaced_when_lost_dies_with_its_daemon_and_goes_with_the_job(
     daemon: Harness,
 ) -> None:
+    # The run must outlive three standbys' warm-ups and a daemon restart; slow steps
+    # make it last, and leave the CPU to the standbys (it is stopped at the end).
+    _one_thread(daemon, **{ENV_FAULT_STEP_DELAY: "0.25"})
     daemon.cli("start", str(_demo_job(daemon, "life")))
     first = _ready_standby(daemon, "life")
     assert f"ready (pid {first['pid']}, warm in" in daemon.cli("status", "life").stdout

@@ -83,6 +83,11 @@ def run_queue_demo(args: argparse.Namespace, demo: Any, say: Any) -> int:
         path.write_text(queue_job_text(template, job, out))
         files[job.name] = path
     os.environ[ENV_SIMULATE_GPUS] = str(SIMULATED_GPUS)  # for the daemon started here
+    # Its trainers share this machine's cores (a GPU per run is simulated, the
+    # compute is not): torch's default of one thread per core in each of them
+    # oversubscribes a small machine and every step crawls (measured: 130 s for
+    # the demo on 2 cores, 31 s with one thread each).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // SIMULATED_GPUS)))
     try:
         client, started = ensure_daemon(layout)
     except DaemonUnavailable as exc:
