@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ftsup.supervisor.contract import ENV_SIMULATE_GPUS
 from tests.supervisor_harness import Harness, wait_for
-from tests.test_instrumentation_status import trainer_environ
+from tests.test_instrumentation_status import trainer_environ, trainer_pid
 
 
 def queued_job(
@@ -101,7 +101,7 @@ def test_a_new_daemon_keeps_who_holds_what(harness: Harness) -> None:
     wait_for(lambda: daemon.status("holder")["state"] == "running", what="holder to run")
     daemon.cli("start", str(queued_job(daemon, "waiter", *LONG, gpu="devices = [1]")))
     daemon.wait_state("waiter", "queued")
-    pid = daemon.status("holder")["current_attempt"]["trainer_pid"]
+    pid = trainer_pid(daemon, "holder")
     daemon.kill_daemon()
     daemon.start_daemon()
     assert daemon.wait_state("waiter", "queued")["reason"]

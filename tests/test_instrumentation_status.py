@@ -8,8 +8,19 @@ from ftsup.supervisor.procinfo import environment
 from tests.supervisor_harness import Harness, wait_for
 
 
+def trainer_pid(daemon: Harness, job: str) -> int:
+    """The running trainer's pid. `running` comes a moment before the daemon has
+    recorded it (the shim's pids.json): wait for it."""
+
+    def pid() -> int | None:
+        current = daemon.status(job)["current_attempt"] or {}
+        return current.get("trainer_pid")
+
+    return int(wait_for(pid, 30, 0.05, f"the daemon to know {job}'s trainer pid"))
+
+
 def trainer_environ(daemon: Harness, job: str) -> dict[str, str]:
-    return environment(daemon.status(job)["current_attempt"]["trainer_pid"])
+    return environment(trainer_pid(daemon, job))
 
 
 def start_long_job(daemon: Harness, name: str, *, instrument: bool | None) -> None:
