@@ -25,6 +25,11 @@ from ftsup.trainer import dist
 
 STORE_PREFIX = "ftsup/resume"
 NONE = "-"  # published when there is nothing to resume
+FAILED = "!"  # prefixes rank 0's error when it could not choose
+
+
+class ResumeAgreementError(RuntimeError):
+    """Rank 0 failed to choose the checkpoint (its reason follows)."""
 
 
 def multi_node() -> bool:
@@ -45,7 +50,11 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     key = f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
     if dist.rank() == 0:
-        choice = _choose(output_dir)
+        try:
+            choice = _choose(output_dir)
+        except BaseException as exc:  # the others must not wait for a choice that never comes
+            store.set(key, f"{FAILED}{type(exc).__name__}: {exc}")
+            raise
         store.set(key, str(choice) if choice is not None else NONE)
         print(
             f"ftsup trainer: rank 0 resumes every node from {choice or 'the start'}",
@@ -54,6 +63,8 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
         return choice
     store.wait([key])
     value = store.get(key).decode()
+    if value.startswith(FAILED):
+        raise ResumeAgreementError(f"rank 0 could not choose a checkpoint: {value[len(FAILED) :]}")
     choice = None if value == NONE else Path(value)
     if choice != suggested and dist.local_rank() == 0:
         print(
@@ -99,4 +110,4 @@ def _store(timeout_s: float) -> Any:
     )
 
 
-__all__ = ["agree_on_resume", "multi_node"]
+__all__ = ["ResumeAgreementError", "agree_on_resume", "multi_node"]
