@@ -74,10 +74,7 @@ def acquire(output_dir: Path, holder: dict[str, Any]) -> int:
     """Take the lock and return its descriptor (inheritable by the trainer)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = lock_path(output_dir)
-    try:  # O_NOFOLLOW: a symlink here must never truncate its target
-        fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except NotRegularFile as exc:
-        raise LockFileUnusable(path, exc) from None
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -132,9 +129,9 @@ def acquire_for_group(output_dir: Path, holder: dict[str, Any], group: str) -> l
             fcntl.flock(fds[1], fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # another group's node is probing it right now
             raise OutputLocked(own, _read_json(own)) from None
-        for other in sorted(output_dir.glob(f"{GROUP_PREFIX}*{GROUP_SUFFIX}")):
-            if other != own and _held(other):
-                raise OutputLocked(other, _read_json(other))
+        other = _live_other_group(output_dir, own)
+        if other is not None:
+            raise OutputLocked(other, _read_json(other))
         for fd in fds:  # the same bytes from every node: concurrent writes agree
             os.ftruncate(fd, 0)
             os.pwrite(fd, record, 0)
@@ -145,14 +142,28 @@ def acquire_for_group(output_dir: Path, holder: dict[str, Any], group: str) -> l
     return fds
 
 
-def _held(path: Path) -> bool:
-    """A live process holds `path` (a non-blocking exclusive probe fails)."""
+def _live_other_group(output_dir: Path, own: Path) -> Path | None:
+    """Another multi-node job's group file that a live process holds, if any."""
+    for other in sorted(output_dir.glob(f"{GROUP_PREFIX}*{GROUP_SUFFIX}")):
+        if other != own and _probe(other, fcntl.LOCK_EX, unusable_raises=False):
+            return other
+    return None
+
+
+def _probe(path: Path, mode: int, *, unusable_raises: bool) -> bool:
+    """Someone holds `path` against `mode` (a non-blocking lock of that mode fails);
+    the probe keeps nothing. A missing file is free; anything but a regular file
+    raises LockFileUnusable, or counts as free when not `unusable_raises`."""
     try:
         fd = open_regular(path, os.O_RDONLY)
-    except (FileNotFoundError, NotRegularFile):
+    except FileNotFoundError:
+        return False
+    except NotRegularFile as exc:
+        if unusable_raises:
+            raise LockFileUnusable(path, exc) from None
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -191,24 +202,12 @@ def is_locked(output_dir: Path, *, group: str | None = None) -> bool:
 
     Raises LockFileUnusable when the name holds anything but a regular file.
     """
-    path = lock_path(output_dir)
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except NotRegularFile as exc:
-        raise LockFileUnusable(path, exc) from None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if group is None else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
+    mode = fcntl.LOCK_EX if group is None else fcntl.LOCK_SH
+    if _probe(lock_path(output_dir), mode, unusable_raises=True):
         return True
-    finally:
-        os.close(fd)
     if group is None:
         return False
-    own = group_lock_path(output_dir, group)
-    others = output_dir.glob(f"{GROUP_PREFIX}*{GROUP_SUFFIX}")
-    return any(other != own and _held(other) for other in others)
+    return _live_other_group(output_dir, group_lock_path(output_dir, group)) is not None
 
 
 def output_dir_problem(output_dir: Path) -> str | None:

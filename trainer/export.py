@@ -116,26 +116,30 @@ def _export_adapter(checkpoint_dir: Path, base: str, out: Path, dtype: Any) -> N
 def _export_full(checkpoint_dir: Path, base: str | None, out: Path, dtype: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    if _zero_shards_only(checkpoint_dir):
-        model = _model_from_zero_shards(checkpoint_dir)
-        model.to(dtype).save_pretrained(str(out), safe_serialization=True)
-        return
-    if _dcp_shards_only(checkpoint_dir):
-        model = _model_from_dcp_shards(checkpoint_dir, base, out)
-        model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+    sharded = _model_from_shards(checkpoint_dir, base, out)
+    if sharded is not None:
+        sharded.to(dtype).save_pretrained(str(out), safe_serialization=True)
         return
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype)
     model.save_pretrained(str(out), safe_serialization=True)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+DCP_MODEL_FOLDER = "pytorch_model_fsdp_0"  # accelerate's sharded FSDP weights (DCP)
 
 
-def _zero_shards_only(checkpoint_dir: Path) -> bool:
-    """A DeepSpeed checkpoint whose weights exist only as ZeRO shards (a config with
-    stage3_gather_16bit_weights_on_model_save = false): no HF weights file, a `latest`."""
-    has_weights = any((checkpoint_dir / name).exists() for name in _WEIGHT_FILES)
-    return not has_weights and (checkpoint_dir / "latest").is_file()
+def _model_from_shards(checkpoint_dir: Path, base: str | None, scratch: Path) -> Any | None:
+    """The consolidated model of a checkpoint with no HF weights file, whose weights
+    exist only as DeepSpeed ZeRO shards (a config with
+    stage3_gather_16bit_weights_on_model_save = false: a `latest`) or as FSDP's
+    sharded state dict (DCP); None: an ordinary HF checkpoint."""
+    if any((checkpoint_dir / name).exists() for name in _WEIGHT_FILES):
+        return None
+    if (checkpoint_dir / "latest").is_file():
+        return _model_from_zero_shards(checkpoint_dir)
+    if (checkpoint_dir / DCP_MODEL_FOLDER / ".metadata").is_file():
+        return _model_from_dcp_shards(checkpoint_dir, base, scratch)
+    return None
 
 
 def _model_from_zero_shards(checkpoint_dir: Path) -> Any:
@@ -169,15 +173,6 @@ def _model_with_state(config_source: str, state: dict[str, Any], what: str) -> A
     if missing:
         model.tie_weights()
     return model
-
-
-DCP_MODEL_FOLDER = "pytorch_model_fsdp_0"  # accelerate's sharded FSDP weights (DCP)
-
-
-def _dcp_shards_only(checkpoint_dir: Path) -> bool:
-    """An FSDP checkpoint with sharded state dicts: weights only as DCP shards."""
-    has_weights = any((checkpoint_dir / name).exists() for name in _WEIGHT_FILES)
-    return not has_weights and (checkpoint_dir / DCP_MODEL_FOLDER / ".metadata").is_file()
 
 
 def _model_from_dcp_shards(checkpoint_dir: Path, base: str | None, scratch: Path) -> Any:

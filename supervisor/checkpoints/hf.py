@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +191,20 @@ def rng_world_size(folder: Path) -> int | None:
     whose DeepSpeed shard is gone is still named by its RNG file: the sharded
     layout's check then knows how many ranks to expect without the job's word.
     """
-    ranks = [int(m.group(1)) for name in os.listdir(folder) if (m := _RNG_RANK.match(name))]
+    ranks = _rng_ranks(os.listdir(folder))
     return max(ranks) + 1 if ranks else None
+
+
+def _rng_ranks(names: Iterable[str]) -> set[int]:
+    """The ranks named by `rng_state_<rank>.pth` files."""
+    return {int(m.group(1)) for name in names if (m := _RNG_RANK.match(name))}
 
 
 def _check_rng(names: set[str], found: Findings, world_size: int | None) -> None:
     """One RNG file per process: `rng_state.pth` alone, or `rng_state_<rank>.pth`
     for every rank. Rank files imply at least two processes; `world_size`, when
     known, can only raise the expected count."""
-    ranks = {int(m.group(1)) for n in names if (m := _RNG_RANK.match(n))}
+    ranks = _rng_ranks(names)
     if ranks:
         expected = max(max(ranks) + 1, 2, world_size or 0)
         for rank in range(expected):
