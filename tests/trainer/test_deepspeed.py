@@ -30,27 +30,15 @@ from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 from ftsup.supervisor.manifest import MANIFEST_NAME, read_manifest
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
-from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
+from tests.trainer.trainer_helpers import (
+    TrainerProcess,
+    full_train_table,
+    step_losses,
+    write_config,
+)
 
 MAX_STEPS = 6
 SAVE_STEPS = 2
-
-
-def train_table(model: Path, data: Path) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "dataset": [str(data)],
-        "cutoff_len": 64,
-        "finetuning_type": "full",
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "warmup_steps": 1,
-        "max_steps": MAX_STEPS,
-        "save_steps": SAVE_STEPS,
-        "save_total_limit": 5,
-        "seed": 5,
-    }
 
 
 @dataclass
@@ -91,7 +79,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def exact_resume_runs(
     base: Path, inputs: tuple[Path, Path], stage: str, kill_env: dict[str, str], async_save: bool
 ) -> Runs:
-    train = train_table(*inputs)
+    train = full_train_table(*inputs, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
     reference = run(base / "ref", train, stage, async_save=async_save)
     assert reference.proc.returncode == 0, reference.log()
     killed = run(base / "run", train, stage, async_save=async_save, env=kill_env)

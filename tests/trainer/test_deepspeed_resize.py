@@ -45,7 +45,12 @@ from ftsup.trainer.zero_resize import (
     plan_for,
     saved_world_size,
 )
-from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
+from tests.trainer.trainer_helpers import (
+    TrainerProcess,
+    full_train_table,
+    step_losses,
+    write_config,
+)
 
 MAX_STEPS = 6
 GLOBAL_BATCH = 4  # 2 per device x 1 accumulation x 2 processes = 2 x 2 x 1
@@ -62,23 +67,6 @@ def round_robin_config(folder: Path) -> str:
     path = folder / "zero2-round-robin.json"
     path.write_text(json.dumps(config))
     return str(path)
-
-
-def train_table(model: Path, data: Path) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "dataset": [str(data)],
-        "cutoff_len": 64,
-        "finetuning_type": "full",
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,  # elastic: set from the global batch
-        "learning_rate": 1e-3,
-        "warmup_steps": 1,
-        "max_steps": MAX_STEPS,
-        "save_steps": 2,
-        "save_total_limit": 5,
-        "seed": 5,
-    }
 
 
 def elastic_config(run_dir: Path, train: dict[str, Any]) -> Path:
@@ -112,7 +100,7 @@ def test_zero_checkpoint_of_two_processes_resumes_on_one(
     tmp_path: Path,
     start_trainer: Callable[..., TrainerProcess],
 ) -> None:
-    table = train_table(tiny_model, arith_data)
+    table = full_train_table(tiny_model, arith_data, max_steps=MAX_STEPS, save_steps=2)
     one = LaunchSection(nproc_per_node=1, deepspeed=stage)
     reference = start_trainer(elastic_config(tmp_path / "ref", table), launch=one)
     assert reference.wait(timeout=180) == 0, reference.log()

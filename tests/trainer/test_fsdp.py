@@ -43,7 +43,13 @@ from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.trainer_launch import DISTRUN_MODULE, build_trainer_argv
 from ftsup.trainer.tiny import build_arithmetic_dataset, build_tiny_model
-from tests.trainer.trainer_helpers import TRAINER_ENV, TrainerProcess, step_losses, write_config
+from tests.trainer.trainer_helpers import (
+    TRAINER_ENV,
+    TrainerProcess,
+    full_train_table,
+    step_losses,
+    write_config,
+)
 
 MAX_STEPS = 6
 SAVE_STEPS = 2
@@ -54,23 +60,6 @@ SHARDS = sorted(
     for folder in ("optimizer_0", "pytorch_model_fsdp_0")
     for name in (".metadata", "__0_0.distcp", "__1_0.distcp")
 )
-
-
-def train_table(model: Path, data: Path) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "dataset": [str(data)],
-        "cutoff_len": 64,
-        "finetuning_type": "full",
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "warmup_steps": 1,
-        "max_steps": MAX_STEPS,
-        "save_steps": SAVE_STEPS,
-        "save_total_limit": 5,
-        "seed": 5,
-    }
 
 
 @dataclass
@@ -108,7 +97,8 @@ def run(run_dir: Path, train: dict[str, Any], nproc: int = 2, **kwargs: Any) -> 
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     base = tmp_path_factory.mktemp("fsdp")
     model = build_tiny_model(base / "model", seed=0, hidden=32)
-    train = train_table(model, build_arithmetic_dataset(base / "arith.jsonl", 24, seed=1))
+    data = build_arithmetic_dataset(base / "arith.jsonl", 24, seed=1)
+    train = full_train_table(model, data, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
     reference = run(base / "ref", train)
     assert reference.proc.returncode == 0, reference.log()
     # Rank 0 is SIGKILLed while saving step 4: every shard written, no manifest yet.

@@ -25,6 +25,26 @@ from ftsup.supervisor.trainer_launch import build_trainer_argv
 TRAINER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def full_train_table(model: Path, data: Path, *, max_steps: int, save_steps: int) -> dict[str, Any]:
+    """The [train] table of the sharded tests (ZeRO, FSDP, their resizes): a full
+    fine-tune of the tiny model, 2 per device, no accumulation (an elastic run sets
+    it from its global batch)."""
+    return {
+        "model": str(model),
+        "dataset": [str(data)],
+        "cutoff_len": 64,
+        "finetuning_type": "full",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "max_steps": max_steps,
+        "save_steps": save_steps,
+        "save_total_limit": 5,
+        "seed": 5,
+    }
+
+
 def write_config(run_dir: Path, train: dict[str, Any], *, async_save: bool = True) -> Path:
     """A train.json as the daemon writes it; output in run_dir/out."""
     run_dir.mkdir(parents=True, exist_ok=True)
