@@ -35,6 +35,7 @@ WRITER = textwrap.dedent(
     optimizer.step()
     weights, optim = get_state_dict(model, optimizer)
     dcp.save({"model": weights, "optim": optim}, checkpoint_id=sys.argv[1])
+    dist.barrier()  # no rank tears gloo down while another still talks (SIGABRT at exit)
     dist.destroy_process_group()
     """
 )
