@@ -38,8 +38,17 @@ def multi_node() -> bool:
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
-def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) -> Path | None:
-    """The checkpoint every rank resumes: rank 0's choice on a multi-node run."""
+def agree_on_resume(
+    suggested: Path | None,
+    output_dir: Path,
+    timeout_s: float,
+    *,
+    require_manifest: bool | None = True,
+) -> Path | None:
+    """The checkpoint every rank resumes: rank 0's choice on a multi-node run.
+
+    `require_manifest`: as the daemon judges the job's checkpoints (True for the
+    built-in trainer's; None, decided by the folder, for a `[command]` job's)."""
     if not multi_node():
         return suggested
     store = _store(timeout_s)
@@ -51,7 +60,7 @@ def agree_on_resume(suggested: Path | None, output_dir: Path, timeout_s: float) 
     key = f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
     if dist.rank() == 0:
         try:
-            choice = _choose(output_dir)
+            choice = _choose(output_dir, require_manifest)
         except BaseException as exc:  # the others must not wait for a choice that never comes
             store.set(key, f"{FAILED}{type(exc).__name__}: {exc}")
             raise
@@ -87,10 +96,12 @@ def _report_joined() -> None:
     writer.close()
 
 
-def _choose(output_dir: Path) -> Path | None:
+def _choose(output_dir: Path, require_manifest: bool | None) -> Path | None:
     from ftsup.supervisor.checkpoints.discovery import select_resume
 
-    choice = select_resume(output_dir, world_size=dist.world_size(), require_manifest=True)
+    choice = select_resume(
+        output_dir, world_size=dist.world_size(), require_manifest=require_manifest
+    )
     for moved in choice.quarantined:
         print(
             f"ftsup trainer: quarantined {moved.moved_to.name}: {moved.report.reason}",
