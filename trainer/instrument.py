@@ -8,9 +8,11 @@ are covered too:
 - `__init__`: after the trainer is built, add an `FtsupCallback` (unless the
   script already added one): progress every step, SIGTERM/SIGUSR1 -> save at the
   next step boundary and stop, SIGUSR2 -> save now.
-- `train`: when training ended on a stop request, exit 75 (`EXIT_STOPPED`)
-  instead of running the rest of the script (a final `save_model` would write a
-  half-trained model where the finished one belongs).
+- `train`: on a multi-node run, every rank resumes the checkpoint global rank 0
+  chose (`nodes.agree_on_resume`, as the built-in trainer does) instead of the one
+  its own node's daemon suggested; when training ended on a stop request, exit 75
+  (`EXIT_STOPPED`) instead of running the rest of the script (a final
+  `save_model` would write a half-trained model where the finished one belongs).
 
 And one function of torchrun's agent (`torch.distributed.launcher.api`, which
 `torchrun`, `python -m torch.distributed.run` and `accelerate launch` all call),
@@ -18,7 +20,8 @@ so that a command launched through it keeps the contract as the built-in
 trainer's `distrun` does: SIGTERM/SIGUSR1/SIGUSR2 are passed on to the workers
 (torchrun would SIGKILL them 30 s after a SIGTERM, and die of SIGUSR1/SIGUSR2),
 and a stop ends with 75 rather than torchrun's 1 for any worker exit. Its
-workers ask to die with it (they run in sessions of their own).
+workers ask to die with it (they run in sessions of their own). A launcher that
+joins a multi-node rendezvous tells the daemon it waits for the other nodes.
 
 Whatever fails in here is reported and the trainer runs on uninstrumented.
 """
@@ -30,20 +33,24 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ftsup.supervisor.contract import (
+    ENV_OUTPUT_DIR,
     ENV_RESUME_FROM,
     EXIT_STOPPED,
     PROGRESS_INSTRUMENT_FAILED,
     PROGRESS_INSTRUMENTED,
+    PROGRESS_RENDEZVOUS,
 )
-from ftsup.trainer import dist
+from ftsup.trainer import dist, nodes
 from ftsup.trainer.progress import ProgressWriter
 
 _WRAPPED = "__ftsup_instrumented__"
 ENV_TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for its workers
+AGREE_TIMEOUT_S = 600.0  # how long a rank waits for rank 0's choice of checkpoint
 
 
 def instrument_trainer_module(module: ModuleType) -> None:
@@ -67,7 +74,9 @@ def instrument_launcher_module(module: ModuleType) -> None:
     @functools.wraps(original)
     def launch_agent(*args: Any, **kwargs: Any) -> Any:
         try:
-            _keep_signals_for_workers(args[0] if args else kwargs.get("config"))
+            config = args[0] if args else kwargs.get("config")
+            _keep_signals_for_workers(config)
+            _announce_rendezvous(config)
         except Exception as exc:  # torchrun runs on as it would without ftsup
             _report_failure(f"torchrun's agent: {type(exc).__name__}: {exc}")
             return original(*args, **kwargs)
@@ -95,6 +104,24 @@ def _keep_signals_for_workers(config: Any) -> None:
     config.signals_to_handle = TORCHRUN_SIGNALS
     for sig in FORWARDED:
         signal.signal(sig, forward)
+
+
+def _announce_rendezvous(config: Any) -> None:
+    """A multi-node launcher waits for the other nodes from here on: the daemon
+    shows `waiting for nodes` instead of judging a hang (as distrun does)."""
+    if int(getattr(config, "max_nodes", 1)) <= 1 or config.rdzv_backend == "static":
+        return
+    writer = ProgressWriter.from_env()
+    writer.emit(
+        PROGRESS_RENDEZVOUS,
+        state="waiting",
+        nnodes=f"{config.min_nodes}:{config.max_nodes}"
+        if config.min_nodes != config.max_nodes
+        else str(config.max_nodes),
+        endpoint=str(config.rdzv_endpoint),
+        rdzv_id=str(config.run_id),
+    )
+    writer.close()
 
 
 def _stop_exit_code(exc: Exception) -> int | None:
@@ -125,6 +152,8 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
 def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if nodes.multi_node():
+            args, kwargs = _agreed_resume(self, args, kwargs)
         result = original(self, *args, **kwargs)
         callback = ftsup_callback_of(self)
         if callback is not None and callback.stopped:
@@ -138,6 +167,50 @@ def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return train
+
+
+def _agreed_resume(
+    trainer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`train`'s arguments with rank 0's resume point, when the script resumes what
+    the daemon suggested (its `resume_args`, or HF's `True` for "the newest").
+
+    A failure here is raised, never skipped: nodes that resume different steps
+    would train on, silently inconsistent."""
+    positional = bool(args)
+    given = args[0] if positional else kwargs.get("resume_from_checkpoint")
+    suggested = os.environ.get(ENV_RESUME_FROM) or None
+    follows_daemon = given is True or _same_path(given, suggested)
+    if not follows_daemon:
+        print(
+            f"ftsup: the script resumes {given!r}, not the daemon's suggestion "
+            f"({suggested or 'the start'}); the nodes' agreement is left out",
+            file=sys.stderr,
+            flush=True,
+        )
+        return args, kwargs
+    output_dir = Path(os.environ.get(ENV_OUTPUT_DIR) or str(trainer.args.output_dir))
+    choice = nodes.agree_on_resume(
+        Path(suggested) if suggested else None,
+        output_dir,
+        AGREE_TIMEOUT_S,
+        require_manifest=None,  # judged as the daemon judges a [command] job's folder
+    )
+    value = str(choice) if choice is not None else None
+    callback = ftsup_callback_of(trainer)
+    if callback is not None:  # its train_start names the checkpoint actually resumed
+        callback.resumed_from = value
+    if positional:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "resume_from_checkpoint": value}
+
+
+def _same_path(given: Any, suggested: str | None) -> bool:
+    if given is None or given is False:
+        return suggested is None
+    if suggested is None or not isinstance(given, str | os.PathLike):
+        return False
+    return os.path.abspath(os.fspath(given)) == os.path.abspath(suggested)
 
 
 def ftsup_callback_of(trainer: Any) -> Any:

@@ -25,7 +25,12 @@ from ftsup.supervisor.private_dirs import user_umask
 from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.spec_types import JobSpec, LaunchSection
 from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
-from ftsup.supervisor.trainer_launch import build_trainer_argv, rendezvous_id, write_train_json
+from ftsup.supervisor.trainer_launch import (
+    build_trainer_argv,
+    rendezvous_id,
+    torchrun_args,
+    write_train_json,
+)
 
 # torchrun's --nproc-per-node default (torch.distributed.run reads PET_<OPTION>)
 ENV_TORCHRUN_NPROC = "PET_NPROC_PER_NODE"
@@ -65,6 +70,8 @@ def plan_attempt(
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     if spec.command is not None:
+        if spec.launch.nnodes > 1:
+            env.update(torchrun_env(spec.launch, rendezvous_id(spec.launch, spec.name)))
         if spec.gpu.count is not None and devices:
             # torchrun reads its defaults from PET_*: one process per placed GPU,
             # unless the command line or the job's own env says otherwise
@@ -93,6 +100,17 @@ def plan_attempt(
     )
     argv = build_trainer_argv(config_path, resume_from, launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
+
+
+def torchrun_env(launch: LaunchSection, rdzv_id: str) -> dict[str, str]:
+    """A multi-node `[command]` job's `[launch]` as torchrun's defaults (`PET_<OPTION>`):
+    a plain `torchrun script.py` in its argv joins the job's rendezvous with the
+    settings the built-in trainer would use (options on the command line still win)."""
+    env: dict[str, str] = {}
+    for option in torchrun_args(launch, rdzv_id=rdzv_id):
+        name, _, value = option.removeprefix("--").partition("=")
+        env["PET_" + name.replace("-", "_").upper()] = value
+    return env
 
 
 def launch_for(spec: JobSpec, devices: tuple[int, ...] | None) -> LaunchSection:
