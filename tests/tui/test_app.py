@@ -103,7 +103,7 @@ def test_cli_options() -> None:
             "/tmp/s",
         ]
     )
-    assert args.host == "me@box" and args.remote_socket == "/run/ftsup/ftsup.sock"
+    assert args.host == ["me@box"] and args.remote_socket == "/run/ftsup/ftsup.sock"
     assert tui_cmd.ssh_options(args) == ["-o", "Port=2222"]
     bad = parser.parse_args(["tui", "--host", "me@box", "--socket", "/tmp/x.sock"])
     assert bad.func(bad) == 2

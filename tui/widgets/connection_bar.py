@@ -46,6 +46,9 @@ def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> 
         head.append("connected")
         pid = connection.daemon.get("daemon_pid")
         detail = f" (daemon {pid})" if pid else ""
+        nodes = connection.daemon.get("nodes")  # several daemons (tui/multi.py)
+        if isinstance(nodes, str):
+            detail = f" {nodes}"
     else:
         label = "connecting…" if connection.state == "connecting" else "reconnecting…"
         head.append(f"◌ {label}", style="bold yellow")
@@ -61,10 +64,11 @@ def bar_text(connection: ConnectionInfo, counts: dict[str, int], width: int) -> 
     if wanted > width:  # a reconnect's reason matters more than long labels
         summary = counts_text(counts, SHORT_LABELS)
     room = width - len(head) - len(summary) - 2
-    if up and len(detail) > room and not connection.degraded:
+    node_down = bool(connection.daemon.get("nodes_down"))
+    if up and len(detail) > room and not connection.degraded and not node_down:
         detail = ""  # the counts matter more than the daemon's pid
     if detail and room > 0:
-        style = "red" if connection.degraded else "" if up else "dim"
+        style = "red" if connection.degraded else "yellow" if node_down else "" if up else "dim"
         head.append(shorten(detail, room), style=style)
     head.append(" " * max(2, width - len(head) - len(summary)))
     head.append_text(summary)
@@ -99,6 +103,7 @@ class ConnectionBar(Widget):
             connection.reason,
             connection.retry_in,
             connection.daemon.get("daemon_pid"),
+            connection.daemon.get("nodes"),
             connection.degraded,
             sorted(counts.items()),
         )

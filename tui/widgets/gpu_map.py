@@ -32,6 +32,7 @@ class MapRow:
     mem_used: float | None  # bytes
     mem_total: float | None
     foreign_mib: int | None  # None: the daemon does not say
+    label: str = ""  # how to name it ("n2:0" with several daemons); "" = its index
 
 
 def map_rows(gpus: GpuModel, queue: QueueModel) -> list[MapRow]:
@@ -75,6 +76,7 @@ def map_rows(gpus: GpuModel, queue: QueueModel) -> list[MapRow]:
                 mem_used=as_float(gpu.get("mem_used")) if gpu else None,
                 mem_total=as_float(gpu.get("mem_total")) if gpu else None,
                 foreign_mib=foreign,
+                label=str(gpu.get("label", "")) if gpu else "",
             )
         )
     return rows
@@ -115,7 +117,7 @@ def map_table(rows: list[MapRow], busy_mib: int = FOREIGN_LIMIT_MIB) -> Table:
         util = fmt.DASH if row.util is None else f"{row.util:.0f}%"
         memory = f"{_gib(row.mem_used)}/{_gib(row.mem_total)} GiB"
         health_style = {True: "green", False: "bold red", None: "dim"}[row.healthy]
-        cells: list[RenderableType] = [str(row.index), holder, util, memory]
+        cells: list[RenderableType] = [row.label or str(row.index), holder, util, memory]
         if foreign:
             busy = row.foreign_mib is not None and row.foreign_mib >= busy_mib
             cells.append(Text(_mib(row.foreign_mib), style="yellow" if busy else ""))

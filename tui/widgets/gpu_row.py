@@ -49,7 +49,8 @@ class GpuRow(Horizontal):
     def show(self, gpu: dict[str, Any], series: Mapping[str, Sequence[float]]) -> None:
         name = str(gpu.get("name") or "")
         name = name.removeprefix("NVIDIA ")
-        self.query_one(".gpu-name", Label).update(shorten(f"{self.index} {name}", 13), layout=False)
+        shown = gpu.get("label", self.index)  # "n2:0" with several daemons (tui/multi.py)
+        self.query_one(".gpu-name", Label).update(shorten(f"{shown} {name}", 13), layout=False)
         self.query_one(".util-spark", Sparkline).data = list(series.get("util", ()))
         self.query_one(".mem-spark", Sparkline).data = list(series.get("mem", ()))
         util = as_float(gpu.get("util"))
@@ -68,5 +69,5 @@ class GpuRow(Horizontal):
         self.query_one(".gpu-sensors", Label).update(
             sensors + ("" if healthy else " FAULT"), layout=False
         )
-        self.tooltip = None if healthy else f"GPU {self.index}: {reason}"
+        self.tooltip = None if healthy else f"GPU {shown}: {reason}"
         self.set_class(not healthy, "-unhealthy")
