@@ -40,6 +40,16 @@ class AttemptOutcome:
 
 
 @dataclass(frozen=True)
+class OtherNodes:
+    """What the other nodes of a multi-node job counted (their shared records): every
+    failure ends the attempt on every node, so the job's count is the highest any
+    node has, and a node that rejoined late does not start its budget afresh."""
+
+    failures: int = 0  # failure restarts
+    stalled: int = 0  # failures in a row without step progress
+
+
+@dataclass(frozen=True)
 class Restart:
     after: float  # seconds to wait before the next attempt
     reason: str
@@ -113,8 +123,13 @@ def backoff_delay(stalled_failures: int, policy: RestartSection) -> float:
     return float(min(policy.backoff_max, policy.backoff * float(2**doublings)))
 
 
-def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decision:
-    """Judge the newest attempt (the last item of `history`) given all before it."""
+def decide(
+    history: Sequence[AttemptOutcome],
+    policy: RestartSection,
+    others: OtherNodes | None = None,
+) -> Decision:
+    """Judge the newest attempt (the last item of `history`) given all before it;
+    `others`: a multi-node job's counts on its other nodes (limits are per job)."""
     if not history:
         raise ValueError("decide() needs at least the attempt that just ended")
     last = history[-1]
@@ -130,20 +145,25 @@ def decide(history: Sequence[AttemptOutcome], policy: RestartSection) -> Decisio
     if last.returncode == EXIT_STOPPED:
         return Restart(0.0, "the trainer saved and stopped (exit code 75): resuming")
     failures = failure_restarts(history)
+    stalled = consecutive_failures_without_progress(history)
+    where = ""
+    if others is not None and (others.failures > failures or others.stalled > stalled):
+        failures, stalled = max(failures, others.failures), max(stalled, others.stalled)
+        where = ", counted on all nodes"
     if failures > policy.max_restarts:
         return GiveUp(
             f"{_describe(last)}; restart limit reached "
-            f"({policy.max_restarts} restarts, max_restarts = {policy.max_restarts})"
+            f"({policy.max_restarts} restarts, max_restarts = {policy.max_restarts}{where})"
         )
-    stalled = consecutive_failures_without_progress(history)
     if stalled >= policy.crash_loop:
         return GiveUp(
             f"crash loop: {stalled} failures in a row without step progress "
-            f"(crash_loop = {policy.crash_loop}); last: {_describe(last)}"
+            f"(crash_loop = {policy.crash_loop}{where}); last: {_describe(last)}"
         )
     delay = backoff_delay(stalled, policy)
     kind = f" ({last.failure_kind})" if last.failure_kind else ""
     when = f"in {format_duration(delay)}" if delay else "at once (it made progress)"
     return Restart(
-        delay, f"{_describe(last)}{kind}; restart {failures} of {policy.max_restarts} {when}"
+        delay,
+        f"{_describe(last)}{kind}; restart {failures} of {policy.max_restarts}{where} {when}",
     )

@@ -9,6 +9,7 @@ from ftsup.supervisor.policy import (
     AttemptOutcome,
     Done,
     GiveUp,
+    OtherNodes,
     Restart,
     Stopped,
     backoff_delay,
@@ -102,3 +103,24 @@ def test_decide_always_answers_and_restarts_are_bounded(history: list[AttemptOut
         assert 0 <= decision.after <= POLICY.backoff_max
         if history[-1].is_failure:  # a clean save-and-stop (75) resumes whatever came before
             assert sum(1 for o in history if o.is_failure) <= POLICY.max_restarts
+
+
+def test_a_multi_node_job_counts_its_failures_with_the_other_nodes() -> None:
+    """Every failure ends the attempt on every node: the job's count is the highest
+    any node has (a node that rejoined late does not get a fresh budget)."""
+    own = [crash(0, 10), crash(10, 20)]  # two failures, both made progress
+    assert isinstance(decide(own, POLICY), Restart)
+    assert isinstance(decide(own, POLICY, OtherNodes(failures=5)), Restart)  # 5 restarts allowed
+    over = decide(own, POLICY, OtherNodes(failures=6))
+    assert isinstance(over, GiveUp) and "counted on all nodes" in over.reason
+    said = decide(own, POLICY, OtherNodes(failures=4))
+    assert isinstance(said, Restart) and "restart 4 of 5, counted on all nodes" in said.reason
+    # fewer elsewhere: this node's own count stands, and nothing says otherwise
+    assert "counted on all nodes" not in decide(own, POLICY, OtherNodes(failures=1)).reason
+
+
+def test_a_crash_loop_seen_on_another_node_ends_the_job_here_too() -> None:
+    own = [crash(0, 10), crash(10, 10)]  # one stalled failure here
+    assert isinstance(decide(own, POLICY, OtherNodes(failures=2, stalled=2)), Restart)
+    looped = decide(own, POLICY, OtherNodes(failures=3, stalled=3))
+    assert isinstance(looped, GiveUp) and looped.reason.startswith("crash loop: 3 failures")

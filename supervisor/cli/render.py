@@ -196,7 +196,7 @@ def _print_nodes(view: dict[str, Any] | None) -> None:
     if not nodes:
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("  NODE", "STATE", "STEP", "ATTEMPT", "UPDATED", "WAITING FOR"):
+    for column in ("  NODE", "STATE", "STEP", "ATTEMPT", "FAILURES", "UPDATED", "WAITING FOR"):
         table.add_column(column)
     for node in nodes:
         table.add_row(
@@ -204,6 +204,7 @@ def _print_nodes(view: dict[str, Any] | None) -> None:
             state_text(str(node.get("state"))),
             str(node.get("step") if node.get("step") is not None else "-"),
             str(node.get("attempt") or "-"),
+            str(node.get("failures") or 0),
             f"{format_duration(float(node.get('age_s') or 0))} ago",
             escape(str(node.get("waiting_for_nodes") or "-")),
         )

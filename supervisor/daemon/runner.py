@@ -73,6 +73,7 @@ ResumeSelector = Callable[[JobSpec], ResumePoint]
 Preflight = Callable[[JobSpec], tuple[str, str]]
 PREFLIGHT_RETRY = 5.0
 MEMORY_RETRY = 2.0  # while another process's memory is on the job's GPUs
+NODES_REFRESH_TIMEOUT_S = 5.0  # a decision waits this long for the other nodes' records
 # Errors of the moment (full or failing disk, no descriptors or memory left): a
 # launch that meets one waits and tries again; any other OSError fails the job.
 TRANSIENT_ERRNOS = frozenset(
@@ -133,6 +134,9 @@ class JobRunner:
             else None
         )
         self._node_state = "submitted"
+        self._node_reason: str | None = None
+        self._node_counts: dict[str, int] = {"failures": 0, "stalled": 0}
+        self._supervising_since = time.time()  # other nodes' older records are another run's
         self.attempt: LiveAttempt | None = None
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -199,7 +203,7 @@ class JobRunner:
                             return
                     row = await self._wait(attempt)
                     attempt = None
-                decision = policy.decide(self.history(), self.spec.restart)
+                decision = await self._judge()
                 if isinstance(decision, policy.Stopped) and self._requeued:
                     self._back_to_queue()
                     continue
@@ -296,6 +300,7 @@ class JobRunner:
             self.store.set_job_state(self.name, state, reason)
         except Exception:
             log.exception("job %s: cannot record state %s (%s)", self.name, state, reason)
+        self._node_reason = reason
         self.report_node(state, force=True)
         if self._placement is not None:
             try:
@@ -325,15 +330,41 @@ class JobRunner:
             return
         if state is not None:
             self._node_state = state
+        self.nodes.refresh(self._node_record(), force=force)
+
+    def _node_record(self) -> dict[str, Any]:
         progress = self.follower.progress.to_json()
-        own = {
+        return {
             "job": self.name,
             "state": self._node_state,
+            "reason": self._node_reason,
             "step": progress.get("step"),
             "attempt": self.attempt.n if self.attempt is not None else None,
             "waiting_for_nodes": self.follower.waiting_for_nodes,
+            **self._node_counts,
         }
-        self.nodes.refresh(own, force=force)
+
+    async def _judge(self) -> policy.Decision:
+        """The restart policy's verdict on the attempt that just ended. A multi-node
+        job's limits are the job's: its failures are counted with the other nodes'
+        (read afresh), and when another node of the run gave up, this one does too
+        (its launcher would wait for that node for ever)."""
+        history = self.history()
+        if self.nodes is None:
+            return policy.decide(history, self.spec.restart)
+        self._node_counts = {
+            "failures": policy.failure_restarts(history),
+            "stalled": policy.consecutive_failures_without_progress(history),
+        }
+        await self.nodes.refresh_now(self._node_record(), NODES_REFRESH_TIMEOUT_S)
+        since = self._supervising_since
+        others = self.nodes.other_counts(self.name, since)
+        decision = policy.decide(history, self.spec.restart, others)
+        ended = self.nodes.gave_up_elsewhere(self.name, since)
+        if isinstance(decision, policy.Restart) and ended is not None:
+            why = ended.get("reason") or ended.get("state")
+            return policy.GiveUp(f"node {ended.get('host')} ({ended['node']}) gave up: {why}")
+        return decision
 
     async def _backoff(self, seconds: float, reason: str) -> bool:
         self._set_state("backoff", reason, time.time() + seconds)
