@@ -79,9 +79,13 @@ class Manifest:
     files: tuple[FileEntry, ...]
     fingerprint: Mapping[str, Any]
     created_at: float
+    # The ranks whose per-rank files (rng_state_<rank>.pth) this folder holds: a
+    # node-local copy (`save_on_each_node`) holds its node's only. None: every
+    # rank of `world_size` (a shared folder; manifests written before the field).
+    ranks: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": MANIFEST_VERSION,
             "step": self.step,
             "world_size": self.world_size,
@@ -89,6 +93,9 @@ class Manifest:
             "fingerprint": dict(self.fingerprint),
             "files": [f.to_json() for f in self.files],
         }
+        if self.ranks is not None:
+            out["ranks"] = list(self.ranks)
+        return out
 
 
 def sha256_file(path: Path) -> str:
@@ -192,6 +199,7 @@ def build_manifest(
     entries: Iterable[FileEntry] = (),
     algorithm: str = DEFAULT_ALGORITHM,
     threads: int | None = None,
+    ranks: Iterable[int] | None = None,
 ) -> Manifest:
     """List every file in the folder, synced to disk (the manifest never
     describes bytes that are only in the page cache), with its checksum.
@@ -200,7 +208,8 @@ def build_manifest(
     the file's size and mtime (if it has one) still match it; every other file is
     checksummed here with `algorithm`. Syncs and checksums run in `threads`
     (default: one per core but at least 4, at most 8: the syncs wait on the
-    disk, and concurrent ones are merged).
+    disk, and concurrent ones are merged). `ranks`: a node-local copy's ranks
+    (`Manifest.ranks`); None for a folder that holds every rank's files.
     """
     ckpt_dir = Path(ckpt_dir)
     known = read_parts(ckpt_dir)
@@ -226,7 +235,8 @@ def build_manifest(
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftsup-seal") as pool:
             sealed = list(pool.map(seal, files))
-    return Manifest(step, world_size, tuple(sealed), dict(fingerprint), created_at)
+    held = None if ranks is None else tuple(sorted(set(ranks)))
+    return Manifest(step, world_size, tuple(sealed), dict(fingerprint), created_at, held)
 
 
 def write_manifest(ckpt_dir: Path, manifest: Manifest) -> Path:
@@ -262,6 +272,21 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
             files=tuple(FileEntry(f.path, f.size, f.digest, f.algorithm) for f in files),
             fingerprint=dict(raw.get("fingerprint", {})),
             created_at=float(raw.get("created_at", 0.0)),
+            ranks=_ranks(raw.get("ranks")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{MANIFEST_NAME} malformed: {exc!r}") from None
+
+
+def _ranks(value: Any) -> tuple[int, ...] | None:
+    """The optional `ranks` list: absent or null -> None; anything but a list of
+    distinct ranks >= 0 is malformed (ValueError, reported as such)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value
+    ):
+        raise ValueError(f"ranks must be a list of ranks >= 0, got {value!r}")
+    if not value or len(set(value)) != len(value):
+        raise ValueError(f"ranks must name each rank once, at least one, got {value!r}")
+    return tuple(sorted(value))

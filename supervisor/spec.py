@@ -833,6 +833,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("eval_steps", _STEPS),
             _Field("report_to", _string_or_strings),
             _Field("dataloader_num_workers", _integer(at_least=0, at_most=4096)),
+            _Field("save_on_each_node", _boolean),
         ),
         "launch": _table(
             LaunchSection,
@@ -1043,6 +1044,34 @@ def _check_elastic_nodes(sections: Mapping[str, Any], issues: _Collector) -> Non
             )
 
 
+def _check_node_local(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """`[train] save_on_each_node`: plain data-parallel copies only. Sharded states
+    (DeepSpeed, FSDP) are split across ranks, so no node holds a whole checkpoint;
+    with `min_nodes` a node that joins later has no copy of the steps it missed.
+    On one node it changes nothing (one folder, one copy)."""
+    launch, train = sections.get("launch"), sections.get("train")
+    if not isinstance(train, TrainSection) or not train.save_on_each_node:
+        return
+    if not isinstance(launch, LaunchSection):
+        return
+    where = ("train", "save_on_each_node")
+    for key, what in (("deepspeed", "DeepSpeed"), ("fsdp", "FSDP")):
+        if getattr(launch, key):
+            issues.add(
+                where,
+                f"cannot be combined with [launch] {key}: {what} splits each checkpoint "
+                "across ranks, so no node's folder would hold a whole copy",
+                "use one shared output folder (leave save_on_each_node out)",
+            )
+    if launch.elastic_nodes:
+        issues.add(
+            where,
+            "cannot be combined with [launch] min_nodes: a node that joins later has no "
+            "copy of the checkpoints saved without it, and every node must resume one step",
+            "use one shared output folder, or leave min_nodes out",
+        )
+
+
 def _check_elastic_launch(
     sections: Mapping[str, Any], raw: Mapping[str, Any], issues: _Collector
 ) -> None:
@@ -1169,6 +1198,7 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_queue(sections, issues)
     _check_elastic_launch(sections, data, issues)
     _check_elastic_nodes(sections, issues)
+    _check_node_local(sections, issues)
     issues.raise_if_any()
     _launch_from_count(sections, data)
     _check_deepspeed(sections, issues)

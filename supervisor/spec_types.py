@@ -118,6 +118,9 @@ class TrainSection:
     eval_steps: int | None = None
     report_to: tuple[str, ...] = ()
     dataloader_num_workers: int = 0
+    # Multi-node: each node writes its own copy of every checkpoint into its own
+    # (node-local) output folder, HF's TrainingArguments(save_on_each_node=True).
+    save_on_each_node: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         # Progress lines come from every node's first process: each node's daemon
         # follows its own trainer (a multi-node run); checkpoints are rank 0's.
         self._reports = dist.local_rank() == 0
+        # Who seals, rotates and retires: rank 0 in a shared folder, each node's
+        # first process in its own folder (`save_on_each_node`).
+        self._seals = self._is_zero
 
     # ------------------------------------------------------------- lifecycle
 
@@ -80,9 +83,12 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         self._is_zero = state.is_world_process_zero
         self._reports = state.is_local_process_zero
+        node_local = bool(getattr(args, "save_on_each_node", False))
+        self._seals = state.is_local_process_zero if node_local else self._is_zero
         if self.checkpointer is not None:
-            # Steps after the resume point will be written again: move leftovers away.
-            if self._is_zero:
+            # Steps after the resume point will be written again: move leftovers away
+            # (node-local: also the newer copies that not every node held).
+            if self._seals:
                 retire_checkpoints_after(Path(str(args.output_dir)), state.global_step)
             dist.barrier()
         now = time.monotonic()
@@ -160,17 +166,18 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             if self.checkpointer.on_point is not None:
                 self.checkpointer.on_point(state.global_step, "before_handover")  # tests
             hand_over_rank_shards(ckpt, dist.rank())  # while its shards are hot in the cache
-        # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on disk.
+        # Every rank's foreground files (rng_state_<rank>.pth, or all of HF's) are on
+        # disk, on every node: no folder (shared or node-local) is sealed before.
         dist.barrier()
         if self.checkpointer.async_save:
             # Training goes on now: the stall ends here, the manifest comes later.
             stall = time.monotonic() - self._save_started
-            if self._is_zero:
+            if self._seals:
                 self.checkpointer.finalize(
                     ckpt, state.global_step, self._save_started, stall_s=stall
                 )
             return
-        if self._is_zero:
+        if self._seals:
             self.checkpointer.finalize(ckpt, state.global_step, self._save_started)
         dist.barrier()  # no rank moves on (or exits) before the manifest exists
 
@@ -178,7 +185,7 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         if self.checkpointer is not None:
-            if self._is_zero:
+            if self._seals:
                 self.checkpointer.wait()
             dist.barrier()
         self._emit(

@@ -151,8 +151,12 @@ class Checkpointer:
         async_save: bool = False,
         on_saved: SavedHook | None = None,
         on_point: PointHook | None = None,
+        ranks: tuple[int, ...] | None = None,
     ) -> None:
+        """`ranks`: the ranks whose files each checkpoint folder holds, when it is a
+        node's own copy (`save_on_each_node`): written into its manifest."""
         self.output_dir = Path(output_dir)
+        self.ranks = ranks
         self.fingerprint = dict(fingerprint)
         self.world_size = world_size
         self.keep = keep
@@ -244,6 +248,7 @@ class Checkpointer:
             world_size=self.world_size,
             fingerprint=self.fingerprint,
             created_at=time.time(),
+            ranks=self.ranks,
         )
         write_manifest(ckpt_dir, manifest)
         if self.keep is not None:

@@ -44,8 +44,10 @@ from ftsup.supervisor.contract import (
     PROGRESS_INSTRUMENT_FAILED,
     PROGRESS_INSTRUMENTED,
     PROGRESS_RENDEZVOUS,
+    checkpoint_step,
 )
 from ftsup.trainer import dist, nodes
+from ftsup.trainer.checkpointing import retire_checkpoints_after
 from ftsup.trainer.progress import ProgressWriter
 
 _WRAPPED = "__ftsup_instrumented__"
@@ -190,12 +192,19 @@ def _agreed_resume(
         )
         return args, kwargs
     output_dir = Path(os.environ.get(ENV_OUTPUT_DIR) or str(trainer.args.output_dir))
+    node_local = bool(getattr(trainer.args, "save_on_each_node", False))
     choice = nodes.agree_on_resume(
         Path(suggested) if suggested else None,
         output_dir,
         AGREE_TIMEOUT_S,
         require_manifest=None,  # judged as the daemon judges a [command] job's folder
+        node_local=node_local,
     )
+    if node_local and dist.local_rank() == 0:
+        # Newer copies that not every node held: those steps are written again,
+        # and HF would write them into the leftover folders of the same name.
+        step = checkpoint_step(choice) if choice is not None else 0
+        retire_checkpoints_after(output_dir, step or 0)
     value = str(choice) if choice is not None else None
     callback = ftsup_callback_of(trainer)
     if callback is not None:  # its train_start names the checkpoint actually resumed

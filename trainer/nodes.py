@@ -10,17 +10,26 @@ quarantines invalid newer folders, the only node that does), and publishes
 it in the rendezvous store torchrun already runs (MASTER_ADDR:MASTER_PORT);
 every other rank reads it from there. A single-node run keeps its daemon's
 choice: nothing to agree on.
+
+Node-local folders (`save_on_each_node`: the same path on every node, each on
+its own disk) are seen by their own node only. Each node's first process
+judges its own copies (and quarantines its own invalid newer ones: nobody else
+writes there) and publishes its resumable steps; rank 0 picks the newest step
+every node holds and publishes the step, which each rank resumes from its own
+folder. Newer copies that some node lacks are retired when training begins
+(`FtsupCallback.on_train_begin`), since those steps are written again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.contract import PROGRESS_RENDEZVOUS
+from ftsup.supervisor.contract import PROGRESS_RENDEZVOUS, checkpoint_name
 from ftsup.trainer import dist
 
 STORE_PREFIX = "ftsup/resume"
@@ -38,17 +47,28 @@ def multi_node() -> bool:
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
+def node_ranks() -> tuple[int, ...]:
+    """The global ranks of this node's processes: torchrun numbers each node's
+    workers consecutively (its base rank + local rank)."""
+    first = dist.rank() - dist.local_rank()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.world_size())))
+    return tuple(range(first, first + local_world))
+
+
 def agree_on_resume(
     suggested: Path | None,
     output_dir: Path,
     timeout_s: float,
     *,
     require_manifest: bool | None = True,
+    node_local: bool = False,
 ) -> Path | None:
     """The checkpoint every rank resumes: rank 0's choice on a multi-node run.
 
     `require_manifest`: as the daemon judges the job's checkpoints (True for the
-    built-in trainer's; None, decided by the folder, for a `[command]` job's)."""
+    built-in trainer's; None, decided by the folder, for a `[command]` job's).
+    `node_local`: every node has its own `output_dir` (`save_on_each_node`); the
+    result is the agreed step's folder in this node's `output_dir`."""
     if not multi_node():
         return suggested
     store = _store(timeout_s)
@@ -58,6 +78,8 @@ def agree_on_resume(
     # never shrinks within one launcher (a lost node ends the attempt).
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     key = f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
+    if node_local:
+        return _agree_node_local(store, key, suggested, output_dir, require_manifest)
     if dist.rank() == 0:
         try:
             choice = _choose(output_dir, require_manifest)
@@ -70,18 +92,131 @@ def agree_on_resume(
             file=sys.stderr,
         )
         return choice
+    value = _read(store, key)
+    choice = None if value == NONE else Path(value)
+    _say_if_overruled(suggested, choice)
+    return choice
+
+
+def _read(store: Any, key: str) -> str:
+    """Rank 0's published value (ResumeAgreementError if it published a failure)."""
     store.wait([key])
-    value = store.get(key).decode()
+    value = str(store.get(key).decode())
     if value.startswith(FAILED):
         raise ResumeAgreementError(f"rank 0 could not choose a checkpoint: {value[len(FAILED) :]}")
-    choice = None if value == NONE else Path(value)
-    if choice != suggested and dist.local_rank() == 0:
+    return value
+
+
+def _say_if_overruled(suggested: Path | None, choice: Path | None) -> None:
+    if choice != suggested and dist.local_rank() == 0 and dist.rank() != 0:
         print(
             f"ftsup trainer: this node's daemon chose {suggested or 'the start'}; "
             f"rank 0 chose {choice or 'the start'}, which every node resumes",
             file=sys.stderr,
         )
+
+
+def _agree_node_local(
+    store: Any,
+    key: str,
+    suggested: Path | None,
+    output_dir: Path,
+    require_manifest: bool | None,
+) -> Path | None:
+    """Each node's first process publishes the steps its own folder can resume;
+    rank 0 publishes the newest step on every node's list; every rank resumes that
+    step from its own folder. A node's failure reaches everyone through rank 0."""
+    local_world = len(node_ranks())
+    node = int(os.environ.get("GROUP_RANK", str(dist.rank() // local_world)))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", str(dist.world_size() // local_world)))
+    step_key = f"{key}/step"
+    if dist.local_rank() == 0:
+        try:
+            steps = _node_steps(output_dir, require_manifest)
+        except BaseException as exc:
+            reason = f"{FAILED}node {node}: {type(exc).__name__}: {exc}"
+            store.set(f"{key}/node/{node}", reason)
+            if dist.rank() == 0:
+                store.set(step_key, reason)
+            raise
+        store.set(f"{key}/node/{node}", json.dumps(steps))
+    if dist.rank() == 0:
+        try:
+            step = _choose_common(store, key, nodes)
+        except BaseException as exc:
+            why = (
+                str(exc)
+                if isinstance(exc, ResumeAgreementError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            store.set(step_key, f"{FAILED}{why}")
+            raise
+        store.set(step_key, NONE if step is None else str(step))
+    value = _read(store, step_key)
+    choice = None if value == NONE else Path(output_dir) / checkpoint_name(int(value))
+    _say_if_overruled(suggested, choice)
+    if choice is not None and dist.local_rank() == 0:
+        _warn_if_ranks_moved(choice)
     return choice
+
+
+def _warn_if_ranks_moved(choice: Path) -> None:
+    """The rendezvous numbers the nodes anew each round (by host name, so on a
+    cluster the order normally holds): a rank whose RNG state another node
+    saved starts with a fresh one, which HF only logs at info level."""
+    missing = [r for r in node_ranks() if not (choice / f"rng_state_{r}.pth").is_file()]
+    if missing:
+        print(
+            f"ftsup trainer: warning: {choice} holds no RNG state of rank(s) "
+            f"{', '.join(map(str, missing))} (this node ran other ranks when it saved): "
+            "they resume with fresh random state (dropout differs from an uninterrupted run)",
+            file=sys.stderr,
+        )
+
+
+def _node_steps(output_dir: Path, require_manifest: bool | None) -> list[int]:
+    """This node's resumable steps, newest first; its invalid newer copies are
+    quarantined on the way (this node alone writes its folder)."""
+    from ftsup.supervisor.checkpoints.discovery import resumable_steps
+
+    steps, choice = resumable_steps(
+        output_dir,
+        world_size=dist.world_size(),
+        require_manifest=require_manifest,
+        ranks=node_ranks(),
+    )
+    for moved in choice.quarantined:
+        print(
+            f"ftsup trainer: quarantined {moved.moved_to.name}: {moved.report.reason}",
+            file=sys.stderr,
+        )
+    return steps
+
+
+def _choose_common(store: Any, key: str, nodes: int) -> int | None:
+    """The newest step every node can resume (None: start over); a node's failure
+    is raised here, so rank 0 passes it on to every rank."""
+    keys = [f"{key}/node/{node}" for node in range(nodes)]
+    store.wait(keys)
+    held: list[set[int]] = []
+    for node_key in keys:
+        value = str(store.get(node_key).decode())
+        if value.startswith(FAILED):
+            raise ResumeAgreementError(value[len(FAILED) :])
+        held.append({int(step) for step in json.loads(value)})
+    common = set.intersection(*held) if held else set()
+    step = max(common, default=None)
+    newest = max(set().union(*held), default=None)
+    where = f"checkpoint-{step}" if step is not None else "the start"
+    lacking = ""
+    if newest is not None and newest != step:
+        short = [str(n) for n, steps in enumerate(held) if newest not in steps]
+        lacking = f" (node {', '.join(short)} lacks step {newest}: newer copies are retired)"
+    print(
+        f"ftsup trainer: rank 0 resumes every node from {where} in its own folder{lacking}",
+        file=sys.stderr,
+    )
+    return step
 
 
 def _report_joined() -> None:
@@ -121,4 +256,4 @@ def _store(timeout_s: float) -> Any:
     )
 
 
-__all__ = ["ResumeAgreementError", "agree_on_resume", "multi_node"]
+__all__ = ["ResumeAgreementError", "agree_on_resume", "multi_node", "node_ranks"]

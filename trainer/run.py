@@ -22,7 +22,7 @@ from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from ftsup.trainer import dist
 from ftsup.trainer.config import ConfigError, RunConfig, at_world_size, load_run_config
 from ftsup.trainer.data import DataError
-from ftsup.trainer.nodes import agree_on_resume
+from ftsup.trainer.nodes import agree_on_resume, multi_node, node_ranks
 from ftsup.trainer.prepared import PreparedData
 from ftsup.trainer.signals import install_handlers
 
@@ -71,8 +71,14 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         config = run_config(args)
     except ConfigError as exc:
         return fail(str(exc))
-    # Every node of a multi-node run resumes rank 0's choice (trainer/nodes.py).
-    args.resume_from = agree_on_resume(args.resume_from, config.output_dir, AGREE_TIMEOUT_S)
+    # Every node of a multi-node run resumes rank 0's choice (trainer/nodes.py);
+    # with node-local folders, the newest step every node holds, from its own folder.
+    args.resume_from = agree_on_resume(
+        args.resume_from,
+        config.output_dir,
+        AGREE_TIMEOUT_S,
+        node_local=config.train.save_on_each_node,
+    )
     if args.resume_from is not None and not args.resume_from.is_dir():
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:
@@ -187,6 +193,9 @@ def build_trainer(
         keep=train.save_total_limit,
         async_save=config.async_save,
         on_point=fault.fire if fault is not None else None,
+        # A node's own copy names its ranks (the manifest's `ranks`): validation
+        # then expects only their per-rank files in that node's folder.
+        ranks=node_ranks() if train.save_on_each_node and multi_node() else None,
     )
     callbacks: list[Any] = [delay] if (delay := StepDelay.from_env()) is not None else []
     if fault is not None:
@@ -325,6 +334,7 @@ def training_arguments(
         save_strategy="steps",
         save_steps=train.save_steps or _NEVER,
         save_total_limit=None,  # rotation happens after the manifest (checkpointing.rotate)
+        save_on_each_node=train.save_on_each_node,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         report_to=list(train.report_to) or "none",

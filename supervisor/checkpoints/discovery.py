@@ -9,6 +9,7 @@ ftsup or by the trainer's own "latest checkpoint" logic) trips over it.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,9 +76,10 @@ def validate_all(
     deep: bool = False,
     world_size: int | None = None,
     require_manifest: bool | None = None,
+    ranks: Collection[int] | None = None,
 ) -> list[CheckpointReport]:
     """A report per checkpoint, by step. `require_manifest=None`: decide by
-    `manifests_expected`."""
+    `manifests_expected`. `ranks`: see `validate_checkpoint`."""
     if require_manifest is None:
         require_manifest = manifests_expected(output_dir)
     reports = []
@@ -85,7 +87,11 @@ def validate_all(
         try:
             reports.append(
                 validate_checkpoint(
-                    path, deep=deep, world_size=world_size, require_manifest=require_manifest
+                    path,
+                    deep=deep,
+                    world_size=world_size,
+                    require_manifest=require_manifest,
+                    ranks=ranks,
                 )
             )
         except FileNotFoundError:  # removed while listing (the trainer's rotation)
@@ -102,6 +108,7 @@ def select_resume(
     require_manifest: bool | None = None,
     deep: bool = False,
     now: float | None = None,
+    ranks: Collection[int] | None = None,
 ) -> ResumeChoice:
     """The newest valid and resumable checkpoint, falling back as far as needed.
 
@@ -111,7 +118,8 @@ def select_resume(
     no trainer of the job runs; `skip_newer_than` is the safety net.
     `world_size`: the job's process count. A checkpoint complete for fewer
     processes is accepted when the job grew since (see `_judge`), and refused
-    when an older checkpoint shows it lost ranks.
+    when an older checkpoint shows it lost ranks. `ranks`: the ranks whose files
+    a node-local copy must hold (a manifest's own `ranks` wins).
     """
     if require_manifest is None:
         require_manifest = manifests_expected(output_dir)
@@ -128,6 +136,7 @@ def select_resume(
                 world_size=world_size,
                 deep=deep,
                 require_manifest=require_manifest,
+                ranks=ranks,
             )
         except FileNotFoundError:  # deleted meanwhile (rotation): gone, not invalid
             continue
@@ -143,6 +152,56 @@ def select_resume(
     return ResumeChoice(None, tuple(moved), tuple(skipped))
 
 
+class UncheckedCheckpoint(OSError):
+    """A checkpoint could not be read (EMFILE, EACCES, EIO...): which steps are
+    resumable is unknown, so nothing may be chosen past it."""
+
+
+def resumable_steps(
+    output_dir: Path,
+    *,
+    world_size: int | None = None,
+    require_manifest: bool | None = None,
+    ranks: Collection[int] | None = None,
+) -> tuple[list[int], ResumeChoice]:
+    """Every resumable step here, newest first, with the newest one's choice.
+
+    A node-local folder (`save_on_each_node`) holds one node's copies, and the
+    nodes must resume a step that every node holds: the newest is found (and the
+    invalid folders above it quarantined) as `select_resume` does, then the older
+    ones are judged too, never quarantined (an older copy that is not resumable is
+    only left out). Raises UncheckedCheckpoint when a folder could not be read.
+    """
+    if require_manifest is None:
+        require_manifest = manifests_expected(output_dir)
+    choice = select_resume(
+        output_dir, world_size=world_size, require_manifest=require_manifest, ranks=ranks
+    )
+    if choice.unchecked is not None:
+        raise UncheckedCheckpoint(f"{choice.unchecked.path}: {choice.unchecked.reason}")
+    if choice.step is None:
+        return [], choice
+    steps = [choice.step]
+    paths = [p for p in list_checkpoints(output_dir) if (checkpoint_step(p) or 0) < choice.step]
+    for index in range(len(paths) - 1, -1, -1):
+        try:
+            report = _judge(
+                paths[index],
+                older=paths[:index],
+                world_size=world_size,
+                deep=False,
+                require_manifest=require_manifest,
+                ranks=ranks,
+            )
+        except FileNotFoundError:
+            continue
+        if not report.checked:
+            raise UncheckedCheckpoint(f"{paths[index]}: {report.reason}")
+        if report.resumable and report.step is not None:
+            steps.append(report.step)
+    return steps, choice
+
+
 def _judge(
     path: Path,
     *,
@@ -150,6 +209,7 @@ def _judge(
     world_size: int | None,
     deep: bool,
     require_manifest: bool,
+    ranks: Collection[int] | None = None,
 ) -> CheckpointReport:
     """Validate against the job's world size, but tell a grown job from lost ranks.
 
@@ -160,11 +220,11 @@ def _judge(
     than this one holds, ranks were lost.
     """
     report = validate_checkpoint(
-        path, deep=deep, world_size=world_size, require_manifest=require_manifest
+        path, deep=deep, world_size=world_size, require_manifest=require_manifest, ranks=ranks
     )
     if report.valid or not world_size or not report.checked:
         return report
-    alone = validate_checkpoint(path, deep=deep, require_manifest=require_manifest)
+    alone = validate_checkpoint(path, deep=deep, require_manifest=require_manifest, ranks=ranks)
     if not alone.checked:
         return alone
     own = alone.details.get("world_size")
@@ -172,7 +232,7 @@ def _judge(
         return report
     for previous in reversed(older):
         try:
-            other = validate_checkpoint(previous, require_manifest=require_manifest)
+            other = validate_checkpoint(previous, require_manifest=require_manifest, ranks=ranks)
         except FileNotFoundError:
             continue
         if not other.checked:  # cannot tell growth from lost ranks: decide nothing

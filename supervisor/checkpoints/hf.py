@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +55,21 @@ def check_hf(
     training_state_elsewhere: bool = False,
     weights_elsewhere: bool = False,
     skip_files: frozenset[str] = frozenset(),
+    ranks: Collection[int] | None = None,
 ) -> None:
     """Fill `found` with what is wrong with an HF Trainer checkpoint in `folder`.
 
     `training_state_elsewhere`: optimizer and scheduler live in a DeepSpeed
     folder (checked there). `weights_elsewhere`: so may the weights (ZeRO-3).
+    `ranks`: the ranks whose RNG files the folder must hold (a node-local copy,
+    `save_on_each_node`); None: every rank of the world size.
     """
     names = {p.name for p in folder.iterdir()}
     if INCOMPLETE_MARKER in names:
         found.problem(f"{INCOMPLETE_MARKER} present (the trainer's save was interrupted)")
     _check_trainer_state(folder, found, step)
     _check_weights(folder, names, found, weights_elsewhere)
-    _check_training_state(folder, names, found, world_size, training_state_elsewhere)
+    _check_training_state(folder, names, found, world_size, training_state_elsewhere, ranks)
     _check_dcp_dirs(folder, names, found)
     skip = skip_files | {TRAINER_STATE}
     for path in sorted(folder.iterdir()):
@@ -167,7 +170,12 @@ def _check_index(path: Path, names: set[str], found: Findings) -> None:
 
 
 def _check_training_state(
-    folder: Path, names: set[str], found: Findings, world_size: int | None, elsewhere: bool
+    folder: Path,
+    names: set[str],
+    found: Findings,
+    world_size: int | None,
+    elsewhere: bool,
+    ranks: Collection[int] | None = None,
 ) -> None:
     optimizer = elsewhere or any(_OPTIMIZER.match(n) for n in names)
     scheduler = elsewhere or SCHEDULER in names
@@ -181,7 +189,7 @@ def _check_training_state(
         found.problem(f"{OPTIMIZER} missing")
     if not scheduler:
         found.problem(f"{SCHEDULER} missing")
-    _check_rng(names, found, world_size)
+    _check_rng(names, found, world_size, ranks)
 
 
 def rng_world_size(folder: Path) -> int | None:
@@ -200,11 +208,24 @@ def _rng_ranks(names: Iterable[str]) -> set[int]:
     return {int(m.group(1)) for name in names if (m := _RNG_RANK.match(name))}
 
 
-def _check_rng(names: set[str], found: Findings, world_size: int | None) -> None:
+def _check_rng(
+    names: set[str], found: Findings, world_size: int | None, held: Collection[int] | None = None
+) -> None:
     """One RNG file per process: `rng_state.pth` alone, or `rng_state_<rank>.pth`
     for every rank. Rank files imply at least two processes; `world_size`, when
-    known, can only raise the expected count."""
+    known, can only raise the expected count. `held` (a node-local copy): exactly
+    these ranks' files must be here, whatever the world size."""
     ranks = _rng_ranks(names)
+    if held and (ranks or max(held) > 0 or (world_size or 0) > 1):
+        for rank in sorted(held):
+            if rank not in ranks:
+                found.problem(
+                    f"rng_state_{rank}.pth missing (this copy holds ranks "
+                    f"{', '.join(map(str, sorted(held)))})"
+                )
+        found.details["world_size"] = max(world_size or 0, max(held) + 1, 2)
+        found.details["ranks"] = sorted(held)
+        return
     if ranks:
         expected = max(max(ranks) + 1, 2, world_size or 0)
         for rank in range(expected):

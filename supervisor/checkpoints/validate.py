@@ -8,7 +8,7 @@ the manifest or reads every zip member (CRC) and tensor byte range.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from ..manifest import MANIFEST_NAME
@@ -30,6 +30,7 @@ def validate_checkpoint(
     world_size: int | None = None,
     require_manifest: bool = False,
     on_listed: Callable[[Path], None] | None = None,
+    ranks: Collection[int] | None = None,
 ) -> CheckpointReport:
     """Judge one checkpoint folder.
 
@@ -42,7 +43,9 @@ def validate_checkpoint(
     deleting it is not a corrupt checkpoint). A read that fails for a reason
     outside the bytes gives a report with `checked=False`, never "invalid".
     `on_listed` is called once the folder's contents are listed (a test seam:
-    it lets a test delete the folder mid-check deterministically).
+    it lets a test delete the folder mid-check deterministically). `ranks`: the
+    ranks whose per-rank files the folder must hold, when it is a node-local copy
+    (`save_on_each_node`); a manifest's own `ranks` wins. None: every rank.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -60,11 +63,11 @@ def validate_checkpoint(
             on_listed(folder)
         fmt = detect_format(folder, require_manifest=require_manifest)
         if fmt == "ftsup":
-            _check_ftsup(folder, found, step, world_size, deep)
+            _check_ftsup(folder, found, step, world_size, deep, ranks)
         elif fmt == "unknown":
             _check_unknown(folder, found)
         else:
-            _check_layout(folder, found, step, world_size, deep)
+            _check_layout(folder, found, step, world_size, deep, ranks)
     except FileNotFoundError:  # a file we listed went away mid-check
         vanished = True
     except NotRegularFile as exc:  # replaced by a FIFO, device... mid-check
@@ -104,11 +107,16 @@ def _disappearing(folder: Path, listed: list[str]) -> bool:
 
 
 def _check_ftsup(
-    folder: Path, found: Findings, step: int | None, world_size: int | None, deep: bool
+    folder: Path,
+    found: Findings,
+    step: int | None,
+    world_size: int | None,
+    deep: bool,
+    ranks: Collection[int] | None,
 ) -> None:
     manifest = check_manifest(folder, found, step=step, deep=deep)
     if manifest is None:
-        _check_layout(folder, found, step, world_size, deep)
+        _check_layout(folder, found, step, world_size, deep, ranks)
         return
     if world_size and world_size != manifest.world_size:
         found.note(f"written by {manifest.world_size} processes; the job runs {world_size}")
@@ -116,12 +124,19 @@ def _check_ftsup(
         found.details["global_step"] = manifest.step
     # Hashes (deep) already cover every byte; the layout checks add the
     # structure that a manifest cannot know about, on the fast path only.
-    _check_layout(folder, found, step, manifest.world_size, deep=False)
+    # The writer knows which ranks' files its copy holds (node-local copies).
+    held = manifest.ranks if manifest.ranks is not None else ranks
+    _check_layout(folder, found, step, manifest.world_size, False, held)
     found.details["world_size"] = manifest.world_size
 
 
 def _check_layout(
-    folder: Path, found: Findings, step: int | None, world_size: int | None, deep: bool
+    folder: Path,
+    found: Findings,
+    step: int | None,
+    world_size: int | None,
+    deep: bool,
+    ranks: Collection[int] | None = None,
 ) -> None:
     """Structure by writer: DeepSpeed and/or HF Trainer, else per-file integrity."""
     skip = frozenset([QUARANTINE_NOTE, *(p.name for p in folder.glob(f"{MANIFEST_NAME}*"))])
@@ -143,6 +158,7 @@ def _check_layout(
             training_state_elsewhere=deepspeed,
             weights_elsewhere=deepspeed,
             skip_files=skip,
+            ranks=ranks,
         )
     elif not deepspeed:
         for file in sorted(folder.rglob("*")):
