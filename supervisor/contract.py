@@ -27,8 +27,11 @@ ENV_PROGRESS_FILE = "FTSUP_PROGRESS_FILE"  # the trainer appends progress lines 
 ENV_RESUME_FROM = "FTSUP_RESUME_FROM"  # only when resuming
 ENV_SKIP_STEPS = "FTSUP_SKIP_STEPS"  # steps whose data to skip after a rollback
 ENV_STANDBY_FD = "FTSUP_STANDBY_FD"  # a warm standby's end of its control socket
+# The memory tier's lineage token (issue 18): a snapshot written under another
+# token (an earlier run, a rollback) is never resumed.
+ENV_MEMORY_LINEAGE = "FTSUP_MEMORY_LINEAGE"
 # Set per attempt: a warm standby must match an attempt on every other variable.
-PER_ATTEMPT_ENV = frozenset({ENV_ATTEMPT, ENV_RESUME_FROM, ENV_SKIP_STEPS})
+PER_ATTEMPT_ENV = frozenset({ENV_ATTEMPT, ENV_RESUME_FROM, ENV_SKIP_STEPS, ENV_MEMORY_LINEAGE})
 
 # Read by the daemon, CLI and TUI: where state and the socket live.
 ENV_STATE_DIR = "FTSUP_STATE_DIR"
@@ -76,6 +79,17 @@ PROGRESS_ELASTIC_CONVERT = "elastic_convert"
 # A multi-node launcher waits in torchrun's rendezvous (`state`: "waiting"), and a
 # node's trainer started with every node present (`state`: "joined").
 PROGRESS_RENDEZVOUS = "rendezvous"
+
+# The memory tier (issue 18): the built-in trainer keeps its newest training state
+# as a checkpoint folder in RAM (tmpfs), in one of two slots of the job's memory
+# folder (`<memory dir>/slot-0|slot-1/checkpoint-<step>`), written like an
+# asynchronous disk save and sealed by the same manifest, with MEMORY_RECORD
+# (job, lineage, step, attempt) among its checksummed files. train.json's
+# `memory` ({"dir", "every"}) turns it on; each write is reported as a
+# PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s, write_s).
+MEMORY_SLOTS = ("slot-0", "slot-1")
+MEMORY_RECORD = "ftsup-memory.json"
+PROGRESS_MEMORY_SNAPSHOT = "memory_snapshot"
 
 # Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also
 # matches before a trailing newline ("checkpoint-8\n").
