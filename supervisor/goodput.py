@@ -6,6 +6,8 @@ the start times of its attempts, it splits the job's wall time into:
 * productive: time between consecutive steps that reached new ground,
 * checkpoint stall: the part of those intervals spent in a save
   (`checkpoint_start` -> `checkpoint_saved`, or the trainer's own `stall_s`),
+  memory-tier snapshots included (their `stall_s`, also kept apart as
+  `memory_stall_s`),
 * recomputed: steps an attempt re-ran because they came after the checkpoint it
   resumed from,
 * restart downtime: everything else — detection, backoff, start-up and loading
@@ -29,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from ftsup.supervisor.contract import PROGRESS_MEMORY_SNAPSHOT
+
 
 @dataclass(frozen=True)
 class Goodput:
@@ -38,6 +42,8 @@ class Goodput:
     recomputed_s: float
     restart_downtime_s: float
     unknown: str | None = None  # why the split cannot be known; None when it is
+    memory_stall_s: float = 0.0  # the part of checkpoint_stall_s spent on memory snapshots
+    memory_resumes: int = 0  # attempts that resumed a memory snapshot
 
     @property
     def ratio(self) -> float | None:
@@ -54,6 +60,8 @@ class Goodput:
             "checkpoint_stall_s": self.checkpoint_stall_s if known else None,
             "recomputed_s": self.recomputed_s if known else None,
             "restart_downtime_s": self.restart_downtime_s if known else None,
+            "memory_stall_s": self.memory_stall_s if known else None,
+            "memory_resumes": self.memory_resumes,
             "goodput": self.ratio,
             "unknown": self.unknown,
         }
@@ -69,9 +77,12 @@ class GoodputTracker:
         self._save_started: float | None = None
         self._steps_since_save_start = 0
         self._pending_stall = 0.0
+        self._pending_memory = 0.0
         self.productive = 0.0
         self.stall = 0.0
         self.recomputed = 0.0
+        self.memory_stall = 0.0
+        self.memory_resumes = 0
         self.save_costs: deque[float] = deque(maxlen=50)
         self.step_intervals: deque[float] = deque(maxlen=200)
         self.timed_steps = 0
@@ -94,11 +105,15 @@ class GoodputTracker:
         if attempt != self._attempt:
             self._attempt, self._prev_step_ts = attempt, None
             self._high_water_before = self._high_water
-            self._save_started, self._pending_stall = None, 0.0
+            self._save_started, self._pending_stall, self._pending_memory = None, 0.0, 0.0
         if event == "checkpoint_start":
             self._save_started, self._steps_since_save_start = ts, 0
         elif event == "checkpoint_saved":
             self._saved(ts, record.get("stall_s"))
+        elif event == PROGRESS_MEMORY_SNAPSHOT:
+            self._memory_snapshot(record.get("stall_s"))
+        elif event == "train_start" and record.get("resumed_from_memory") is True:
+            self.memory_resumes += 1
         elif event == "step" and isinstance(step, int) and not isinstance(step, bool):
             self.timed_steps += 1
             self._step(ts, step)
@@ -121,17 +136,31 @@ class GoodputTracker:
             self._pending_stall += stall
         self._save_started = None
 
+    def _memory_snapshot(self, reported_stall: Any) -> None:
+        """A snapshot is reported once written, after training went on: its stall
+        sat in a step interval already counted as training."""
+        if not isinstance(reported_stall, int | float) or isinstance(reported_stall, bool):
+            return
+        stall = max(0.0, float(reported_stall))
+        moved = min(stall, self.productive)
+        self.productive -= moved
+        self.stall += moved
+        self.memory_stall += moved
+        self._pending_stall += stall - moved  # before any counted interval: the next one's
+        self._pending_memory += stall - moved
+
     def _step(self, ts: float, step: int) -> None:
         if self._prev_step_ts is not None:
             interval = max(0.0, ts - self._prev_step_ts)
             stall = min(self._pending_stall, interval)
             self.stall += stall
+            self.memory_stall += min(self._pending_memory, stall)
             if step <= self._high_water_before:
                 self.recomputed += interval - stall
             else:
                 self.productive += interval - stall
                 self.step_intervals.append(interval - stall)
-        self._prev_step_ts, self._pending_stall = ts, 0.0
+        self._prev_step_ts, self._pending_stall, self._pending_memory = ts, 0.0, 0.0
         self._high_water = max(self._high_water, step)
         self._steps_since_save_start += 1
 
@@ -145,6 +174,8 @@ class GoodputTracker:
             self.recomputed,
             max(0.0, wall - busy),
             unknown=self.unknown_reason(),
+            memory_stall_s=self.memory_stall,
+            memory_resumes=self.memory_resumes,
         )
 
     def unknown_reason(self) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.contract import PROGRESS_MEMORY_SNAPSHOT
 from ftsup.supervisor.follow import LineFollower
 from ftsup.supervisor.userfiles import NotRegularFile, open_binary
 
@@ -89,6 +90,8 @@ class ProgressState:
     attempt_max_step: int = 0  # highest step reached by the current attempt itself
     last_checkpoint_step: int | None = None
     last_checkpoint_time: float | None = None
+    # The newest memory-tier snapshot the trainer reported (issue 18), as reported.
+    memory: dict[str, Any] | None = None
     # (time, step) samples of the current attempt, bounded, for the rate.
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
@@ -133,6 +136,13 @@ class ProgressState:
         if event == "eval":
             self.eval_loss = _number(record.get("eval_loss"))
             return
+        if event == PROGRESS_MEMORY_SNAPSHOT:
+            self.memory = {
+                key: record.get(key)
+                for key in ("step", "bytes", "stall_s", "write_s", "skipped", "error")
+                if record.get(key) is not None
+            }
+            return
         if step is not None and event in ("step", "train_start", "train_end", "heartbeat"):
             self.step = int(step)
             if ts is not None and event == "step":
@@ -163,6 +173,7 @@ class ProgressState:
             "last_update": self.last_update,
             "last_checkpoint_step": self.last_checkpoint_step,
             "last_checkpoint_time": self.last_checkpoint_time,
+            "memory": self.memory,
         }
 
 

@@ -148,6 +148,7 @@ class EventKind(StrEnum):
     SIGNAL = "signal"
     STANDBY_READY = "standby_ready"
     STANDBY_LOST = "standby_lost"
+    MEMORY_RESUME = "memory_resume"  # an attempt resumes a memory snapshot, not a disk checkpoint
     # health
     HUNG = "hung"
     STACKS = "stacks"

@@ -876,6 +876,8 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("min_free", _auto(_size)),
             _Field("allow_scratch", _boolean),
             _Field("watch", _choice("auto", "inotify", "polling")),
+            _Field("memory_every", _auto(_STEP_COUNT)),
+            _Field("memory_dir", _path_text),
         ),
         "gpu": _table(
             GpuSection,
@@ -1072,6 +1074,29 @@ def _check_node_local(sections: Mapping[str, Any], issues: _Collector) -> None:
         )
 
 
+def _check_memory_tier(sections: Mapping[str, Any], issues: _Collector) -> None:
+    """`[checkpoint] memory_every`: the built-in trainer in one process only (a
+    `[command]` trainer's state is out of ftsup's reach; several processes would
+    each need their own snapshot, not built)."""
+    checkpoint = sections.get("checkpoint")
+    if not isinstance(checkpoint, CheckpointSection) or not checkpoint.memory_every:
+        return
+    launch = sections.get("launch") or LaunchSection()
+    where = ("checkpoint", "memory_every")
+    if not isinstance(sections.get("train"), TrainSection):
+        issues.add(
+            where,
+            "needs a [train] job: the memory tier snapshots the built-in trainer's state",
+            "leave memory_every out of a [command] job",
+        )
+    elif launch.distributed or launch.deepspeed or launch.fsdp:
+        issues.add(
+            where,
+            "works for one process only (not with several processes, DeepSpeed or FSDP)",
+            'set memory_every = 0, or "auto" (off for such jobs)',
+        )
+
+
 def _check_elastic_launch(
     sections: Mapping[str, Any], raw: Mapping[str, Any], issues: _Collector
 ) -> None:
@@ -1199,6 +1224,7 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     _check_elastic_launch(sections, data, issues)
     _check_elastic_nodes(sections, issues)
     _check_node_local(sections, issues)
+    _check_memory_tier(sections, issues)
     issues.raise_if_any()
     _launch_from_count(sections, data)
     _check_deepspeed(sections, issues)

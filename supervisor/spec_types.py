@@ -188,6 +188,10 @@ class CheckpointSection:
     min_free: int | None = None  # bytes; None: "auto"
     allow_scratch: bool = True  # start from scratch when no valid checkpoint exists
     watch: str = "auto"  # auto | inotify | polling
+    # The memory tier (issue 18): a snapshot in RAM every N steps; 0 off; None
+    # ("auto"): memory_tier.AUTO_EVERY (off for now).
+    memory_every: int | None = None
+    memory_dir: str | None = None  # None: the daemon's runtime folder (tmpfs)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,8 @@ def test_steps_without_times_make_goodput_unknown_never_zero() -> None:
         "checkpoint_stall_s": None,
         "recomputed_s": None,
         "restart_downtime_s": None,
+        "memory_stall_s": None,
+        "memory_resumes": 0,
         "goodput": None,
         "unknown": report.unknown,
     }
@@ -170,3 +172,20 @@ def test_a_job_that_reports_times_keeps_its_start_up_as_downtime() -> None:
     tracker.set_attempt_starts([0.0])
     report = tracker.report(0.0, 10.0)
     assert report.unknown is None and report.ratio == 0.0
+
+
+def test_a_memory_snapshots_stall_is_checkpoint_stall_and_counted_apart() -> None:
+    """A snapshot is reported after training went on; its capture sat inside a
+    step interval, which must not count as training."""
+    tracker = GoodputTracker()
+    tracker.set_attempt_starts([0.0])
+    for step in range(1, 5):
+        tracker.feed({"event": "step", "step": step, "ts": float(step)})
+        tracker.feed({"event": "memory_snapshot", "step": step, "ts": step + 0.5, "stall_s": 0.1})
+    tracker.feed({"event": "train_start", "step": 4, "ts": 6.0, "resumed_from_memory": True})
+    report = tracker.report(0.0, 5.0)
+    # 3 intervals of 1 s; 4 stalls of 0.1 s (the last one after the last interval)
+    assert math.isclose(report.memory_stall_s, 0.4)
+    assert math.isclose(report.checkpoint_stall_s, 0.4)
+    assert math.isclose(report.productive_s, 2.6)
+    assert report.memory_resumes == 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor import contract
+from ftsup.supervisor import contract, memory_tier
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.fingerprint import train_fingerprint
 from ftsup.supervisor.paths import Layout
@@ -97,9 +97,16 @@ def plan_attempt(
         async_save=spec.checkpoint.async_save,
         job_name=spec.name,
         elastic_global_batch=global_batch(spec) if is_elastic(spec) else None,
+        memory=memory_settings(spec, layout),
     )
     argv = build_trainer_argv(config_path, resume_from, launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
+
+
+def memory_settings(spec: JobSpec, layout: Layout) -> tuple[Path, int] | None:
+    """The memory tier's folder and interval for train.json; None when it is off."""
+    every = memory_tier.memory_every(spec)
+    return (memory_tier.memory_dir(spec, layout), every) if every else None
 
 
 def torchrun_env(launch: LaunchSection, rdzv_id: str) -> dict[str, str]:

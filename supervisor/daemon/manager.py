@@ -21,6 +21,7 @@ from ftsup.supervisor.daemon.launcher import lock_group
 from ftsup.supervisor.daemon.placement import Placement, trainer_gpus
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
 from ftsup.supervisor.daemon.wakeups import FALLBACK_POLL_S, InotifyUnavailable, PumpWakeups
+from ftsup.supervisor.memory_tier import new_lineage
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.protocol import STREAM_ONLY_KINDS, RequestError
 from ftsup.supervisor.resume import CheckpointsUncheckable, ResumePoint
@@ -218,6 +219,7 @@ class JobManager:
         run_dir = self.layout.run_dir(spec.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.toml").write_text(spec.text)
+        new_lineage(run_dir)  # a new run: no memory snapshot of an earlier one is resumed
         self.store.upsert_job(
             name=spec.name,
             spec_path=str(spec.source),

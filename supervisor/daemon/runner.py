@@ -31,7 +31,13 @@ from ftsup.supervisor.checkpoints.drift_guard import (
     elastic_resize,
     elastic_summary,
 )
-from ftsup.supervisor.contract import ENV_SKIP_STEPS, EXIT_CONFIG, EXIT_FILE, LOG_FILE
+from ftsup.supervisor.contract import (
+    ENV_MEMORY_LINEAGE,
+    ENV_SKIP_STEPS,
+    EXIT_CONFIG,
+    EXIT_FILE,
+    LOG_FILE,
+)
 from ftsup.supervisor.daemon.attempt import KILL_FILE, LiveAttempt, wait_until_gone
 from ftsup.supervisor.daemon.bus import EventBus
 from ftsup.supervisor.daemon.exitwatch import wait_for_exit
@@ -55,6 +61,14 @@ from ftsup.supervisor.health.loss import Anomaly
 from ftsup.supervisor.health.stacks import capture_stacks
 from ftsup.supervisor.instrumentation import Instrumentation
 from ftsup.supervisor.manifest import ManifestError, read_manifest
+from ftsup.supervisor.memory_tier import (
+    current_lineage,
+    discard,
+    memory_dir,
+    memory_every,
+    new_lineage,
+    newest_usable,
+)
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.progress import ProgressState
@@ -73,6 +87,7 @@ ResumeSelector = Callable[[JobSpec], ResumePoint]
 Preflight = Callable[[JobSpec], tuple[str, str]]
 PREFLIGHT_RETRY = 5.0
 MEMORY_RETRY = 2.0  # while another process's memory is on the job's GPUs
+MEMORY_LOOK_TIMEOUT_S = 10.0  # a launch waits this long for the memory snapshots' check
 NODES_REFRESH_TIMEOUT_S = 5.0  # a decision waits this long for the other nodes' records
 # Errors of the moment (full or failing disk, no descriptors or memory left): a
 # launch that meets one waits and tries again; any other OSError fails the job.
@@ -133,6 +148,10 @@ class JobRunner:
             if spec.launch.nnodes > 1
             else None
         )
+        # The memory tier (issue 18): its folder when on, and the lineage token
+        # the attempts write their snapshots under (read before each launch).
+        self._memory = memory_dir(spec, layout) if memory_every(spec) else None
+        self._lineage: str | None = None
         self._node_state = "submitted"
         self._node_reason: str | None = None
         self._node_counts: dict[str, int] = {"failures": 0, "stalled": 0}
@@ -302,6 +321,8 @@ class JobRunner:
             log.exception("job %s: cannot record state %s (%s)", self.name, state, reason)
         self._node_reason = reason
         self.report_node(state, force=True)
+        if self._memory is not None and state != JobState.STOPPED:
+            discard(self._memory)  # a stopped job may be restarted: its snapshot stays
         if self._placement is not None:
             try:
                 self._placement.release(self.name)  # after the state: successors read it
@@ -409,6 +430,8 @@ class JobRunner:
             )
         if resume.path is not None and not self._drift_allowed(resume.path):
             return None
+        if self._memory is not None:
+            resume = await self._prefer_memory(resume)
         if resume.path is None and resume.quarantined and not self.spec.checkpoint.allow_scratch:
             self._finish(
                 "gave_up",
@@ -516,8 +539,50 @@ class JobRunner:
                     return None
                 self._set_state("starting")
 
+    async def _prefer_memory(self, disk: ResumePoint) -> ResumePoint:
+        """The memory snapshot instead of `disk` when one is usable and newer
+        (`memory_tier.newest_usable`); looked at in a thread, with a deadline."""
+        assert self._memory is not None
+        run_dir = self.layout.run_dir(self.name)
+        try:
+            if self._lineage is None:  # this daemon's token, once read, is the one in force
+                self._lineage = await asyncio.to_thread(current_lineage, run_dir)
+            snapshot = await asyncio.wait_for(
+                asyncio.to_thread(
+                    newest_usable,
+                    self._memory,
+                    job=self.name,
+                    lineage=self._lineage,
+                    fingerprint=launcher_fingerprint(self.spec, self.gpus),
+                    newer_than=disk.step if disk.path is not None else -1,
+                ),
+                MEMORY_LOOK_TIMEOUT_S,
+            )
+        except (TimeoutError, OSError) as exc:
+            log.warning("job %s: memory snapshots not looked at: %s", self.name, exc)
+            return disk
+        if snapshot is None:
+            return disk
+        newest = disk.path.name if disk.path is not None else "none"
+        self.bus.emit(
+            self.name,
+            EventKind.MEMORY_RESUME,
+            f"resuming the memory snapshot of step {snapshot.step} "
+            f"(newest disk checkpoint: {newest})",
+            {
+                "path": str(snapshot.path),
+                "step": snapshot.step,
+                "disk_step": disk.step if disk.path is not None else None,
+                "bytes": snapshot.size_bytes,
+                "written_by_attempt": snapshot.attempt,
+            },
+        )
+        return ResumePoint(snapshot.path, snapshot.step, disk.quarantined)
+
     def _plan(self, attempt: int, resume_from: Path | None) -> AttemptPlan:
         env = dict(self._env)
+        if self._memory is not None and self._lineage is not None:
+            env[ENV_MEMORY_LINEAGE] = self._lineage
         if self.skip_windows:  # the data a loss anomaly rolled back past
             env[ENV_SKIP_STEPS] = ",".join(f"{a}-{b}" for a, b in self.skip_windows)
         return plan_attempt(
@@ -902,6 +967,9 @@ class JobRunner:
         first_bad, self._rollback_from = self._rollback_from, None
         reason = f"saved after the loss anomaly at step {first_bad}"
         self.checkpoints.set_aside_from(first_bad, reason)
+        if self._memory is not None:  # the snapshots hold the poisoned weights too
+            self._lineage = new_lineage(self.layout.run_dir(self.name))
+            discard(self._memory)
 
     def check_hang(self) -> None:
         """Called by the pump: a hung attempt gets its stacks captured, then is stopped."""

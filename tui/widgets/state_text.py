@@ -39,6 +39,7 @@ EVENT_STYLES: dict[str, str] = {
     EventKind.SIGNAL: "yellow",
     EventKind.STANDBY_READY: "dim",
     EventKind.STANDBY_LOST: "yellow",
+    EventKind.MEMORY_RESUME: "cyan",
     # health
     EventKind.HUNG: "bold red",
     EventKind.STACKS: "dim",

@@ -1,0 +1,202 @@
+"""The memory tier, daemon side (issue 18): which snapshot a restart may resume.
+
+The built-in trainer keeps its newest training state as an HF checkpoint folder
+in RAM (`<memory dir>/slot-0|slot-1/checkpoint-<step>`, see the contract's
+MEMORY_* names), written and sealed like an asynchronous disk save. A kill
+then loses about one step instead of everything since the last disk save.
+
+A snapshot is only ever a faster way to the same state, so it is resumed only
+when nothing about it can be wrong: sealed (its manifest lists every file
+with its size: a write cut short has none), newer than the newest valid disk
+checkpoint, of this job, of the current lineage, and written under exactly
+the job's configuration (the manifest's fingerprint). The lineage token
+changes when a run starts anew and when the daemon rolls back on purpose (a
+loss anomaly), so a snapshot of an abandoned line of training is never picked
+even if its folder survived. Everything else (export, retention, a host
+reboot, `ftsup ckpt`) knows only the disk checkpoints.
+
+The memory folder is ftsup's own (under the runtime folder, tmpfs on a systemd
+host), or `[checkpoint] memory_dir`; it is read in worker threads only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftsup.supervisor.atomicio import write_json_atomic
+from ftsup.supervisor.contract import (
+    MEMORY_RECORD,
+    MEMORY_SLOTS,
+    checkpoint_step,
+)
+from ftsup.supervisor.manifest import ManifestError, read_manifest
+from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.spec_types import JobSpec
+
+log = logging.getLogger("ftsup.memory")
+
+LINEAGE_FILE = "memory-lineage.json"
+_RECORD_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    step: int
+    attempt: int | None
+    size_bytes: int
+
+
+AUTO_EVERY = 0  # `auto`: off until the chaos benchmark has measured the tier on by default
+
+
+def memory_every(spec: JobSpec) -> int:
+    """Steps between snapshots; 0: no memory tier. Only a one-process [train] job
+    has one; `auto` (the default) is AUTO_EVERY for now."""
+    train = spec.train
+    if train is None or spec.launch.distributed or spec.launch.deepspeed or spec.launch.fsdp:
+        return 0
+    every = spec.checkpoint.memory_every
+    return AUTO_EVERY if every is None else every
+
+
+def memory_dir(spec: JobSpec, layout: Layout) -> Path:
+    """The job's memory folder: `[checkpoint] memory_dir`/<job>, else
+    `<runtime folder>/memory/<job>` (one per daemon: two never share one)."""
+    if spec.checkpoint.memory_dir:
+        return Path(spec.checkpoint.memory_dir) / spec.name
+    return layout.runtime_dir / "memory" / spec.name
+
+
+def in_ram(folder: Path) -> bool | None:
+    """Whether `folder` is on tmpfs (the longest mount point above it in
+    /proc/self/mounts); None when that cannot be read."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
+            mounts = [line.split()[1:3] for line in handle if len(line.split()) >= 3]
+    except OSError:
+        return None
+    target = os.path.abspath(folder)
+    best, kind = "", None
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return None if kind is None else kind in ("tmpfs", "ramfs")
+
+
+def current_lineage(run_dir: Path) -> str:
+    """The job's lineage token, created on first use. A folder that cannot be
+    written gives a token of this process alone: no older snapshot can match it,
+    so the tier starts afresh rather than risk a wrong resume."""
+    path = run_dir / LINEAGE_FILE
+    try:
+        token = json.loads(path.read_text()).get("lineage")
+        if isinstance(token, str) and token:
+            return token
+    except (OSError, ValueError, AttributeError):
+        pass
+    return new_lineage(run_dir)
+
+
+def new_lineage(run_dir: Path) -> str:
+    """A new token: every snapshot written so far belongs to an abandoned line."""
+    token = secrets.token_hex(8)
+    try:
+        write_json_atomic(run_dir / LINEAGE_FILE, {"lineage": token})
+    except OSError as exc:
+        log.warning("cannot record the memory lineage in %s: %s", run_dir, exc)
+    return token
+
+
+def newest_usable(
+    folder: Path,
+    *,
+    job: str,
+    lineage: str,
+    fingerprint: dict[str, Any],
+    newer_than: int,
+) -> Snapshot | None:
+    """The newest sealed snapshot that may be resumed, or None.
+
+    `newer_than`: the newest valid disk checkpoint's step (-1: none); a snapshot
+    of that step or older is never used (the disk checkpoint is the same state,
+    and the one everything else knows)."""
+    found: list[Snapshot] = []
+    for slot in MEMORY_SLOTS:
+        try:
+            entries = sorted((folder / slot).iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            step = checkpoint_step(path)
+            if step is None or step <= newer_than:
+                continue
+            snapshot = _usable(path, step, job, lineage, fingerprint)
+            if snapshot is not None:
+                found.append(snapshot)
+    return max(found, key=lambda s: s.step, default=None)
+
+
+def _usable(
+    path: Path, step: int, job: str, lineage: str, fingerprint: dict[str, Any]
+) -> Snapshot | None:
+    try:
+        manifest = read_manifest(path)
+        with open(path / MEMORY_RECORD, "rb") as handle:
+            record = json.loads(handle.read(_RECORD_MAX))
+    except (OSError, ValueError, ManifestError):
+        return None  # not sealed (a write cut short), or not a snapshot
+    if not isinstance(record, dict):
+        return None
+    if (record.get("job"), record.get("lineage"), record.get("step")) != (job, lineage, step):
+        return None
+    if manifest.step != step or dict(manifest.fingerprint) != dict(fingerprint):
+        return None
+    size = 0
+    sealed = {entry.path: entry.size for entry in manifest.files}
+    if MEMORY_RECORD not in sealed:
+        return None  # the record must be among the sealed files
+    for rel, expected in sealed.items():
+        try:
+            if os.stat(path / rel).st_size != expected:
+                return None
+        except OSError:
+            return None
+        size += expected
+    attempt = record.get("attempt")
+    return Snapshot(path, step, attempt if isinstance(attempt, int) else None, size)
+
+
+def discard(folder: Path) -> None:
+    """Remove the job's snapshots in the background (best effort): a run that
+    ended, or a line of training abandoned on purpose, frees its memory."""
+    threading.Thread(
+        target=shutil.rmtree,
+        args=(folder,),
+        kwargs={"ignore_errors": True},
+        name="ftsup-memory-discard",
+        daemon=True,
+    ).start()
+
+
+__all__ = [
+    "LINEAGE_FILE",
+    "Snapshot",
+    "current_lineage",
+    "discard",
+    "in_ram",
+    "memory_dir",
+    "memory_every",
+    "new_lineage",
+    "newest_usable",
+]

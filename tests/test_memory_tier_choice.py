@@ -1,0 +1,203 @@
+"""Which memory snapshot a restart may resume (supervisor/memory_tier.py, issue 18).
+
+Snapshots are built here as the trainer writes them (files, then the memory
+record, then the manifest that seals them, with real checksums); the rules
+are the daemon's: sealed, newer than the newest valid disk checkpoint, of this
+job, this lineage and exactly this configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, checkpoint_name
+from ftsup.supervisor.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from ftsup.supervisor.memory_tier import (
+    AUTO_EVERY,
+    current_lineage,
+    in_ram,
+    memory_dir,
+    memory_every,
+    new_lineage,
+    newest_usable,
+)
+from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.spec import SpecError, parse_spec
+from ftsup.supervisor.spec_types import JobSpec
+
+FINGERPRINT = {"model": "tiny", "lr": 0.001, "world_size": 1}
+JOB, LINEAGE = "lora", "a1b2c3"
+
+
+def snapshot(
+    root: Path,
+    slot: int,
+    step: int,
+    *,
+    job: str = JOB,
+    lineage: str = LINEAGE,
+    fingerprint: dict[str, object] | None = None,
+    sealed: bool = True,
+) -> Path:
+    folder = root / MEMORY_SLOTS[slot] / checkpoint_name(step)
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"w" * (100 + step))
+    (folder / "optimizer.pt").write_bytes(b"o" * 300)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    record = {"job": job, "lineage": lineage, "step": step, "attempt": 1, "created_at": 0}
+    (folder / MEMORY_RECORD).write_text(json.dumps(record))
+    if sealed:
+        manifest = build_manifest(
+            folder,
+            step=step,
+            world_size=1,
+            fingerprint=fingerprint or FINGERPRINT,
+            created_at=time.time(),
+        )
+        write_manifest(folder, manifest)
+    return folder
+
+
+def choose(root: Path, newer_than: int = -1, **kw: object) -> Path | None:
+    args: dict[str, object] = {"job": JOB, "lineage": LINEAGE, "fingerprint": FINGERPRINT}
+    args.update(kw)
+    found = newest_usable(root, newer_than=newer_than, **args)  # type: ignore[arg-type]
+    return found.path if found is not None else None
+
+
+def test_the_newest_sealed_snapshot_is_chosen_across_the_two_slots(tmp_path: Path) -> None:
+    older = snapshot(tmp_path, 0, 41)
+    newer = snapshot(tmp_path, 1, 42)
+    assert choose(tmp_path) == newer
+    found = newest_usable(
+        tmp_path, job=JOB, lineage=LINEAGE, fingerprint=FINGERPRINT, newer_than=-1
+    )
+    assert found is not None and found.step == 42 and found.attempt == 1
+    assert found.size_bytes == sum(
+        f.stat().st_size for f in newer.iterdir() if f.name != MANIFEST_NAME
+    )
+    assert older.exists()
+
+
+def test_a_write_cut_short_is_never_resumed_and_the_other_slot_is(tmp_path: Path) -> None:
+    kept = snapshot(tmp_path, 0, 41)
+    snapshot(tmp_path, 1, 42, sealed=False)  # killed before the seal
+    assert choose(tmp_path) == kept
+
+
+def test_a_sealed_file_that_changed_size_is_refused(tmp_path: Path) -> None:
+    folder = snapshot(tmp_path, 0, 42)
+    with (folder / "optimizer.pt").open("r+b") as handle:
+        handle.truncate(10)
+    assert choose(tmp_path) is None
+
+
+def test_a_snapshot_no_newer_than_the_newest_disk_checkpoint_is_never_used(
+    tmp_path: Path,
+) -> None:
+    snapshot(tmp_path, 0, 40)
+    assert choose(tmp_path, newer_than=40) is None  # same step: the disk checkpoint wins
+    assert choose(tmp_path, newer_than=45) is None
+    assert choose(tmp_path, newer_than=39) is not None
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"job": "another-job"},
+        {"lineage": "an-abandoned-line"},
+        {"fingerprint": {**FINGERPRINT, "lr": 0.002}},
+    ],
+    ids=["job", "lineage", "configuration"],
+)
+def test_a_snapshot_of_another_job_lineage_or_configuration_is_never_used(
+    tmp_path: Path, other: dict[str, object]
+) -> None:
+    snapshot(tmp_path, 0, 42, **other)  # type: ignore[arg-type]
+    assert choose(tmp_path) is None
+
+
+def test_a_memory_record_outside_the_seal_is_refused(tmp_path: Path) -> None:
+    folder = snapshot(tmp_path, 0, 42, sealed=False)
+    record = (folder / MEMORY_RECORD).read_text()
+    (folder / MEMORY_RECORD).unlink()
+    manifest = build_manifest(
+        folder, step=42, world_size=1, fingerprint=FINGERPRINT, created_at=time.time()
+    )
+    write_manifest(folder, manifest)
+    (folder / MEMORY_RECORD).write_text(record)  # written after the seal: not vouched for
+    assert choose(tmp_path) is None
+
+
+def test_no_memory_folder_means_no_snapshot(tmp_path: Path) -> None:
+    assert choose(tmp_path / "gone") is None
+
+
+def test_the_lineage_token_is_kept_until_renewed(tmp_path: Path) -> None:
+    first = current_lineage(tmp_path)
+    assert current_lineage(tmp_path) == first
+    renewed = new_lineage(tmp_path)
+    assert renewed != first and current_lineage(tmp_path) == renewed
+
+
+def job(tmp_path: Path, train: str = "", extra: str = "") -> JobSpec:
+    text = f"""
+[job]
+name = "{JOB}"
+output_dir = "{tmp_path / "out"}"
+
+[train]
+model = "m"
+dataset = ["d.jsonl"]
+{train}
+{extra}
+"""
+    return parse_spec(text, tmp_path / "job.toml")
+
+
+def test_the_tier_is_opt_in_and_for_one_process_train_jobs_only(tmp_path: Path) -> None:
+    assert memory_every(job(tmp_path)) == AUTO_EVERY == 0  # auto: off for now
+    assert memory_every(job(tmp_path, extra="[checkpoint]\nmemory_every = 1")) == 1
+    explicit = job(tmp_path, 'finetuning_type = "full"', "[checkpoint]\nmemory_every = 5")
+    assert memory_every(explicit) == 5
+    off = job(tmp_path, extra="[checkpoint]\nmemory_every = 0")
+    assert memory_every(off) == 0
+    two = job(tmp_path, extra="[launch]\nnproc_per_node = 2")  # auto, several processes
+    assert memory_every(two) == 0
+
+
+def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> None:
+    layout = Layout.from_env(tmp_path / "state", tmp_path / "run")
+    spec = job(tmp_path)
+    assert memory_dir(spec, layout) == tmp_path / "run" / "memory" / JOB
+    configured = replace(spec, checkpoint=replace(spec.checkpoint, memory_dir="/dev/shm/x"))
+    assert memory_dir(configured, layout) == Path("/dev/shm/x") / JOB
+
+
+def test_in_ram_reads_the_mount_table() -> None:
+    if Path("/dev/shm").is_dir():
+        assert in_ram(Path("/dev/shm/ftsup-test")) is True
+    assert in_ram(Path("/proc/self")) is False
+
+
+def test_the_job_file_refuses_a_memory_tier_it_cannot_keep(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"memory_every.*one process only"):
+        job(tmp_path, extra="[checkpoint]\nmemory_every = 1\n\n[launch]\nnproc_per_node = 2")
+    command = f"""
+[job]
+name = "cmd"
+output_dir = "{tmp_path / "out"}"
+
+[command]
+argv = ["python", "train.py"]
+
+[checkpoint]
+memory_every = 1
+"""
+    with pytest.raises(SpecError, match=r"memory_every.*needs a \[train\] job"):
+        parse_spec(command, tmp_path / "cmd.toml")
