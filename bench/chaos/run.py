@@ -8,6 +8,9 @@ offline Llama model, arithmetic data):
   standby takes over when one is ready).
 * `ftsup_cold`: the same with `[restart] standby = false`: every restart is a
   cold start of the trainer.
+* `ftsup_memory`: `ftsup` with the memory tier on (`[checkpoint] memory_every
+  = 1`, issue 18): a restart resumes the newest snapshot in RAM when it is
+  newer than the newest disk checkpoint.
 * `baseline`: plain transformers Trainer (`hf_train.py`) under a restart loop
   that does what `while ! python hf_train.py --resume_from_checkpoint
   <newest checkpoint-* by number>; do :; done` does: restart at once.
@@ -386,13 +389,19 @@ class Daemon:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def write_job(work: Path, steps: int, save_steps: int, kills: int, *, standby: bool) -> Path:
+def write_job(
+    work: Path, steps: int, save_steps: int, kills: int, *, standby: bool, memory: bool = False
+) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
 
     job = prepare_demo(work, steps=steps, name=JOB)
     text = job.read_text().split("\n[restart]")[0]
     text = re.sub(r"(?m)^save_steps = \d+$", f"save_steps = {save_steps}", text)
+    if memory:
+        text = text.replace("\n[checkpoint]\n", "\n[checkpoint]\nmemory_every = 1\n", 1)
+        if "memory_every" not in text:
+            text += "\n[checkpoint]\nmemory_every = 1\n"
     restart = (
         f'\n[restart]\nbackoff = "{BACKOFF}"\nbackoff_max = "1s"\n'
         f"max_restarts = {kills + 5}\ncrash_loop = {kills + 5}\n"
@@ -412,7 +421,14 @@ def run_ftsup(
     mode: str,
 ) -> ModeResult:
     """Built-in trainer under the daemon; trainer kills (`ftsup`) or daemon kills."""
-    job = write_job(root / "w", steps, save_steps, len(kills), standby=mode != "ftsup_cold")
+    job = write_job(
+        root / "w",
+        steps,
+        save_steps,
+        len(kills),
+        standby=mode != "ftsup_cold",
+        memory=mode == "ftsup_memory",
+    )
     daemon = Daemon(root, env)
     daemon.start()
     result = ModeResult(mode=mode, launched=time.time(), kills=kills)
@@ -584,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, help="kills per mode (default 12; --quick 6)")
     parser.add_argument("--save-steps", type=int, default=20, help="checkpoint interval")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="ftsup,ftsup_cold,baseline,baseline_guarded,daemon_kill")
+    parser.add_argument(
+        "--modes", default="ftsup,ftsup_memory,ftsup_cold,baseline,baseline_guarded,daemon_kill"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mode")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)

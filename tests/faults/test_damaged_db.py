@@ -21,7 +21,8 @@ import pytest
 
 from tests.supervisor_harness import Harness, wait_for
 
-STEPS = 150
+STEPS = 30
+HOLD_AT = 3  # the trainer waits here while the test kills the daemon and damages its database
 
 
 def truncate(db: Path) -> None:
@@ -62,12 +63,17 @@ def test_damaged_database_is_rebuilt_and_the_run_readopted(
 ) -> None:
     h = harness
     h.start_daemon()
-    h.cli("start", str(h.toy_job("dmg", "--max-steps", str(STEPS), "--step-time", "0.1")))
+    hold = h.work / "hold"
+    hold.touch()
+    args = ["--max-steps", str(STEPS), "--hold-at", str(HOLD_AT), "--hold-file", str(hold)]
+    h.cli("start", str(h.toy_job("dmg", *args)))
     h.wait_state("dmg", "running")
     wait_for(lambda: h.attempt_pids("dmg"), 30, what="the shim's pids.json")
     shim_pid = h.attempt_pids("dmg")[0]["shim_pid"]
     steps_log = h.work / "dmg" / "steps.log"
-    wait_for(lambda: steps_log.exists() and h.steps("dmg"), 30, what="the first step")
+    wait_for(
+        lambda: steps_log.exists() and h.steps("dmg")[-1:] == [HOLD_AT], 30, what="the held step"
+    )
     db = h.state_dir / "ftsup.db"
 
     h.kill_daemon()
@@ -88,6 +94,7 @@ def test_damaged_database_is_rebuilt_and_the_run_readopted(
     assert rebuilt and rebuilt[-1]["data"]["jobs"] == ["dmg"]
     adopted = [e for e in said if e["kind"] == "adopted" and e["job"] == "dmg"]
     assert adopted and adopted[-1]["data"]["shim_pid"] == shim_pid
+    hold.unlink()  # the trainer goes on, supervised again
 
     final = h.wait_state("dmg", "finished", "gave_up", "failed", "stopped", timeout=120)
     assert final["state"] == "finished", final

@@ -125,6 +125,13 @@ def main() -> int:
         default=0,
         help="bytes of extra state per checkpoint (to fill disks in tests)",
     )
+    parser.add_argument(
+        "--hold-file",
+        type=Path,
+        default=None,
+        help="after --hold-at's step, wait while this file exists (a test acts meanwhile)",
+    )
+    parser.add_argument("--hold-at", type=int, default=None, help="see --hold-file")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (stubborn)")
     parser.add_argument(
         "--spawn-child",
@@ -197,6 +204,9 @@ def main() -> int:
             print(f"hanging inside step {step}", flush=True)
             while True:
                 time.sleep(3600)
+        if args.hold_file is not None and args.hold_at == step:
+            while args.hold_file.exists() and not stop["requested"]:
+                time.sleep(0.02)
         if args.crash_always_at == step:
             print(f"RuntimeError: toy crash at step {step}", file=sys.stderr, flush=True)
             return 1
