@@ -181,8 +181,9 @@ def test_kills_during_background_writes_never_resume_a_partial_checkpoint(
         assert any(partial.iterdir()), "the write had started"
         resume = assert_resume_point(out, expected)
 
-    # SIGKILL from outside at moments inside a slowed-down write of checkpoint 15.
-    for marker in ("rng_state.pth", "adapter_model.safetensors", "optimizer.pt"):
+    # SIGKILL from outside, inside a slowed-down write of checkpoint 15 (the fault
+    # points above cover every boundary between its files; this is the real signal).
+    for marker in ("adapter_model.safetensors",):
         starts = train_starts(config)
         process = start_trainer(config, resume_from=resume, env={"FTSUP_FAULT_WRITE_DELAY": "0.3"})
         # Past train_start, the previous attempt's partial folder has been set aside.
@@ -200,7 +201,7 @@ def test_kills_during_background_writes_never_resume_a_partial_checkpoint(
     assert {step for step, _ in step_losses(last.events())} == set(range(1, MAX_STEPS + 1))
     # Every abandoned partial folder was set aside (by the daemon's selection or
     # the trainer's own start), none was sealed.
-    assert len(list(out.glob("checkpoint-15.invalid-*"))) == 5
+    assert len(list(out.glob("checkpoint-15.invalid-*"))) == 3
     assert len(list(out.glob("checkpoint-3.invalid-*"))) == 1
 
 
