@@ -85,8 +85,11 @@ PROGRESS_RENDEZVOUS = "rendezvous"
 # folder (`<memory dir>/slot-0|slot-1/checkpoint-<step>`), written like an
 # asynchronous disk save and sealed by the same manifest, with MEMORY_RECORD
 # (job, lineage, step, attempt) among its checksummed files. train.json's
-# `memory` ({"dir", "every"}) turns it on; each write is reported as a
-# PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s, write_s).
+# `memory` ({"dir", "every"}, optionally "max_overhead": the most of training's
+# time the tier may take, which then spaces snapshots out) turns it on; each
+# write is reported as a PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s,
+# write_s, slot, skipped, paced; `error` when the tier turned itself off), and
+# a run that resumed a snapshot says `resumed_from_memory` in its train_start.
 MEMORY_SLOTS = ("slot-0", "slot-1")
 MEMORY_RECORD = "ftsup-memory.json"
 PROGRESS_MEMORY_SNAPSHOT = "memory_snapshot"

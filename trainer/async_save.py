@@ -18,6 +18,10 @@ At most one save is in flight: the next save first waits for the previous
 one (that save is delayed, neither is corrupted), which also makes reusing
 the host buffers safe. On GPU the buffers are pinned and filled with
 non-blocking copies followed by one synchronize.
+
+The capture (`capture`) and the file writing (`write_files`) are shared with
+the memory tier (`ftsup.trainer.memory_tier`), which writes the same folder
+into RAM after every step, from its own buffers and thread.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from __future__ import annotations
 import copy
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,7 @@ SCHEDULER_NAME = "scheduler.pt"
 SCALER_NAME = "scaler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.bin"
+RNG_STATE_NAME = "rng_state.pth"  # one process; rank r of several writes rng_state_<r>.pth
 # Written by every rank on its training thread, maybe while this writer runs:
 # never checksummed here (the seal does it, after the barrier).
 _RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
@@ -128,6 +135,156 @@ def model_snapshot(model: torch.nn.Module, buffers: HostBuffers) -> dict[str, to
     return snapshot
 
 
+@dataclass(frozen=True)
+class Captured:
+    """A checkpoint's contents, copied off the live training objects."""
+
+    step: int
+    rank: int
+    model: Any  # writes the weights (`save_pretrained`), never read from
+    weights: dict[str, torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any | None
+    state: Any  # a TrainerState
+    tokenizer: Any | None
+    args: Any  # TrainingArguments, written as training_args.bin
+
+
+# The disk and memory writers run on two threads, and `save_pretrained` is not
+# made for that: peft's flips the adapter config's `inference_mode` and back.
+_SAVE_PRETRAINED = threading.Lock()
+
+# (fault point or None, write one file): lets each writer checksum and inject faults
+PartRunner = Callable[[str | None, Callable[[], object]], None]
+
+
+def copy_state(state: Any) -> Any:
+    """A deep copy of a TrainerState, except that `log_history`'s entries are shared.
+
+    HF appends a new dict per log and never changes one afterwards, while the
+    history grows with every logged step: copying its entries each step (the
+    memory tier) would cost more as training goes on.
+    """
+    history = state.log_history
+    return copy.deepcopy(state, {id(history): list(history)})
+
+
+def capture(trainer: Any, buffers: HostBuffers) -> Captured:
+    """Copy what training will change next into `buffers` (on the training thread).
+
+    As HF's `_save_checkpoint`, records the exportable callbacks' state in
+    `trainer.state.stateful_callbacks` first.
+    """
+    from transformers.trainer_callback import ExportableState
+
+    weights = model_snapshot(trainer.model, buffers)
+    optimizer = buffers.to_host(trainer.optimizer.state_dict(), "optimizer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF silences the same scheduler warnings
+        scheduler = copy.deepcopy(trainer.lr_scheduler.state_dict())
+    scaler_obj = getattr(trainer.accelerator, "scaler", None)
+    scaler = None if scaler_obj is None else copy.deepcopy(scaler_obj.state_dict())
+    state = trainer.state
+    for cb in [*trainer.callback_handler.callbacks, trainer.control]:
+        if isinstance(cb, ExportableState):  # as HF's _save_checkpoint does
+            name, cb_state = cb.__class__.__name__, cb.state()
+            if isinstance(state.stateful_callbacks[name], list):
+                state.stateful_callbacks[name].append(cb_state)
+            else:
+                state.stateful_callbacks[name] = cb_state
+    if buffers.pin:
+        torch.cuda.synchronize()  # the non-blocking copies have landed
+    return Captured(
+        step=state.global_step,
+        rank=trainer.args.process_index,
+        model=trainer.model,
+        weights=weights,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        state=copy_state(state),
+        tokenizer=trainer.processing_class,
+        args=trainer.args,
+    )
+
+
+def rng_states(trainer: Any) -> dict[str, Any]:
+    """What HF's `_save_rng_state` writes (CPU and CUDA), taken now, written later.
+
+    Each getter returns a copy, so training may go on drawing numbers.
+    """
+    import random
+
+    import numpy as np
+    from transformers.training_args import ParallelMode
+
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        if trainer.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        else:
+            states["cuda"] = torch.cuda.random.get_rng_state()
+    return states
+
+
+def write_files(
+    captured: Captured,
+    output_dir: Path,
+    part: PartRunner,
+    *,
+    save_tokenizer: Callable[[Any, Path], None] | None = None,
+) -> None:
+    """Write HF's checkpoint files (not the RNG file) in HF's formats, trainer state last.
+
+    `save_tokenizer(tokenizer, folder)` replaces the tokenizer's `save_pretrained`
+    (the memory tier links the files of its previous snapshot instead).
+    """
+    out = str(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+
+    def weights() -> None:
+        with _SAVE_PRETRAINED:
+            captured.model.save_pretrained(out, state_dict=captured.weights, is_main_process=True)
+
+    part("after_weights", weights)
+    tokenizer = captured.tokenizer
+    if tokenizer is not None:
+
+        def tokenizer_files() -> None:
+            with _SAVE_PRETRAINED:
+                if save_tokenizer is None:
+                    tokenizer.save_pretrained(out)
+                else:
+                    save_tokenizer(tokenizer, output_dir)
+
+        part(None, tokenizer_files)
+    part(None, lambda: torch.save(captured.args, output_dir / TRAINING_ARGS_NAME))
+    part("after_optimizer", lambda: torch.save(captured.optimizer, output_dir / OPTIMIZER_NAME))
+    part("after_scheduler", lambda: torch.save(captured.scheduler, output_dir / SCHEDULER_NAME))
+    if captured.scaler is not None:
+        part(None, lambda: torch.save(captured.scaler, output_dir / SCALER_NAME))
+    part(
+        "after_trainer_state",
+        lambda: captured.state.save_to_json(str(output_dir / TRAINER_STATE_NAME)),
+    )
+
+
+def plain_layout_models() -> tuple[type, ...]:
+    """The model classes whose checkpoints the background writers can produce."""
+    from transformers import PreTrainedModel
+
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency of the trainer
+        return (PreTrainedModel,)
+    return (PreTrainedModel, PeftModel)
+
+
 def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
     """A subclass of `trainer_class` whose checkpoints are written in the background.
 
@@ -135,16 +292,7 @@ def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
     (DeepSpeed, FSDP, a model that is not a PreTrainedModel / PeftModel,
     push_to_hub, best-model tracking).
     """
-    from transformers import PreTrainedModel
-    from transformers.trainer_callback import ExportableState
-
-    supported: tuple[type, ...] = (PreTrainedModel,)
-    try:
-        from peft import PeftModel
-
-        supported = (PreTrainedModel, PeftModel)
-    except ImportError:  # pragma: no cover - peft is a dependency of the trainer
-        pass
+    supported = plain_layout_models()
 
     class AsyncSaveTrainer(trainer_class):  # type: ignore[misc,valid-type]
         _ftsup_buffers: HostBuffers | None = None
@@ -179,62 +327,24 @@ def with_async_save(trainer_class: Any, checkpointer: Checkpointer) -> Any:
 
         def _snapshot(self, output_dir: Path) -> Callable[[], None]:
             """Copy what training will change to host memory; return the writer."""
-            cuda = torch.cuda.is_available()
             if self._ftsup_buffers is None:
-                self._ftsup_buffers = HostBuffers(pin=cuda)
-            buffers = self._ftsup_buffers
-            weights = model_snapshot(self.model, buffers)
-            optimizer = buffers.to_host(self.optimizer.state_dict(), "optimizer")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # HF silences the same scheduler warnings
-                scheduler = copy.deepcopy(self.lr_scheduler.state_dict())
-            scaler_obj = getattr(self.accelerator, "scaler", None)
-            scaler = None if scaler_obj is None else copy.deepcopy(scaler_obj.state_dict())
-            for cb in [*self.callback_handler.callbacks, self.control]:
-                if isinstance(cb, ExportableState):  # as HF's _save_checkpoint does
-                    name, cb_state = cb.__class__.__name__, cb.state()
-                    if isinstance(self.state.stateful_callbacks[name], list):
-                        self.state.stateful_callbacks[name].append(cb_state)
-                    else:
-                        self.state.stateful_callbacks[name] = cb_state
-            state = copy.deepcopy(self.state)
-            if cuda:
-                torch.cuda.synchronize()  # the non-blocking copies have landed
-            model_to_save, tokenizer, args = self.model, self.processing_class, self.args
-            step = self.state.global_step
-            rank = self.args.process_index
+                self._ftsup_buffers = HostBuffers(pin=torch.cuda.is_available())
+            captured = capture(self, self._ftsup_buffers)
 
             def write() -> None:
                 delay = faults.write_delay()
                 written = WrittenFiles(output_dir)
 
-                def part(point: str | None, action: Callable[[], None]) -> None:
+                def part(point: str | None, action: Callable[[], object]) -> None:
                     if delay:
                         time.sleep(delay)
                     action()
                     written.update()  # while the bytes are hot in the page cache
                     if point is not None and checkpointer.on_point is not None:
-                        checkpointer.on_point(step, point)  # fault injection (tests)
+                        checkpointer.on_point(captured.step, point)  # fault injection (tests)
 
-                os.makedirs(output_dir, exist_ok=True)
-                part(
-                    "after_weights",
-                    lambda: model_to_save.save_pretrained(
-                        str(output_dir), state_dict=weights, is_main_process=True
-                    ),
-                )
-                if tokenizer is not None:
-                    part(None, lambda: tokenizer.save_pretrained(str(output_dir)))
-                part(None, lambda: torch.save(args, output_dir / TRAINING_ARGS_NAME))
-                part("after_optimizer", lambda: torch.save(optimizer, output_dir / OPTIMIZER_NAME))
-                part("after_scheduler", lambda: torch.save(scheduler, output_dir / SCHEDULER_NAME))
-                if scaler is not None:
-                    part(None, lambda: torch.save(scaler, output_dir / SCALER_NAME))
-                part(
-                    "after_trainer_state",
-                    lambda: state.save_to_json(str(output_dir / TRAINER_STATE_NAME)),
-                )
-                written.hand_over(f"rank-{rank}")
+                write_files(captured, output_dir, part)
+                written.hand_over(f"rank-{captured.rank}")
                 # The manifest (fsync of every file, then the seal) is the checkpointer's.
 
             return write

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ftsup.supervisor.contract import checkpoint_name
+from ftsup.supervisor.contract import MEMORY_RECORD, checkpoint_name
 from ftsup.trainer import dist
 from ftsup.trainer.checkpointing import (
     Checkpointer,
@@ -100,6 +100,8 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             step=state.global_step,
             max_steps=state.max_steps,
             resumed_from=str(resumed) if resumed and state.global_step > 0 else None,
+            # A memory-tier snapshot (issue 18): the daemon's goodput counts it apart.
+            resumed_from_memory=bool(resumed) and (Path(str(resumed)) / MEMORY_RECORD).is_file(),
             # The batch geometry this attempt runs with (an elastic job's changes).
             world_size=args.world_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -33,6 +33,7 @@ __all__ = [
     "FINETUNING_TYPES",
     "LR_SCHEDULERS",
     "ConfigError",
+    "MemoryConfig",
     "RunConfig",
     "at_world_size",
     "check_data",
@@ -54,6 +55,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """train.json `memory`: keep the newest training state in `dir` every `every` steps."""
+
+    dir: Path
+    every: int
+    # Optional `max_overhead` (0..1): the most of training time snapshots may take
+    # (absent: memory_tier.DEFAULT_MAX_OVERHEAD, 0: every due step).
+    max_overhead: float | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything the trainer process needs, as written by the daemon."""
 
@@ -68,6 +80,8 @@ class RunConfig:
     deepspeed: str | None = None
     # [launch] fsdp (the trainer's --fsdp): full_shard or shard_grad_op.
     fsdp: str | None = None
+    # The memory tier (train.json `memory`, issue 18); None: off.
+    memory: MemoryConfig | None = None
 
 
 def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
@@ -91,6 +105,7 @@ def load_run_config(path: Path, *, check_files: bool = True) -> RunConfig:
         job_name=str(raw.get("job_name", "ftsup")),
         source=path,
         elastic_global_batch=_elastic_global_batch(raw.get("elastic"), path),
+        memory=_memory(raw.get("memory"), path),
     )
     problems: list[str] = []
     checks = [check_environment] + ([check_data] if check_files else [])
@@ -114,6 +129,39 @@ def _elastic_global_batch(value: Any, path: Path) -> int | None:
             [f'--config {path}: `elastic` must be {{"global_batch": N}} with N >= 1, got {value!r}']
         )
     return batch
+
+
+def _memory(value: Any, path: Path) -> MemoryConfig | None:
+    """`"memory": {"dir": DIR, "every": N}` (N >= 1) -> MemoryConfig; absent or null -> off."""
+    if value is None:
+        return None
+    folder = value.get("dir") if isinstance(value, dict) else None
+    every = value.get("every") if isinstance(value, dict) else None
+    if (
+        not isinstance(folder, str)
+        or not folder
+        or isinstance(every, bool)
+        or not isinstance(every, int)
+        or every < 1
+    ):
+        raise ConfigError(
+            [
+                f'--config {path}: `memory` must be {{"dir": FOLDER, "every": N}} with N >= 1, '
+                f"got {value!r}"
+            ]
+        )
+    overhead = value.get("max_overhead")
+    if overhead is not None and (
+        isinstance(overhead, bool) or not isinstance(overhead, int | float) or not 0 <= overhead < 1
+    ):
+        raise ConfigError(
+            [f"--config {path}: `memory.max_overhead` must be a number in [0, 1), got {overhead!r}"]
+        )
+    return MemoryConfig(
+        dir=Path(folder),
+        every=every,
+        max_overhead=None if overhead is None else float(overhead),
+    )
 
 
 def at_world_size(config: RunConfig, world_size: int) -> RunConfig:

@@ -7,8 +7,13 @@ middle of a checkpoint; `before_handover` kills a rank of a sharded run
 (DeepSpeed, FSDP) after it wrote its shards of checkpoint N, before it handed
 their checksums to rank 0's seal; `after_weights`, `after_optimizer`, `after_scheduler`
 and `after_trainer_state` kill it inside an asynchronous save's background
-write, right after that file. `FTSUP_FAULT_WRITE_DELAY=seconds` makes the
-background writer sleep before each file, so that a kill from outside lands
+write, right after that file. `memory_after_weights`, `memory_after_optimizer`,
+`memory_after_scheduler`, `memory_after_trainer_state` and `memory_before_seal`
+do the same inside the memory tier's write of the first snapshot taken from
+step N on (`memory_tier.py`: a snapshot due while the previous one is still
+being written is skipped, so step N itself may have none).
+`FTSUP_FAULT_WRITE_DELAY=seconds` makes the
+background writers (disk and memory) sleep before each file, so that a kill from outside lands
 in the middle of a write; `FTSUP_FAULT_STEP_DELAY=seconds` makes every step
 that long at least (a slow GPU), so that a test can act while a tiny model
 trains. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
@@ -38,7 +43,9 @@ from ftsup.supervisor.contract import (
 )
 
 WRITE_POINTS = ("after_weights", "after_optimizer", "after_scheduler", "after_trainer_state")
-POINTS = ("step_end", "before_handover", "before_manifest", *WRITE_POINTS)
+# The memory tier's write of a snapshot: after each of the same files, then before its seal.
+MEMORY_POINTS = (*(f"memory_{point}" for point in WRITE_POINTS), "memory_before_seal")
+POINTS = ("step_end", "before_handover", "before_manifest", *WRITE_POINTS, *MEMORY_POINTS)
 
 
 def write_delay() -> float:
@@ -92,7 +99,9 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
 
     def fire(self, step: int, point: str) -> None:
         """SIGKILL now if this is the chosen step and point (any thread may call it)."""
-        if step != self.step or point != self.point:
+        if point != self.point:
+            return
+        if step != self.step and not (point in MEMORY_POINTS and step > self.step):
             return
         if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
             return
@@ -105,4 +114,5 @@ class FaultInjector(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.fire(state.global_step, "step_end")
         # The other points are fired by the Checkpointer (before_manifest, through
-        # its on_point hook) and by the asynchronous writer (after_*).
+        # its on_point hook), by the asynchronous writer (after_*) and by the
+        # memory tier (memory_*).

@@ -227,6 +227,7 @@ def build_trainer(
             "rank (asynchronous save is off); the manifest is sealed in the background",
             file=sys.stderr,
         )
+    trainer_class = memory_tier_class(trainer_class, config, resume_from, fault, progress)
     if args is None:
         args = training_arguments(config, has_eval=len(eval_set) > 0)
     trainer = trainer_class(
@@ -239,6 +240,43 @@ def build_trainer(
         callbacks=callbacks,
     )
     return trainer, progress
+
+
+def memory_tier_class(
+    trainer_class: Any,
+    config: RunConfig,
+    resume_from: Path | None,
+    fault: Any,
+    progress: Any,
+) -> Any:
+    """`trainer_class` with the memory tier (train.json `memory`), where it can run."""
+    if config.memory is None:
+        return trainer_class
+    from ftsup.trainer.memory_tier import DEFAULT_MAX_OVERHEAD, MemoryTier, with_memory_tier
+
+    if dist.world_size() > 1 or config.deepspeed or config.fsdp:
+        if dist.rank() == 0:
+            print(
+                "ftsup trainer: memory tier off: it keeps one process's state "
+                "(no torchrun, DeepSpeed or FSDP)",
+                file=sys.stderr,
+            )
+        return trainer_class
+    tier = MemoryTier(
+        config.memory.dir,
+        config.memory.every,
+        job=config.job_name,
+        fingerprint=run_fingerprint(config),
+        resumed_from=resume_from,
+        on_point=fault.fire if fault is not None else None,
+        report=progress.report,
+        max_overhead=(
+            DEFAULT_MAX_OVERHEAD
+            if config.memory.max_overhead is None
+            else config.memory.max_overhead
+        ),
+    )
+    return with_memory_tier(trainer_class, tier)
 
 
 def run_fingerprint(config: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""The memory tier under the daemon (issue 18): a kill costs about one step, not
+everything since the last disk checkpoint, and the run stays bit-identical.
+
+A LoRA job on the tiny model, a disk checkpoint every 4 steps and a memory
+snapshot every step; the trainer is SIGKILLed once, at the end of step 7.
+The daemon must resume the newest sealed snapshot (step 6 or 7: the write of
+7 may have been cut short), not checkpoint-4, say so (`memory_resume`), and
+the run must end with the adapter of the same job run without a kill and
+without the tier (a second job on the same daemon). When the job ends its
+snapshots are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftsup.supervisor.contract import (
+    ENV_FAULT_AT_STEP,
+    ENV_FAULT_ONCE_FILE,
+    ENV_FAULT_STEP_DELAY,
+    MEMORY_SLOTS,
+)
+from tests.supervisor_harness import Harness
+
+MAX_STEPS, SAVE_STEPS, KILL_AT = 10, 4, 7
+ENDED = ("finished", "failed", "gave_up", "stopped")
+
+
+def job_text(name: str, model: Path, data: Path, out: Path, memory_every: int) -> str:
+    return f"""
+[job]
+name = "{name}"
+output_dir = "{out}"
+
+[train]
+model = "{model}"
+dataset = ["{data}"]
+cutoff_len = 64
+lora_rank = 4
+lora_dropout = 0.0
+per_device_train_batch_size = 2
+learning_rate = 5e-3
+warmup_steps = 1
+max_steps = {MAX_STEPS}
+save_steps = {SAVE_STEPS}
+seed = 5
+
+[checkpoint]
+async_save = false
+memory_every = {memory_every}
+
+[restart]
+backoff = "0.1s"
+standby = false
+"""
+
+
+@dataclass
+class Run:
+    daemon: Harness
+    out: Path
+    reference: Path
+    status: dict[str, Any]
+    events: list[dict[str, Any]]
+    starts: list[dict[str, Any]]
+    memory_dir: Path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, arith_data: Path) -> Iterator[Run]:
+    daemon = Harness()
+    try:
+        daemon.env["OMP_NUM_THREADS"] = "1"
+        daemon.env[ENV_FAULT_AT_STEP] = str(KILL_AT)  # SIGKILL at the end of step 7, once
+        daemon.env[ENV_FAULT_ONCE_FILE] = str(daemon.work / "fault-fired")
+        daemon.env[ENV_FAULT_STEP_DELAY] = "0.2"  # each snapshot is written before the next step
+        daemon.start_daemon()
+        out, reference = daemon.work / "out", daemon.work / "reference"
+        for name, folder, every in (("mem", out, 1), ("ref", reference, 0)):
+            path = daemon.work / f"{name}.toml"
+            path.write_text(job_text(name, tiny_model, arith_data, folder, every))
+            daemon.cli("start", str(path))
+            if name == "mem":
+                status = daemon.wait_state(name, *ENDED, timeout=300)
+        daemon.wait_state("ref", *ENDED, timeout=300)
+        progress = daemon.state_dir / "runs" / "mem" / "progress.jsonl"
+        records = [json.loads(line) for line in progress.read_text().splitlines()]
+        yield Run(
+            daemon,
+            out,
+            reference,
+            status,
+            list(daemon.cli_json("events", "mem", "-n", "500")["events"]),
+            [r for r in records if r.get("event") == "train_start"],
+            daemon.runtime_dir / "memory" / "mem",
+        )
+    except BaseException:
+        print(f"--- daemon log ---\n{daemon.daemon_log()[-5000:]}")
+        raise
+    finally:
+        daemon.cleanup()
+
+
+def test_the_run_finished_after_one_kill(run: Run) -> None:
+    assert run.status["state"] == "finished", run.status
+    assert run.status["restarts"] == 1
+
+
+def test_the_restart_resumed_the_newest_snapshot_not_the_disk_checkpoint(run: Run) -> None:
+    (said,) = [e for e in run.events if e["kind"] == "memory_resume"]
+    step = said["data"]["step"]
+    assert SAVE_STEPS < step <= KILL_AT, said  # checkpoint-4 is on disk; at most 1 step lost
+    assert said["data"]["disk_step"] == SAVE_STEPS
+    assert Path(said["data"]["path"]).parent.name in MEMORY_SLOTS
+    first, second = run.starts
+    assert first["step"] == 0
+    assert second["step"] == step and second["resumed_from"] == said["data"]["path"]
+
+
+def test_the_run_ends_with_the_adapter_of_an_uninterrupted_run(run: Run) -> None:
+    name = f"checkpoint-{MAX_STEPS}/adapter_model.safetensors"
+    ours, theirs = load_file(str(run.out / name)), load_file(str(run.reference / name))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    expected = dict(run.daemon.step_losses("ref"))
+    assert dict(run.daemon.step_losses("mem")) == expected
+
+
+def test_goodput_counts_the_memory_resume_and_the_snapshots_are_gone(run: Run) -> None:
+    goodput = run.status["goodput"]
+    assert goodput["memory_resumes"] == 1
+    assert goodput["memory_stall_s"] > 0
+    assert run.status["progress"]["memory"]["step"] >= MAX_STEPS - 1
+    assert not run.memory_dir.exists()  # removed when the job finished
