@@ -474,6 +474,7 @@ def run_ftsup(
     events = json.loads(daemon.cli("events", JOB, "-n", "100000", "--json").stdout)["events"]
     started = [e for e in events if e["kind"] == "attempt_started"]
     result.extra["standby_takeovers"] = sum(1 for e in started if e["data"].get("standby"))
+    result.extra["memory_resumes"] = sum(1 for e in events if e["kind"] == "memory_resume")
     daemon.kill()
     return result
 

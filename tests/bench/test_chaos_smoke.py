@@ -8,7 +8,7 @@ and the one kill avoids saving steps.
 The modes run as two invocations side by side (`--modes`): each mode has its own
 daemon or restart loop and folders, the kill plan comes from the same seed in both,
 and one invocation keeps about one core busy, so the pair takes about half the wall
-time of one invocation of all five.
+time of one invocation of all six.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("ftsup", "ftsup_cold", "baseline", "baseline_guarded", "daemon_kill")
-HALVES = (("ftsup", "ftsup_cold"), ("baseline", "baseline_guarded", "daemon_kill"))
+MODES = ("ftsup", "ftsup_memory", "ftsup_cold", "baseline", "baseline_guarded", "daemon_kill")
+HALVES = (("ftsup", "ftsup_memory", "ftsup_cold"), ("baseline", "baseline_guarded", "daemon_kill"))
 KEYS = {
     "completed",
     "kills",
@@ -91,6 +91,9 @@ def test_chaos_smallest_configuration(tmp_path: Path) -> None:
         assert mode["kills"] == 1, (name, mode)
         assert 0 < mode["goodput"] <= 1, (name, mode)
     assert modes["ftsup"]["attempts"] == 2
+    assert modes["ftsup"]["memory_resumes"] == 0
+    assert modes["ftsup_memory"]["attempts"] == 2
+    assert modes["ftsup_memory"]["memory_resumes"] == 1  # the kill avoids saving steps
     assert modes["ftsup_cold"]["attempts"] == 2
     assert modes["ftsup_cold"]["standby_takeovers"] == 0
     assert modes["baseline"]["attempts"] == 2
