@@ -29,38 +29,20 @@ from ftsup.supervisor.contract import (
     MEMORY_SLOTS,
 )
 from tests.supervisor_harness import Harness
+from tests.trainer.trainer_helpers import lora_job_text
 
 MAX_STEPS, SAVE_STEPS, KILL_AT = 10, 4, 7
 ENDED = ("finished", "failed", "gave_up", "stopped")
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, memory_every: int) -> str:
-    return f"""
-[job]
-name = "{name}"
-output_dir = "{out}"
-
-[train]
-model = "{model}"
-dataset = ["{data}"]
-cutoff_len = 64
-lora_rank = 4
-lora_dropout = 0.0
-per_device_train_batch_size = 2
-learning_rate = 5e-3
-warmup_steps = 1
-max_steps = {MAX_STEPS}
-save_steps = {SAVE_STEPS}
-seed = 5
-
-[checkpoint]
-async_save = false
-memory_every = {memory_every}
-
-[restart]
-backoff = "0.1s"
-standby = false
-"""
+    tables = (
+        f"[checkpoint]\nasync_save = false\nmemory_every = {memory_every}\n\n"
+        '[restart]\nbackoff = "0.1s"\nstandby = false'
+    )
+    return lora_job_text(
+        name, model, data, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, tables=tables
+    )
 
 
 @dataclass

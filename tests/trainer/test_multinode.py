@@ -38,7 +38,7 @@ from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE, EN
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.trainer_launch import RDZV_JOIN_TIMEOUT_S, torchrun_args
 from tests.supervisor_harness import Harness, wait_for
-from tests.trainer.trainer_helpers import TrainerProcess
+from tests.trainer.trainer_helpers import TrainerProcess, lora_job_text
 
 MAX_STEPS = 10
 JOB = "mn"
@@ -52,34 +52,17 @@ def free_port() -> int:
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, launch: str) -> str:
-    return f"""
-[job]
-name = "{name}"
-output_dir = "{out}"
-
-[train]
-model = "{model}"
-dataset = ["{data}"]
-cutoff_len = 64
-lora_rank = 4
-lora_dropout = 0.0
-per_device_train_batch_size = 2
-learning_rate = 5e-3
-warmup_steps = 1
-max_steps = {MAX_STEPS}
-save_steps = 2
-save_total_limit = 5
-seed = 5
-
-[checkpoint]
-async_save = false
-
-[restart]
-backoff = "0.5s"
-
-[launch]
-{launch}
-"""
+    tables = '[checkpoint]\nasync_save = false\n\n[restart]\nbackoff = "0.5s"\n\n[launch]\n'
+    return lora_job_text(
+        name,
+        model,
+        data,
+        out,
+        max_steps=MAX_STEPS,
+        save_steps=2,
+        train_extra="save_total_limit = 5",
+        tables=tables + launch,
+    )
 
 
 @dataclass

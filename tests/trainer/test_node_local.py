@@ -32,6 +32,7 @@ from ftsup.supervisor.manifest import read_manifest
 from ftsup.supervisor.spec import SpecError, parse_spec
 from tests.supervisor_harness import Harness
 from tests.trainer.test_nodes_agreement import node_copy
+from tests.trainer.trainer_helpers import lora_job_text
 
 
 def free_port() -> int:
@@ -146,34 +147,17 @@ ENDED = ("finished", "failed", "gave_up", "stopped")
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, launch: str) -> str:
-    return f"""
-[job]
-name = "{name}"
-output_dir = "{out}"
-
-[train]
-model = "{model}"
-dataset = ["{data}"]
-cutoff_len = 64
-lora_rank = 4
-per_device_train_batch_size = 2
-learning_rate = 5e-3
-warmup_steps = 1
-max_steps = {MAX_STEPS}
-save_steps = 2
-save_total_limit = 5
-seed = 5
-save_on_each_node = true
-
-[checkpoint]
-async_save = false
-
-[restart]
-backoff = "0.5s"
-
-[launch]
-{launch}
-"""
+    tables = '[checkpoint]\nasync_save = false\n\n[restart]\nbackoff = "0.5s"\n\n[launch]\n'
+    return lora_job_text(
+        name,
+        model,
+        data,
+        out,
+        max_steps=MAX_STEPS,
+        save_steps=2,
+        train_extra="save_total_limit = 5\nsave_on_each_node = true",
+        tables=tables + launch,
+    )
 
 
 @dataclass

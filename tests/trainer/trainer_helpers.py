@@ -45,6 +45,43 @@ def full_train_table(model: Path, data: Path, *, max_steps: int, save_steps: int
     }
 
 
+def lora_job_text(
+    name: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    *,
+    max_steps: int,
+    save_steps: int,
+    train_extra: str = "",
+    tables: str = "",
+) -> str:
+    """A LoRA job file on the tiny model, as the daemon tests submit it: no
+    dropout (a resumed or re-sharded run must match its reference exactly);
+    `train_extra` adds [train] keys, `tables` whole tables after it."""
+    return f"""
+[job]
+name = "{name}"
+output_dir = "{out}"
+
+[train]
+model = "{model}"
+dataset = ["{data}"]
+cutoff_len = 64
+lora_rank = 4
+lora_dropout = 0.0
+per_device_train_batch_size = 2
+learning_rate = 5e-3
+warmup_steps = 1
+max_steps = {max_steps}
+save_steps = {save_steps}
+seed = 5
+{train_extra}
+
+{tables}
+"""
+
+
 def write_config(run_dir: Path, train: dict[str, Any], *, async_save: bool = True) -> Path:
     """A train.json as the daemon writes it; output in run_dir/out."""
     run_dir.mkdir(parents=True, exist_ok=True)
