@@ -146,6 +146,9 @@ def print_job(job: dict[str, Any]) -> None:
         rows.append(
             ("checkpoint", f"step {progress['last_checkpoint_step']}, {format_duration(age)} ago")
         )
+    memory = progress.get("memory")
+    if memory:
+        rows.append(("memory", _memory_text(memory)))
     current = job.get("current_attempt")
     if current:
         source = current.get("resume_from") or "scratch"
@@ -209,6 +212,15 @@ def _print_nodes(view: dict[str, Any] | None) -> None:
             escape(str(node.get("waiting_for_nodes") or "-")),
         )
     stdout.print(table)
+
+
+def _memory_text(memory: dict[str, Any]) -> str:
+    """The newest memory-tier snapshot (issue 18), or why the tier turned itself off."""
+    if memory.get("error"):
+        return f"[yellow]off: {escape(str(memory['error']))}[/]"
+    size = float(memory.get("bytes") or 0) / 2**20
+    stall = float(memory.get("stall_s") or 0) * 1000
+    return f"snapshot of step {memory.get('step')}, {size:.1f} MiB, {stall:.0f} ms stall"
 
 
 def _env_row(job: dict[str, Any]) -> list[tuple[str, str]]:

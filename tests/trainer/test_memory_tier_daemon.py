@@ -121,4 +121,6 @@ def test_goodput_counts_the_memory_resume_and_the_snapshots_are_gone(run: Run) -
     assert goodput["memory_resumes"] == 1
     assert goodput["memory_stall_s"] > 0
     assert run.status["progress"]["memory"]["step"] >= MAX_STEPS - 1
+    shown = run.daemon.cli("status", "mem").stdout
+    assert f"snapshot of step {run.status['progress']['memory']['step']}," in shown
     assert not run.memory_dir.exists()  # removed when the job finished
