@@ -13,18 +13,34 @@ driver), and the base model is not loaded, because for QLoRA loading means
 quantising on the GPU, and for big models a second host copy is not cheap.
 The result of a taken-over run is identical to a cold restart's: activation
 runs the same `run.main` from the same checkpoint, with the same environment.
+
+Warming never competes with the training it stands by for: the warm-up runs
+in a thread at `SCHED_IDLE` and the idle I/O class (both per thread on
+Linux), so it only gets a core that nothing else wants. The main thread stays
+at normal priority and becomes the trainer: an unprivileged process cannot
+leave `SCHED_IDLE` (that needs RLIMIT_NICE >= 20 or CAP_SYS_NICE), which is
+why the warm-up is not the whole process. Threads inherit their creator's
+policy, so the helper threads the warm-up would start are started beforehand
+by the main thread (numpy's OpenBLAS, pyarrow's jemalloc purger) or not at
+all (tokenizers' rayon pool); `raise_leftovers` handles the rest at takeover.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
+import importlib
 import json
 import os
+import platform
+import select
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +63,7 @@ def warm_imports() -> None:
     import ftsup.trainer.async_save
     import ftsup.trainer.callback
     import ftsup.trainer.checkpointing
+    import ftsup.trainer.memory_tier
     import ftsup.trainer.model
     import ftsup.trainer.skipping  # noqa: F401
 
@@ -78,25 +95,194 @@ def wait_for_attempt(control: socket.socket) -> dict[str, Any] | None:
     return activation
 
 
+# ioprio_set / ioprio_get syscall numbers (Python has no wrapper for them).
+_IOPRIO_SYSCALLS = {
+    "x86_64": (251, 252),
+    "aarch64": (30, 31),
+    "riscv64": (30, 31),
+    "ppc64le": (273, 274),
+    "s390x": (282, 283),
+}
+IOPRIO_WHO_PROCESS = 1  # `who` is a thread id
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_CLASS_IDLE = 3
+SCHED_POLICY_NAMES = {0: "SCHED_OTHER", 3: "SCHED_BATCH", 5: "SCHED_IDLE"}
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _ioprio(call: int, tid: int, value: int | None = None) -> int:
+    """ioprio_set (value given) or ioprio_get of thread `tid`; OSError on failure."""
+    numbers = _IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        raise OSError(f"ioprio syscalls unknown on {platform.machine()}")
+    libc = _libc()
+    args = (IOPRIO_WHO_PROCESS, tid) if value is None else (IOPRIO_WHO_PROCESS, tid, value)
+    result = int(libc.syscall(numbers[call], *args))
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return result
+
+
+def io_class(tid: int) -> int:
+    """The I/O scheduling class of thread `tid` (0 none, 1 realtime, 2 best-effort, 3 idle)."""
+    return _ioprio(1, tid) >> IOPRIO_CLASS_SHIFT
+
+
+def set_io_class(tid: int, io_class_: int) -> None:
+    _ioprio(0, tid, io_class_ << IOPRIO_CLASS_SHIFT)
+
+
+def sched_policy(tid: int, pid: int | None = None) -> int:
+    """The scheduling policy of thread `tid` (field 41 of its stat), as the kernel has it."""
+    stat = Path(f"/proc/{pid or os.getpid()}/task/{tid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[38])
+
+
+def lower_this_thread() -> dict[str, str]:
+    """SCHED_IDLE and the idle I/O class for the calling thread only; what was applied."""
+    applied = {"scope": "warm-up thread"}
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+        policy = sched_policy(threading.get_native_id())
+        applied["cpu"] = SCHED_POLICY_NAMES.get(policy, f"policy {policy}")
+    except OSError as exc:
+        applied["cpu"] = f"unchanged ({exc})"
+    try:
+        set_io_class(threading.get_native_id(), IOPRIO_CLASS_IDLE)
+        now = io_class(threading.get_native_id())
+        applied["io"] = "idle" if now == IOPRIO_CLASS_IDLE else f"class {now}"
+    except OSError as exc:
+        applied["io"] = f"unchanged ({exc})"
+    return applied
+
+
+def raise_leftovers() -> list[str]:
+    """Threads the warm-up created inherited its priority: put them back to normal, as
+    far as allowed. The I/O class always can be; SCHED_IDLE only with CAP_SYS_NICE or
+    RLIMIT_NICE >= 20. Returns the names of those that stay idle: helper threads some
+    import started that `THREAD_STARTING_MODULES` does not know yet. Training itself
+    runs on the main thread and the threads it creates (torch's pool, the writer)."""
+    idle = []
+    for name in os.listdir("/proc/self/task"):
+        tid = int(name)
+        with contextlib.suppress(OSError):  # a thread that just ended
+            if io_class(tid) == IOPRIO_CLASS_IDLE:
+                set_io_class(tid, 0)
+        try:
+            if sched_policy(tid) == os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except PermissionError:
+            with contextlib.suppress(OSError):
+                idle.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:
+            pass
+    return idle
+
+
+class WarmUp(threading.Thread):
+    """Imports and data, in a thread at idle CPU and I/O priority (`lower`)."""
+
+    def __init__(self, config_path: str, *, lower: bool) -> None:
+        super().__init__(name="ftsup-warm-up", daemon=True)
+        self.config_path = config_path
+        self.lower = lower
+        self.hurry = threading.Event()  # activated meanwhile: leave the data to the trainer
+        self.priority: dict[str, str] = {"scope": "none", "cpu": "normal", "io": "normal"}
+        self.prepared: PreparedData | None = None
+        self.tid = 0
+        self.done_r, self._done_w = os.pipe()
+
+    def run(self) -> None:
+        self.tid = threading.get_native_id()
+        try:
+            if self.lower:
+                self.priority = lower_this_thread()
+            # Single texts gain nothing from tokenizers' pool, and a pool created here
+            # would tokenize at idle priority for good: none is created while warming.
+            with _environ(TOKENIZERS_PARALLELISM="false"):
+                warm_imports()
+                if not self.hurry.is_set():
+                    self.prepared = warm_data(self.config_path)
+        finally:
+            os.close(self._done_w)
+
+    def rush(self) -> None:
+        """Activation came first: the trainer waits for what is left of the warm-up."""
+        self.hurry.set()
+        if not self.tid:
+            return  # not started yet (0 would mean the calling thread)
+        with contextlib.suppress(OSError):  # only with CAP_SYS_NICE / RLIMIT_NICE >= 20
+            os.sched_setscheduler(self.tid, os.SCHED_OTHER, os.sched_param(0))
+        with contextlib.suppress(OSError):
+            set_io_class(self.tid, 0)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# Imported by the warm-up anyway (torch, transformers), and they start threads when
+# imported: numpy its OpenBLAS pool, pyarrow (pandas imports it) a jemalloc purger.
+# Imported first, from the main thread, those threads keep its normal priority.
+THREAD_STARTING_MODULES = ("numpy", "pyarrow")
+
+
+def import_thread_starters() -> None:
+    for name in THREAD_STARTING_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def warm(control: socket.socket, config_path: str, *, lower: bool) -> WarmUp:
+    """Run the warm-up to its end; speed it up if the activation arrives meanwhile."""
+    import_thread_starters()
+    warm_up = WarmUp(config_path, lower=lower)
+    warm_up.start()
+    watched: list[Any] = [warm_up.done_r, control]
+    while warm_up.done_r not in select.select(watched, [], [])[0]:
+        warm_up.rush()
+        watched.remove(control)
+    warm_up.join()
+    os.close(warm_up.done_r)
+    return warm_up
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ftsup.trainer.standby")
     parser.add_argument("--config", required=True, help="train.json written by ftsup")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, lower_priority: bool = True) -> int:
+    """`lower_priority=False` warms at normal priority (for comparisons: bench/)."""
     args = parse_args(argv)
     control = socket.socket(fileno=int(os.environ.pop(ENV_STANDBY_FD)))
     began = time.monotonic()
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    warm_imports()
-    prepared = warm_data(args.config)
+    warm_up = warm(control, args.config, lower=lower_priority)
+    prepared = warm_up.prepared
     import torch
 
     ready = {
         "ready_s": round(time.monotonic() - began, 3),
         "data_prepared": prepared is not None,
         "cuda_initialized": bool(torch.cuda.is_initialized()),  # type: ignore[no-untyped-call]
+        "warm_priority": warm_up.priority,
     }
     print(f"ftsup standby: warm in {ready['ready_s']:.2f} s; waiting", flush=True)
     # Activated while warming: the shim has sent the attempt and closed its end.
@@ -108,7 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ.clear()
     os.environ.update(activation["env"])
+    idle = raise_leftovers()
     print(f"ftsup standby: taking over as attempt {os.environ.get(ENV_ATTEMPT)}", flush=True)
+    if idle:
+        names = ", ".join(idle)
+        print(f"ftsup standby: threads started by the warm-up stay idle: {names}", flush=True)
     from ftsup.trainer import run
 
     return run.main(activation["args"], prepared=prepared)

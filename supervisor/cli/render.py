@@ -156,6 +156,8 @@ def print_job(job: dict[str, Any]) -> None:
     standby = job.get("standby")
     if standby:
         warm = f", warm in {standby['ready_s']:.1f}s" if standby.get("ready_s") else ""
+        if (standby.get("warm_priority") or {}).get("cpu") == "SCHED_IDLE":
+            warm += ", idle priority"
         rows.append(("standby", f"{standby['state']} (pid {standby.get('pid')}{warm})"))
     if job.get("next_start_at"):
         rows.append(("restart in", format_duration(job["next_start_at"] - time.time())))

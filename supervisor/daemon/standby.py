@@ -173,8 +173,16 @@ class StandbyKeeper:
         self._emit(
             "standby_ready",
             f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
-            {k: info.get(k) for k in ("trainer_pid", "ready_s", "data_prepared")},
+            {k: info.get(k) for k in ("trainer_pid", "ready_s", "data_prepared", "warm_priority")},
         )
+        priority = info.get("warm_priority")
+        if isinstance(priority, dict) and priority.get("cpu") != "SCHED_IDLE":
+            self._emit(
+                "warning",
+                f"the warm standby warmed at normal priority ({priority.get('cpu')}): "
+                "it may have slowed training while it did",
+                {"trainer_pid": info.get("trainer_pid"), "warm_priority": priority},
+            )
         if info.get("cuda_initialized"):  # an import touched the GPU: it now holds memory
             self._emit(
                 "warning",
@@ -233,4 +241,5 @@ class StandbyKeeper:
             "pid": info.get("trainer_pid"),
             "ready_s": info.get("ready_s"),
             "since": standby.spawned_at,
+            "warm_priority": info.get("warm_priority"),
         }
