@@ -60,6 +60,11 @@ def warm_imports() -> None:
         TrainingArguments,
     )
 
+    # accelerate imports DeepSpeed, when it is installed, as the Trainer unwraps its
+    # model (`extract_model_from_parallel`): every run pays it, LoRA ones included.
+    with contextlib.suppress(ImportError):
+        import deepspeed  # noqa: F401
+
     import ftsup.trainer.async_save
     import ftsup.trainer.callback
     import ftsup.trainer.checkpointing
