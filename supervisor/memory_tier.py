@@ -76,24 +76,6 @@ def memory_dir(spec: JobSpec, layout: Layout) -> Path:
     return layout.runtime_dir / "memory" / spec.name
 
 
-def in_ram(folder: Path) -> bool | None:
-    """Whether `folder` is on tmpfs (the longest mount point above it in
-    /proc/self/mounts); None when that cannot be read."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
-            mounts = [line.split()[1:3] for line in handle if len(line.split()) >= 3]
-    except OSError:
-        return None
-    target = os.path.abspath(folder)
-    best, kind = "", None
-    for point, fstype in mounts:
-        point = point.replace("\\040", " ")
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fstype
-    return None if kind is None else kind in ("tmpfs", "ramfs")
-
-
 def current_lineage(run_dir: Path) -> str:
     """The job's lineage token, created on first use. A folder that cannot be
     written gives a token of this process alone: no older snapshot can match it,
@@ -194,7 +176,6 @@ __all__ = [
     "Snapshot",
     "current_lineage",
     "discard",
-    "in_ram",
     "memory_dir",
     "memory_every",
     "new_lineage",

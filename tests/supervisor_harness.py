@@ -128,6 +128,13 @@ class Harness:
         with Client(Layout.from_env(self.state_dir, self.runtime_dir).socket) as client:
             return dict(client.request("status", job=job))
 
+    def progress_lines(self, job: str) -> list[dict[str, Any]]:
+        """The job's progress file as its trainer wrote it (complete lines only), read
+        directly: on a multi-node job, this node's trainer's lines."""
+        path = self.state_dir / "runs" / job / "progress.jsonl"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
     def progress_history(self, job: str) -> list[dict[str, Any]]:
         """Every progress record of the job the daemon recorded, all attempts."""
         from ftsup.supervisor.client import Client

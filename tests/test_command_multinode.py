@@ -86,12 +86,6 @@ class Run:
     statuses: list[dict[str, Any]]
 
 
-def progress_lines(node: Harness) -> list[dict[str, Any]]:
-    path = node.state_dir / "runs" / JOB / "progress.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
-
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTSUP_", "PET_"))}
     return {**env, **ENV, **extra}
@@ -167,7 +161,7 @@ def test_both_nodes_finish_after_one_nodes_rank_was_killed(run: Run) -> None:
 
 def test_each_launcher_joined_the_rendezvous_from_the_job_files_launch_section(run: Run) -> None:
     for node in (run.first, run.second):
-        waits = [r for r in progress_lines(node) if r.get("event") == "rendezvous"]
+        waits = [r for r in node.progress_lines(JOB) if r.get("event") == "rendezvous"]
         assert [r["state"] for r in waits] == ["waiting", "joined"] * 2, waits
         assert waits[0]["rdzv_id"] == f"ftsup-{JOB}" and waits[1]["world_size"] == 2
 
@@ -175,7 +169,7 @@ def test_each_launcher_joined_the_rendezvous_from_the_job_files_launch_section(r
 def test_both_nodes_resumed_the_same_checkpoint(run: Run) -> None:
     expected = [None, str(run.shared / "checkpoint-4")]
     for node in (run.first, run.second):
-        starts = [r for r in progress_lines(node) if r.get("event") == "train_start"]
+        starts = [r for r in node.progress_lines(JOB) if r.get("event") == "train_start"]
         assert [s["resumed_from"] for s in starts] == expected
         assert [s["step"] for s in starts] == [0, 4]
 

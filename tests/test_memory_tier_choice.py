@@ -20,7 +20,6 @@ from ftsup.supervisor.manifest import MANIFEST_NAME, build_manifest, write_manif
 from ftsup.supervisor.memory_tier import (
     AUTO_EVERY,
     current_lineage,
-    in_ram,
     memory_dir,
     memory_every,
     new_lineage,
@@ -177,12 +176,6 @@ def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> No
     assert memory_dir(spec, layout) == tmp_path / "run" / "memory" / JOB
     configured = replace(spec, checkpoint=replace(spec.checkpoint, memory_dir="/dev/shm/x"))
     assert memory_dir(configured, layout) == Path("/dev/shm/x") / JOB
-
-
-def test_in_ram_reads_the_mount_table() -> None:
-    if Path("/dev/shm").is_dir():
-        assert in_ram(Path("/dev/shm/ftsup-test")) is True
-    assert in_ram(Path("/proc/self")) is False
 
 
 def test_the_job_file_refuses_a_memory_tier_it_cannot_keep(tmp_path: Path) -> None:

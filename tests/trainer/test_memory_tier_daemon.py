@@ -12,7 +12,6 @@ snapshots are removed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +72,7 @@ def run(tiny_model: Path, arith_data: Path) -> Iterator[Run]:
             if name == "mem":
                 status = daemon.wait_state(name, *ENDED, timeout=300)
         daemon.wait_state("ref", *ENDED, timeout=300)
-        progress = daemon.state_dir / "runs" / "mem" / "progress.jsonl"
-        records = [json.loads(line) for line in progress.read_text().splitlines()]
+        records = daemon.progress_lines("mem")
         yield Run(
             daemon,
             out,

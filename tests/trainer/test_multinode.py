@@ -38,7 +38,7 @@ from ftsup.supervisor.contract import ENV_FAULT_AT_STEP, ENV_FAULT_ONCE_FILE, EN
 from ftsup.supervisor.spec_types import LaunchSection
 from ftsup.supervisor.trainer_launch import RDZV_JOIN_TIMEOUT_S, torchrun_args
 from tests.supervisor_harness import Harness, wait_for
-from tests.trainer.trainer_helpers import TrainerProcess, lora_job_text
+from tests.trainer.trainer_helpers import TrainerProcess, node_job_text
 
 MAX_STEPS = 10
 JOB = "mn"
@@ -52,17 +52,7 @@ def free_port() -> int:
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, launch: str) -> str:
-    tables = '[checkpoint]\nasync_save = false\n\n[restart]\nbackoff = "0.5s"\n\n[launch]\n'
-    return lora_job_text(
-        name,
-        model,
-        data,
-        out,
-        max_steps=MAX_STEPS,
-        save_steps=2,
-        train_extra="save_total_limit = 5",
-        tables=tables + launch,
-    )
+    return node_job_text(name, model, data, out, launch, max_steps=MAX_STEPS)
 
 
 @dataclass
@@ -73,13 +63,6 @@ class Nodes:
     reference: Path
     statuses: list[dict[str, Any]]  # each node's final status
     waiting: dict[str, Any]  # the first node's status while the second was gone
-
-
-def progress_lines(node: Harness) -> list[dict[str, Any]]:
-    """The node's progress file (its trainer's first process writes it)."""
-    path = node.state_dir / "runs" / JOB / "progress.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +91,8 @@ def nodes(tiny_model: Path, arith_data: Path) -> Iterator[Nodes]:
 
         # Failure 2, once the resumed run is past checkpoint 6 on the second node.
         def resumed_past_6() -> bool:
-            starts = [r for r in progress_lines(second) if r.get("event") == "train_start"]
-            steps = [r["step"] for r in progress_lines(second) if r.get("event") == "step"]
+            starts = [r for r in second.progress_lines(JOB) if r.get("event") == "train_start"]
+            steps = [r["step"] for r in second.progress_lines(JOB) if r.get("event") == "step"]
             return len(starts) == 2 and max(steps, default=0) >= 7
 
         wait_for(resumed_past_6, 300, 0.05, "the resumed run to pass step 7")
@@ -195,7 +178,7 @@ def test_every_node_resumed_the_same_checkpoints(nodes: Nodes) -> None:
     nodes started from the same checkpoint, rank 0's choice."""
     starts = []
     for node in (nodes.first, nodes.second):
-        node_starts = [r for r in progress_lines(node) if r.get("event") == "train_start"]
+        node_starts = [r for r in node.progress_lines(JOB) if r.get("event") == "train_start"]
         assert [s["world_size"] for s in node_starts] == [2, 2, 2], node_starts
         starts.append([(s["step"], s["resumed_from"]) for s in node_starts])
     assert starts[0] == starts[1]
@@ -305,7 +288,7 @@ def shrunk(nodes: Nodes, tiny_model: Path, arith_data: Path) -> Iterator[Shrunk]
             node.cli("start", str(path))
 
         def past_step_3() -> bool:
-            steps = [r["step"] for r in progress_lines(second) if r.get("event") == "step"]
+            steps = [r["step"] for r in second.progress_lines(JOB) if r.get("event") == "step"]
             return max(steps, default=0) >= 3
 
         wait_for(past_step_3, 300, 0.05, "the run to pass step 3")
@@ -321,7 +304,7 @@ def test_with_min_nodes_the_run_goes_on_alone_with_the_same_global_batch(
     shrunk: Shrunk,
 ) -> None:
     assert shrunk.status["state"] == "finished", shrunk.status
-    starts = [r for r in progress_lines(shrunk.node) if r.get("event") == "train_start"]
+    starts = [r for r in shrunk.node.progress_lines(JOB) if r.get("event") == "train_start"]
     geometry = [(s["world_size"], s["gradient_accumulation_steps"]) for s in starts]
     # Two nodes, then the lost one: alone with twice the accumulation. (The first
     # node may also have begun alone, before the second's launcher arrived within

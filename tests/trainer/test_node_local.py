@@ -32,7 +32,7 @@ from ftsup.supervisor.manifest import read_manifest
 from ftsup.supervisor.spec import SpecError, parse_spec
 from tests.supervisor_harness import Harness
 from tests.trainer.test_nodes_agreement import node_copy
-from tests.trainer.trainer_helpers import lora_job_text
+from tests.trainer.trainer_helpers import node_job_text
 
 
 def free_port() -> int:
@@ -147,16 +147,8 @@ ENDED = ("finished", "failed", "gave_up", "stopped")
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, launch: str) -> str:
-    tables = '[checkpoint]\nasync_save = false\n\n[restart]\nbackoff = "0.5s"\n\n[launch]\n'
-    return lora_job_text(
-        name,
-        model,
-        data,
-        out,
-        max_steps=MAX_STEPS,
-        save_steps=2,
-        train_extra="save_total_limit = 5\nsave_on_each_node = true",
-        tables=tables + launch,
+    return node_job_text(
+        name, model, data, out, launch, max_steps=MAX_STEPS, train_extra="save_on_each_node = true"
     )
 
 
@@ -166,12 +158,6 @@ class Run:
     folders: tuple[Path, Path]
     statuses: list[dict[str, Any]]
     reference: Path
-
-
-def progress_lines(node: Harness) -> list[dict[str, Any]]:
-    path = node.state_dir / "runs" / JOB / "progress.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +195,7 @@ def test_both_nodes_resume_the_newest_step_both_hold_each_from_its_own_folder(ru
     assert [s["state"] for s in run.statuses] == ["finished", "finished"], run.statuses
     assert (run.nodes[1].work / "fault-fired").exists()
     for node, folder in zip(run.nodes, run.folders, strict=True):
-        starts = [r for r in progress_lines(node) if r.get("event") == "train_start"]
+        starts = [r for r in node.progress_lines(JOB) if r.get("event") == "train_start"]
         assert [(s["step"], s["resumed_from"]) for s in starts] == [
             (0, None),
             (2, str(folder / "checkpoint-2")),  # not 4: the second node has no sealed 4

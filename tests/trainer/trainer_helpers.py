@@ -82,6 +82,31 @@ seed = 5
 """
 
 
+def node_job_text(
+    name: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    launch: str,
+    *,
+    max_steps: int,
+    train_extra: str = "",
+) -> str:
+    """A job file of the two-daemon (two-node) tests: checkpoints every 2 steps, five
+    kept, saved synchronously, a short backoff, and `launch` as its [launch]."""
+    tables = '[checkpoint]\nasync_save = false\n\n[restart]\nbackoff = "0.5s"\n\n[launch]\n'
+    return lora_job_text(
+        name,
+        model,
+        data,
+        out,
+        max_steps=max_steps,
+        save_steps=2,
+        train_extra=f"save_total_limit = 5\n{train_extra}",
+        tables=tables + launch,
+    )
+
+
 def write_config(run_dir: Path, train: dict[str, Any], *, async_save: bool = True) -> Path:
     """A train.json as the daemon writes it; output in run_dir/out."""
     run_dir.mkdir(parents=True, exist_ok=True)
