@@ -28,16 +28,28 @@ from ftsup.supervisor.procinfo import child_pids
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # torchrun's own handlers, minus SIGTERM, which must not tear the workers down.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _Forwarded:
+    """Whether this launcher passed a stop request on to its workers."""
+
+    stop = False
+
+
+FORWARDED_STOP = _Forwarded()
 
 
 def forward(signum: int, _frame: FrameType | None) -> None:
     """Signal handler: the same signal to each child (torchrun's workers)."""
+    if signum in STOP_SIGNALS:
+        FORWARDED_STOP.stop = True
     for pid in child_pids(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
 
-def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
+def exit_code_for(first: int, others: Sequence[int] = (), *, stop_forwarded: bool = False) -> int:
     """One exit code for the job from the failed workers' codes (`first` failed first).
 
     When a worker exits, torchrun SIGTERMs the others; one that is already
@@ -47,6 +59,12 @@ def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
     complete on every rank before any rank exits (the save ends with a barrier),
     so a stop (75) is judged by the first worker to exit, and SIGTERM, SIGKILL
     and SIGABRT deaths after it are collateral.
+
+    torchrun's "first" is only to the second (a failure without an error file
+    is stamped `int(time.time())`, ties go to the lowest rank), so a rank killed
+    in the same second as another's 75 can come first. When this launcher
+    forwarded a stop (`stop_forwarded`), any 75 with only collateral deaths
+    beside it is the stop; without one, the order is all there is to go by.
     """
     codes = [first, *others]
     if EXIT_CONFIG in codes:
@@ -58,6 +76,8 @@ def exit_code_for(first: int, others: Sequence[int] = ()) -> int:
         -int(signal.SIGABRT),
     }
     if first == EXIT_STOPPED and all(code in collateral for code in others):
+        return EXIT_STOPPED
+    if stop_forwarded and EXIT_STOPPED in codes and all(code in collateral for code in codes):
         return EXIT_STOPPED
     failures = [code for code in codes if code > 0 and code != EXIT_STOPPED]
     return failures[0] if failures else 1
@@ -97,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChildFailedError as exc:
         first_rank, first = exc.get_first_failure()
         others = [f.exitcode for rank, f in exc.failures.items() if rank != first_rank]
-        return exit_code_for(first.exitcode, others)
+        return exit_code_for(first.exitcode, others, stop_forwarded=FORWARDED_STOP.stop)
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0

@@ -130,13 +130,13 @@ def _stop_exit_code(exc: Exception) -> int | None:
     """75 when the workers ended on a stop request (torchrun would say 1), else None."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from ftsup.trainer.distrun import exit_code_for
+    from ftsup.trainer.distrun import FORWARDED_STOP, exit_code_for
 
     if not isinstance(exc, ChildFailedError):
         return None
     first_rank, first = exc.get_first_failure()
     others = [f.exitcode for rank, f in exc.failures.items() if rank != first_rank]
-    return exit_code_for(first.exitcode, others)
+    return exit_code_for(first.exitcode, others, stop_forwarded=FORWARDED_STOP.stop)
 
 
 def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -96,7 +96,7 @@ def exact_resume_runs(
     return Runs(
         reference=base / "ref" / "out",
         resumed=out,
-        killed_log=killed.log(),
+        killed_log=killed.log(tail=None),
         killed_losses=killed_losses,
         resumed_from=choice.checkpoint.path,
         resumed_losses=step_losses(resumed.own_events()),

@@ -76,6 +76,13 @@ def test_exit_code_mapping() -> None:
     assert exit_code_for(75, [1]) == 1
     assert exit_code_for(1, [75]) == 1
     assert exit_code_for(-9) == 1
+    # torchrun orders failures by the second, ties to the lowest rank: a rank SIGTERMed
+    # in the second another exited 75 can come "first". After a forwarded stop a 75
+    # with only collateral deaths beside it is the stop; anything else still fails.
+    assert exit_code_for(-15, [75], stop_forwarded=True) == 75
+    assert exit_code_for(-6, [75], stop_forwarded=True) == 75
+    assert exit_code_for(-15, [-9], stop_forwarded=True) == 1  # no rank stopped
+    assert exit_code_for(-15, [75, 1], stop_forwarded=True) == 1
 
 
 @pytest.mark.slow

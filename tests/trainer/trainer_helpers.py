@@ -202,10 +202,12 @@ class TrainerProcess:
             self.kill_group()
             self._log.close()
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 6000) -> str:
+        """The trainer's output: its last `tail` characters (for assertion messages), or all."""
         if not self._log.closed:
             self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 def step_losses(events: list[dict[str, Any]]) -> list[tuple[int, float]]:
