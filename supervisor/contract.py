@@ -81,17 +81,19 @@ PROGRESS_ELASTIC_CONVERT = "elastic_convert"
 PROGRESS_RENDEZVOUS = "rendezvous"
 
 # The memory tier (issue 18): the built-in trainer keeps its newest training state
-# as a checkpoint folder in RAM (tmpfs), in one of two slots of the job's memory
-# folder (`<memory dir>/slot-0|slot-1/checkpoint-<step>`), written like an
-# asynchronous disk save and sealed by the same manifest, with MEMORY_RECORD
-# (job, lineage, step, attempt) among its checksummed files. train.json's
-# `memory` ({"dir", "every"}, optionally "max_overhead": the most of training's
-# time the tier may take, which then spaces snapshots out) turns it on; each
-# write is reported as a PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s,
-# write_s, slot, skipped, paced; `error` when the tier turned itself off), and
-# a run that resumed a snapshot says `resumed_from_memory` in its train_start.
+# in RAM (tmpfs), in one of two slots of the job's memory folder
+# (`<memory dir>/slot-0|slot-1/checkpoint-<step>`): raw tensors, a small pickle and
+# a log history (`ftsup.trainer.memory_snapshot`), sealed by MEMORY_RECORD, written
+# last (job, lineage, step, attempt, fingerprint, format MEMORY_FORMAT, and each
+# file's size). train.json's `memory` ({"dir", "every"}, optionally
+# "max_overhead": the most of training's time the tier may take, which then
+# spaces snapshots out) turns it on; each snapshot is reported as a
+# PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s, slot, paced; `error` when
+# the tier turned itself off), and a run that resumed a snapshot says
+# `resumed_from_memory` in its train_start.
 MEMORY_SLOTS = ("slot-0", "slot-1")
 MEMORY_RECORD = "ftsup-memory.json"
+MEMORY_FORMAT = 2  # 1: an HF checkpoint folder sealed by a manifest (never resumed now)
 PROGRESS_MEMORY_SNAPSHOT = "memory_snapshot"
 
 # Checkpoint folders: `checkpoint-<step>`. `\A...\Z`, not `^...$`: `$` also

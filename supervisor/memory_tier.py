@@ -1,15 +1,16 @@
 """The memory tier, daemon side (issue 18): which snapshot a restart may resume.
 
-The built-in trainer keeps its newest training state as an HF checkpoint folder
-in RAM (`<memory dir>/slot-0|slot-1/checkpoint-<step>`, see the contract's
-MEMORY_* names), written and sealed like an asynchronous disk save. A kill
-then loses about one step instead of everything since the last disk save.
+The built-in trainer keeps its newest training state in RAM
+(`<memory dir>/slot-0|slot-1/checkpoint-<step>`, see the contract's MEMORY_*
+names and `ftsup.trainer.memory_snapshot`), sealed by a record written last.
+A kill then loses about one step instead of everything since the last disk
+save.
 
 A snapshot is only ever a faster way to the same state, so it is resumed only
-when nothing about it can be wrong: sealed (its manifest lists every file
-with its size: a write cut short has none), newer than the newest valid disk
+when nothing about it can be wrong: sealed (its record lists every file with
+its size: a write cut short has no record), newer than the newest valid disk
 checkpoint, of this job, of the current lineage, and written under exactly
-the job's configuration (the manifest's fingerprint). The lineage token
+the job's configuration (the record's fingerprint). The lineage token
 changes when a run starts anew and when the daemon rolls back on purpose (a
 loss anomaly), so a snapshot of an abandoned line of training is never picked
 even if its folder survived. Everything else (export, retention, a host
@@ -33,11 +34,11 @@ from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.contract import (
+    MEMORY_FORMAT,
     MEMORY_RECORD,
     MEMORY_SLOTS,
     checkpoint_step,
 )
-from ftsup.supervisor.manifest import ManifestError, read_manifest
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec_types import JobSpec
 
@@ -133,30 +134,27 @@ def _usable(
     path: Path, step: int, job: str, lineage: str, fingerprint: dict[str, Any]
 ) -> Snapshot | None:
     try:
-        manifest = read_manifest(path)
         with open(path / MEMORY_RECORD, "rb") as handle:
             record = json.loads(handle.read(_RECORD_MAX))
-    except (OSError, ValueError, ManifestError):
+    except (OSError, ValueError):
         return None  # not sealed (a write cut short), or not a snapshot
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or record.get("format") != MEMORY_FORMAT:
         return None
     if (record.get("job"), record.get("lineage"), record.get("step")) != (job, lineage, step):
         return None
-    if manifest.step != step or dict(manifest.fingerprint) != dict(fingerprint):
+    if record.get("fingerprint") != dict(fingerprint):
         return None
-    size = 0
-    sealed = {entry.path: entry.size for entry in manifest.files}
-    if MEMORY_RECORD not in sealed:
-        return None  # the record must be among the sealed files
-    for rel, expected in sealed.items():
+    sizes = record.get("files")
+    if not isinstance(sizes, dict) or not sizes:
+        return None
+    for name, expected in sizes.items():
         try:
-            if os.stat(path / rel).st_size != expected:
+            if not isinstance(expected, int) or os.stat(path / name).st_size != expected:
                 return None
-        except OSError:
+        except (OSError, ValueError):
             return None
-        size += expected
     attempt = record.get("attempt")
-    return Snapshot(path, step, attempt if isinstance(attempt, int) else None, size)
+    return Snapshot(path, step, attempt if isinstance(attempt, int) else None, sum(sizes.values()))
 
 
 def discard(folder: Path) -> None:

@@ -139,7 +139,7 @@ class ProgressState:
         if event == PROGRESS_MEMORY_SNAPSHOT:
             self.memory = {
                 key: record.get(key)
-                for key in ("step", "bytes", "stall_s", "write_s", "skipped", "error")
+                for key in ("step", "bytes", "stall_s", "paced", "error")
                 if record.get(key) is not None
             }
             return

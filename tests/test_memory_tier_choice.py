@@ -1,22 +1,21 @@
 """Which memory snapshot a restart may resume (supervisor/memory_tier.py, issue 18).
 
-Snapshots are built here as the trainer writes them (files, then the memory
-record, then the manifest that seals them, with real checksums); the rules
-are the daemon's: sealed, newer than the newest valid disk checkpoint, of this
-job, this lineage and exactly this configuration.
+Snapshots are built here with the trainer's files and sealed by the trainer's
+own `seal` (the record, written last); the rules are the daemon's: sealed,
+every file at its recorded size, newer than the newest valid disk checkpoint,
+of this job, this lineage and exactly this configuration.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, checkpoint_name
-from ftsup.supervisor.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from ftsup.supervisor.contract import MEMORY_FORMAT, MEMORY_RECORD, MEMORY_SLOTS, checkpoint_name
 from ftsup.supervisor.memory_tier import (
     AUTO_EVERY,
     current_lineage,
@@ -28,6 +27,7 @@ from ftsup.supervisor.memory_tier import (
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import JobSpec
+from ftsup.trainer.memory_snapshot import HISTORY_NAME, STATE_NAME, TENSORS_NAME, seal
 
 FINGERPRINT = {"model": "tiny", "lr": 0.001, "world_size": 1}
 JOB, LINEAGE = "lora", "a1b2c3"
@@ -42,23 +42,29 @@ def snapshot(
     lineage: str = LINEAGE,
     fingerprint: dict[str, object] | None = None,
     sealed: bool = True,
+    **record: Any,
 ) -> Path:
     folder = root / MEMORY_SLOTS[slot] / checkpoint_name(step)
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * (100 + step))
-    (folder / "optimizer.pt").write_bytes(b"o" * 300)
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    record = {"job": job, "lineage": lineage, "step": step, "attempt": 1, "created_at": 0}
-    (folder / MEMORY_RECORD).write_text(json.dumps(record))
+    files = {
+        TENSORS_NAME: b"t" * (100 + step),
+        STATE_NAME: b"s" * 300,
+        HISTORY_NAME: json.dumps({"loss": 1.0, "step": step}).encode() + b"\n",
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
     if sealed:
-        manifest = build_manifest(
-            folder,
-            step=step,
-            world_size=1,
-            fingerprint=fingerprint or FINGERPRINT,
-            created_at=time.time(),
-        )
-        write_manifest(folder, manifest)
+        contents = {
+            "job": job,
+            "lineage": lineage,
+            "step": step,
+            "attempt": 1,
+            "created_at": 0,
+            "fingerprint": fingerprint or FINGERPRINT,
+            "format": MEMORY_FORMAT,
+            "files": {name: len(data) for name, data in files.items()},
+        }
+        seal(folder, {**contents, **record})
     return folder
 
 
@@ -78,7 +84,7 @@ def test_the_newest_sealed_snapshot_is_chosen_across_the_two_slots(tmp_path: Pat
     )
     assert found is not None and found.step == 42 and found.attempt == 1
     assert found.size_bytes == sum(
-        f.stat().st_size for f in newer.iterdir() if f.name != MANIFEST_NAME
+        f.stat().st_size for f in newer.iterdir() if f.name != MEMORY_RECORD
     )
     assert older.exists()
 
@@ -91,7 +97,7 @@ def test_a_write_cut_short_is_never_resumed_and_the_other_slot_is(tmp_path: Path
 
 def test_a_sealed_file_that_changed_size_is_refused(tmp_path: Path) -> None:
     folder = snapshot(tmp_path, 0, 42)
-    with (folder / "optimizer.pt").open("r+b") as handle:
+    with (folder / STATE_NAME).open("r+b") as handle:
         handle.truncate(10)
     assert choose(tmp_path) is None
 
@@ -121,15 +127,15 @@ def test_a_snapshot_of_another_job_lineage_or_configuration_is_never_used(
     assert choose(tmp_path) is None
 
 
-def test_a_memory_record_outside_the_seal_is_refused(tmp_path: Path) -> None:
-    folder = snapshot(tmp_path, 0, 42, sealed=False)
-    record = (folder / MEMORY_RECORD).read_text()
-    (folder / MEMORY_RECORD).unlink()
-    manifest = build_manifest(
-        folder, step=42, world_size=1, fingerprint=FINGERPRINT, created_at=time.time()
-    )
-    write_manifest(folder, manifest)
-    (folder / MEMORY_RECORD).write_text(record)  # written after the seal: not vouched for
+@pytest.mark.parametrize(
+    "record",
+    [{"format": 1}, {"files": {}}, {"files": {STATE_NAME: 300, "missing.bin": 1}}],
+    ids=["old-format", "no-files", "a-file-missing"],
+)
+def test_a_record_that_does_not_vouch_for_the_files_is_refused(
+    tmp_path: Path, record: dict[str, Any]
+) -> None:
+    snapshot(tmp_path, 0, 42, **record)
     assert choose(tmp_path) is None
 
 

@@ -19,9 +19,9 @@ one (that save is delayed, neither is corrupted), which also makes reusing
 the host buffers safe. On GPU the buffers are pinned and filled with
 non-blocking copies followed by one synchronize.
 
-The capture (`capture`) and the file writing (`write_files`) are shared with
-the memory tier (`ftsup.trainer.memory_tier`), which writes the same folder
-into RAM after every step, from its own buffers and thread.
+The file writing (`write_files`) is shared with the memory tier
+(`ftsup.trainer.memory_snapshot.materialize`), which turns a snapshot in RAM
+back into the folder this writer would have written.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Captured:
     args: Any  # TrainingArguments, written as training_args.bin
 
 
-# The disk and memory writers run on two threads, and `save_pretrained` is not
+# The disk writer runs on its own thread beside the training thread, and `save_pretrained` is not
 # made for that: peft's flips the adapter config's `inference_mode` and back.
 _SAVE_PRETRAINED = threading.Lock()
 
@@ -176,8 +176,6 @@ def capture(trainer: Any, buffers: HostBuffers) -> Captured:
     As HF's `_save_checkpoint`, records the exportable callbacks' state in
     `trainer.state.stateful_callbacks` first.
     """
-    from transformers.trainer_callback import ExportableState
-
     weights = model_snapshot(trainer.model, buffers)
     optimizer = buffers.to_host(trainer.optimizer.state_dict(), "optimizer")
     with warnings.catch_warnings():
@@ -186,13 +184,7 @@ def capture(trainer: Any, buffers: HostBuffers) -> Captured:
     scaler_obj = getattr(trainer.accelerator, "scaler", None)
     scaler = None if scaler_obj is None else copy.deepcopy(scaler_obj.state_dict())
     state = trainer.state
-    for cb in [*trainer.callback_handler.callbacks, trainer.control]:
-        if isinstance(cb, ExportableState):  # as HF's _save_checkpoint does
-            name, cb_state = cb.__class__.__name__, cb.state()
-            if isinstance(state.stateful_callbacks[name], list):
-                state.stateful_callbacks[name].append(cb_state)
-            else:
-                state.stateful_callbacks[name] = cb_state
+    record_callback_states(trainer)
     if buffers.pin:
         torch.cuda.synchronize()  # the non-blocking copies have landed
     return Captured(
@@ -207,6 +199,21 @@ def capture(trainer: Any, buffers: HostBuffers) -> Captured:
         tokenizer=trainer.processing_class,
         args=trainer.args,
     )
+
+
+def record_callback_states(trainer: Any) -> None:
+    """As HF's `_save_checkpoint` does first: the exportable callbacks' state goes
+    into `trainer.state.stateful_callbacks`."""
+    from transformers.trainer_callback import ExportableState
+
+    state = trainer.state
+    for cb in [*trainer.callback_handler.callbacks, trainer.control]:
+        if isinstance(cb, ExportableState):
+            name, cb_state = cb.__class__.__name__, cb.state()
+            if isinstance(state.stateful_callbacks[name], list):
+                state.stateful_callbacks[name].append(cb_state)
+            else:
+                state.stateful_callbacks[name] = cb_state
 
 
 def rng_states(trainer: Any) -> dict[str, Any]:

@@ -7,13 +7,13 @@ middle of a checkpoint; `before_handover` kills a rank of a sharded run
 (DeepSpeed, FSDP) after it wrote its shards of checkpoint N, before it handed
 their checksums to rank 0's seal; `after_weights`, `after_optimizer`, `after_scheduler`
 and `after_trainer_state` kill it inside an asynchronous save's background
-write, right after that file. `memory_after_weights`, `memory_after_optimizer`,
-`memory_after_scheduler`, `memory_after_trainer_state` and `memory_before_seal`
-do the same inside the memory tier's write of the first snapshot taken from
-step N on (`memory_tier.py`: a snapshot due while the previous one is still
-being written is skipped, so step N itself may have none).
+write, right after that file. `memory_after_tensors` (the tensors copied,
+nothing else written) and `memory_before_seal` (every file written, no record)
+kill it inside the memory tier's write of the first snapshot taken from step N
+on (`memory_tier.py`: with `max_overhead` a snapshot may be spaced out, so step
+N itself may have none).
 `FTSUP_FAULT_WRITE_DELAY=seconds` makes the
-background writers (disk and memory) sleep before each file, so that a kill from outside lands
+asynchronous disk writer sleep before each file, so that a kill from outside lands
 in the middle of a write; `FTSUP_FAULT_STEP_DELAY=seconds` makes every step
 that long at least (a slow GPU), so that a test can act while a tiny model
 trains. `FTSUP_FAULT_ONCE_FILE=path` makes the fault fire
@@ -43,8 +43,8 @@ from ftsup.supervisor.contract import (
 )
 
 WRITE_POINTS = ("after_weights", "after_optimizer", "after_scheduler", "after_trainer_state")
-# The memory tier's write of a snapshot: after each of the same files, then before its seal.
-MEMORY_POINTS = (*(f"memory_{point}" for point in WRITE_POINTS), "memory_before_seal")
+# The memory tier's write of a snapshot (`memory_snapshot.take_snapshot`).
+MEMORY_POINTS = ("memory_after_tensors", "memory_before_seal")
 POINTS = ("step_end", "before_handover", "before_manifest", *WRITE_POINTS, *MEMORY_POINTS)
 
 

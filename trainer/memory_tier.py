@@ -1,41 +1,36 @@
-"""The memory tier (issue 18): the newest training state as a checkpoint folder in RAM.
+"""The memory tier (issue 18): the newest training state in RAM, a step old at most.
 
 Disk checkpoints come every `save_steps`; a kill loses everything since the
-last one. Here, after every `every`-th optimizer step, the trainer also copies
+last one. Here, after every `every`-th optimizer step, the trainer also writes
 its complete state (trainable weights, optimizer, scheduler, scaler, RNG,
-trainer state with the step, i.e. the data position) into host buffers of its
-own, and a background thread writes it as an ordinary HF checkpoint folder
-into `<dir>/slot-0|slot-1/checkpoint-<step>` (tmpfs), with the same files and
-formats as an asynchronous disk save (`async_save.capture` / `write_files`),
-plus `ftsup-memory.json` (job, lineage, step, attempt), then seals it with the
-same manifest. Resuming from it is therefore HF's own
-`resume_from_checkpoint`, bit-identical by construction; the daemon picks it
-(`--resume-from`) when it is newer than the newest valid disk checkpoint.
+trainer state with the step, i.e. the data position) into
+`<dir>/slot-0|slot-1/checkpoint-<step>` (tmpfs), in the format of
+`ftsup.trainer.memory_snapshot`: a memcpy into a mapped file plus a few KB of
+pickle, on the training thread, then sealed by its record. A first version
+wrote an HF checkpoint folder from a background thread; its Python held the
+GIL for 15-25 ms per snapshot and made every step of the tiny LoRA job about
+1.8x slower. The daemon resumes a snapshot (`--resume-from`) when it is newer
+than the newest valid disk checkpoint; the trainer turns it back into an HF
+checkpoint folder and HF's `resume_from_checkpoint` loads that.
 
 Two slots: a write always goes into the slot that does not hold the newest
 sealed snapshot (at start: the one resumed from, else the highest sealed
-step), and unseals its target first (manifest, then files), so some sealed
-snapshot survives a kill at any moment. Training never waits for the tier: a
-snapshot due while the previous write runs is skipped (and counted), and
-with `max_overhead` set, snapshots are spaced so that their cost (the
-capture, plus the writer's CPU, whose Python holds the GIL the training loop
-needs) stays within `max_overhead` of the training time. A write that fails (a full /dev/shm, a
-folder in the way) is reported once and turns the tier off for the rest of
-the attempt; training goes on. One process only
-(every rank's RNG would be needed otherwise); not with DeepSpeed or FSDP.
+step), and unseals its target first, so some sealed snapshot survives a kill
+at any moment. With `max_overhead` set, snapshots are spaced so that their
+cost stays within that fraction of the training time. A write that fails (a
+full /dev/shm, a folder in the way) is reported once and turns the tier off
+for the rest of the attempt; training goes on. One process only (every
+rank's RNG would be needed otherwise); not with DeepSpeed or FSDP.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,42 +41,35 @@ from ftsup.supervisor.contract import (
     MEMORY_SLOTS,
     PROGRESS_MEMORY_SNAPSHOT,
     checkpoint_name,
+    checkpoint_step,
 )
-from ftsup.supervisor.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from ftsup.trainer import faults
-from ftsup.trainer.async_save import (
-    RNG_STATE_NAME,
-    HostBuffers,
-    PartRunner,
-    capture,
-    plain_layout_models,
-    rng_states,
-    write_files,
-)
-from ftsup.trainer.checkpointing import PointHook, is_complete, list_checkpoints
+from ftsup.trainer.async_save import plain_layout_models
+from ftsup.trainer.memory_snapshot import SlotHistory, SnapshotWriter, read_record
 
-# Writes a snapshot's files (all but record and manifest) into the folder it is given.
-SnapshotWriter = Callable[[Path, PartRunner], None]
 # A progress line: (event, **fields), e.g. FtsupCallback.report.
 Report = Callable[..., None]
-README_NAME = "README.md"  # peft's model card, part of an adapter checkpoint
+# Fault injection (tests): (step, point).
+PointHook = Callable[[int, str], None]
+# Writes and seals a snapshot: (folder, slot history or None, record, fault hook)
+# -> (bytes, slot history). SnapshotWriter.write with the trainer bound.
+Write = Callable[
+    [Path, SlotHistory | None, Mapping[str, Any], Callable[[str], None]],
+    tuple[int, SlotHistory],
+]
 
-
-# The most of training's time the tier may take (train.json `memory.max_overhead`):
-# the capture on the training thread plus the writer's CPU (its Python holds the GIL
-# the training loop needs). 0, the default, spaces nothing: a snapshot every `every`
-# steps unless a write still runs. Measured on the tiny LoRA job (2 cores), a write
-# every step cost 15-25 ms against a 25 ms step (training about 1.8x slower); 0.05
-# brought it to a snapshot every ~12 steps and a ~4% longer mean step.
+# The most of training's time the tier may take (train.json `memory.max_overhead`);
+# 0 spaces nothing: a snapshot every `every` steps.
 DEFAULT_MAX_OVERHEAD = 0.0
 
 
-@dataclass(frozen=True)
-class _Job:
-    step: int
-    write: SnapshotWriter
-    stall_s: float
-    taken_at: float  # time.monotonic() when the capture began
+def slot_folders(slot_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each `checkpoint-<step>` in a slot, sealed or not."""
+    try:
+        entries = list(slot_dir.iterdir())
+    except OSError:
+        return []
+    found = [(checkpoint_step(path), path) for path in entries]
+    return sorted((step, path) for step, path in found if step is not None)
 
 
 def newest_slot(folder: Path, resumed_from: Path | None = None) -> int | None:
@@ -94,39 +82,10 @@ def newest_slot(folder: Path, resumed_from: Path | None = None) -> int | None:
                 return index
     best: tuple[int, int] | None = None
     for index, name in enumerate(MEMORY_SLOTS):
-        for step, path in list_checkpoints(Path(folder) / name):
-            if is_complete(path) and (best is None or step > best[0]):
+        for step, path in slot_folders(Path(folder) / name):
+            if read_record(path) is not None and (best is None or step > best[0]):
                 best = (step, index)
     return None if best is None else best[1]
-
-
-def unseal(slot_dir: Path) -> None:
-    """Empty a slot: every manifest first (a kill midway leaves nothing sealed), then files."""
-    if not slot_dir.is_dir():
-        return
-    entries = sorted(slot_dir.iterdir())
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            (entry / MANIFEST_NAME).unlink(missing_ok=True)
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def write_record(path: Path, record: Mapping[str, Any]) -> None:
-    """MEMORY_RECORD: which job, lineage, step and attempt the snapshot belongs to."""
-    path.write_text(json.dumps(dict(record)))
-
-
-def folder_bytes(folder: Path) -> int:
-    """Total size of the files under `folder`."""
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _dirs, files in os.walk(folder)
-        for name in files
-    )
 
 
 def _env_int(name: str) -> int | None:
@@ -138,7 +97,7 @@ def _env_int(name: str) -> int | None:
 
 
 class MemoryTier:
-    """Snapshots on the training thread, writes and seals on its own worker thread."""
+    """Snapshots into alternating slots, on the training thread."""
 
     def __init__(
         self,
@@ -153,7 +112,7 @@ class MemoryTier:
         max_overhead: float = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         """`max_overhead`: snapshots are spaced so that their cost stays below this
-        fraction of the time (0: every due step, only skipped while a write runs)."""
+        fraction of the time (0: every due step)."""
         self.folder = Path(folder)
         self.max_overhead = max_overhead
         self.paced = 0  # snapshots not taken to keep within max_overhead
@@ -166,22 +125,13 @@ class MemoryTier:
         self.on_point = on_point
         self.report = report
         self.enabled = True
-        self.skipped = 0  # snapshots not taken because the previous write still ran
         self.sealed = 0
         self.error: str | None = None
         self.newest = newest_slot(self.folder, resumed_from)
-        self._buffers: HostBuffers | None = None
         self._last_step = -1
-        self._idle = threading.Event()
-        self._idle.set()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        # The worker's own: what the previous snapshot of this attempt can lend the next.
-        self._sealed: Path | None = None
-        self._tokenizer_names: tuple[str, ...] = ()
-        self._readme: bytes | None = None
-
-    # ------------------------------------------------------ training thread
+        self._writer = SnapshotWriter()
+        # How much of the log history this attempt wrote into each slot's file.
+        self._history: dict[int, SlotHistory] = {}
 
     def due(self, step: int, max_steps: int) -> bool:
         """Whether step `step` gets a snapshot (once per step; never the last step,
@@ -194,42 +144,77 @@ class MemoryTier:
         )
 
     def snapshot(self, trainer: Any) -> None:
-        """Capture the trainer's state now and hand the write to the worker."""
-        step = trainer.state.global_step
+        """Write the trainer's state into the other slot and seal it (or skip it,
+        to keep within `max_overhead`)."""
+        self.submit(trainer.state.global_step, functools.partial(self._writer.write, trainer))
+
+    def submit(self, step: int, write: Write) -> bool:
+        """Write snapshot `step` with `write` (False: not taken, paced or off)."""
         self._last_step = step
-        if not self._claim():
-            return
-        taken_at = time.monotonic()
-        started = time.perf_counter()
-        try:
-            if trainer.hp_search_backend is None:
-                trainer.store_flos()  # as before a disk save: total_flos is current
-            if self._buffers is None:
-                import torch
-
-                self._buffers = HostBuffers(pin=torch.cuda.is_available())
-            captured = capture(trainer, self._buffers)
-            rng = rng_states(trainer)
-        except Exception as exc:  # never end training over the memory tier
-            self._idle.set()
-            self.fail(step, exc)
-            return
-
-        def write(folder: Path, part: PartRunner) -> None:
-            import torch
-
-            write_files(captured, folder, part, save_tokenizer=self._save_tokenizer)
-            part(None, lambda: torch.save(rng, folder / RNG_STATE_NAME))
-
-        self._start(_Job(step, write, time.perf_counter() - started, taken_at))
-
-    def submit(self, step: int, write: SnapshotWriter, *, stall_s: float = 0.0) -> bool:
-        """Write a snapshot of `step` with `write` (False: skipped, a write is running)."""
-        self._last_step = step
-        if not self._claim():
+        if not self.enabled:
             return False
-        self._start(_Job(step, write, stall_s, time.monotonic()))
+        taken_at = time.monotonic()
+        if taken_at < self._next_at:
+            self.paced += 1
+            return False
+        started = time.perf_counter()
+        target = 0 if self.newest != 0 else 1
+        try:
+            folder = self._unsealed_folder(target, step)
+            size, history = write(
+                folder,
+                self._history.get(target),
+                self._record(step),
+                lambda point: self._point(step, point),
+            )
+        except Exception as exc:  # never end training over the memory tier
+            self._history.pop(target, None)
+            self.fail(step, exc)
+            return False
+        self._history[target] = history
+        stall = time.perf_counter() - started
+        if self.max_overhead > 0:
+            self._next_at = taken_at + stall / self.max_overhead
+        self.newest = target
+        self.sealed += 1
+        self._emit(
+            step=step,
+            bytes=size,
+            stall_s=round(stall, 6),
+            slot=MEMORY_SLOTS[target],
+            paced=self.paced,
+        )
         return True
+
+    def _unsealed_folder(self, target: int, step: int) -> Path:
+        """The target slot's folder, unsealed (the record goes first: a kill from
+        here on leaves it unusable) and renamed to `step`; anything else there goes."""
+        slot_dir = self.folder / MEMORY_SLOTS[target]
+        folder = slot_dir / checkpoint_name(step)
+        existing = slot_folders(slot_dir)
+        keep = existing[-1][1] if existing else None
+        if keep is not None:
+            (keep / MEMORY_RECORD).unlink(missing_ok=True)
+        for entry in _entries(slot_dir):
+            if entry != keep:
+                self._writer.forget(entry)
+                _remove(entry)
+        if keep is None:
+            folder.mkdir(parents=True)
+        elif keep != folder:
+            keep.rename(folder)
+            self._writer.moved(keep, folder)
+        return folder
+
+    def _record(self, step: int) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "lineage": self.lineage,
+            "step": step,
+            "attempt": self.attempt,
+            "created_at": time.time(),
+            "fingerprint": self.fingerprint,
+        }
 
     def turn_off(self, step: int, why: str) -> None:
         """Off for the rest of the attempt, said once (stderr and a progress line)."""
@@ -237,136 +222,7 @@ class MemoryTier:
             self.enabled = False
             self.error = why
             print(f"ftsup trainer: memory tier off: {why}", file=sys.stderr, flush=True)
-            self._emit(step=step, error=why, skipped=self.skipped)
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until no write is in flight (False: still writing after `timeout`)."""
-        return self._idle.wait(timeout)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Let the write in flight finish, then stop the worker (end of training)."""
-        self.wait_idle(timeout)
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout)
-            self._worker = None
-
-    def _claim(self) -> bool:
-        if not self.enabled:
-            return False
-        if not self._idle.is_set():
-            self.skipped += 1  # never stall training for the memory tier
-            return False
-        if time.monotonic() < self._next_at:
-            self.paced += 1
-            return False
-        self._idle.clear()
-        return True
-
-    def _start(self, job: _Job) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="ftsup-memory", daemon=True)
-            self._worker.start()
-        self._queue.put(job)
-
-    # -------------------------------------------------------- worker thread
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._write(job)
-            except Exception as exc:
-                self.fail(job.step, exc)
-            finally:
-                self._idle.set()
-
-    def _write(self, job: _Job) -> None:
-        started = time.perf_counter()
-        cpu = time.thread_time()
-        target = 0 if self.newest != 0 else 1
-        slot_dir = self.folder / MEMORY_SLOTS[target]
-        unseal(slot_dir)
-        folder = slot_dir / checkpoint_name(job.step)
-        folder.mkdir(parents=True)
-        if self._readme is not None:
-            # peft then updates this model card instead of rendering it from its
-            # template (36 of its 51 ms per save on the tiny model): same bytes.
-            (folder / README_NAME).write_bytes(self._readme)
-        delay = faults.write_delay()
-
-        def part(point: str | None, action: Callable[[], object]) -> None:
-            if delay:
-                time.sleep(delay)
-            action()
-            if point is not None:
-                self._point(job.step, f"memory_{point}")
-
-        try:
-            job.write(folder, part)
-            record = {
-                "job": self.job,
-                "lineage": self.lineage,
-                "step": job.step,
-                "attempt": self.attempt,
-                "created_at": time.time(),
-            }
-            part(None, lambda: write_record(folder / MEMORY_RECORD, record))
-            self._point(job.step, "memory_before_seal")
-            manifest = build_manifest(
-                folder,
-                step=job.step,
-                world_size=1,
-                fingerprint=self.fingerprint,
-                created_at=time.time(),
-                # In RAM: checksumming at the seal, in one walk and one thread,
-                # costs less than a thread pool or a walk after every file.
-                threads=1,
-            )
-            write_manifest(folder, manifest)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # unsealed anyway: free the memory
-            raise
-        cost = job.stall_s + time.thread_time() - cpu
-        if self.max_overhead > 0:
-            self._next_at = job.taken_at + cost / self.max_overhead
-        self.newest = target
-        self.sealed += 1
-        self._sealed = folder
-        readme = folder / README_NAME
-        self._readme = readme.read_bytes() if readme.is_file() else None
-        self._emit(
-            step=job.step,
-            bytes=folder_bytes(folder),
-            stall_s=round(job.stall_s, 6),
-            write_s=round(time.perf_counter() - started, 6),
-            slot=MEMORY_SLOTS[target],
-            skipped=self.skipped,
-            paced=self.paced,
-        )
-
-    def _save_tokenizer(self, tokenizer: Any, folder: Path) -> None:
-        """The tokenizer's files: hard links to the previous snapshot's (nothing ever
-        writes into a snapshot's file again, and a slot is emptied by unlinking),
-        else `save_pretrained`, whose files the next snapshot then links."""
-        previous, names = self._sealed, self._tokenizer_names
-        if previous is not None and names:
-            try:
-                for name in names:
-                    os.link(previous / name, folder / name)
-                return
-            except OSError:
-                for name in names:
-                    (folder / name).unlink(missing_ok=True)
-        before = set(os.listdir(folder))
-        tokenizer.save_pretrained(str(folder))
-        added = set(os.listdir(folder)) - before
-        # Only plain files at the top (a nested layout is written afresh every time).
-        self._tokenizer_names = tuple(sorted(n for n in added if (folder / n).is_file()))
-        if len(self._tokenizer_names) != len(added):
-            self._tokenizer_names = ()
+            self._emit(step=step, error=why)
 
     def _point(self, step: int, point: str) -> None:
         if self.on_point is not None:
@@ -384,11 +240,25 @@ class MemoryTier:
             file=sys.stderr,
             flush=True,
         )
-        self._emit(step=step, error=self.error, skipped=self.skipped)
+        self._emit(step=step, error=self.error)
 
     def _emit(self, **fields: Any) -> None:
         if self.report is not None:
             self.report(PROGRESS_MEMORY_SNAPSHOT, **fields)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def memory_tier_unsupported(trainer: Any) -> str | None:
@@ -421,12 +291,6 @@ def with_memory_tier(trainer_class: Any, tier: MemoryTier) -> Any:
                 return
             tier.snapshot(self)
 
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                tier.close()
-
     MemoryTierTrainer.__name__ = MemoryTierTrainer.__qualname__ = (
         f"MemoryTier{trainer_class.__name__}"
     )
@@ -437,6 +301,5 @@ __all__ = [
     "MemoryTier",
     "memory_tier_unsupported",
     "newest_slot",
-    "unseal",
     "with_memory_tier",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,9 @@ from ftsup.trainer.signals import install_handlers
 _NEVER = 10**12  # save_steps when only time-based saves are wanted
 # How long other nodes wait for rank 0's resume choice (it validates a few folders).
 AGREE_TIMEOUT_S = 600.0
+# Where a memory snapshot is turned back into a checkpoint folder for HF to load
+# (in the job's memory folder, beside the slots; removed after training).
+MATERIALIZED_NAME = "resume"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -99,7 +103,20 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     if resize is not None:
         resume = str(zero_resize.convert(resize))  # rank 0 converts, every rank waits
         trainer.add_callback(zero_resize.after_load(resize))
-    trainer.train(resume_from_checkpoint=resume)
+    from ftsup.trainer import memory_snapshot
+
+    materialized = None
+    if args.resume_from is not None and memory_snapshot.is_snapshot(args.resume_from):
+        # A memory snapshot: HF loads the checkpoint folder it stands for.
+        materialized = args.resume_from.parent.parent / MATERIALIZED_NAME
+        shutil.rmtree(materialized, ignore_errors=True)  # an earlier attempt's
+        folder = materialized / args.resume_from.name
+        resume = str(memory_snapshot.materialize(args.resume_from, trainer, folder))
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if materialized is not None:
+            shutil.rmtree(materialized, ignore_errors=True)
     if config.deepspeed:
         dist.shutdown()
     return EXIT_STOPPED if callback.stopped else EXIT_OK

@@ -222,7 +222,7 @@ def _memory_text(memory: dict[str, Any]) -> str:
         return f"[yellow]off: {escape(str(memory['error']))}[/]"
     size = float(memory.get("bytes") or 0) / 2**20
     stall = float(memory.get("stall_s") or 0) * 1000
-    return f"snapshot of step {memory.get('step')}, {size:.1f} MiB, {stall:.0f} ms stall"
+    return f"snapshot of step {memory.get('step')}, {size:.1f} MiB, {stall:.1f} ms stall"
 
 
 def _env_row(job: dict[str, Any]) -> list[tuple[str, str]]:

@@ -1,36 +1,30 @@
-"""The memory tier: the newest training state as a sealed HF checkpoint folder in RAM.
+"""The memory tier: the newest training state in RAM, sealed after every step.
 
 What must hold: a kill at any point of a snapshot's write leaves the previous
-step's snapshot sealed and the torn one invalid (exactly what the daemon's
-validation calls); resuming the sealed one starts at its step and ends
-bit-identical to an uninterrupted run; a write never goes into the slot that
-holds the newest sealed snapshot (or the one resumed from); a snapshot due
-while a write runs is skipped, never waited for; a failing write turns the
-tier off and training finishes.
+step's snapshot sealed and the torn one unusable (exactly what the daemon's
+choice calls); resuming the sealed one starts at its step and ends
+bit-identical to an uninterrupted run, log history included; a write never
+goes into the slot that holds the newest sealed snapshot (or the one resumed
+from); snapshots are spaced out to keep within an overhead budget; a failing
+write turns the tier off and training finishes.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ftsup.supervisor.checkpoints.validate import validate_checkpoint
-from ftsup.supervisor.contract import (
-    MEMORY_RECORD,
-    MEMORY_SLOTS,
-    PROGRESS_MEMORY_SNAPSHOT,
-)
-from ftsup.supervisor.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
-from ftsup.trainer.async_save import PartRunner
-from ftsup.trainer.checkpointing import is_complete, list_checkpoints
+from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, PROGRESS_MEMORY_SNAPSHOT
+from ftsup.supervisor.memory_tier import newest_usable
 from ftsup.trainer.config import ConfigError, load_run_config
-from ftsup.trainer.memory_tier import MemoryTier, newest_slot
+from ftsup.trainer.memory_snapshot import SlotHistory, read_record, seal
+from ftsup.trainer.memory_tier import MemoryTier, newest_slot, slot_folders
+from ftsup.trainer.run import run_fingerprint
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
 
 MAX_STEPS = 10  # 5 optimizer steps per epoch: the kills below cross the boundary
@@ -40,22 +34,29 @@ LINEAGE = "lineage-test"
 # ------------------------------------------------------------------ in process
 
 
+def one_file(
+    folder: Path,
+    history: SlotHistory | None,
+    record: Mapping[str, Any],
+    point: Callable[[str], None],
+) -> tuple[int, SlotHistory]:
+    """A write as the tier hands it out: the data, a fault point, the seal."""
+    (folder / "data").write_bytes(b"new")
+    point("memory_before_seal")
+    seal(folder, {**record, "files": {"data": 3}})
+    return 3, SlotHistory()
+
+
 def sealed_folder(folder: Path, step: int) -> Path:
-    """A sealed checkpoint folder with one file (what a slot holds after a write)."""
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * step)
-    manifest = build_manifest(folder, step=step, world_size=1, fingerprint={}, created_at=0.0)
-    write_manifest(folder, manifest)
+    (folder / "data").write_bytes(b"w" * step)
+    seal(folder, {"step": step, "files": {"data": step}})
     return folder
-
-
-def one_file(folder: Path, part: PartRunner) -> None:
-    part("after_weights", lambda: (folder / "adapter_model.safetensors").write_bytes(b"new"))
 
 
 def sealed_steps(memory: Path) -> dict[str, list[int]]:
     return {
-        slot: [step for step, path in list_checkpoints(memory / slot) if is_complete(path)]
+        slot: [step for step, path in slot_folders(memory / slot) if read_record(path)]
         for slot in MEMORY_SLOTS
     }
 
@@ -75,23 +76,36 @@ def test_writes_go_to_the_slot_not_resumed_from_then_alternate(tmp_path: Path) -
         max_overhead=0,
     )
     assert tier.submit(6, one_file)
-    assert tier.wait_idle(30)
-    # The folder resumed from survives; the other slot was unsealed and rewritten.
+    # The folder resumed from survives; the other slot was unsealed, renamed, rewritten.
     assert sealed_steps(memory) == {"slot-0": [5], "slot-1": [6]}
-    assert (resumed / "adapter_model.safetensors").read_bytes() == b"w" * 5
-    snapshot = memory / "slot-1" / "checkpoint-6"
-    record = json.loads((snapshot / MEMORY_RECORD).read_text())
-    assert {k: record[k] for k in ("job", "step")} == {"job": "j", "step": 6}
-    manifest = read_manifest(snapshot)
-    assert MEMORY_RECORD in {entry.path for entry in manifest.files}  # sealed with the rest
-    assert manifest.fingerprint == {"seed": 1}
-
+    assert (resumed / "data").read_bytes() == b"w" * 5
+    record = json.loads((memory / "slot-1" / "checkpoint-6" / MEMORY_RECORD).read_text())
+    assert {k: record[k] for k in ("job", "step", "fingerprint")} == {
+        "job": "j",
+        "step": 6,
+        "fingerprint": {"seed": 1},
+    }
     assert tier.submit(7, one_file)
-    assert tier.wait_idle(30)
     assert sealed_steps(memory) == {"slot-0": [7], "slot-1": [6]}
-    tier.close(30)
     assert [(r["step"], r["slot"]) for r in reports] == [(6, "slot-1"), (7, "slot-0")]
-    assert all(r["event"] == PROGRESS_MEMORY_SNAPSHOT and r["bytes"] > 0 for r in reports)
+    assert all(r["event"] == PROGRESS_MEMORY_SNAPSHOT and r["bytes"] == 3 for r in reports)
+
+
+def test_a_write_killed_before_its_seal_leaves_the_slot_unsealed(tmp_path: Path) -> None:
+    memory = tmp_path / "mem"
+    kept = sealed_folder(memory / "slot-0" / "checkpoint-5", 5)
+    sealed_folder(memory / "slot-1" / "checkpoint-4", 4)
+
+    def killed(step: int, point: str) -> None:
+        raise KeyboardInterrupt(point)  # stands for the SIGKILL: nothing after it runs
+
+    tier = MemoryTier(memory, 1, job="j", fingerprint={}, on_point=killed, max_overhead=0)
+    with pytest.raises(KeyboardInterrupt, match="memory_before_seal"):
+        tier.submit(6, one_file)
+    # The older slot was unsealed first and renamed; the newest sealed one is untouched.
+    assert sealed_steps(memory) == {"slot-0": [5], "slot-1": []}
+    assert [step for step, _ in slot_folders(memory / "slot-1")] == [6]
+    assert read_record(kept) is not None
 
 
 def test_without_a_resume_the_newest_sealed_slot_is_kept(tmp_path: Path) -> None:
@@ -101,31 +115,6 @@ def test_without_a_resume_the_newest_sealed_slot_is_kept(tmp_path: Path) -> None
     (memory / "slot-1" / "checkpoint-10").mkdir()  # torn: never counts as newest
     assert newest_slot(memory) == 1
     assert newest_slot(tmp_path / "nothing") is None
-
-
-def test_a_snapshot_due_while_writing_is_skipped_not_waited_for(tmp_path: Path) -> None:
-    release = threading.Event()
-
-    def slow(folder: Path, part: PartRunner) -> None:
-        release.wait(30)
-        one_file(folder, part)
-
-    reports: list[dict[str, Any]] = []
-    tier = MemoryTier(
-        tmp_path / "mem",
-        1,
-        job="j",
-        fingerprint={},
-        report=lambda event, **fields: reports.append(fields),
-        max_overhead=0,
-    )
-    assert tier.submit(1, slow)
-    assert not tier.submit(2, one_file)  # returns at once: the write of 1 still runs
-    assert tier.skipped == 1
-    release.set()
-    tier.close(30)
-    assert [(r["step"], r["skipped"]) for r in reports] == [(1, 1)]
-    assert sealed_steps(tmp_path / "mem") == {"slot-0": [1], "slot-1": []}
 
 
 def test_snapshots_are_spaced_to_keep_within_the_overhead_budget(tmp_path: Path) -> None:
@@ -140,10 +129,8 @@ def test_snapshots_are_spaced_to_keep_within_the_overhead_budget(tmp_path: Path)
         max_overhead=1e-9,
     )
     assert tier.submit(1, one_file)
-    assert tier.wait_idle(30)
-    assert not tier.submit(2, one_file)  # idle, but within the first write's budget
-    assert (tier.paced, tier.skipped) == (1, 0)
-    tier.close(30)
+    assert not tier.submit(2, one_file)  # within the first write's budget
+    assert tier.paced == 1
     assert [(r["step"], r["paced"]) for r in reports] == [(1, 0)]
 
 
@@ -156,10 +143,8 @@ def test_a_failed_write_is_reported_once_and_turns_the_tier_off(
     tier = MemoryTier(
         in_the_way, 1, job="j", fingerprint={}, report=lambda e, **f: reports.append(f)
     )
-    assert tier.submit(1, one_file)
-    assert tier.wait_idle(30)
+    assert not tier.submit(1, one_file)
     assert not tier.enabled and not tier.submit(2, one_file)
-    tier.close(30)
     assert [r["step"] for r in reports] == [1] and "error" in reports[0]
     assert capfd.readouterr().err.count("memory tier off") == 1
 
@@ -239,6 +224,7 @@ def failing_tier_run(
         "log": process.log(),
         "events": process.events(),
         "adapter": (final / "adapter_model.safetensors").read_bytes(),
+        "history": history_without_timings(final / "trainer_state.json"),
     }
 
 
@@ -253,17 +239,26 @@ def test_a_failing_memory_folder_never_ends_training(failing_tier_run: dict[str,
 
 
 def sealed_snapshots(memory: Path) -> list[tuple[int, str, Path]]:
-    """(step, slot, folder) of every snapshot the daemon's validation would resume."""
+    """(step, slot, folder) of every sealed snapshot."""
     return sorted(
         (step, slot, path)
         for slot in MEMORY_SLOTS
-        for step, path in list_checkpoints(memory / slot)
-        if validate_checkpoint(path, deep=True, require_manifest=True).resumable
+        for step, path in slot_folders(memory / slot)
+        if read_record(path) is not None
     )
 
 
 def step_of(folder: Path) -> int:
     return int(folder.name.removeprefix("checkpoint-"))
+
+
+def history_without_timings(state_file: Path) -> list[dict[str, Any]]:
+    """trainer_state.json's log history without the wall-clock fields."""
+    history = json.loads(state_file.read_text())["log_history"]
+    return [
+        {k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
+        for entry in history
+    ]
 
 
 @pytest.mark.slow
@@ -276,20 +271,15 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
 ) -> None:
     """Reference: `failing_tier_run`, uninterrupted (its tier went off at step 1).
 
-    Each attempt is SIGKILLed inside the write of the first snapshot taken from
-    its fault step on (a snapshot due during a write is skipped, so which steps
-    have one depends on timing; the assertions do not)."""
+    A snapshot every step; each attempt is SIGKILLed inside the write of its
+    fault step's snapshot, so the step before is the newest sealed one."""
     memory = tmp_path / "mem"
     config = memory_config(tmp_path / "run", tiny_model, arith_data, memory)
-    points = (
-        "memory_after_weights",
-        "memory_after_optimizer",
-        "memory_after_trainer_state",
-        "memory_before_seal",
-    )
+    fingerprint = run_fingerprint(load_run_config(config, check_files=False))
     resume: Path | None = None
-    for attempt, point in enumerate(points, start=1):
-        fault_step = (step_of(resume) if resume else 0) + 2  # after 5: crosses an epoch
+    for attempt, point in enumerate(("memory_after_tensors", "memory_before_seal"), start=1):
+        # 4, then 7: the second attempt resumes step 3 and crosses the epoch at 5.
+        fault_step = (step_of(resume) if resume else 0) + 4
         process = start_trainer(
             config,
             resume_from=resume,
@@ -304,29 +294,22 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
         events = process.own_events()
         if resume is not None:
             assert_started_at(events, resume)
-        sealed_now = [e for e in memory_events(events) if "slot" in e]
-        # The newest sealed snapshot is the last one this attempt reported (or the one
-        # it resumed from), and it is valid; the other slot holds the torn write.
-        found = sealed_snapshots(memory)
-        newest_step, slot, newest = found[-1]
-        if sealed_now:
-            assert newest_step == sealed_now[-1]["step"], (point, found, sealed_now)
-        else:  # killed inside the first write after the resume
-            assert newest == resume, (point, found)
-        record = json.loads((newest / MEMORY_RECORD).read_text())
-        assert (record["job"], record["lineage"], record["step"]) == ("run", LINEAGE, newest_step)
-        other = next(s for s in MEMORY_SLOTS if s != slot)
-        torn = list_checkpoints(memory / other)
-        assert len(torn) == 1 and torn[0][0] > newest_step >= 1, (point, torn)
-        assert torn[0][0] >= fault_step
-        assert not (torn[0][1] / MANIFEST_NAME).exists()
-        assert not validate_checkpoint(torn[0][1], require_manifest=True).resumable
-        if resume is not None:
-            # Nothing was written into the slot resumed from before a newer snapshot
-            # was sealed in the other one.
-            resumed_slot = resume.parent.name
-            first_write = sealed_now[0]["slot"] if sealed_now else other
-            assert first_write != resumed_slot
+        sealed_now = [e["step"] for e in memory_events(events) if "slot" in e]
+        first = step_of(resume) + 1 if resume else 1
+        assert sealed_now == list(range(first, fault_step)), (point, sealed_now)
+        # The daemon's choice is the step before the kill; the other slot holds the
+        # torn write of the fault step, with no record.
+        chosen = newest_usable(
+            memory, job="run", lineage=LINEAGE, fingerprint=fingerprint, newer_than=-1
+        )
+        assert chosen is not None and chosen.step == fault_step - 1, (point, chosen)
+        assert chosen.attempt == attempt
+        newest = chosen.path
+        other = next(s for s in MEMORY_SLOTS if s != newest.parent.name)
+        torn = slot_folders(memory / other)
+        assert [step for step, _ in torn] == [fault_step], (point, torn)
+        assert read_record(torn[0][1]) is None
+        assert [step for step, _, _ in sealed_snapshots(memory)] == [fault_step - 1]
         resume = newest
 
     assert resume is not None
@@ -336,16 +319,20 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
     assert last.wait() == 0, last.log()
     events = last.own_events()
     assert_started_at(events, resume)
+    assert next(e for e in events if e["event"] == "train_start")["resumed_from_memory"] is True
     final = config.parent / "out" / f"checkpoint-{MAX_STEPS}"
     assert (final / "adapter_model.safetensors").read_bytes() == failing_tier_run["adapter"]
+    # The steps before the resume came back from the snapshot's history file.
+    assert history_without_timings(final / "trainer_state.json") == failing_tier_run["history"]
     expected_losses = dict(step_losses(failing_tier_run["events"]))
     resumed_steps = step_losses(events)
     assert [s for s, _ in resumed_steps] == list(range(step_of(resume) + 1, MAX_STEPS + 1))
     for step, loss in resumed_steps:
         assert loss == expected_losses[step], f"step {step}: {loss} != {expected_losses[step]}"
     snapshots = memory_events(events)
-    assert snapshots and all(e["bytes"] > 0 and e["stall_s"] >= 0 for e in snapshots)
-    assert all(step_of(resume) < e["step"] < MAX_STEPS for e in snapshots)
+    assert [e["step"] for e in snapshots] == list(range(step_of(resume) + 1, MAX_STEPS))
+    assert all(e["bytes"] > 0 and e["stall_s"] >= 0 for e in snapshots)
+    assert not (memory / "resume").exists()  # the folder HF loaded is gone
 
 
 def assert_started_at(events: list[dict[str, Any]], resume: Path) -> None:

@@ -1,0 +1,388 @@
+"""The memory tier's snapshot format: raw tensors in a mapped file, a small pickle, a seal.
+
+Why not an HF checkpoint folder (what the tier wrote first): writing one is
+pickling, safetensors and JSON in the training process's Python, 15-25 ms per
+snapshot of the tiny LoRA job, most of it holding the GIL the training loop
+needs, so every step got slower. A snapshot here is, on the training thread:
+
+* a copy of every tensor training changes (trainable weights and buffers,
+  optimizer state, the CPU RNG state) into one file in tmpfs that stays mapped
+  from one snapshot to the next (`tensors.bin`; the copies are memcpy in ATen);
+* a pickle of the few KB that are not tensors, with `TensorRef`s where tensors
+  were (`state.pkl`: optimizer param groups, scheduler, scaler, RNG, the
+  TrainerState without its log history);
+* the log entries added since this slot's previous snapshot, appended to its
+  `history.jsonl` (the history only grows: rewriting it every step would cost
+  more as training goes on);
+* the record (`MEMORY_RECORD`: job, lineage, step, attempt, fingerprint and
+  every file's size), written last and atomically: it is the seal.
+
+No checksums: one process writes the files and then the seal, so a kill leaves
+either no seal or every byte before it, and tmpfs does not outlive the host,
+so there is no torn page after a power loss to find. Torn writes are told by
+the missing seal; the daemon also checks the sizes (`supervisor.memory_tier`).
+
+A resume turns a snapshot back into the folder an HF disk save would have
+written (`materialize`, through `async_save.write_files`), so HF's own
+`resume_from_checkpoint` loads it: bit-identical by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftsup.supervisor.contract import MEMORY_FORMAT, MEMORY_RECORD
+from ftsup.trainer.async_save import (
+    RNG_STATE_NAME,
+    Captured,
+    record_callback_states,
+    rng_states,
+    write_files,
+)
+
+TENSORS_NAME = "tensors.bin"
+STATE_NAME = "state.pkl"
+HISTORY_NAME = "history.jsonl"
+_ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
+_RECORD_MAX = 64 * 1024
+
+# Called with each fault point of a write ("memory_after_tensors", "memory_before_seal").
+PointHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor's bytes lie in `tensors.bin` (the pickle holds these instead)."""
+
+    offset: int
+    dtype: str  # torch dtype name without "torch."
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * _dtype(self.dtype).itemsize
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in a memory snapshot")
+    return dtype
+
+
+class _Layout:
+    """Assigns each tensor met while walking the state its place in `tensors.bin`."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.sources: list[torch.Tensor] = []
+        self.refs: list[TensorRef] = []
+        self._seen: dict[int, TensorRef] = {}
+
+    def ref(self, tensor: torch.Tensor) -> TensorRef:
+        known = self._seen.get(id(tensor))  # tied weights: one copy
+        if known is not None:
+            return known
+        source = tensor.detach()
+        offset = -(-self.size // _ALIGN) * _ALIGN
+        ref = TensorRef(offset, str(source.dtype).removeprefix("torch."), tuple(source.shape))
+        self.size = offset + source.numel() * source.element_size()
+        self.sources.append(source)
+        self.refs.append(ref)
+        self._seen[id(tensor)] = ref
+        return ref
+
+    def skeleton(self, value: Any) -> Any:
+        """`value` (nested dicts/lists/tuples) with each tensor replaced by its ref."""
+        if isinstance(value, torch.Tensor):
+            return self.ref(value)
+        if isinstance(value, dict):
+            return {k: self.skeleton(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.skeleton(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(self.skeleton(v) for v in value)
+        return value
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors of `value` in the order `_Layout.skeleton` meets them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each tensor training changes goes; the same from one snapshot to the
+    next as long as the optimizer holds the same tensor objects (they are updated
+    in place), so walking the model's state dict and pickling the refs happen once.
+    The plan holds the tensors, so no id in `optimizer_ids` can be reused."""
+
+    optimizer_ids: tuple[int, ...]
+    sources: list[torch.Tensor]
+    refs: tuple[TensorRef, ...]
+    size: int
+    pickled: bytes  # {"weights": {name: ref}, "optimizer_state": skeleton}
+
+
+def _plan(
+    model: torch.nn.Module, optimizer_state: Any, optimizer_tensors: list[torch.Tensor]
+) -> _Plan:
+    layout = _Layout()
+    weights: dict[str, TensorRef] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # Frozen parameters (a LoRA run's whole base model) never change: not copied.
+        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad:
+            continue
+        weights[name] = layout.ref(tensor)
+    skeleton = layout.skeleton(optimizer_state)
+    frozen = {"weights": weights, "optimizer_state": skeleton}
+    return _Plan(
+        optimizer_ids=tuple(id(t) for t in optimizer_tensors),
+        sources=layout.sources,
+        refs=tuple(layout.refs),
+        size=layout.size,
+        pickled=pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL),
+    )
+
+
+def _rng_to_pickle(states: dict[str, Any]) -> dict[str, Any]:
+    """RNG states with tensors as bytes (a pickled tensor goes through torch.save)."""
+
+    def raw(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", str(value.dtype).removeprefix("torch."), value.numpy().tobytes())
+        if isinstance(value, list):
+            return [raw(v) for v in value]
+        return value
+
+    return {
+        name: raw(value) if name in ("cpu", "cuda") else value for name, value in states.items()
+    }
+
+
+def _rng_from_pickle(states: dict[str, Any]) -> dict[str, Any]:
+    def tensor(value: Any) -> Any:
+        if isinstance(value, tuple) and value[:1] == ("tensor",):
+            return torch.frombuffer(bytearray(value[2]), dtype=_dtype(value[1])).clone()
+        if isinstance(value, list):
+            return [tensor(v) for v in value]
+        return value
+
+    return {
+        name: tensor(value) if name in ("cpu", "cuda") else value for name, value in states.items()
+    }
+
+
+def _trainer_state_without_history(trainer: Any) -> Any:
+    state = copy.copy(trainer.state)  # shallow: the pickle below is the copy
+    state.log_history = []
+    return state
+
+
+class TensorFile:
+    """`tensors.bin` of one slot folder, mapped shared, with the views of a plan."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.size = size
+        self.buffer = torch.from_file(str(path), shared=True, size=max(size, 1), dtype=torch.uint8)
+        if os.path.getsize(path) != max(size, 1):
+            os.truncate(path, max(size, 1))  # a bigger file of an older layout
+        self._views: tuple[tuple[TensorRef, ...], list[torch.Tensor]] | None = None
+
+    def views(self, refs: tuple[TensorRef, ...]) -> list[torch.Tensor]:
+        if self._views is None or self._views[0] is not refs:
+            views = [
+                self.buffer[r.offset : r.offset + r.nbytes].view(_dtype(r.dtype)).view(r.shape)
+                for r in refs
+            ]
+            self._views = (refs, views)
+        return self._views[1]
+
+
+@dataclass
+class SlotHistory:
+    """How much of the log history this attempt has written into a slot's file."""
+
+    entries: int = 0
+    size: int = 0
+
+
+class SnapshotWriter:
+    """Writes one trainer's snapshots; keeps what does not change between them
+    (the plan, and each slot folder's mapped tensor file)."""
+
+    def __init__(self) -> None:
+        self._plan: _Plan | None = None
+        self._files: dict[Path, TensorFile] = {}
+
+    def moved(self, old: Path, new: Path) -> None:
+        """A slot folder was renamed (a new step): its mapping stays valid."""
+        mapped = self._files.pop(old / TENSORS_NAME, None)
+        if mapped is not None:
+            self._files[new / TENSORS_NAME] = mapped
+
+    def forget(self, folder: Path) -> None:
+        self._files.pop(folder / TENSORS_NAME, None)
+
+    def write(
+        self,
+        trainer: Any,
+        folder: Path,
+        history: SlotHistory | None,
+        record: Mapping[str, Any],
+        point: PointHook,
+    ) -> tuple[int, SlotHistory]:
+        """Write the trainer's state into `folder` (an unsealed slot folder) and seal
+        it. `history`: what this attempt wrote into the folder's history file
+        before (None: rewrite it). Returns the snapshot's size and the new history."""
+        if trainer.hp_search_backend is None:
+            trainer.store_flos()  # as before a disk save: total_flos is current
+        record_callback_states(trainer)
+        optimizer = trainer.optimizer.state_dict()
+        tensors = _tensors_in(optimizer["state"])
+        plan = self._plan
+        if plan is None or plan.optimizer_ids != tuple(id(t) for t in tensors):
+            plan = self._plan = _plan(trainer.model, optimizer["state"], tensors)
+        tensor_path = folder / TENSORS_NAME
+        mapped = self._files.get(tensor_path)
+        if mapped is None or mapped.size != plan.size:
+            mapped = self._files[tensor_path] = TensorFile(tensor_path, plan.size)
+        if plan.refs:
+            with torch.no_grad():
+                torch._foreach_copy_(mapped.views(plan.refs), plan.sources)
+        point("memory_after_tensors")
+        history = _write_history(folder / HISTORY_NAME, trainer.state.log_history, history)
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        state = {
+            "step": trainer.state.global_step,
+            "plan": plan.pickled,
+            "param_groups": optimizer["param_groups"],
+            "scheduler": trainer.lr_scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "rng": _rng_to_pickle(rng_states(trainer)),
+            "trainer_state": _trainer_state_without_history(trainer),
+            "history": {"entries": history.entries, "bytes": history.size},
+        }
+        (folder / STATE_NAME).write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        point("memory_before_seal")
+        sizes = {
+            TENSORS_NAME: max(plan.size, 1),
+            STATE_NAME: os.path.getsize(folder / STATE_NAME),
+            HISTORY_NAME: history.size,
+        }
+        seal(folder, {**record, "format": MEMORY_FORMAT, "files": sizes})
+        return sum(sizes.values()), history
+
+
+def _write_history(path: Path, log: list[dict[str, Any]], known: SlotHistory | None) -> SlotHistory:
+    """Append the entries the file lacks (or rewrite it when this attempt has not
+    written it yet: it may hold another attempt's, or be cut short)."""
+    start = known if known is not None and known.entries <= len(log) else None
+    new = log[start.entries :] if start is not None else log
+    data = "".join(json.dumps(entry) + "\n" for entry in new).encode()
+    if start is None:
+        path.write_bytes(data)
+        return SlotHistory(len(log), len(data))
+    with open(path, "r+b") as handle:
+        handle.truncate(start.size)
+        handle.seek(start.size)
+        handle.write(data)
+    return SlotHistory(len(log), start.size + len(data))
+
+
+def seal(folder: Path, record: Mapping[str, Any]) -> None:
+    """Write the record atomically: from now on the snapshot may be resumed."""
+    temporary = folder / f".{MEMORY_RECORD}.tmp"
+    temporary.write_text(json.dumps(dict(record)))
+    os.replace(temporary, folder / MEMORY_RECORD)
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The seal's record, or None (unsealed, unreadable, not a snapshot)."""
+    try:
+        with open(Path(folder) / MEMORY_RECORD, "rb") as handle:
+            record = json.loads(handle.read(_RECORD_MAX))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_snapshot(folder: Path) -> bool:
+    """Whether `folder` is a sealed snapshot of this format (not an HF checkpoint)."""
+    record = read_record(folder)
+    return record is not None and record.get("format") == MEMORY_FORMAT
+
+
+def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
+    """Write `snapshot` as the checkpoint folder an HF save of its step would be,
+    at `out` (replaced), for `trainer.train(resume_from_checkpoint=...)`."""
+    snapshot = Path(snapshot)
+    state = pickle.loads((snapshot / STATE_NAME).read_bytes())
+    size = os.path.getsize(snapshot / TENSORS_NAME)
+    data = torch.from_file(str(snapshot / TENSORS_NAME), shared=False, size=size, dtype=torch.uint8)
+
+    def load(value: Any) -> Any:
+        if isinstance(value, TensorRef):
+            raw = data[value.offset : value.offset + value.nbytes]
+            return raw.view(_dtype(value.dtype)).view(value.shape).clone()
+        if isinstance(value, dict):
+            return {k: load(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [load(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(load(v) for v in value)
+        return value
+
+    plan = pickle.loads(state["plan"])
+    weights = dict(trainer.model.state_dict())
+    weights.update(load(plan["weights"]))
+    trainer_state = state["trainer_state"]
+    trainer_state.log_history = _read_history(snapshot / HISTORY_NAME, state["history"])
+    captured = Captured(
+        step=state["step"],
+        rank=0,
+        model=trainer.model,
+        weights=weights,
+        optimizer={"state": load(plan["optimizer_state"]), "param_groups": state["param_groups"]},
+        scheduler=state["scheduler"],
+        scaler=state["scaler"],
+        state=trainer_state,
+        tokenizer=None,
+        args=trainer.args,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+
+    def part(_point: str | None, action: Callable[[], object]) -> None:
+        action()
+
+    write_files(captured, out, part)
+    torch.save(_rng_from_pickle(state["rng"]), out / RNG_STATE_NAME)
+    return out
+
+
+def _read_history(path: Path, extent: Mapping[str, int]) -> list[dict[str, Any]]:
+    with open(path, "rb") as handle:
+        data = handle.read(extent["bytes"])
+    entries = [json.loads(line) for line in data.splitlines()]
+    if len(data) != extent["bytes"] or len(entries) != extent["entries"]:
+        raise ValueError(f"{path}: the log history is shorter than its snapshot says")
+    return entries
