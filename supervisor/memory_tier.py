@@ -56,17 +56,22 @@ class Snapshot:
     size_bytes: int
 
 
-AUTO_EVERY = 0  # `auto`: off until the chaos benchmark has measured the tier on by default
+# `auto`: a snapshot after every step where the state training changes is small
+# (LoRA, QLoRA: adapter weights and their optimizer state, a few MB to a few
+# hundred), off for a full fine-tune (weights and optimizer state, three times the
+# model, twice over in RAM) until that is measured. The trainer spaces snapshots
+# to keep their cost within its `max_overhead` (5% by default).
+AUTO_EVERY = {"lora": 1, "qlora": 1, "full": 0}
 
 
 def memory_every(spec: JobSpec) -> int:
     """Steps between snapshots; 0: no memory tier. Only a one-process [train] job
-    has one; `auto` (the default) is AUTO_EVERY for now."""
+    has one; `auto` (the default) is AUTO_EVERY by fine-tuning type."""
     train = spec.train
     if train is None or spec.launch.distributed or spec.launch.deepspeed or spec.launch.fsdp:
         return 0
     every = spec.checkpoint.memory_every
-    return AUTO_EVERY if every is None else every
+    return AUTO_EVERY.get(train.finetuning_type, 0) if every is None else every
 
 
 def memory_dir(spec: JobSpec, layout: Layout) -> Path:

@@ -189,7 +189,7 @@ class CheckpointSection:
     allow_scratch: bool = True  # start from scratch when no valid checkpoint exists
     watch: str = "auto"  # auto | inotify | polling
     # The memory tier (issue 18): a snapshot in RAM every N steps; 0 off; None
-    # ("auto"): memory_tier.AUTO_EVERY (off for now).
+    # ("auto"): memory_tier.AUTO_EVERY (every step for LoRA/QLoRA, off for full).
     memory_every: int | None = None
     memory_dir: str | None = None  # None: the daemon's runtime folder (tmpfs)
 

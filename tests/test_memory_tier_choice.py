@@ -165,8 +165,10 @@ dataset = ["d.jsonl"]
     return parse_spec(text, tmp_path / "job.toml")
 
 
-def test_the_tier_is_opt_in_and_for_one_process_train_jobs_only(tmp_path: Path) -> None:
-    assert memory_every(job(tmp_path)) == AUTO_EVERY == 0  # auto: off for now
+def test_the_tier_is_on_for_one_process_lora_jobs_and_opt_in_otherwise(tmp_path: Path) -> None:
+    assert memory_every(job(tmp_path)) == AUTO_EVERY["lora"] == 1  # auto, LoRA: every step
+    assert memory_every(job(tmp_path, 'finetuning_type = "qlora"')) == 1
+    assert memory_every(job(tmp_path, 'finetuning_type = "full"')) == 0  # auto, full: off
     assert memory_every(job(tmp_path, extra="[checkpoint]\nmemory_every = 1")) == 1
     explicit = job(tmp_path, 'finetuning_type = "full"', "[checkpoint]\nmemory_every = 5")
     assert memory_every(explicit) == 5

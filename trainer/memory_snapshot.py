@@ -55,6 +55,8 @@ STATE_NAME = "state.pkl"
 HISTORY_NAME = "history.jsonl"
 _ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
 _RECORD_MAX = 64 * 1024
+MODEL_CARD_NAME = "README.md"  # written by peft's save_pretrained
+_PENDING_WINDOW = "_ftsup_resumed_loss_window"  # set by materialize, taken by the first epoch
 
 # Called with each fault point of a write ("memory_after_tensors", "memory_before_seal").
 PointHook = Callable[[str], None]
@@ -134,9 +136,9 @@ class _Plan:
     """Where each tensor training changes goes; the same from one snapshot to the
     next as long as the optimizer holds the same tensor objects (they are updated
     in place), so walking the model's state dict and pickling the refs happen once.
-    The plan holds the tensors, so no id in `optimizer_ids` can be reused."""
+    The plan holds the tensors, so no id in `ids` can be reused."""
 
-    optimizer_ids: tuple[int, ...]
+    ids: tuple[int, ...]  # the optimizer's tensors, then HF's loss accumulator
     sources: list[torch.Tensor]
     refs: tuple[TensorRef, ...]
     size: int
@@ -144,7 +146,10 @@ class _Plan:
 
 
 def _plan(
-    model: torch.nn.Module, optimizer_state: Any, optimizer_tensors: list[torch.Tensor]
+    model: torch.nn.Module,
+    optimizer_state: Any,
+    optimizer_tensors: list[torch.Tensor],
+    loss_window: torch.Tensor | None,
 ) -> _Plan:
     layout = _Layout()
     weights: dict[str, TensorRef] = {}
@@ -154,14 +159,29 @@ def _plan(
             continue
         weights[name] = layout.ref(tensor)
     skeleton = layout.skeleton(optimizer_state)
-    frozen = {"weights": weights, "optimizer_state": skeleton}
+    loss = None if loss_window is None else layout.ref(loss_window)
+    frozen = {"weights": weights, "optimizer_state": skeleton, "tr_loss": loss}
     return _Plan(
-        optimizer_ids=tuple(id(t) for t in optimizer_tensors),
+        ids=_ids(optimizer_tensors, loss_window),
         sources=layout.sources,
         refs=tuple(layout.refs),
         size=layout.size,
         pickled=pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL),
     )
+
+
+def _ids(
+    optimizer_tensors: list[torch.Tensor], loss_window: torch.Tensor | None
+) -> tuple[int, ...]:
+    return (*(id(t) for t in optimizer_tensors), id(loss_window))
+
+
+def _loss_window(trainer: Any) -> torch.Tensor | None:
+    """HF's loss accumulator since the last logged step (`Trainer._tr_loss`, updated in
+    place; a private attribute of transformers 5): with it, the first loss logged after
+    a resume in mid-window averages the same steps as without the kill."""
+    value = getattr(trainer, "_tr_loss", None)
+    return value if isinstance(value, torch.Tensor) and value.dim() == 0 else None
 
 
 def _rng_to_pickle(states: dict[str, Any]) -> dict[str, Any]:
@@ -259,9 +279,10 @@ class SnapshotWriter:
         record_callback_states(trainer)
         optimizer = trainer.optimizer.state_dict()
         tensors = _tensors_in(optimizer["state"])
+        loss_window = _loss_window(trainer)
         plan = self._plan
-        if plan is None or plan.optimizer_ids != tuple(id(t) for t in tensors):
-            plan = self._plan = _plan(trainer.model, optimizer["state"], tensors)
+        if plan is None or plan.ids != _ids(tensors, loss_window):
+            plan = self._plan = _plan(trainer.model, optimizer["state"], tensors, loss_window)
         tensor_path = folder / TENSORS_NAME
         mapped = self._files.get(tensor_path)
         if mapped is None or mapped.size != plan.size:
@@ -281,6 +302,7 @@ class SnapshotWriter:
             "rng": _rng_to_pickle(rng_states(trainer)),
             "trainer_state": _trainer_state_without_history(trainer),
             "history": {"entries": history.entries, "bytes": history.size},
+            "last_logged": getattr(trainer, "_globalstep_last_logged", None),
         }
         (folder / STATE_NAME).write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
         point("memory_before_seal")
@@ -370,13 +392,33 @@ def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
         args=trainer.args,
     )
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # peft then updates this model card instead of rendering its template (jinja:
+    # 20 of the 40 ms this takes on the tiny job, on the restart's critical path).
+    (out / MODEL_CARD_NAME).write_text("---\nlibrary_name: peft\n---\n")
 
     def part(_point: str | None, action: Callable[[], object]) -> None:
         action()
 
     write_files(captured, out, part)
     torch.save(_rng_from_pickle(state["rng"]), out / RNG_STATE_NAME)
+    if plan.get("tr_loss") is not None and isinstance(state.get("last_logged"), int):
+        setattr(trainer, _PENDING_WINDOW, (load(plan["tr_loss"]), state["last_logged"]))
     return out
+
+
+def restore_loss_window(trainer: Any) -> None:
+    """Once, as training starts after `materialize`: HF's loss accumulator and the
+    step last logged as they were at the snapshot (HF starts both afresh on a resume,
+    right for a disk checkpoint, which falls on a logging step, but not here)."""
+    pending = trainer.__dict__.pop(_PENDING_WINDOW, None)
+    window = _loss_window(trainer)
+    if pending is None or window is None or not hasattr(trainer, "_globalstep_last_logged"):
+        return
+    value, last_logged = pending
+    with torch.no_grad():
+        window.copy_(value)
+    trainer._globalstep_last_logged = last_logged
 
 
 def _read_history(path: Path, extent: Mapping[str, int]) -> list[dict[str, Any]]:

@@ -3,14 +3,15 @@
 Modes, all in one invocation, on the same LoRA job (`prepare_demo`: tiny
 offline Llama model, arithmetic data):
 
-* `ftsup`: the built-in trainer under a daemon in temporary folders; the
-  trainer's process group is SIGKILLed and the daemon restarts it (its warm
-  standby takes over when one is ready).
+* `ftsup`: the built-in trainer under a daemon in temporary folders, job
+  defaults; the trainer's process group is SIGKILLed and the daemon restarts
+  it (its warm standby takes over when one is ready; the memory tier, on by
+  default for LoRA since issue 18, gives it the newest snapshot in RAM when
+  that is newer than the newest disk checkpoint).
 * `ftsup_cold`: the same with `[restart] standby = false`: every restart is a
   cold start of the trainer.
-* `ftsup_memory`: `ftsup` with the memory tier on (`[checkpoint] memory_every
-  = 1`, issue 18): a restart resumes the newest snapshot in RAM when it is
-  newer than the newest disk checkpoint.
+* `ftsup_disk`: `ftsup` with the memory tier off (`[checkpoint] memory_every
+  = 0`): restarts resume disk checkpoints only, as before issue 18.
 * `baseline`: plain transformers Trainer (`hf_train.py`) under a restart loop
   that does what `while ! python hf_train.py --resume_from_checkpoint
   <newest checkpoint-* by number>; do :; done` does: restart at once.
@@ -390,7 +391,7 @@ class Daemon:
 
 
 def write_job(
-    work: Path, steps: int, save_steps: int, kills: int, *, standby: bool, memory: bool = False
+    work: Path, steps: int, save_steps: int, kills: int, *, standby: bool, memory: int | None = None
 ) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
@@ -398,10 +399,11 @@ def write_job(
     job = prepare_demo(work, steps=steps, name=JOB)
     text = job.read_text().split("\n[restart]")[0]
     text = re.sub(r"(?m)^save_steps = \d+$", f"save_steps = {save_steps}", text)
-    if memory:
-        text = text.replace("\n[checkpoint]\n", "\n[checkpoint]\nmemory_every = 1\n", 1)
+    if memory is not None:  # None: the job's default (`auto`)
+        every = f"memory_every = {memory}\n"
+        text = text.replace("\n[checkpoint]\n", f"\n[checkpoint]\n{every}", 1)
         if "memory_every" not in text:
-            text += "\n[checkpoint]\nmemory_every = 1\n"
+            text += f"\n[checkpoint]\n{every}"
     restart = (
         f'\n[restart]\nbackoff = "{BACKOFF}"\nbackoff_max = "1s"\n'
         f"max_restarts = {kills + 5}\ncrash_loop = {kills + 5}\n"
@@ -427,7 +429,7 @@ def run_ftsup(
         save_steps,
         len(kills),
         standby=mode != "ftsup_cold",
-        memory=mode == "ftsup_memory",
+        memory=0 if mode == "ftsup_disk" else None,
     )
     daemon = Daemon(root, env)
     daemon.start()
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-steps", type=int, default=20, help="checkpoint interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--modes", default="ftsup,ftsup_memory,ftsup_cold,baseline,baseline_guarded,daemon_kill"
+        "--modes", default="ftsup,ftsup_disk,ftsup_cold,baseline,baseline_guarded,daemon_kill"
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mode")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")

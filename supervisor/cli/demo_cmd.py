@@ -24,6 +24,7 @@ from ftsup.supervisor.store import TERMINAL_STATES
 
 DEMO_JOB = "ftsup-demo"
 NARRATED = (
+    "memory_resume",
     "attempt_started",
     "standby_ready",
     "standby_lost",
@@ -191,7 +192,7 @@ def _follow(
             if crash_at is not None and not crashed and step >= crash_at and job["current_attempt"]:
                 say.line(
                     f"  demo: killing the trainer with SIGKILL at step {step} "
-                    "(a crash; ftsup should resume from the newest checkpoint)"
+                    "(a crash; ftsup should resume from the newest memory snapshot or checkpoint)"
                 )
                 try:
                     client.request("signal", job=DEMO_JOB, signal="KILL")

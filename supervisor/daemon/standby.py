@@ -173,7 +173,16 @@ class StandbyKeeper:
         self._emit(
             "standby_ready",
             f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
-            {k: info.get(k) for k in ("trainer_pid", "ready_s", "data_prepared", "warm_priority")},
+            {
+                k: info.get(k)
+                for k in (
+                    "trainer_pid",
+                    "ready_s",
+                    "data_prepared",
+                    "warm_priority",
+                    "frozen_objects",
+                )
+            },
         )
         priority = info.get("warm_priority")
         if isinstance(priority, dict) and priority.get("cpu") != "SCHED_IDLE":

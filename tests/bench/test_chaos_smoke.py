@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("ftsup", "ftsup_memory", "ftsup_cold", "baseline", "baseline_guarded", "daemon_kill")
-HALVES = (("ftsup", "ftsup_memory", "ftsup_cold"), ("baseline", "baseline_guarded", "daemon_kill"))
+MODES = ("ftsup", "ftsup_disk", "ftsup_cold", "baseline", "baseline_guarded", "daemon_kill")
+HALVES = (("ftsup", "ftsup_disk", "ftsup_cold"), ("baseline", "baseline_guarded", "daemon_kill"))
 KEYS = {
     "completed",
     "kills",
@@ -91,9 +91,9 @@ def test_chaos_smallest_configuration(tmp_path: Path) -> None:
         assert mode["kills"] == 1, (name, mode)
         assert 0 < mode["goodput"] <= 1, (name, mode)
     assert modes["ftsup"]["attempts"] == 2
-    assert modes["ftsup"]["memory_resumes"] == 0
-    assert modes["ftsup_memory"]["attempts"] == 2
-    assert modes["ftsup_memory"]["memory_resumes"] == 1  # the kill avoids saving steps
+    assert modes["ftsup"]["memory_resumes"] == 1  # the tier is on for LoRA by default
+    assert modes["ftsup_disk"]["attempts"] == 2
+    assert modes["ftsup_disk"]["memory_resumes"] == 0
     assert modes["ftsup_cold"]["attempts"] == 2
     assert modes["ftsup_cold"]["standby_takeovers"] == 0
     assert modes["baseline"]["attempts"] == 2
