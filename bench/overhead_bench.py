@@ -14,6 +14,9 @@ variant sees the same machine:
     ftsup_progress   + progress file (one JSON line per step)
     hf               plain Trainer, HF's synchronous save every --save-steps
     ftsup            ftsup's trainer as the daemon runs it: progress, asynchronous saves
+    ftsup_memory     ftsup + the memory tier (issue 18; on by default for LoRA): a snapshot
+                     after every step, spaced to at most 5% of the time (the default)
+    ftsup_memory_all the same with a snapshot after every step whatever it costs
     ftsup_standby_normal   ftsup + a warm standby warming up beside it, back to back,
                            at normal priority (the standby before issue 18)
     ftsup_standby_idle     the same with the warm-up at SCHED_IDLE / idle I/O (issue 18)
@@ -37,6 +40,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -56,6 +60,8 @@ VARIANTS = (
     "ftsup_progress",
     "hf",
     "ftsup",
+    "ftsup_memory",
+    "ftsup_memory_all",
     "ftsup_standby_normal",
     "ftsup_standby_idle",
 )
@@ -191,7 +197,18 @@ def run_once(variant: str, config: Any, train_json: Path) -> dict[str, Any]:
         ftsup.checkpointer.wait()
     steps = clock.intervals(clock.begins)
     cpu = clock.intervals(clock.cpu)
+    snapshots = [
+        record
+        for record in map(
+            json.loads, progress.read_text().splitlines() if progress.exists() else []
+        )
+        if record.get("event") == "memory_snapshot" and "stall_s" in record
+    ]
     return {
+        "memory_snapshots": len(snapshots) if config.memory else None,
+        "memory_stall_ms": statistics.median(r["stall_s"] for r in snapshots) * 1e3
+        if snapshots
+        else None,
         "step_ms": statistics.median(steps) * 1e3,
         "mean_ms": statistics.fmean(steps) * 1e3,
         "cpu_ms": statistics.median(cpu) * 1e3,
@@ -273,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         for process in busy:
             process.kill()
             process.wait()
+        for folder in Path("/dev/shm").glob(f"ftsup-overhead-{os.getpid()}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
     report(args, variants, results, micro_costs(work))
     return 0
 
@@ -283,16 +302,24 @@ def run_all(
     """Every variant `args.runs` times, alternating."""
     import torch
 
-    from ftsup.trainer.config import RunConfig
+    from ftsup.trainer.config import MemoryConfig, RunConfig
 
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(args.runs):
         for variant in variants:
-            saves = variant in ("hf", "ftsup") or variant.startswith("ftsup_standby")
+            saves = variant in ("hf", "ftsup") or variant.startswith(("ftsup_standby", "ftsup_mem"))
+            memory = None
+            if variant.startswith("ftsup_memory"):
+                overhead = 0.0 if variant == "ftsup_memory_all" else None  # None: the default
+                folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+                memory = MemoryConfig(
+                    folder / f"ftsup-overhead-{os.getpid()}-{variant}", 1, overhead
+                )
             config = RunConfig(
                 train=replace(train, save_steps=args.save_steps if saves else None),
                 output_dir=work / f"{variant}-{run}",
                 async_save=True,
+                memory=memory,
             )
             results[variant].append(run_once(variant, config, train_json))
             torch.use_deterministic_algorithms(True, warn_only=True)  # as build_trainer sets it
@@ -332,6 +359,8 @@ def report(
             "torch_threads": runs[0]["torch_threads"],
             "warmups": sum(r["standby_warmups"] or 0 for r in runs),
             "ready_s": statistics.median(ready_s) if ready_s else None,
+            "memory_snapshots": [r["memory_snapshots"] for r in runs],
+            "memory_stall_ms": [r["memory_stall_ms"] for r in runs],
         }
         s = summary[variant]
         standby = variant.startswith("ftsup_standby")
@@ -342,6 +371,13 @@ def report(
             f"{s['mean_ms']:.2f} | {s['cpu_ms']:.2f} | {s['torch_threads']} | "
             f"{s['warmups'] if standby else '-'} | {ready} |"
         )
+    for variant, s in summary.items():
+        if variant.startswith("ftsup_memory"):
+            stalls = ", ".join(f"{v:.2f}" for v in s["memory_stall_ms"] if v is not None)
+            print(
+                f"\n{variant}: snapshots per run {s['memory_snapshots']} of {args.steps} steps, "
+                f"median stall per snapshot (ms) {stalls}"
+            )
     print(
         f"\nalone: progress line {micro['progress_emit_us']:.1f} µs, "
         f"FtsupCallback step (with its line) {micro['callback_step_us']:.1f} µs"

@@ -140,12 +140,6 @@ def finish_reference(proc: subprocess.Popen[bytes], root: Path) -> None:
     assert code == 0, f"the reference run failed ({code}):\n{log[-3000:]}"
 
 
-def progress_lines(harness: Harness) -> list[dict[str, Any]]:
-    path = harness.state_dir / "runs" / JOB / "progress.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
 def held_ranks(harness: Harness, hold_dir: Path) -> list[int]:
     """Both ranks wait after step CRASH_AFTER (its checkpoint complete); their pids."""
 
@@ -211,7 +205,7 @@ def run_scenario(harness: Harness, model: Path) -> Observed:
         wait_for(exit_file(harness, 2).exists, 240, 0.1, "the resumed attempt to end")
         seen.finished = harness.wait_state(JOB, *ENDED, timeout=60)
         seen.events = list(harness.cli_json("events", JOB, "-n", "500")["events"])
-        seen.progress = progress_lines(harness)
+        seen.progress = harness.progress_lines(JOB)
     finally:
         finish_reference(reference, harness.work)
     return seen

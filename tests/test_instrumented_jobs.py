@@ -157,19 +157,12 @@ def _checkpoints(output_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def _progress_lines(harness: Harness, job: str) -> list[dict[str, Any]]:
-    """The job's progress file as the daemon reads it (complete lines only)."""
-    path = harness.state_dir / "runs" / job / "progress.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
 def _held_at(harness: Harness, job: str, step: int) -> dict[str, Any]:
     """Wait until the trainer reported `step` (it then waits at `hold-<step>`) and the
     daemon shows it. The file is polled first: each status call is a Python process."""
 
     def written() -> bool:
-        lines = _progress_lines(harness, job)
+        lines = harness.progress_lines(job)
         return any(line.get("event") == "step" and line.get("step") == step for line in lines)
 
     wait_for(written, 120, 0.05, f"{job} to report step {step}")
@@ -223,7 +216,7 @@ def _run_scenario(
         seen.final_model_after_stop = (seen.output_dir / "model.safetensors").exists()
         harness.cli("restart", run.name)
         seen.finished = _ended(harness, run.name, 2, *ENDED)
-        seen.progress = _progress_lines(harness, run.name)
+        seen.progress = harness.progress_lines(run.name)
     finally:
         _finish_reference(reference, harness.work, run.name)
     return seen

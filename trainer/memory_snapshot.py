@@ -122,12 +122,21 @@ class _Layout:
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
     """The tensors of `value` in the order `_Layout.skeleton` meets them."""
+    if isinstance(value, dict) and all(type(per) is dict for per in value.values()):
+        # an optimizer's {index: {name: tensor}}: one flat pass
+        flat = [v for per in value.values() for v in per.values()]
+        if all(isinstance(v, torch.Tensor) for v in flat):
+            return flat
+    return _tensors_walk(value)
+
+
+def _tensors_walk(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
+        return [t for v in value.values() for t in _tensors_walk(v)]
     if isinstance(value, list | tuple):
-        return [t for v in value for t in _tensors_in(v)]
+        return [t for v in value for t in _tensors_walk(v)]
     return []
 
 
