@@ -91,6 +91,7 @@ class Observed:
     final_model_after_stop: bool = False
     finished: dict[str, Any] = field(default_factory=dict)
     progress: list[dict[str, Any]] = field(default_factory=list)
+    stopped_log: str = ""  # the end of the stopped attempt's output, for failure messages
 
 
 def _offline_env(root: Path) -> dict[str, str]:
@@ -212,6 +213,8 @@ def _run_scenario(
         harness.wait_state(run.name, "stopping", *STATES_AT_REST)
         (holds / f"hold-{stop_hold}").unlink()
         seen.stopped = _ended(harness, run.name, 1, *STATES_AT_REST)
+        stdout = harness.state_dir / "runs" / run.name / "attempt-1" / "stdout.log"
+        seen.stopped_log = stdout.read_text(errors="replace")[-4000:] if stdout.exists() else ""
         seen.checkpoints_after_stop = _checkpoints(seen.output_dir)
         seen.final_model_after_stop = (seen.output_dir / "model.safetensors").exists()
         harness.cli("restart", run.name)

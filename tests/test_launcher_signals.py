@@ -85,7 +85,7 @@ def test_every_rank_under_torchrun_saves_and_stops_at_the_same_step(two_ranks: O
     assert two_ranks.checkpoints_before_stop == [3, 5]  # `ftsup save` after step 2
     assert two_ranks.stopped["state"] == "stopped"
     # torchrun's agent passed the stop on and kept the workers' 75 (plain torchrun: 1).
-    assert two_ranks.stopped["last_exit"]["returncode"] == 75
+    assert two_ranks.stopped["last_exit"]["returncode"] == 75, two_ranks.stopped_log
     step = int(two_ranks.stopped["last_exit"]["last_step"])
     assert step > 7 and two_ranks.checkpoints_after_stop == [3, 5, step]
     saved = two_ranks.output_dir / f"checkpoint-{step}"

@@ -165,6 +165,7 @@ def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
                 file=sys.stderr,
                 flush=True,
             )
+            dist.leave()  # not left to interpreter exit, whose teardown can abort
             raise SystemExit(EXIT_STOPPED)
         return result
 

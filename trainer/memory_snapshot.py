@@ -29,6 +29,7 @@ written (`materialize`, through `async_save.write_files`), so HF's own
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -345,6 +346,12 @@ def seal(folder: Path, record: Mapping[str, Any]) -> None:
     temporary = folder / f".{MEMORY_RECORD}.tmp"
     temporary.write_text(json.dumps(dict(record)))
     os.replace(temporary, folder / MEMORY_RECORD)
+
+
+def unseal(folder: Path) -> None:
+    """Remove the seal (best effort): the daemon then never picks this snapshot."""
+    with contextlib.suppress(OSError):
+        (Path(folder) / MEMORY_RECORD).unlink(missing_ok=True)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:

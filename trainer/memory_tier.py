@@ -64,8 +64,9 @@ Write = Callable[
 
 # The most of training's time the tier may take (train.json `memory.max_overhead`):
 # a snapshot is skipped until its predecessor's cost is at most this share of the
-# time since. 0 spaces nothing: a snapshot every `every` steps. On the tiny LoRA
-# job (2 cores) a snapshot costs ~0.4 ms against 8-25 ms steps.
+# time since. 0 spaces nothing: a snapshot every `every` steps. On the demo's LoRA
+# job (2 cores) a snapshot stalls ~1.3 ms of a 34 ms step: about 2 steps in 3 get
+# one (docs/benchmarks.md).
 DEFAULT_MAX_OVERHEAD = 0.05
 
 

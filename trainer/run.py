@@ -33,6 +33,7 @@ AGREE_TIMEOUT_S = 600.0
 # Where a memory snapshot is turned back into a checkpoint folder for HF to load
 # (in the job's memory folder, beside the slots; removed after training).
 MATERIALIZED_NAME = "resume"
+EXIT_MEMORY_SNAPSHOT = 1  # an ordinary failure: the daemon restarts, from disk this time
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -111,7 +112,18 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         materialized = args.resume_from.parent.parent / MATERIALIZED_NAME
         shutil.rmtree(materialized, ignore_errors=True)  # an earlier attempt's
         folder = materialized / args.resume_from.name
-        resume = str(memory_snapshot.materialize(args.resume_from, trainer, folder))
+        try:
+            resume = str(memory_snapshot.materialize(args.resume_from, trainer, folder))
+        except Exception as exc:  # a cache of a disk state: give it up, never loop on it
+            memory_snapshot.unseal(args.resume_from)
+            shutil.rmtree(materialized, ignore_errors=True)
+            print(
+                f"ftsup trainer: error: memory snapshot {args.resume_from} cannot be resumed "
+                f"({type(exc).__name__}: {exc}); unsealed it, so the next attempt resumes "
+                "the newest disk checkpoint",
+                file=sys.stderr,
+            )
+            return EXIT_MEMORY_SNAPSHOT
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
@@ -119,6 +131,8 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
             shutil.rmtree(materialized, ignore_errors=True)
     if config.deepspeed:
         dist.shutdown()
+    elif callback.stopped:
+        dist.leave()  # not left to interpreter exit, whose teardown can abort
     return EXIT_STOPPED if callback.stopped else EXIT_OK
 
 

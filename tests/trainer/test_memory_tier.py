@@ -337,6 +337,21 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
     assert all(e["bytes"] > 0 and e["stall_s"] >= 0 for e in snapshots)
     assert not (memory / "resume").exists()  # the folder HF loaded is gone
 
+    # A snapshot whose state no longer loads (same size, other bytes): the trainer gives
+    # it up (unsealed, exit 1) instead of failing on it at every restart.
+    broken = next(path for _, _, path in reversed(sealed_snapshots(memory)))
+    state = broken / "state.pkl"
+    state.write_bytes(b"x" * state.stat().st_size)
+    choice = dict(job="run", lineage=LINEAGE, fingerprint=fingerprint, newer_than=-1)
+    chosen = newest_usable(memory, **choice)  # type: ignore[arg-type]
+    assert chosen is not None and chosen.path == broken  # the sizes still match
+    again = start_trainer(config, resume_from=broken, env={"FTSUP_MEMORY_LINEAGE": LINEAGE})
+    assert again.wait() == 1, again.log()
+    assert "cannot be resumed" in again.log() and read_record(broken) is None
+    assert not step_losses(again.own_events())  # not one step trained from it
+    after = newest_usable(memory, **choice)  # type: ignore[arg-type]
+    assert after is None or after.path != broken
+
 
 def assert_started_at(events: list[dict[str, Any]], resume: Path) -> None:
     """The process resumed the snapshot's step: train_start names it, the next step follows."""
