@@ -135,15 +135,22 @@ def newest_usable(
     return max(found, key=lambda s: s.step, default=None)
 
 
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """A snapshot's seal (MEMORY_RECORD), or None: unsealed (a write cut short),
+    unreadable, or not a snapshot. The trainer reads it the same way."""
+    try:
+        with open(Path(folder) / MEMORY_RECORD, "rb") as handle:
+            record = json.loads(handle.read(_RECORD_MAX))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _usable(
     path: Path, step: int, job: str, lineage: str, fingerprint: dict[str, Any]
 ) -> Snapshot | None:
-    try:
-        with open(path / MEMORY_RECORD, "rb") as handle:
-            record = json.loads(handle.read(_RECORD_MAX))
-    except (OSError, ValueError):
-        return None  # not sealed (a write cut short), or not a snapshot
-    if not isinstance(record, dict) or record.get("format") != MEMORY_FORMAT:
+    record = read_record(path)
+    if record is None or record.get("format") != MEMORY_FORMAT:
         return None
     if (record.get("job"), record.get("lineage"), record.get("step")) != (job, lineage, step):
         return None
@@ -183,4 +190,5 @@ __all__ = [
     "memory_every",
     "new_lineage",
     "newest_usable",
+    "read_record",
 ]

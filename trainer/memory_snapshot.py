@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ftsup.supervisor.contract import MEMORY_FORMAT, MEMORY_RECORD
+from ftsup.supervisor.memory_tier import read_record
 from ftsup.trainer.async_save import (
     RNG_STATE_NAME,
     Captured,
@@ -55,7 +56,6 @@ TENSORS_NAME = "tensors.bin"
 STATE_NAME = "state.pkl"
 HISTORY_NAME = "history.jsonl"
 _ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
-_RECORD_MAX = 64 * 1024
 MODEL_CARD_NAME = "README.md"  # written by peft's save_pretrained
 _PENDING_WINDOW = "_ftsup_resumed_loss_window"  # set by materialize, taken by the first epoch
 
@@ -110,15 +110,21 @@ class _Layout:
 
     def skeleton(self, value: Any) -> Any:
         """`value` (nested dicts/lists/tuples) with each tensor replaced by its ref."""
-        if isinstance(value, torch.Tensor):
-            return self.ref(value)
-        if isinstance(value, dict):
-            return {k: self.skeleton(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.skeleton(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(self.skeleton(v) for v in value)
-        return value
+        return _map_leaves(value, torch.Tensor, self.ref)
+
+
+def _map_leaves(value: Any, leaf: type, change: Callable[[Any], Any]) -> Any:
+    """`value` (nested dicts, lists, plain tuples) with every `leaf` replaced by
+    `change(leaf)`: tensors by refs when writing, refs by tensors when loading."""
+    if isinstance(value, leaf):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_leaves(v, leaf, change) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_leaves(v, leaf, change) for v in value)
+    return value
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
@@ -354,16 +360,6 @@ def unseal(folder: Path) -> None:
         (Path(folder) / MEMORY_RECORD).unlink(missing_ok=True)
 
 
-def read_record(folder: Path) -> dict[str, Any] | None:
-    """The seal's record, or None (unsealed, unreadable, not a snapshot)."""
-    try:
-        with open(Path(folder) / MEMORY_RECORD, "rb") as handle:
-            record = json.loads(handle.read(_RECORD_MAX))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def is_snapshot(folder: Path) -> bool:
     """Whether `folder` is a sealed snapshot of this format (not an HF checkpoint)."""
     record = read_record(folder)
@@ -378,17 +374,12 @@ def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
     size = os.path.getsize(snapshot / TENSORS_NAME)
     data = torch.from_file(str(snapshot / TENSORS_NAME), shared=False, size=size, dtype=torch.uint8)
 
+    def tensor(ref: TensorRef) -> torch.Tensor:
+        raw = data[ref.offset : ref.offset + ref.nbytes]
+        return raw.view(_dtype(ref.dtype)).view(ref.shape).clone()
+
     def load(value: Any) -> Any:
-        if isinstance(value, TensorRef):
-            raw = data[value.offset : value.offset + value.nbytes]
-            return raw.view(_dtype(value.dtype)).view(value.shape).clone()
-        if isinstance(value, dict):
-            return {k: load(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [load(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(load(v) for v in value)
-        return value
+        return _map_leaves(value, TensorRef, tensor)
 
     plan = pickle.loads(state["plan"])
     weights = dict(trainer.model.state_dict())

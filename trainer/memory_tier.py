@@ -43,13 +43,9 @@ from ftsup.supervisor.contract import (
     checkpoint_name,
     checkpoint_step,
 )
+from ftsup.supervisor.memory_tier import read_record
 from ftsup.trainer.async_save import plain_layout_models
-from ftsup.trainer.memory_snapshot import (
-    SlotHistory,
-    SnapshotWriter,
-    read_record,
-    restore_loss_window,
-)
+from ftsup.trainer.memory_snapshot import SlotHistory, SnapshotWriter, restore_loss_window
 
 # A progress line: (event, **fields), e.g. FtsupCallback.report.
 Report = Callable[..., None]
@@ -73,9 +69,12 @@ DEFAULT_MAX_OVERHEAD = 0.05
 def slot_folders(slot_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of each `checkpoint-<step>` in a slot, sealed or not."""
     try:
-        entries = list(slot_dir.iterdir())
+        return _checkpoint_folders(list(slot_dir.iterdir()))
     except OSError:
         return []
+
+
+def _checkpoint_folders(entries: list[Path]) -> list[tuple[int, Path]]:
     found = [(checkpoint_step(path), path) for path in entries]
     return sorted((step, path) for step, path in found if step is not None)
 
@@ -199,11 +198,12 @@ class MemoryTier:
         here on leaves it unusable) and renamed to `step`; anything else there goes."""
         slot_dir = self.folder / MEMORY_SLOTS[target]
         folder = slot_dir / checkpoint_name(step)
-        existing = slot_folders(slot_dir)
+        entries = _entries(slot_dir)  # one listing per snapshot: this is the step's path
+        existing = _checkpoint_folders(entries)
         keep = existing[-1][1] if existing else None
         if keep is not None:
             (keep / MEMORY_RECORD).unlink(missing_ok=True)
-        for entry in _entries(slot_dir):
+        for entry in entries:
             if entry != keep:
                 self._writer.forget(entry)
                 _remove(entry)

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, PROGRESS_MEMORY_SNAPSHOT
-from ftsup.supervisor.memory_tier import newest_usable
+from ftsup.supervisor.memory_tier import newest_usable, read_record
 from ftsup.trainer.config import ConfigError, load_run_config
-from ftsup.trainer.memory_snapshot import SlotHistory, read_record, seal
+from ftsup.trainer.memory_snapshot import SlotHistory, seal
 from ftsup.trainer.memory_tier import MemoryTier, newest_slot, slot_folders
 from ftsup.trainer.run import run_fingerprint
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
