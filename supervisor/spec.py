@@ -857,6 +857,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("crash_loop", _integer(at_least=1, at_most=1000)),
             _Field("stop_grace", _duration()),
             _Field("standby", _boolean),
+            _Field("standby_count", _integer(at_least=1, at_most=4)),
         ),
         "health": _table(
             HealthSection,

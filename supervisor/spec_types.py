@@ -167,6 +167,7 @@ class RestartSection:
     crash_loop: int = 3
     stop_grace: float = 120.0
     standby: bool = True  # a warm standby trainer ([train] jobs, one process)
+    standby_count: int = 1  # standbys kept warm at once (2: kills closer than a warm-up)
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,34 @@ def test_standby_is_replaced_when_lost_dies_with_its_daemon_and_goes_with_the_jo
     wait_for(lambda: not group_members(third["pid"]), 20, what="the standby to be gone")
     assert not list((daemon.state_dir / "runs" / "life").glob("standby-*"))
     assert daemon.status("life")["standby"] is None
+
+
+def test_with_two_standbys_a_second_kill_before_any_warm_up_is_taken_over_too(
+    daemon: Harness,
+) -> None:
+    # Slow steps leave the CPU to the standbys and keep the run going through both kills.
+    _one_thread(daemon, **{ENV_FAULT_STEP_DELAY: "0.1"})
+    job = _demo_job(daemon, "pair")
+    job.write_text(job.read_text().replace("[restart]\n", "[restart]\nstandby_count = 2\n"))
+    daemon.cli("start", str(job))
+
+    def two_ready() -> list[int] | None:
+        pids = [e["data"]["trainer_pid"] for e in _events(daemon, "pair", "standby_ready")]
+        return pids if len(pids) == 2 else None
+
+    warm = wait_for(two_ready, 120, 0.2, "two ready standbys")
+    assert daemon.status("pair")["standby"]["ready"] == 2
+    _kill_trainer(daemon, "pair")
+    wait_for(lambda: len(daemon.attempt_pids("pair")) == 2, 60, what="the first takeover")
+    # Killed again at once: no third standby can be warm yet, the second one takes over.
+    _kill_trainer(daemon, "pair")
+    wait_for(lambda: len(daemon.attempt_pids("pair")) == 3, 60, what="the second takeover")
+    wait_for(lambda: daemon.status("pair")["state"] == "running", 60, what="the third attempt")
+
+    started = _events(daemon, "pair", "attempt_started")
+    assert [e["data"]["standby"] for e in started] == [False, True, True]
+    assert [p["trainer_pid"] for p in daemon.attempt_pids("pair")[1:]] == warm
+    stopped = daemon.cli_json("stop", "pair", "--now", "--wait")
+    assert stopped["state"] == "stopped"
+    folders = daemon.state_dir / "runs" / "pair"
+    wait_for(lambda: not list(folders.glob("standby-*")), 20, what="the third standby to go")

@@ -10,6 +10,8 @@ offline Llama model, arithmetic data):
   that is newer than the newest disk checkpoint).
 * `ftsup_cold`: the same with `[restart] standby = false`: every restart is a
   cold start of the trainer.
+* `ftsup_2standby`: `ftsup` with `[restart] standby_count = 2`: a kill that
+  comes before the next standby has warmed up finds the second one ready.
 * `ftsup_disk`: `ftsup` with the memory tier off (`[checkpoint] memory_every
   = 0`): restarts resume disk checkpoints only, as before issue 18.
 * `baseline`: plain transformers Trainer (`hf_train.py`) under a restart loop
@@ -391,7 +393,13 @@ class Daemon:
 
 
 def write_job(
-    work: Path, steps: int, save_steps: int, kills: int, *, standby: bool, memory: int | None = None
+    work: Path,
+    steps: int,
+    save_steps: int,
+    kills: int,
+    *,
+    standby: int,
+    memory: int | None = None,
 ) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
@@ -408,6 +416,7 @@ def write_job(
         f'\n[restart]\nbackoff = "{BACKOFF}"\nbackoff_max = "1s"\n'
         f"max_restarts = {kills + 5}\ncrash_loop = {kills + 5}\n"
         f"standby = {'true' if standby else 'false'}\n"
+        + (f"standby_count = {standby}\n" if standby > 1 else "")
     )
     job.write_text(text + restart)
     return job
@@ -428,7 +437,7 @@ def run_ftsup(
         steps,
         save_steps,
         len(kills),
-        standby=mode != "ftsup_cold",
+        standby={"ftsup_cold": 0, "ftsup_2standby": 2}.get(mode, 1),
         memory=0 if mode == "ftsup_disk" else None,
     )
     daemon = Daemon(root, env)

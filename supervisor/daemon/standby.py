@@ -3,11 +3,13 @@
 The runner asks `StandbyKeeper.keep_warm` on every pump while an attempt
 trains, and `take` when it launches the next attempt: a ready (or still
 warming) standby that can run exactly the planned command becomes the new
-attempt, so the restart skips the cold start. One standby per job, started
-only after the attempt's first step so that it never competes with the
-attempt's own start-up; a fresh one is started after each use. A standby that
-dies before use is reported (`standby_lost`, with its log's tail); after
-`MAX_LOSSES` the job runs without one.
+attempt, so the restart skips the cold start. `[restart] standby_count`
+standbys per job (default one), started only after the attempt's first step so
+that they never compete with the attempt's own start-up, one per pump; a fresh
+one replaces each one used. A second one matters when failures come closer
+together than a warm-up (seconds of idle CPU): the next restart still finds a
+ready one. A standby that dies before use is reported (`standby_lost`, with
+its log's tail); after `MAX_LOSSES` the job runs without one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Standby:
     shim_start: int | None
     plan: AttemptPlan
     spawned_at: float = field(default_factory=time.time)
+    ready_reported: bool = False
+
+    def ready(self) -> bool:
+        return self.info().get("state") == "ready"
 
     def info(self) -> dict[str, Any]:
         return read_json(self.directory / STANDBY_FILE) or {}
@@ -110,7 +116,7 @@ def _without_per_attempt(env: dict[str, str]) -> dict[str, str]:
 
 
 class StandbyKeeper:
-    """At most one standby for one job: started, watched, taken or discarded."""
+    """One job's standbys (at most `standby_count`): started, watched, taken or discarded."""
 
     def __init__(self, spec: JobSpec, run_dir: Path, emit: Emit) -> None:
         self.enabled = (
@@ -120,14 +126,21 @@ class StandbyKeeper:
             and not spec.launch.deepspeed
             and not spec.launch.fsdp  # both always run under distrun: nothing to take over
         )
+        self.count = spec.restart.standby_count
         self.spec = spec
         self.run_dir = run_dir
         self._emit = emit
-        self.current: Standby | None = None
+        self.pool: list[Standby] = []  # oldest first
         self._discarded: list[Standby] = []  # reaped once their shims exit
         self.losses = 0
-        self._ready_reported = False
         self.remove_stale()
+
+    @property
+    def current(self) -> Standby | None:
+        """The standby the next restart takes: the oldest ready one, else the oldest."""
+        ready = [s for s in self.pool if s.ready_reported]
+        candidates = ready or self.pool
+        return candidates[0] if candidates else None
 
     def remove_stale(self) -> None:
         """Folders of standbys whose shims are gone (an earlier daemon's)."""
@@ -137,16 +150,16 @@ class StandbyKeeper:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def keep_warm(self, plan: Callable[[], AttemptPlan], start_one: bool) -> None:
-        """Called on every pump: notice a lost or ready standby; start one when
-        there is none and `start_one` (the current attempt has stepped)."""
+        """Called on every pump: notice lost or ready standbys; start one when there
+        are fewer than `count` and `start_one` (the current attempt has stepped)."""
         self._reap()
-        standby = self.current
-        if standby is not None and not standby.alive():
+        for standby in [s for s in self.pool if not s.alive()]:
+            self.pool.remove(standby)
             self._lost(standby)
-            standby = self.current = None
-        if standby is not None:
+        for standby in self.pool:
             self._report_ready(standby)
-        elif start_one and self.enabled and self.losses < MAX_LOSSES:
+        wanted = self.enabled and len(self.pool) < self.count and self.losses < MAX_LOSSES
+        if start_one and wanted:
             self._start(plan())
 
     def _start(self, plan: AttemptPlan) -> None:
@@ -160,16 +173,15 @@ class StandbyKeeper:
             self.losses += 1
             self._emit("standby_lost", f"cannot start a warm standby: {exc}", None)
             return
-        self.current = Standby(folder, shim, process_start_time(shim.pid), plan)
-        self._ready_reported = False
+        self.pool.append(Standby(folder, shim, process_start_time(shim.pid), plan))
 
     def _report_ready(self, standby: Standby) -> None:
-        if self._ready_reported:
+        if standby.ready_reported:
             return
         info = standby.info()
         if info.get("state") != "ready":
             return
-        self._ready_reported = True
+        standby.ready_reported = True
         self._emit(
             "standby_ready",
             f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
@@ -215,16 +227,18 @@ class StandbyKeeper:
         shutil.rmtree(standby.directory, ignore_errors=True)
 
     def take(self, plan: AttemptPlan) -> Standby | None:
-        """The standby, handed over for `plan` (the caller activates it), or None."""
+        """A standby, handed over for `plan` (the caller activates it), or None:
+        the oldest ready one, else the oldest still warming. Those that cannot
+        run `plan` (its command changed) are discarded."""
         self._reap()
-        standby = self.current
-        if standby is None:
-            return None
-        self.current = None
-        # standby.json exists once the shim has opened its FIFO: activation can reach it.
-        if standby.alive() and standby.info() and standby.can_run(plan):
-            return standby
-        self.discard_taken(standby)
+        while self.pool:
+            ready = [s for s in self.pool if s.ready_reported or s.ready()]
+            standby = (ready or self.pool)[0]
+            self.pool.remove(standby)
+            # standby.json exists once the shim has opened its FIFO: activation can reach it.
+            if standby.alive() and standby.info() and standby.can_run(plan):
+                return standby
+            self.discard_taken(standby)
         return None
 
     def discard_taken(self, standby: Standby) -> None:
@@ -233,14 +247,15 @@ class StandbyKeeper:
         self._discarded.append(standby)
 
     def discard(self) -> None:
-        if self.current is not None:
-            self.discard_taken(self.current)
-            self.current = None
+        for standby in self.pool:
+            self.discard_taken(standby)
+        self.pool = []
 
     def _reap(self) -> None:
         self._discarded = [s for s in self._discarded if s.alive()]
 
     def to_json(self) -> dict[str, Any] | None:
+        """The standby the next restart takes, and how many are warm of how many kept."""
         standby = self.current
         if standby is None:
             return None
@@ -251,4 +266,6 @@ class StandbyKeeper:
             "ready_s": info.get("ready_s"),
             "since": standby.spawned_at,
             "warm_priority": info.get("warm_priority"),
+            "ready": sum(s.ready_reported for s in self.pool),
+            "count": len(self.pool),
         }
