@@ -7,8 +7,10 @@ different moment; so requests are combined with an all-reduce at each step.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
 
 
 def _dist() -> object | None:
@@ -52,19 +54,25 @@ def shutdown() -> None:
         dist.destroy_process_group()  # type: ignore[attr-defined]
 
 
-def leave() -> None:
-    """Destroy this process's group without waiting for the others, best effort.
+def end_stopped_rank(code: int) -> None:
+    """A rank of a multi-process run that stopped on request ends here, with `code`:
+    atexit handlers run, the streams are flushed, then `os._exit`. Returns at once
+    in a single process.
 
-    For an exit after a stop: every collective is done (the save ended with a
-    barrier), and a group left to interpreter exit can abort the process while
-    gloo's threads are torn down (SIGABRT, "terminate called without an active
-    exception"). torchrun then sees an abort before any 75, and the stop ends
-    as a failure (exit 1); seen under CI load.
+    Neither `destroy_process_group` nor the interpreter's own teardown: either can
+    abort the process while gloo's threads are torn down (SIGABRT, "terminate
+    called without an active exception"); torchrun then reports the abort, not
+    the 75, and a stop becomes a failure (seen under CI load with and without a
+    destroy first). Nothing is left to do: the save ended with a barrier, and the
+    kernel closes the sockets. Non-daemon threads still running are not waited for.
     """
-    dist = _dist()
-    if dist is not None:
+    if _dist() is None:
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()  # type: ignore[attr-defined]
+            stream.flush()
+    os._exit(code)
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:

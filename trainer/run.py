@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     if config.deepspeed:
         dist.shutdown()
     elif callback.stopped:
-        dist.leave()  # not left to interpreter exit, whose teardown can abort
+        dist.end_stopped_rank(EXIT_STOPPED)  # a rank of a multi-process run ends here
     return EXIT_STOPPED if callback.stopped else EXIT_OK
 
 
