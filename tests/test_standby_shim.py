@@ -193,7 +193,7 @@ def test_the_daemon_warns_when_a_standby_initialised_cuda(tmp_path: Path) -> Non
     (folder / INFO).write_text(json.dumps(info))
     shim = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        keeper.current = Standby(folder, shim, None, BASE)
+        keeper.pool = [Standby(folder, shim, None, BASE)]
         keeper.keep_warm(lambda: BASE, start_one=False)
         keeper.keep_warm(lambda: BASE, start_one=False)  # reported once
     finally:
@@ -217,3 +217,30 @@ def test_activating_a_standby_whose_shim_is_gone_falls_back(tmp_path: Path) -> N
     assert not standby.activate(tmp_path / "attempt-2", 2, "j", _plan(FTSUP_ATTEMPT="2"))
     assert folder.is_dir() and not (tmp_path / "attempt-2").exists()
     assert standby.directory == folder
+
+
+def test_a_standby_discarded_before_its_shim_set_its_handler_leaves_no_folder(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM's default action kills a shim that has not set its handler yet (it has
+    started no trainer then): the daemon removes the folder once the shim is gone."""
+    from ftsup.supervisor.daemon.standby import Standby, StandbyKeeper
+    from ftsup.supervisor.procinfo import process_start_time
+    from ftsup.supervisor.spec import parse_spec
+
+    text = '[job]\nname = "x"\noutput_dir = "/tmp/o"\n[train]\nmodel = "m"\ndataset = ["d"]\n'
+    keeper = StandbyKeeper(parse_spec(text, tmp_path / "x.toml"), tmp_path, lambda *_: None)
+    folder = tmp_path / "standby-1"
+    folder.mkdir()
+    shim = subprocess.Popen(["sleep", "30"], start_new_session=True)  # no SIGTERM handler
+    try:
+        keeper.pool = [Standby(folder, shim, process_start_time(shim.pid), BASE)]
+        keeper.discard()
+        assert keeper.discarding
+        shim.wait(timeout=10)
+        keeper.keep_warm(lambda: BASE, start_one=False)
+    finally:
+        shim.kill()
+        shim.wait()
+    assert not folder.exists()
+    assert not keeper.discarding

@@ -357,11 +357,13 @@ class JobManager:
     def _needs_polling(self, runner: JobRunner) -> bool:
         """A running attempt (hang checks, the trainer's files in the output folder,
         which are not watched), a read of those files still to pick up, or a warm
-        standby (ready or lost: its folder is not watched either)."""
+        standby (ready or lost: its folder is not watched either), or a discarded
+        one not yet gone."""
         return (
             runner.attempt is not None
             or runner.follower.reads_pending
             or runner.standbys.current is not None
+            or runner.standbys.discarding
         )
 
     async def _pump_forever(self) -> None:

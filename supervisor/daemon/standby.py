@@ -251,7 +251,17 @@ class StandbyKeeper:
             self.discard_taken(standby)
         self.pool = []
 
+    @property
+    def discarding(self) -> bool:
+        """Discarded standbys whose shims have not exited yet (keep pumping)."""
+        return bool(self._discarded)
+
     def _reap(self) -> None:
+        """Forget discarded standbys whose shims exited, and remove their folders: a
+        shim SIGTERMed before it set its handler (it had started no trainer yet)
+        dies without removing its own."""
+        for standby in [s for s in self._discarded if not s.alive()]:
+            shutil.rmtree(standby.directory, ignore_errors=True)
         self._discarded = [s for s in self._discarded if s.alive()]
 
     def to_json(self) -> dict[str, Any] | None:
