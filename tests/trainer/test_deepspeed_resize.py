@@ -13,7 +13,7 @@ run resumed from its own checkpoint 2: test_deepspeed shows a ZeRO resume at
 the same world size is bit-identical to the uninterrupted run, so both give
 the same numbers, and this costs one run instead of two. Not bit-identical
 to the resized run in general: on two processes the gradient is the reduced
-mean of two partial sums, on one a single sum (see test_elastic), hence a
+mean of two partial sums, on one a single sum (see test_elastic_jobs), hence a
 tight relative tolerance. Both DeepSpeed defects the trainer works around
 were caught by exactly this comparison: round-robin fragment mappings
 (values under other parameters' names: step 3 off by 17 %) and ZeRO-3's

@@ -4,8 +4,11 @@ XID 79 on one of its two GPUs: the daemon restarts it on the GPU that is left,
 from its newest checkpoint, with one process and twice the accumulation (same
 global batch); `ftsup gpus reset` brings the GPU back and the job saves and
 returns to two processes. Every step's loss, all attempts included, matches an
-uninterrupted one-process run with the same global batch (the trainer test
-`test_elastic.py` explains the tolerance). Steps are slowed by
+uninterrupted one-process run with the same global batch, within 1e-5
+relative: not bit-identical, since on two processes the gradient is the
+all-reduced mean of two partial sums and on one a single sum; a wrong sample,
+a skipped or repeated batch or a lost optimizer state moves the loss by
+orders of magnitude more. Steps are slowed by
 FTSUP_FAULT_STEP_DELAY so that the faults land while the tiny model trains.
 """
 

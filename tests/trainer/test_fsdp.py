@@ -16,7 +16,7 @@ killed run's sealed checkpoint 2, written by two processes, also resumes on
 one (accumulation 2): DCP reshards it on load. Its losses must match an
 uninterrupted one-process run with the same global batch within a relative
 1e-5 (on two processes the gradient is the mean of two reduced partial sums,
-on one a single sum: float rounding, see test_elastic); a lost optimizer
+on one a single sum: float rounding, see test_elastic_jobs); a lost optimizer
 state or a wrong data position moves them by far more. The final checkpoint
 is exported to a standalone model equal to its DCP shards.
 """

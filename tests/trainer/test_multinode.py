@@ -320,7 +320,7 @@ def test_with_min_nodes_the_run_goes_on_alone_with_the_same_global_batch(
         for e in events
     ), [e["message"] for e in events]
     # Alone, one process sums the gradient of both halves itself: the same
-    # update up to float rounding (test_elastic), so every step matches the
+    # update up to float rounding (test_elastic_jobs), so every step matches the
     # two-process reference within 1e-5 relative.
     expected = dict(shrunk.reference)
     got = shrunk.node.step_losses(JOB)
