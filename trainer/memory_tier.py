@@ -145,8 +145,9 @@ class MemoryTier:
         self._history: dict[int, SlotHistory] = {}
         self._folders: dict[int, Path] = {}  # each slot's folder, once this attempt wrote it
         # The snapshot being sealed on the writer thread: (step, slot, its future).
-        self._pending: tuple[int, int, Future[None]] | None = None
+        self._pending: tuple[int, int, Future[float]] | None = None
         self._sealer: ThreadPoolExecutor | None = None
+        self._sealing_s = 0.0  # the writer thread's time for the previous snapshot
 
     def due(self, step: int, max_steps: int) -> bool:
         """Whether step `step` gets a snapshot (once per step; never the last step,
@@ -193,8 +194,8 @@ class MemoryTier:
             return False
         self._history[target] = history
         stall = time.perf_counter() - started
-        if self.max_overhead > 0:
-            self._next_at = taken_at + stall / self.max_overhead
+        if self.max_overhead > 0:  # the writer thread's share counts too: it holds the GIL
+            self._next_at = taken_at + (stall + self._sealing_s) / self.max_overhead
         self.newest = target
         # Reported as taken: the seal follows on the writer thread (a failure
         # there is reported at the next snapshot, with `error`).
@@ -205,7 +206,7 @@ class MemoryTier:
             slot=MEMORY_SLOTS[target],
             paced=self.paced,
         )
-        self._pending = (step, target, self._writer_thread().submit(finish))
+        self._pending = (step, target, self._writer_thread().submit(_timed, finish))
         return True
 
     def wait(self) -> bool:
@@ -217,7 +218,7 @@ class MemoryTier:
             return self.enabled
         step, target, future = pending
         try:
-            future.result()
+            self._sealing_s = future.result()
         except Exception as exc:
             self._history.pop(target, None)
             self.fail(step, exc)
@@ -303,6 +304,12 @@ class MemoryTier:
     def _emit(self, **fields: Any) -> None:
         if self.report is not None:
             self.report(PROGRESS_MEMORY_SNAPSHOT, **fields)
+
+
+def _timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
 
 
 def _entries(folder: Path) -> list[Path]:
