@@ -88,9 +88,8 @@ PROGRESS_RENDEZVOUS = "rendezvous"
 # file's size). train.json's `memory` ({"dir", "every"}, optionally
 # "max_overhead": the most of training's time the tier may take, which then
 # spaces snapshots out) turns it on; each snapshot is reported as a
-# PROGRESS_MEMORY_SNAPSHOT line when taken (step, bytes, stall_s, slot, paced; its
-# seal follows on the trainer's writer thread; `error` when the tier turned
-# itself off), and a run that resumed a snapshot says
+# PROGRESS_MEMORY_SNAPSHOT line (step, bytes, stall_s, slot, paced; `error` when
+# the tier turned itself off), and a run that resumed a snapshot says
 # `resumed_from_memory` in its train_start.
 MEMORY_SLOTS = ("slot-0", "slot-1")
 MEMORY_RECORD = "ftsup-memory.json"

@@ -9,16 +9,11 @@ needs, so every step got slower. A snapshot here is, on the training thread:
   optimizer state, the CPU RNG state) into one file in tmpfs that stays mapped
   from one snapshot to the next (`tensors.bin`; the copies are memcpy in ATen);
 * a pickle of the few KB that are not tensors, with `TensorRef`s where tensors
-  were (optimizer param groups, scheduler, scaler, RNG, the TrainerState
-  without its log history), and the log entries added since this slot's
-  previous snapshot, as bytes;
-
-and then, on the tier's writer thread while the next step runs (`finish`;
-it touches no trainer object):
-
-* `state.pkl`, and those log entries appended to the slot's `history.jsonl`
-  (the history only grows: rewriting it every step would cost more as
-  training goes on);
+  were (`state.pkl`: optimizer param groups, scheduler, scaler, RNG, the
+  TrainerState without its log history);
+* the log entries added since this slot's previous snapshot, appended to its
+  `history.jsonl` (the history only grows: rewriting it every step would cost
+  more as training goes on);
 * the record (`MEMORY_RECORD`: job, lineage, step, attempt, fingerprint and
   every file's size), written last and atomically: it is the seal.
 
@@ -291,13 +286,10 @@ class SnapshotWriter:
         history: SlotHistory | None,
         record: Mapping[str, Any],
         point: PointHook,
-    ) -> tuple[int, SlotHistory, Callable[[], None]]:
-        """Capture the trainer's state into `folder` (an unsealed slot folder): the
-        tensors copied into its mapped file, the rest pickled. Returns the
-        snapshot's size, the slot's new history and `finish`, which writes the
-        small files and seals them; it touches no trainer object, so it may run
-        on another thread while training goes on. `history`: what this attempt
-        wrote into the folder's history file before (None: rewrite it)."""
+    ) -> tuple[int, SlotHistory]:
+        """Write the trainer's state into `folder` (an unsealed slot folder) and seal
+        it. `history`: what this attempt wrote into the folder's history file
+        before (None: rewrite it). Returns the snapshot's size and the new history."""
         if trainer.hp_search_backend is None:
             trainer.store_flos()  # as before a disk save: total_flos is current
         record_callback_states(trainer)
@@ -315,7 +307,7 @@ class SnapshotWriter:
             with torch.no_grad():
                 torch._foreach_copy_(mapped.views(plan.refs), plan.sources)
         point("memory_after_tensors")
-        appended, history = _history_update(trainer.state.log_history, history)
+        history = _write_history(folder / HISTORY_NAME, trainer.state.log_history, history)
         scaler = getattr(trainer.accelerator, "scaler", None)
         state = {
             "step": trainer.state.global_step,
@@ -328,53 +320,31 @@ class SnapshotWriter:
             "history": {"entries": history.entries, "bytes": history.size},
             "last_logged": getattr(trainer, "_globalstep_last_logged", None),
         }
-        pickled = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        (folder / STATE_NAME).write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        point("memory_before_seal")
         sizes = {
             TENSORS_NAME: max(plan.size, 1),
-            STATE_NAME: len(pickled),
+            STATE_NAME: os.path.getsize(folder / STATE_NAME),
             HISTORY_NAME: history.size,
         }
-        sealed = {**record, "format": MEMORY_FORMAT, "files": sizes}
-
-        def finish() -> None:
-            _write_history(folder / HISTORY_NAME, appended)
-            (folder / STATE_NAME).write_bytes(pickled)
-            point("memory_before_seal")
-            seal(folder, sealed)
-
-        return sum(sizes.values()), history, finish
+        seal(folder, {**record, "format": MEMORY_FORMAT, "files": sizes})
+        return sum(sizes.values()), history
 
 
-@dataclass(frozen=True)
-class _Appended:
-    """What a snapshot adds to its slot's history file: `data` from byte `start`
-    (None: the file is rewritten)."""
-
-    start: int | None
-    data: bytes
-
-
-def _history_update(
-    log: list[dict[str, Any]], known: SlotHistory | None
-) -> tuple[_Appended, SlotHistory]:
-    """The entries the file lacks (all of them when this attempt has not written it
-    yet: it may hold another attempt's, or be cut short), and the file after."""
+def _write_history(path: Path, log: list[dict[str, Any]], known: SlotHistory | None) -> SlotHistory:
+    """Append the entries the file lacks (or rewrite it when this attempt has not
+    written it yet: it may hold another attempt's, or be cut short)."""
     start = known if known is not None and known.entries <= len(log) else None
     new = log[start.entries :] if start is not None else log
     data = "".join(json.dumps(entry) + "\n" for entry in new).encode()
     if start is None:
-        return _Appended(None, data), SlotHistory(len(log), len(data))
-    return _Appended(start.size, data), SlotHistory(len(log), start.size + len(data))
-
-
-def _write_history(path: Path, appended: _Appended) -> None:
-    if appended.start is None:
-        path.write_bytes(appended.data)
-        return
+        path.write_bytes(data)
+        return SlotHistory(len(log), len(data))
     with open(path, "r+b") as handle:
-        handle.truncate(appended.start)
-        handle.seek(appended.start)
-        handle.write(appended.data)
+        handle.truncate(start.size)
+        handle.seek(start.size)
+        handle.write(data)
+    return SlotHistory(len(log), start.size + len(data))
 
 
 def seal(folder: Path, record: Mapping[str, Any]) -> None:

@@ -6,8 +6,7 @@ its complete state (trainable weights, optimizer, scheduler, scaler, RNG,
 trainer state with the step, i.e. the data position) into
 `<dir>/slot-0|slot-1/checkpoint-<step>` (tmpfs), in the format of
 `ftsup.trainer.memory_snapshot`: a memcpy into a mapped file plus a few KB of
-pickle, on the training thread; the small files and the record that seals
-them are written by a writer thread while the next step runs. A first version
+pickle, on the training thread, then sealed by its record. A first version
 wrote an HF checkpoint folder from a background thread; its Python held the
 GIL for 15-25 ms per snapshot and made every step of the tiny LoRA job about
 1.8x slower. The daemon resumes a snapshot (`--resume-from`) when it is newer
@@ -17,8 +16,7 @@ checkpoint folder and HF's `resume_from_checkpoint` loads that.
 Two slots: a write always goes into the slot that does not hold the newest
 sealed snapshot (at start: the one resumed from, else the highest sealed
 step), and unseals its target first, so some sealed snapshot survives a kill
-at any moment; a write waits for the previous snapshot's seal before it
-unseals the other slot. With `max_overhead` set, snapshots are spaced so that their
+at any moment. With `max_overhead` set, snapshots are spaced so that their
 cost stays within that fraction of the training time. A write that fails (a
 full /dev/shm, a folder in the way) is reported once and turns the tier off
 for the rest of the attempt; training goes on. One process only (every
@@ -33,7 +31,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +51,11 @@ from ftsup.trainer.memory_snapshot import SlotHistory, SnapshotWriter, restore_l
 Report = Callable[..., None]
 # Fault injection (tests): (step, point).
 PointHook = Callable[[int, str], None]
-# Captures a snapshot: (folder, slot history or None, record, fault hook)
-# -> (bytes, slot history, finish); `finish` writes the small files and seals
-# them, on the tier's writer thread. SnapshotWriter.write with the trainer bound.
+# Writes and seals a snapshot: (folder, slot history or None, record, fault hook)
+# -> (bytes, slot history). SnapshotWriter.write with the trainer bound.
 Write = Callable[
     [Path, SlotHistory | None, Mapping[str, Any], Callable[[str], None]],
-    tuple[int, SlotHistory, Callable[[], None]],
+    tuple[int, SlotHistory],
 ]
 
 # The most of training's time the tier may take (train.json `memory.max_overhead`):
@@ -143,11 +139,6 @@ class MemoryTier:
         self._writer = SnapshotWriter()
         # How much of the log history this attempt wrote into each slot's file.
         self._history: dict[int, SlotHistory] = {}
-        self._folders: dict[int, Path] = {}  # each slot's folder, once this attempt wrote it
-        # The snapshot being sealed on the writer thread: (step, slot, its future).
-        self._pending: tuple[int, int, Future[float]] | None = None
-        self._sealer: ThreadPoolExecutor | None = None
-        self._sealing_s = 0.0  # the writer thread's time for the previous snapshot
 
     def due(self, step: int, max_steps: int) -> bool:
         """Whether step `step` gets a snapshot (once per step; never the last step,
@@ -165,10 +156,7 @@ class MemoryTier:
         self.submit(trainer.state.global_step, functools.partial(self._writer.write, trainer))
 
     def submit(self, step: int, write: Write) -> bool:
-        """Write snapshot `step` with `write` (False: not taken, paced or off). The
-        tensors are copied and the rest pickled here; the small files and the seal
-        follow on the writer thread. The previous snapshot's seal is waited for
-        first: the target slot is unsealed next, and one slot must stay sealed."""
+        """Write snapshot `step` with `write` (False: not taken, paced or off)."""
         self._last_step = step
         if not self.enabled:
             return False
@@ -177,12 +165,10 @@ class MemoryTier:
             self.paced += 1
             return False
         started = time.perf_counter()
-        if not self.wait():
-            return False
         target = 0 if self.newest != 0 else 1
         try:
             folder = self._unsealed_folder(target, step)
-            size, history, finish = write(
+            size, history = write(
                 folder,
                 self._history.get(target),
                 self._record(step),
@@ -194,11 +180,10 @@ class MemoryTier:
             return False
         self._history[target] = history
         stall = time.perf_counter() - started
-        if self.max_overhead > 0:  # the writer thread's share counts too: it holds the GIL
-            self._next_at = taken_at + (stall + self._sealing_s) / self.max_overhead
+        if self.max_overhead > 0:
+            self._next_at = taken_at + stall / self.max_overhead
         self.newest = target
-        # Reported as taken: the seal follows on the writer thread (a failure
-        # there is reported at the next snapshot, with `error`).
+        self.sealed += 1
         self._emit(
             step=step,
             bytes=size,
@@ -206,48 +191,13 @@ class MemoryTier:
             slot=MEMORY_SLOTS[target],
             paced=self.paced,
         )
-        self._pending = (step, target, self._writer_thread().submit(_timed, finish))
         return True
-
-    def wait(self) -> bool:
-        """Until the snapshot submitted last is sealed: True, or False when its files
-        or seal could not be written (reported, the tier turned off; the other
-        slot's snapshot stays sealed)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return self.enabled
-        step, target, future = pending
-        try:
-            self._sealing_s = future.result()
-        except Exception as exc:
-            self._history.pop(target, None)
-            self.fail(step, exc)
-            return False
-        self.sealed += 1
-        return True
-
-    def _writer_thread(self) -> ThreadPoolExecutor:
-        if self._sealer is None:  # joined at interpreter exit: the last seal is written
-            self._sealer = ThreadPoolExecutor(1, thread_name_prefix="ftsup-memory-seal")
-        return self._sealer
 
     def _unsealed_folder(self, target: int, step: int) -> Path:
         """The target slot's folder, unsealed (the record goes first: a kill from
-        here on leaves it unusable) and renamed to `step`; anything else there goes.
-        Once this attempt has written a slot, its folder is known: no listing."""
+        here on leaves it unusable) and renamed to `step`; anything else there goes."""
         slot_dir = self.folder / MEMORY_SLOTS[target]
         folder = slot_dir / checkpoint_name(step)
-        known = self._folders.get(target)
-        if known is not None:
-            try:
-                (known / MEMORY_RECORD).unlink(missing_ok=True)
-                if known != folder:
-                    known.rename(folder)
-                    self._writer.moved(known, folder)
-                self._folders[target] = folder
-                return folder
-            except FileNotFoundError:  # removed from under us: look again
-                del self._folders[target]
         entries = _entries(slot_dir)  # one listing per snapshot: this is the step's path
         existing = _checkpoint_folders(entries)
         keep = existing[-1][1] if existing else None
@@ -262,7 +212,6 @@ class MemoryTier:
         elif keep != folder:
             keep.rename(folder)
             self._writer.moved(keep, folder)
-        self._folders[target] = folder
         return folder
 
     def _record(self, step: int) -> dict[str, Any]:
@@ -304,12 +253,6 @@ class MemoryTier:
     def _emit(self, **fields: Any) -> None:
         if self.report is not None:
             self.report(PROGRESS_MEMORY_SNAPSHOT, **fields)
-
-
-def _timed(action: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -359,12 +302,6 @@ def with_memory_tier(trainer_class: Any, tier: MemoryTier) -> Any:
         def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
             restore_loss_window(self)  # after HF reset it, before the first step
             return super()._run_epoch(*args, **kwargs)
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                tier.wait()  # the last snapshot sealed, or its failure reported
 
     MemoryTierTrainer.__name__ = MemoryTierTrainer.__qualname__ = (
         f"MemoryTier{trainer_class.__name__}"

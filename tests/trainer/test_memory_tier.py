@@ -39,16 +39,12 @@ def one_file(
     history: SlotHistory | None,
     record: Mapping[str, Any],
     point: Callable[[str], None],
-) -> tuple[int, SlotHistory, Callable[[], None]]:
-    """A write as the tier hands it out: the data now; a fault point and the seal
-    on the writer thread."""
+) -> tuple[int, SlotHistory]:
+    """A write as the tier hands it out: the data, a fault point, the seal."""
     (folder / "data").write_bytes(b"new")
-
-    def finish() -> None:
-        point("memory_before_seal")
-        seal(folder, {**record, "files": {"data": 3}})
-
-    return 3, SlotHistory(), finish
+    point("memory_before_seal")
+    seal(folder, {**record, "files": {"data": 3}})
+    return 3, SlotHistory()
 
 
 def sealed_folder(folder: Path, step: int) -> Path:
@@ -80,7 +76,6 @@ def test_writes_go_to_the_slot_not_resumed_from_then_alternate(tmp_path: Path) -
         max_overhead=0,
     )
     assert tier.submit(6, one_file)
-    assert tier.wait()
     # The folder resumed from survives; the other slot was unsealed, renamed, rewritten.
     assert sealed_steps(memory) == {"slot-0": [5], "slot-1": [6]}
     assert (resumed / "data").read_bytes() == b"w" * 5
@@ -91,17 +86,8 @@ def test_writes_go_to_the_slot_not_resumed_from_then_alternate(tmp_path: Path) -
         "fingerprint": {"seed": 1},
     }
     assert tier.submit(7, one_file)
-    assert tier.wait()
     assert sealed_steps(memory) == {"slot-0": [7], "slot-1": [6]}
-    # A slot this attempt wrote is reused without a listing: renamed, never recreated.
-    assert tier.submit(8, one_file) and tier.wait()
-    assert sealed_steps(memory) == {"slot-0": [7], "slot-1": [8]}
-    assert (memory / "slot-1" / "checkpoint-8" / "data").read_bytes() == b"new"
-    assert [(r["step"], r["slot"]) for r in reports] == [
-        (6, "slot-1"),
-        (7, "slot-0"),
-        (8, "slot-1"),
-    ]
+    assert [(r["step"], r["slot"]) for r in reports] == [(6, "slot-1"), (7, "slot-0")]
     assert all(r["event"] == PROGRESS_MEMORY_SNAPSHOT and r["bytes"] == 3 for r in reports)
 
 
@@ -114,9 +100,8 @@ def test_a_write_killed_before_its_seal_leaves_the_slot_unsealed(tmp_path: Path)
         raise KeyboardInterrupt(point)  # stands for the SIGKILL: nothing after it runs
 
     tier = MemoryTier(memory, 1, job="j", fingerprint={}, on_point=killed, max_overhead=0)
-    assert tier.submit(6, one_file)  # captured; sealing goes on on the writer thread
     with pytest.raises(KeyboardInterrupt, match="memory_before_seal"):
-        tier.wait()
+        tier.submit(6, one_file)
     # The older slot was unsealed first and renamed; the newest sealed one is untouched.
     assert sealed_steps(memory) == {"slot-0": [5], "slot-1": []}
     assert [step for step, _ in slot_folders(memory / "slot-1")] == [6]
@@ -162,32 +147,6 @@ def test_a_failed_write_is_reported_once_and_turns_the_tier_off(
     assert not tier.enabled and not tier.submit(2, one_file)
     assert [r["step"] for r in reports] == [1] and "error" in reports[0]
     assert capfd.readouterr().err.count("memory tier off") == 1
-
-
-def test_a_seal_that_fails_on_the_writer_thread_turns_the_tier_off_at_the_next_step(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    memory = tmp_path / "mem"
-    reports: list[dict[str, Any]] = []
-    tier = MemoryTier(
-        memory, 1, job="j", fingerprint={}, report=lambda e, **f: reports.append(f), max_overhead=0
-    )
-    assert tier.submit(1, one_file)
-
-    def full_disk(*args: Any) -> tuple[int, SlotHistory, Callable[[], None]]:
-        size, history, _ = one_file(*args)
-
-        def finish() -> None:
-            raise OSError(28, "No space left on device")
-
-        return size, history, finish
-
-    assert tier.submit(2, full_disk)  # captured: the failure comes on the writer thread
-    assert not tier.submit(3, one_file)  # waits for it first: reported, off
-    assert not tier.enabled
-    assert [r.get("error", "") for r in reports][-1].startswith("OSError")
-    assert capfd.readouterr().err.count("memory tier off") == 1
-    assert sealed_steps(memory) == {"slot-0": [1], "slot-1": []}  # step 1 stays sealed
 
 
 def test_memory_block_in_train_json(tmp_path: Path) -> None:
@@ -338,12 +297,9 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
         events = process.own_events()
         if resume is not None:
             assert_started_at(events, resume)
-        # Each snapshot is reported once taken, before its seal on the writer thread:
-        # the fault step's too when the kill came at the seal.
-        taken = [e["step"] for e in memory_events(events) if "slot" in e]
+        sealed_now = [e["step"] for e in memory_events(events) if "slot" in e]
         first = step_of(resume) + 1 if resume else 1
-        last = fault_step if point == "memory_before_seal" else fault_step - 1
-        assert taken == list(range(first, last + 1)), (point, taken)
+        assert sealed_now == list(range(first, fault_step)), (point, sealed_now)
         # The daemon's choice is the step before the kill; the other slot holds the
         # torn write of the fault step, with no record.
         chosen = newest_usable(
