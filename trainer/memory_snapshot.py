@@ -134,17 +134,9 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
         flat = [v for per in value.values() for v in per.values()]
         if all(isinstance(v, torch.Tensor) for v in flat):
             return flat
-    return _tensors_walk(value)
-
-
-def _tensors_walk(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_walk(v)]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _tensors_walk(v)]
-    return []
+    found: list[torch.Tensor] = []
+    _map_leaves(value, torch.Tensor, found.append)  # the same walk as the skeleton's
+    return found
 
 
 @dataclass(frozen=True)

@@ -138,9 +138,12 @@ class StandbyKeeper:
     @property
     def current(self) -> Standby | None:
         """The standby the next restart takes: the oldest ready one, else the oldest."""
-        ready = [s for s in self.pool if s.ready_reported]
-        candidates = ready or self.pool
-        return candidates[0] if candidates else None
+        order = self._ready_first(lambda s: s.ready_reported)
+        return order[0] if order else None
+
+    def _ready_first(self, ready: Callable[[Standby], bool]) -> list[Standby]:
+        """The pool, ready ones first, oldest first within each (a stable sort)."""
+        return sorted(self.pool, key=lambda standby: not ready(standby))
 
     def remove_stale(self) -> None:
         """Folders of standbys whose shims are gone (an earlier daemon's)."""
@@ -231,9 +234,7 @@ class StandbyKeeper:
         the oldest ready one, else the oldest still warming. Those that cannot
         run `plan` (its command changed) are discarded."""
         self._reap()
-        while self.pool:
-            ready = [s for s in self.pool if s.ready_reported or s.ready()]
-            standby = (ready or self.pool)[0]
+        for standby in self._ready_first(lambda s: s.ready_reported or s.ready()):
             self.pool.remove(standby)
             # standby.json exists once the shim has opened its FIFO: activation can reach it.
             if standby.alive() and standby.info() and standby.can_run(plan):
