@@ -10,6 +10,16 @@ import pytest
 from tests.supervisor_harness import Harness
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that train real models (a `slow` test) run first. Under xdist
+    (`-n 2 --dist loadfile`, pyproject.toml) each module goes whole to one worker
+    in this order; the many short modules then fill the gaps at the end instead
+    of one long module running alone while the other worker idles. (Stable sort:
+    each module's own order, and the modules' within each group, are kept.)"""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, Any, None]:
     """Remember each phase's outcome on the test item (the harness reads it)."""

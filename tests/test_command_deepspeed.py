@@ -30,6 +30,8 @@ from ftsup.supervisor.checkpoints.report import CheckpointReport
 from ftsup.supervisor.checkpoints.validate import validate_checkpoint
 from tests.supervisor_harness import REPO, Harness, ftsup_check_json, wait_for
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 SCRIPT = REPO / "tests" / "scripts" / "deepspeed_hf_train.py"
 DS_CONFIG = REPO / "examples" / "deepspeed-command" / "ds_zero2.json"
 JOB = "zero2"

@@ -37,6 +37,8 @@ from ftsup.supervisor.daemon.launcher import bootstrap_dir
 from tests.supervisor_harness import REPO, Harness, wait_for
 from tests.trainer.test_multinode import free_port
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 SCRIPT = REPO / "tests" / "scripts" / "plain_hf_train.py"
 JOB = "cmn"
 MAX_STEPS = 8

@@ -6,9 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from ftsup.supervisor.procinfo import group_members
 from ftsup.trainer.demo import prepare_demo
 from tests.supervisor_harness import Harness, wait_for
+
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
 
 FINAL = ("finished", "failed", "gave_up")
 

@@ -27,6 +27,8 @@ import pytest
 
 from tests.supervisor_harness import REPO, Harness, ftsup_check_json, wait_for
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 SCRIPTS = REPO / "tests" / "scripts"
 EXAMPLES = REPO / "examples"
 STATES_AT_REST = ("stopped", "finished", "failed", "gave_up")

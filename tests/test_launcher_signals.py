@@ -17,6 +17,8 @@ import pytest
 
 from tests.test_instrumented_jobs import Observed, Run, _assert_same_weights, observe
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 
 @dataclass
 class LaunchedRun(Run):

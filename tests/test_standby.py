@@ -13,10 +13,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ftsup.supervisor.contract import ENV_FAULT_STEP_DELAY
 from ftsup.supervisor.procinfo import group_members, is_same_process
 from ftsup.trainer.demo import prepare_demo
 from tests.supervisor_harness import Harness, wait_for
+
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
 
 STEPS = 400  # a checkpoint every 50 steps; about 15 s of training here
 FINAL = ("finished", "failed", "gave_up")

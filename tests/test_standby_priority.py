@@ -34,6 +34,8 @@ from ftsup.trainer.demo import prepare_demo
 from ftsup.trainer.standby import IOPRIO_CLASS_IDLE, io_class, sched_policy
 from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 SCHED_OTHER, SCHED_IDLE = os.SCHED_OTHER, os.SCHED_IDLE
 IDLE = (SCHED_IDLE, IOPRIO_CLASS_IDLE)  # what a warm-up thread must run at
 LOWERED = {"scope": "warm-up thread", "cpu": "SCHED_IDLE", "io": "idle"}

@@ -37,6 +37,8 @@ from tests.trainer.trainer_helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 MAX_STEPS = 6
 SAVE_STEPS = 2
 

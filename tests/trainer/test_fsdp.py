@@ -51,6 +51,8 @@ from tests.trainer.trainer_helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 MAX_STEPS = 6
 SAVE_STEPS = 2
 GLOBAL_BATCH = 4  # 2 per device x 2 processes x accumulation 1; on one process, accumulation 2

@@ -30,6 +30,8 @@ from ftsup.supervisor.contract import (
 from tests.supervisor_harness import Harness
 from tests.trainer.trainer_helpers import lora_job_text
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 MAX_STEPS, SAVE_STEPS, KILL_AT = 10, 4, 7
 ENDED = ("finished", "failed", "gave_up", "stopped")
 

@@ -40,6 +40,8 @@ from ftsup.supervisor.trainer_launch import RDZV_JOIN_TIMEOUT_S, torchrun_args
 from tests.supervisor_harness import Harness, wait_for
 from tests.trainer.trainer_helpers import TrainerProcess, node_job_text
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 MAX_STEPS = 10
 JOB = "mn"
 ENDED = ("finished", "failed", "gave_up", "stopped")
@@ -324,6 +326,6 @@ def test_with_min_nodes_the_run_goes_on_alone_with_the_same_global_batch(
     # two-process reference within 1e-5 relative.
     expected = dict(shrunk.reference)
     got = shrunk.node.step_losses(JOB)
-    assert {step for step, _ in got} == set(expected)
+    assert {step for step, _ in got} == set(expected), (starts, got)
     for step, loss in got:
         assert math.isclose(loss, expected[step], rel_tol=1e-5), (step, loss, expected[step])

@@ -34,6 +34,8 @@ from tests.supervisor_harness import Harness
 from tests.trainer.test_nodes_agreement import node_copy
 from tests.trainer.trainer_helpers import node_job_text
 
+pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
+
 
 def free_port() -> int:
     with socket.socket() as probe:
