@@ -124,6 +124,8 @@ class FtsupApp(App[None]):
         await self.source.close()
 
     def _tick(self) -> None:
+        if not self.is_running:  # exiting: the screens are losing their widgets
+            return
         screen = self._data_screen()
         if screen is not None:
             screen.tick()
@@ -215,7 +217,7 @@ class FtsupApp(App[None]):
             self._flush_timer.stop()
             self._flush_timer = None
         change, self._unsynced = self._unsynced, Change()
-        if not change:
+        if not change or not self.is_running:
             return
         top = self._data_screen()
         for screen in self.screen_stack:
