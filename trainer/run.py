@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from ftsup.supervisor.contract import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED, checkpoint_step
 from ftsup.trainer import dist
 from ftsup.trainer.config import ConfigError, RunConfig, at_world_size, load_run_config
 from ftsup.trainer.data import DataError
 from ftsup.trainer.nodes import agree_on_resume, multi_node, node_ranks
 from ftsup.trainer.prepared import PreparedData
+from ftsup.trainer.progress import ProgressWriter
 from ftsup.trainer.signals import install_handlers
 
 _NEVER = 10**12  # save_steps when only time-based saves are wanted
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:
         warn_if_fingerprint_changed(config, args.resume_from)
+        if already_finished(args.resume_from, config.train.max_steps):
+            return EXIT_OK
     resize = None
     if args.resume_from is not None and config.deepspeed:
         from ftsup.trainer import zero_resize
@@ -134,6 +137,23 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     elif callback.stopped:
         dist.end_stopped_rank(EXIT_STOPPED)  # a rank of a multi-process run ends here
     return EXIT_STOPPED if callback.stopped else EXIT_OK
+
+
+def already_finished(checkpoint: Path, max_steps: int) -> bool:
+    """A checkpoint at `max_steps` is the end of training. HF's Trainer resumed from
+    it would still train one more step (it checks for the end only after a step):
+    a run restarted after its last save (a crash in the final export, a torchrun
+    restart when a node left as the run ended) would no longer end as it did."""
+    step = checkpoint_step(checkpoint)
+    if max_steps <= 0 or step is None or step < max_steps:
+        return False
+    if dist.local_rank() == 0:
+        ProgressWriter.from_env().emit("train_end", step=step, reason="finished")
+    print(
+        f"ftsup trainer: {checkpoint} is at max_steps ({max_steps}): training is complete",
+        flush=True,
+    )
+    return True
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:

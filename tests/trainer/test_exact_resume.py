@@ -126,6 +126,15 @@ def test_sigkill_three_times_then_resume_is_bit_exact(
     # Every step after each resume was logged, and each with the reference loss.
     assert {step for step, _ in step_losses(last.events())} == set(range(1, MAX_STEPS + 1))
 
+    # Restarted once more from the last checkpoint (a crash after the final save):
+    # nothing is trained past max_steps, and the final weights stay as they were.
+    seen = len(last.events())  # the progress file is the config's, shared by attempts
+    again = start_trainer(config, resume_from=final)
+    assert again.wait() == 0, again.log()
+    assert not step_losses(again.events()[seen:])
+    assert not (out / f"checkpoint-{MAX_STEPS + 1}").exists()
+    assert (final / "adapter_model.safetensors").read_bytes() == reference["adapter"]
+
 
 @pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_resume_has_no_gap(
