@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import os
 import sys
+import threading
 
 
 def _dist() -> object | None:
@@ -41,33 +42,26 @@ def barrier() -> None:
         dist.barrier()  # type: ignore[attr-defined]
 
 
-def shutdown() -> None:
-    """Leave the process group together, before interpreter exit.
+def end_rank(code: int) -> None:
+    """A rank of a multi-process run ends here, with `code`, once training is over
+    (finished or stopped on request): Python threads are waited for and atexit
+    handlers run as at a normal exit, the streams are flushed, then `os._exit`.
+    Returns at once in a single process.
 
-    DeepSpeed keeps gloo's process group alive to the end; torn down by
-    interpreter exit, its threads abort the process ("terminate called without
-    an active exception", SIGABRT), which turns a finished run into a failure.
-    """
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()  # type: ignore[attr-defined]
-        dist.destroy_process_group()  # type: ignore[attr-defined]
-
-
-def end_stopped_rank(code: int) -> None:
-    """A rank of a multi-process run that stopped on request ends here, with `code`:
-    atexit handlers run, the streams are flushed, then `os._exit`. Returns at once
-    in a single process.
-
-    Neither `destroy_process_group` nor the interpreter's own teardown: either can
-    abort the process while gloo's threads are torn down (SIGABRT, "terminate
-    called without an active exception"); torchrun then reports the abort, not
-    the 75, and a stop becomes a failure (seen under CI load with and without a
-    destroy first). Nothing is left to do: the save ended with a barrier, and the
-    kernel closes the sockets. Non-daemon threads still running are not waited for.
+    Not the interpreter's own teardown: while C++ static objects are destroyed, a
+    thread of the distributed stack can abort the process (SIGABRT, "terminate
+    called without an active exception"), after a stop (exit 75) and after a
+    finished run (exit 0) alike, with or without `destroy_process_group` first
+    (seen under CI load with gloo and with DeepSpeed). torchrun then reports the
+    abort, and a run that ended well counts as failed. Nothing is left to do: the
+    last save ended with a barrier, and the kernel closes the sockets.
     """
     if _dist() is None:
         return
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()  # what interpreter exit does first
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

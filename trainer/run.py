@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     if args.resume_from is not None:
         warn_if_fingerprint_changed(config, args.resume_from)
         if already_finished(args.resume_from, config.train.max_steps):
+            dist.end_rank(EXIT_OK)  # a rank of a multi-process run ends here
             return EXIT_OK
     resize = None
     if args.resume_from is not None and config.deepspeed:
@@ -132,11 +133,11 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     finally:
         if materialized is not None:
             shutil.rmtree(materialized, ignore_errors=True)
-    if config.deepspeed:
-        dist.shutdown()
-    elif callback.stopped:
-        dist.end_stopped_rank(EXIT_STOPPED)  # a rank of a multi-process run ends here
-    return EXIT_STOPPED if callback.stopped else EXIT_OK
+    code = EXIT_STOPPED if callback.stopped else EXIT_OK
+    if not callback.stopped:
+        dist.barrier()  # no rank leaves while another may still be in a collective
+    dist.end_rank(code)  # a rank of a multi-process run ends here
+    return code
 
 
 def already_finished(checkpoint: Path, max_steps: int) -> bool:
