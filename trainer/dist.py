@@ -42,11 +42,13 @@ def barrier() -> None:
         dist.barrier()  # type: ignore[attr-defined]
 
 
-def end_rank(code: int) -> None:
+def end_rank(code: int, *, wait_for_threads: bool = True) -> None:
     """A rank of a multi-process run ends here, with `code`, once training is over
     (finished or stopped on request): Python threads are waited for and atexit
     handlers run as at a normal exit, the streams are flushed, then `os._exit`.
-    Returns at once in a single process.
+    Returns at once in a single process. `wait_for_threads=False` for a script
+    of someone else's that stopped: the code after its `train()`, which would
+    have ended its own threads, does not run, so waiting could hang it.
 
     Not the interpreter's own teardown: while C++ static objects are destroyed, a
     thread of the distributed stack can abort the process (SIGABRT, "terminate
@@ -59,7 +61,7 @@ def end_rank(code: int) -> None:
     if _dist() is None:
         return
     current = threading.current_thread()
-    for thread in threading.enumerate():
+    for thread in threading.enumerate() if wait_for_threads else ():
         if thread is not current and not thread.daemon:
             thread.join()  # what interpreter exit does first
     atexit._run_exitfuncs()

@@ -165,7 +165,7 @@ def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
                 file=sys.stderr,
                 flush=True,
             )
-            dist.end_rank(EXIT_STOPPED)  # a rank of torchrun's ends here
+            dist.end_rank(EXIT_STOPPED, wait_for_threads=False)  # a rank of torchrun's ends here
             raise SystemExit(EXIT_STOPPED)
         return result
 

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
         return fail(f"--resume-from {args.resume_from}: not a checkpoint folder")
     if args.resume_from is not None:
         warn_if_fingerprint_changed(config, args.resume_from)
-        if already_finished(args.resume_from, config.train.max_steps):
+        if already_finished(args.resume_from, config):
             dist.end_rank(EXIT_OK)  # a rank of a multi-process run ends here
             return EXIT_OK
     resize = None
@@ -140,16 +140,26 @@ def main(argv: Sequence[str] | None = None, *, prepared: PreparedData | None = N
     return code
 
 
-def already_finished(checkpoint: Path, max_steps: int) -> bool:
+def already_finished(checkpoint: Path, config: RunConfig) -> bool:
     """A checkpoint at `max_steps` is the end of training. HF's Trainer resumed from
     it would still train one more step (it checks for the end only after a step):
     a run restarted after its last save (a crash in the final export, a torchrun
     restart when a node left as the run ended) would no longer end as it did."""
-    step = checkpoint_step(checkpoint)
+    step, max_steps = checkpoint_step(checkpoint), config.train.max_steps
     if max_steps <= 0 or step is None or step < max_steps:
         return False
-    if dist.local_rank() == 0:
-        ProgressWriter.from_env().emit("train_end", step=step, reason="finished")
+    if dist.local_rank() == 0:  # an attempt as any other, which ends where it starts
+        progress = ProgressWriter.from_env()
+        progress.emit(
+            "train_start",
+            step=step,
+            max_steps=max_steps,
+            resumed_from=str(checkpoint),
+            world_size=dist.world_size(),
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        )
+        progress.emit("train_end", step=step, reason="finished")
+        progress.close()
     print(
         f"ftsup trainer: {checkpoint} is at max_steps ({max_steps}): training is complete",
         flush=True,
