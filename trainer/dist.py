@@ -60,10 +60,11 @@ def end_rank(code: int, *, wait_for_threads: bool = True) -> None:
     """
     if _dist() is None:
         return
-    current = threading.current_thread()
-    for thread in threading.enumerate() if wait_for_threads else ():
-        if thread is not current and not thread.daemon:
-            thread.join()  # what interpreter exit does first
+    if wait_for_threads:  # what interpreter exit does first
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not current and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -144,7 +144,8 @@ def already_finished(checkpoint: Path, config: RunConfig) -> bool:
     """A checkpoint at `max_steps` is the end of training. HF's Trainer resumed from
     it would still train one more step (it checks for the end only after a step):
     a run restarted after its last save (a crash in the final export, a torchrun
-    restart when a node left as the run ended) would no longer end as it did."""
+    restart when a node left as the run ended) would no longer end as it did.
+    When it is, the attempt is reported as one that ends where it starts."""
     step, max_steps = checkpoint_step(checkpoint), config.train.max_steps
     if max_steps <= 0 or step is None or step < max_steps:
         return False
