@@ -32,6 +32,12 @@ ENV_STANDBY_FD = "FTSUP_STANDBY_FD"  # a warm standby's end of its control socke
 ENV_MEMORY_LINEAGE = "FTSUP_MEMORY_LINEAGE"
 # Set per attempt: a warm standby must match an attempt on every other variable.
 PER_ATTEMPT_ENV = frozenset({ENV_ATTEMPT, ENV_RESUME_FROM, ENV_SKIP_STEPS, ENV_MEMORY_LINEAGE})
+# Set per job; the trainer reads them once it runs, never at import: a daemon's
+# spare standby, started before its job was known, may take any job's values.
+PER_JOB_ENV = frozenset({ENV_JOB, ENV_OUTPUT_DIR, ENV_PROGRESS_FILE})
+# The GPUs a placement gives an attempt: read when CUDA is initialised, which a
+# standby does not do before it is activated.
+DEVICE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
 
 # Read by the daemon, CLI and TUI: where state and the socket live.
 ENV_STATE_DIR = "FTSUP_STATE_DIR"

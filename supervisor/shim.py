@@ -63,11 +63,14 @@ class _StopState:
         self.escalated = False
 
 
-def parse_shim_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+def parse_shim_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str], *, job_known: bool = True
+) -> argparse.Namespace:
     """Add the options every shim takes (output folder, job, grace, the command
-    after `--`) to `parser`, which holds its own, and parse `argv`."""
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--job", required=True)
+    after `--`) to `parser`, which holds its own, and parse `argv`. `job_known`
+    False: the job and its folder may come later (a daemon's spare standby)."""
+    parser.add_argument("--output-dir", type=Path, required=job_known)
+    parser.add_argument("--job", required=job_known)
     parser.add_argument("--grace", type=float, default=120.0)
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -32,6 +32,7 @@ from ftsup.supervisor.spec_types import (
     CommandSection,
     DaemonConfig,
     DaemonGpuSection,
+    DaemonStandbySection,
     GpuSection,
     HealthSection,
     JobSection,
@@ -1306,26 +1307,31 @@ DAEMON_TABLES: Mapping[str, _Table] = MappingProxyType(
     {
         "notify": _TABLES["notify"],
         "gpu": _table(DaemonGpuSection, _Field("foreign_memory_limit", _size)),
+        "standby": _table(DaemonStandbySection, _Field("spares", _integer(at_least=0, at_most=4))),
     }
 )
 
 
 def parse_daemon_config(text: str, source: Path) -> DaemonConfig:
-    """Validate `daemon.toml` (`[notify]` defaults, `[gpu]` settings) like a job file."""
+    """Validate `daemon.toml` (`[notify]` defaults, `[gpu]` and `[standby]` settings)
+    like a job file."""
     data = _load_toml(text, source)
     issues = _Collector(source, _LineIndex(text))
     base = Path(os.path.abspath(os.path.expanduser(source))).parent
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in DAEMON_TABLES:
-            issues.add((name,), "not a daemon setting", "daemon.toml holds [notify] and [gpu]")
+            issues.add(
+                (name,), "not a daemon setting", "daemon.toml holds [notify], [gpu] and [standby]"
+            )
         elif not isinstance(value, dict):
             issues.add((name,), f"expected a table, got {_describe(value)}", None)
         else:
             sections[name] = _parse_section(name, DAEMON_TABLES[name], value, base, issues)
     issues.raise_if_any()
     gpu = sections.get("gpu") or DaemonGpuSection()
-    return DaemonConfig(source=source, notify=sections.get("notify"), gpu=gpu)
+    standby = sections.get("standby") or DaemonStandbySection()
+    return DaemonConfig(source=source, notify=sections.get("notify"), gpu=gpu, standby=standby)
 
 
 def load_daemon_config(path: Path) -> DaemonConfig:

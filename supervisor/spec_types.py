@@ -254,9 +254,18 @@ class DaemonGpuSection:
 
 
 @dataclass(frozen=True)
+class DaemonStandbySection:
+    """`[standby]` in daemon.toml. `spares`: warm trainers the daemon keeps before any
+    job asks (`ftsup.supervisor.daemon.spares`); 0 turns them off."""
+
+    spares: int = 1
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """`daemon.toml` in the state folder: defaults for every job of one daemon."""
 
     source: Path | None = None
     notify: NotifySection | None = None  # used by jobs whose own [notify] names no receiver
     gpu: DaemonGpuSection = field(default_factory=lambda: DaemonGpuSection())
+    standby: DaemonStandbySection = field(default_factory=lambda: DaemonStandbySection())

@@ -6,8 +6,12 @@ daemon starts a standby: this shim and, under it, `python -m
 ftsup.trainer.standby`, which does all of that and then waits. It holds no
 output lock, touches no GPU and writes no checkpoint until it is activated.
 
-    python -m ftsup.supervisor.standby_shim --standby-dir D --output-dir O \\
-        --job J --grace 120 --daemon-pid P --daemon-start S -- ARGV...
+    python -m ftsup.supervisor.standby_shim --standby-dir D [--output-dir O \\
+        --job J] --grace 120 --daemon-pid P --daemon-start S -- ARGV...
+
+A job's standby knows its job from the start; a daemon's spare (a standby
+started before any job, `ftsup.supervisor.daemon.spares`) learns the job, its
+output folder and its working folder from `activation.json`.
 
 Activation: the daemon writes `activation.json` into D, renames D to the new
 attempt's folder, and writes that folder's path to the FIFO `D/activate`.
@@ -50,6 +54,7 @@ from ftsup.supervisor.shim import (
     start_trainer,
     supervise,
     wakeup_pipe,
+    write_exit,
     write_record,
 )
 
@@ -64,23 +69,31 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--standby-dir", type=Path, required=True)
     parser.add_argument("--daemon-pid", type=int, required=True)
     parser.add_argument("--daemon-start", type=int, default=None)
-    return parse_shim_args(parser, argv)
+    return parse_shim_args(parser, argv, job_known=False)
 
 
 def standby_command(
-    standby_dir: Path, output_dir: Path, job: str, grace: float, daemon_pid: int, argv: list[str]
+    standby_dir: Path,
+    output_dir: Path | None,
+    job: str | None,
+    grace: float,
+    daemon_pid: int,
+    argv: list[str],
 ) -> list[str]:
-    """The command line that starts this shim for the daemon `daemon_pid`."""
+    """The command line that starts this shim for the daemon `daemon_pid`. A spare
+    (no job yet: `output_dir` and `job` None) learns both from its activation."""
+    known: list[str] = []
+    if output_dir is not None:
+        known += ["--output-dir", str(output_dir)]
+    if job is not None:
+        known += ["--job", job]
     return [
         sys.executable,
         "-m",
         "ftsup.supervisor.standby_shim",
         "--standby-dir",
         str(standby_dir),
-        "--output-dir",
-        str(output_dir),
-        "--job",
-        job,
+        *known,
         "--grace",
         str(grace),
         "--daemon-pid",
@@ -184,26 +197,47 @@ def _take_over(
     attempt_dir: Path,
     wake_r: int,
 ) -> int:
-    """Hand the waiting trainer its attempt: lock, arguments, environment."""
+    """Hand the waiting trainer its attempt: lock, arguments, environment, folder.
+    The activation names the job, its output folder and grace (a spare was
+    started before it knew them); the command line's are the fallback."""
     started_at = time.time()
     try:
         activation = read_json(attempt_dir / ACTIVATION_FILE) or {}
     except OSError:
         activation = {}
-    holder = {"job": args.job, "attempt": activation.get("attempt"), "pid": os.getpid()}
-    lock_fds = lock_for_attempt(args.output_dir, attempt_dir, holder, started_at)
+    job = activation.get("job") or args.job
+    output_dir = activation.get("output_dir") or args.output_dir
+    grace = float(activation.get("grace", args.grace))
+    if output_dir is None:  # a spare activated without its job's folder: nothing to lock
+        killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        write_exit(
+            attempt_dir,
+            error="activation",
+            message=f"{ACTIVATION_FILE} names no output folder",
+            started_at=started_at,
+            returncode=None,
+            signal=None,
+        )
+        return 1
+    holder = {"job": job, "attempt": activation.get("attempt"), "pid": os.getpid()}
+    lock_fds = lock_for_attempt(Path(output_dir), attempt_dir, holder, started_at)
     if lock_fds is None:
         killpg(child.pid, signal.SIGKILL)
         child.wait()
         return 1
-    payload = {"args": activation.get("args", []), "env": activation.get("env", {})}
+    payload = {
+        "args": activation.get("args", []),
+        "env": activation.get("env", {}),
+        "cwd": activation.get("cwd"),
+    }
     # If the trainer died meanwhile, supervise() records its exit like any other.
     with contextlib.suppress(OSError):
         socket.send_fds(control, [json.dumps(payload).encode()], lock_fds)
     for fd in lock_fds:
         os.close(fd)
     control.close()
-    return supervise(child, attempt_dir, started_at=started_at, grace=args.grace, wake_r=wake_r)
+    return supervise(child, attempt_dir, started_at=started_at, grace=grace, wake_r=wake_r)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,6 +64,9 @@ class Harness:
         self.work = self.root / "work"
         self.work.mkdir()
         self.daemon: subprocess.Popen[bytes] | None = None
+        # The daemon's spare standbys (daemon.toml [standby] spares; 1 in production):
+        # off unless a test is about them, so that no test pays a warm-up it does not use.
+        self.spares = 0
         self.env = {
             **os.environ,
             "FTSUP_STATE_DIR": str(self.state_dir),
@@ -74,6 +77,10 @@ class Harness:
     # daemon ----------------------------------------------------------------
     def start_daemon(self) -> subprocess.Popen[bytes]:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        config = self.state_dir / "daemon.toml"  # a test's own settings are kept
+        text = config.read_text() if config.exists() else ""
+        if "[standby]" not in text:
+            config.write_text(f"{text}\n[standby]\nspares = {self.spares}\n")
         log = (self.state_dir / "daemon-test.log").open("ab")
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "ftsup.supervisor", "daemon"],

@@ -75,6 +75,14 @@ def _losses(daemon: Harness, job: str) -> dict[int, float]:
     return losses
 
 
+def _attempt_stepped(daemon: Harness, job: str, attempt: int) -> bool:
+    """Attempt `attempt` (counting `train_start` records) has reported a step."""
+    progress = daemon.state_dir / "runs" / job / "progress.jsonl"
+    events = [json.loads(line).get("event") for line in progress.read_text().splitlines()]
+    starts = [i for i, event in enumerate(events) if event == "train_start"]
+    return len(starts) == attempt and "step" in events[starts[-1] :]
+
+
 def _first_steps_of_resumed_attempt(daemon: Harness, job: str) -> tuple[dict[str, Any], int]:
     """The resumed attempt's `train_start` record and the first step it reported after it.
 
@@ -197,3 +205,54 @@ def test_with_two_standbys_a_second_kill_before_any_warm_up_is_taken_over_too(
     assert stopped["state"] == "stopped"
     folders = daemon.state_dir / "runs" / "pair"
     wait_for(lambda: not list(folders.glob("standby-*")), 20, what="the third standby to go")
+
+
+def _ready_spare(harness: Harness, *, not_pid: int | None = None) -> int:
+    """The pid of the daemon's spare once it is ready (and is not `not_pid`)."""
+
+    def ready() -> int | None:
+        spare = harness.cli_json("status")["spares"]["next"]
+        if spare and spare["state"] == "ready" and spare["pid"] != not_pid:
+            return int(spare["pid"])
+        return None
+
+    return int(wait_for(ready, 120, 0.2, "a ready spare"))
+
+
+def test_the_daemons_spare_runs_a_first_attempt_and_a_restart_no_standby_is_ready_for(
+    harness: Harness,
+) -> None:
+    harness.spares = 1
+    harness.env.update({"OMP_NUM_THREADS": "1", ENV_FAULT_STEP_DELAY: "0.1"})
+    harness.start_daemon()
+    spare = _ready_spare(harness)  # before any job: warmed while the daemon was idle
+    job = _demo_job(harness, "early")
+    harness.cli("start", str(job))
+    harness.wait_state("early", "running", timeout=60)
+    first = harness.attempt_pids("early")[0]
+    assert first["trainer_pid"] == spare, "the first attempt did not run in the spare"
+    # It runs in the job's folder, where a cold start would (the spare began in the state's).
+    assert os.readlink(f"/proc/{spare}/cwd") == str(job.parent)
+    started = _events(harness, "early", "attempt_started")[0]
+    assert started["data"]["spare"] and "(the daemon's spare)" in started["message"]
+
+    # The job's own standbys keep dying: after three losses it keeps none, and the next
+    # restart can only be warm through the spare started after the first step.
+    for losses in (1, 2, 3):
+        own = _ready_standby(harness, "early")
+        os.kill(own["pid"], signal.SIGKILL)
+        wait_for(lambda n=losses: len(_events(harness, "early", "standby_lost")) == n, 30)
+    second_spare = _ready_spare(harness, not_pid=spare)
+    wait_for((job.parent / "output" / "checkpoint-50").is_dir, 120, what="a checkpoint")
+    _kill_trainer(harness, "early")
+    wait_for(lambda: len(harness.attempt_pids("early")) == 2, 60, what="the restart")
+    assert harness.attempt_pids("early")[1]["trainer_pid"] == second_spare
+    assert _events(harness, "early", "attempt_started")[1]["data"]["spare"]
+    wait_for(lambda: _attempt_stepped(harness, "early", 2), 60, what="the resumed attempt's step")
+    _assert_resumed_from_its_checkpoint(harness, "early")
+    assert harness.cli_json("stop", "early", "--now", "--wait")["state"] == "stopped"
+
+    third_spare = _ready_spare(harness, not_pid=second_spare)
+    harness.kill_daemon()  # an unused spare dies with its daemon and leaves nothing
+    wait_for(lambda: not group_members(third_spare), 20, what="the spare to go")
+    wait_for(lambda: not list((harness.state_dir / "spares").iterdir()), 20, what="its folder")

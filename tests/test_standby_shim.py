@@ -14,17 +14,27 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from ftsup.supervisor import outlock
 from ftsup.supervisor.atomicio import read_json
-from ftsup.supervisor.daemon.launcher import AttemptPlan
-from ftsup.supervisor.daemon.standby import can_take_over
+from ftsup.supervisor.daemon.launcher import AttemptPlan, spawn_standby_shim
+from ftsup.supervisor.daemon.spares import SparePool
+from ftsup.supervisor.daemon.standby import (
+    Standby,
+    StandbyKeeper,
+    can_take_over,
+    spare_can_take_over,
+    take_warm,
+)
+from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import group_members
 from ftsup.supervisor.shim import EXIT_FILE, LOG_FILE, PIDS_FILE
-from ftsup.supervisor.standby_shim import STANDBY_FILE
+from ftsup.supervisor.spec import parse_spec
+from ftsup.supervisor.standby_shim import STANDBY_FILE, standby_command
 from tests.supervisor_harness import activate_standby, start_standby_shim, wait_for
 
 # Stands in for `python -m ftsup.trainer.standby`: reports ready, waits for the
@@ -46,7 +56,7 @@ STAND_IN = textwrap.dedent("""\
     got["lock_held"] = held and len(fds) == 1
     with open(sys.argv[2], "w") as out:
         json.dump(got, out)
-    sys.exit(int(got["args"][0]))
+    sys.exit(int(got["args"][0]) if got["args"][0].isdigit() else 0)
 """)
 
 
@@ -86,7 +96,7 @@ def test_activation_hands_over_args_env_and_the_lock(
         fake_daemon.kill()  # an activated standby outlives its daemon
         assert shim.wait(30) == 0
     got = json.loads((tmp_path / "got.json").read_text())
-    assert got == {"args": ["3", "--x"], "env": {"ONLY": "this"}, "lock_held": True}
+    assert got == {"args": ["3", "--x"], "env": {"ONLY": "this"}, "cwd": None, "lock_held": True}
     exit_info = read_json(attempt_dir / EXIT_FILE)
     assert exit_info["returncode"] == 3 and exit_info["trainer_pid"] == info["trainer_pid"]
     assert read_json(attempt_dir / PIDS_FILE)["trainer_pid"] == info["trainer_pid"]
@@ -154,6 +164,9 @@ BASE = AttemptPlan(
 )
 
 
+JOB_TEXT = '[job]\nname = "x"\noutput_dir = "/tmp/o"\n[train]\nmodel = "m"\ndataset = ["d"]\n'
+
+
 def _plan(argv_tail: list[str] | None = None, cwd: str = "/w", **env: str) -> AttemptPlan:
     argv = [PYTHON, "-m", "ftsup.trainer", "--config", "/r/train.json", *(argv_tail or [])]
     return AttemptPlan(argv, {**BASE.env, **env}, Path(cwd))
@@ -174,16 +187,129 @@ def test_a_standby_runs_only_what_a_cold_start_would_run() -> None:
     assert not can_take_over(BASE, torchrun)
 
 
+def test_a_spare_runs_any_built_in_trainer_job_of_the_daemons_environment() -> None:
+    """Per-job, per-attempt and (CUDA untouched) device variables may differ; the
+    config and folder come with the activation; anything an import may read may not."""
+    spare = AttemptPlan([PYTHON, "-m", "ftsup.trainer.standby"], {"HF_HOME": "/h"}, Path("/s"))
+    job = {"HF_HOME": "/h", "FTSUP_JOB": "a", "FTSUP_OUTPUT_DIR": "/o", "FTSUP_ATTEMPT": "1"}
+    gpus = {**job, "CUDA_VISIBLE_DEVICES": "3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    argv = [PYTHON, "-m", "ftsup.trainer", "--config", "/runs/a/train.json"]
+    assert spare_can_take_over(spare, AttemptPlan(argv, job, Path("/w")), cuda_initialized=False)
+    assert spare_can_take_over(spare, AttemptPlan(argv, gpus, Path("/w")), cuda_initialized=False)
+    # An import initialised CUDA in the spare: its devices are fixed now.
+    assert not spare_can_take_over(
+        spare, AttemptPlan(argv, gpus, Path("/w")), cuda_initialized=True
+    )
+    assert spare_can_take_over(spare, AttemptPlan(argv, job, Path("/w")), cuda_initialized=True)
+    other_home = AttemptPlan(argv, {**job, "HF_HOME": "/x"}, Path("/w"))
+    assert not spare_can_take_over(spare, other_home, cuda_initialized=False)
+    other_python = AttemptPlan(["/opt/py", *argv[1:]], job, Path("/w"))
+    assert not spare_can_take_over(spare, other_python, cuda_initialized=False)
+    torchrun = AttemptPlan([PYTHON, "-m", "ftsup.trainer.distrun", "-m", "x"], job, Path("/w"))
+    assert not spare_can_take_over(spare, torchrun, cuda_initialized=False)
+
+
+def test_a_spare_learns_its_job_and_folders_from_the_activation(tmp_path: Path) -> None:
+    """Started as the daemon starts a spare (no job, no output folder), activated as
+    the daemon activates one: the lock is taken in the job's output folder, for
+    the job, and the trainer is told the job's working folder."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    out = tmp_path / "job-out"
+    out.mkdir()
+    argv = [sys.executable, str(script), str(out), str(tmp_path / "got.json")]
+    folder = tmp_path / "spares" / "standby-1"
+    folder.parent.mkdir()
+    plan = AttemptPlan(argv, {**os.environ}, tmp_path)
+    shim = spawn_standby_shim(None, folder, plan=plan, standby_argv=argv)  # this test: its daemon
+    with _reaped(shim):
+        wait_for(lambda: (read_json(folder / STANDBY_FILE) or {}).get("state") == "ready", 30)
+        spare = Standby(folder, shim, None, plan, spare=True)
+        spec = parse_spec(JOB_TEXT.replace("/tmp/o", str(out)), tmp_path / "job" / "x.toml")
+        job_plan = AttemptPlan(
+            [PYTHON, "-m", "ftsup.trainer", "--config", "/r/train.json"],
+            {"ONLY": "this"},
+            tmp_path / "job",
+        )
+        assert spare.activate(tmp_path / "attempt-1", 1, spec, job_plan)
+        assert shim.wait(30) == 0
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["args"] == ["--config", "/r/train.json"] and got["env"] == {"ONLY": "this"}
+    assert got["cwd"] == str(tmp_path / "job") and got["lock_held"]
+    assert outlock.read_holder(out) == {"job": "x", "attempt": 1, "pid": shim.pid}
+    assert read_json(tmp_path / "attempt-1" / "command.json")["spare"] is True
+
+
+def test_a_spare_activated_without_an_output_folder_ends_with_the_reason(
+    tmp_path: Path, fake_daemon: subprocess.Popen[bytes]
+) -> None:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    argv = [sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "got.json")]
+    folder = tmp_path / "standby-1"
+    folder.mkdir()
+    os.mkfifo(folder / "activate")
+    shim_argv = standby_command(folder, None, None, 5.0, fake_daemon.pid, argv)
+    shim = subprocess.Popen(shim_argv, start_new_session=True)
+    with _reaped(shim):
+        wait_for(lambda: (read_json(folder / STANDBY_FILE) or {}).get("state") == "ready", 30)
+        trainer = read_json(folder / STANDBY_FILE)["trainer_pid"]
+        activate_standby(folder, tmp_path / "attempt-1", {"attempt": 1, "args": [], "env": {}})
+        assert shim.wait(30) == 1
+    assert read_json(tmp_path / "attempt-1" / EXIT_FILE)["error"] == "activation"
+    assert not group_members(trainer)
+    assert not (tmp_path / "got.json").exists()
+
+
+def test_a_launch_prefers_a_ready_standby_and_the_jobs_own_first(tmp_path: Path) -> None:
+    """Order: the job's ready standby, a ready spare, the job's warming one, a warming
+    spare. Standbys here are folders with standby.json and a live process."""
+    spec = parse_spec(JOB_TEXT, tmp_path / "x.toml")
+    layout = Layout.from_env(tmp_path / "state", tmp_path / "rt")
+    keeper = StandbyKeeper(spec, tmp_path / "run", lambda *_: None)
+    spares = SparePool(layout, {}, lambda *_: None, 1)
+    argv = [sys.executable, "-m", "ftsup.trainer", "--config", "/r/t.json"]
+    plan = AttemptPlan(argv, spares.plan.env, BASE.cwd)  # the daemon's environment
+    shims = []
+
+    def standby(name: str, state: str, *, spare: bool) -> Standby:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / STANDBY_FILE).write_text(json.dumps({"state": state}))
+        shims.append(subprocess.Popen(["sleep", "30"], start_new_session=True))
+        return Standby(folder, shims[-1], None, spares.plan if spare else plan, spare=spare)
+
+    try:
+        own_warming = standby("own-warming", "warming", spare=False)
+        spare_ready = standby("spare-ready", "ready", spare=True)
+        keeper.pool, spares.pool = [own_warming], [spare_ready]
+        assert take_warm([keeper, spares], plan) == (spares, spare_ready)
+        assert take_warm([keeper, spares], plan) == (keeper, own_warming)
+        spare_warming = standby("spare-warming", "warming", spare=True)
+        own_ready = standby("own-ready", "ready", spare=False)
+        keeper.pool, spares.pool = [own_ready], [spare_warming]
+        assert take_warm([keeper, spares], plan) == (keeper, own_ready)
+        assert take_warm([keeper, spares], plan) == (spares, spare_warming)
+        assert take_warm([keeper, spares], plan) is None
+        # A spare that does not fit this job stays for another one.
+        other = standby("spare-other", "ready", spare=True)
+        spares.pool = [other]
+        assert take_warm([spares], replace(plan, env={**plan.env, "HF_HOME": "/x"})) is None
+        assert spares.pool == [other]
+    finally:
+        for shim in shims:
+            shim.kill()
+            shim.wait()
+
+
 def test_the_daemon_warns_when_a_standby_initialised_cuda(tmp_path: Path) -> None:
     """`cuda_initialized` in standby.json (it never is on CPU) becomes a warning event."""
     from ftsup.supervisor.daemon.standby import Standby, StandbyKeeper
-    from ftsup.supervisor.spec import parse_spec
     from ftsup.supervisor.standby_shim import STANDBY_FILE as INFO
 
-    text = '[job]\nname = "x"\noutput_dir = "/tmp/o"\n[train]\nmodel = "m"\ndataset = ["d"]\n'
     emitted: list[tuple[str, str]] = []
     keeper = StandbyKeeper(
-        parse_spec(text, tmp_path / "x.toml"),
+        parse_spec(JOB_TEXT, tmp_path / "x.toml"),
         tmp_path,
         lambda kind, message, _data: emitted.append((kind, message)),
     )
@@ -214,7 +340,8 @@ def test_activating_a_standby_whose_shim_is_gone_falls_back(tmp_path: Path) -> N
     shim = subprocess.Popen(["true"])
     shim.wait()
     standby = Standby(folder, shim, None, BASE)
-    assert not standby.activate(tmp_path / "attempt-2", 2, "j", _plan(FTSUP_ATTEMPT="2"))
+    spec = parse_spec(JOB_TEXT, tmp_path / "x.toml")
+    assert not standby.activate(tmp_path / "attempt-2", 2, spec, _plan(FTSUP_ATTEMPT="2"))
     assert folder.is_dir() and not (tmp_path / "attempt-2").exists()
     assert standby.directory == folder
 
@@ -226,10 +353,8 @@ def test_a_standby_discarded_before_its_shim_set_its_handler_leaves_no_folder(
     started no trainer then): the daemon removes the folder once the shim is gone."""
     from ftsup.supervisor.daemon.standby import Standby, StandbyKeeper
     from ftsup.supervisor.procinfo import process_start_time
-    from ftsup.supervisor.spec import parse_spec
 
-    text = '[job]\nname = "x"\noutput_dir = "/tmp/o"\n[train]\nmodel = "m"\ndataset = ["d"]\n'
-    keeper = StandbyKeeper(parse_spec(text, tmp_path / "x.toml"), tmp_path, lambda *_: None)
+    keeper = StandbyKeeper(parse_spec(JOB_TEXT, tmp_path / "x.toml"), tmp_path, lambda *_: None)
     folder = tmp_path / "standby-1"
     folder.mkdir()
     shim = subprocess.Popen(["sleep", "30"], start_new_session=True)  # no SIGTERM handler

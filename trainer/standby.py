@@ -1,4 +1,4 @@
-"""`python -m ftsup.trainer.standby --config RUN/train.json`: a trainer that waits, warm.
+"""`python -m ftsup.trainer.standby [--config RUN/train.json]`: a trainer that waits, warm.
 
 Started by `ftsup.supervisor.standby_shim` while the job's current attempt
 trains. It imports torch, transformers and peft and tokenizes the data set,
@@ -6,6 +6,10 @@ reports `ready` with how long that took, and blocks until the shim hands it an
 attempt: the trainer's arguments, its environment, and the output-folder lock
 descriptor. Then it becomes that attempt (`run.main`), with the data it
 already prepared when nothing it depends on changed meanwhile.
+
+Without `--config` it is a daemon's spare (`ftsup.supervisor.daemon.spares`):
+started before any job, it only imports, and its activation also names the
+working folder to move to; the run then tokenizes its data itself.
 
 Waiting costs no GPU memory: CUDA is never initialised before activation
 (`PYTORCH_NVML_BASED_CUDA_CHECK` keeps even the availability check off the
@@ -74,11 +78,15 @@ def warm_imports() -> None:
     import ftsup.trainer.skipping  # noqa: F401
 
 
-def warm_data(config_path: str) -> PreparedData | None:
-    """The tokenized data set, or None when it cannot be built now: the activated
-    run then builds it itself and reports any problem exactly as a cold start
-    would, so no failure here may end the standby."""
+def warm_data(config_path: str | None) -> PreparedData | None:
+    """The tokenized data set, or None when it cannot be built now (or there is no
+    job yet: a daemon's spare): the activated run then builds it itself and
+    reports any problem exactly as a cold start would, so no failure here may
+    end the standby."""
     from ftsup.trainer.config import load_run_config
+
+    if config_path is None:
+        return None
     from ftsup.trainer.prepared import prepare_data
 
     try:
@@ -193,7 +201,7 @@ def raise_leftovers() -> list[str]:
 class WarmUp(threading.Thread):
     """Imports and data, in a thread at idle CPU and I/O priority (`lower`)."""
 
-    def __init__(self, config_path: str, *, lower: bool) -> None:
+    def __init__(self, config_path: str | None, *, lower: bool) -> None:
         super().__init__(name="ftsup-warm-up", daemon=True)
         self.config_path = config_path
         self.lower = lower
@@ -272,7 +280,7 @@ def import_thread_starters() -> None:
             importlib.import_module(name)
 
 
-def warm(control: socket.socket, config_path: str, *, lower: bool) -> WarmUp:
+def warm(control: socket.socket, config_path: str | None, *, lower: bool) -> WarmUp:
     """Run the warm-up to its end; speed it up if the activation arrives meanwhile."""
     import_thread_starters()
     warm_up = WarmUp(config_path, lower=lower)
@@ -288,8 +296,23 @@ def warm(control: socket.socket, config_path: str, *, lower: bool) -> WarmUp:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ftsup.trainer.standby")
-    parser.add_argument("--config", required=True, help="train.json written by ftsup")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="train.json written by ftsup (none: a daemon's spare, whose job comes later)",
+    )
     return parser.parse_args(argv)
+
+
+def move_to(cwd: str | None) -> None:
+    """Into the activated job's folder: a spare was started before it had one. The
+    folder `python -m` put first on sys.path follows, as if started there."""
+    if not cwd:
+        return
+    started_in = os.getcwd()
+    os.chdir(cwd)
+    if sys.path and sys.path[0] == started_in:
+        sys.path[0] = os.getcwd()
 
 
 def main(argv: Sequence[str] | None = None, *, lower_priority: bool = True) -> int:
@@ -319,6 +342,7 @@ def main(argv: Sequence[str] | None = None, *, lower_priority: bool = True) -> i
         return 0
     os.environ.clear()
     os.environ.update(activation["env"])
+    move_to(activation.get("cwd"))
     idle = raise_leftovers()
     print(f"ftsup standby: taking over as attempt {os.environ.get(ENV_ATTEMPT)}", flush=True)
     if idle:

@@ -135,7 +135,9 @@ class Daemon:
         store = Store(self.layout.db)
         self._tighten_db()  # created just now under an in-process caller's umask
         bus = EventBus(store)
-        manager = JobManager(store, bus, self.layout, default_env())
+        manager = JobManager(
+            store, bus, self.layout, default_env(), spares=self.config.standby.spares
+        )
         gpus = GpuSupervision(bus, manager.runners, nvml)
         manager.preflight = gpus.preflight
         manager.placement.gpu_views = lambda: views_from_monitor(gpus.monitor, gpus.groups)

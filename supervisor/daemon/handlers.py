@@ -162,6 +162,7 @@ class Handlers:
             return {
                 "jobs": [self.job_json(job.name, row=job) for job in self.store.jobs()],
                 "counts": self.manager.summary(),
+                "spares": self.manager.spares.summary(),
                 "degraded": self.store.degraded,
             }
         return {

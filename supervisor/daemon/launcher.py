@@ -26,6 +26,7 @@ from ftsup.supervisor.service.sdnotify import clean_child_env
 from ftsup.supervisor.spec_types import JobSpec, LaunchSection
 from ftsup.supervisor.standby_shim import FIFO_NAME, standby_command
 from ftsup.supervisor.trainer_launch import (
+    STANDBY_MODULE,
     build_trainer_argv,
     rendezvous_id,
     torchrun_args,
@@ -34,6 +35,8 @@ from ftsup.supervisor.trainer_launch import (
 
 # torchrun's --nproc-per-node default (torch.distributed.run reads PET_<OPTION>)
 ENV_TORCHRUN_NPROC = "PET_NPROC_PER_NODE"
+# A spare's shim until its activation names the job's `[restart] stop_grace`.
+DEFAULT_GRACE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,13 @@ def plan_attempt(
     devices: tuple[int, ...] | None = None,
 ) -> AttemptPlan:
     """`devices`: the GPUs the queue allocated (default: the job's `[gpu] devices`)."""
-    env = clean_child_env(base_env)  # systemd's notify/watchdog variables stay with the daemon
+    env = trainer_base_env(base_env)
     env.update(
         {
             contract.ENV_JOB: spec.name,
             contract.ENV_ATTEMPT: str(attempt),
             contract.ENV_OUTPUT_DIR: str(spec.output_dir),
             contract.ENV_PROGRESS_FILE: str(layout.progress_file(spec.name)),
-            "PYTHONUNBUFFERED": "1",
         }
     )
     if resume_from is not None:
@@ -101,6 +103,19 @@ def plan_attempt(
     )
     argv = build_trainer_argv(config_path, resume_from, launch, sys.executable)
     return AttemptPlan(argv, env, spec.source.parent)
+
+
+def trainer_base_env(base_env: Mapping[str, str]) -> dict[str, str]:
+    """What every attempt's environment starts from, whatever its job: a daemon's
+    spare standby is started in exactly this (`spare_plan`)."""
+    env = clean_child_env(base_env)  # systemd's notify/watchdog variables stay with the daemon
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spare_plan(base_env: Mapping[str, str], cwd: Path) -> AttemptPlan:
+    """A standby of the built-in trainer for no job yet (`daemon/spares.py`)."""
+    return AttemptPlan([sys.executable, "-m", STANDBY_MODULE], trainer_base_env(base_env), cwd)
 
 
 def memory_settings(spec: JobSpec, layout: Layout) -> tuple[Path, int] | None:
@@ -190,15 +205,26 @@ def spawn_shim(
 
 
 def spawn_standby_shim(
-    spec: JobSpec, standby_dir: Path, *, plan: AttemptPlan, standby_argv: list[str]
+    spec: JobSpec | None, standby_dir: Path, *, plan: AttemptPlan, standby_argv: list[str]
 ) -> subprocess.Popen[bytes]:
-    """Start a warm standby (`standby_shim`) that dies with this daemon until activated."""
+    """Start a warm standby (`standby_shim`) that dies with this daemon until activated.
+    `spec` None: a daemon's spare, which learns its job from the activation."""
     standby_dir.mkdir(parents=True)
     os.mkfifo(standby_dir / FIFO_NAME, 0o600)
     (standby_dir / contract.LOG_FILE).touch()
-    shim_argv = standby_command(
-        standby_dir, spec.output_dir, spec.name, spec.restart.stop_grace, os.getpid(), standby_argv
-    )
+    if spec is None:
+        shim_argv = standby_command(
+            standby_dir, None, None, DEFAULT_GRACE_S, os.getpid(), standby_argv
+        )
+    else:
+        shim_argv = standby_command(
+            standby_dir,
+            spec.output_dir,
+            spec.name,
+            spec.restart.stop_grace,
+            os.getpid(),
+            standby_argv,
+        )
     return _start_shim(shim_argv, standby_dir / "shim.log", plan)
 
 

@@ -20,6 +20,7 @@ from ftsup.supervisor.daemon.diagnose import classify_attempt
 from ftsup.supervisor.daemon.launcher import lock_group
 from ftsup.supervisor.daemon.placement import Placement, trainer_gpus
 from ftsup.supervisor.daemon.runner import JobRunner, Preflight
+from ftsup.supervisor.daemon.spares import SparePool
 from ftsup.supervisor.daemon.wakeups import FALLBACK_POLL_S, InotifyUnavailable, PumpWakeups
 from ftsup.supervisor.memory_tier import new_lineage
 from ftsup.supervisor.paths import Layout
@@ -140,12 +141,17 @@ class JobManager:
         layout: Layout,
         env: dict[str, str],
         preflight: Preflight | None = None,
+        spares: int = 0,
     ) -> None:
         self.store = store
         self.preflight = preflight
         self.bus = bus
         self.layout = layout
         self.env = env
+        # Warm trainers for any job's launch (`[standby] spares` in daemon.toml).
+        self.spares = SparePool(
+            layout, env, lambda kind, message, data: bus.emit(None, kind, message, data), spares
+        )
         self.runners: dict[str, JobRunner] = {}
         self.placement = Placement(store, bus)
         self.placement.preempt = self._preempt
@@ -174,6 +180,7 @@ class JobManager:
             env=self.env,
             preflight=self.preflight,
             placement=self.placement,
+            spares=self.spares,
         )
         self.runners[spec.name] = runner
         self.wakeups.changed({spec.name})  # its first read; its folders to watch
@@ -345,7 +352,16 @@ class JobManager:
         self.wakeups.open_watch()
         self.wakeups.changed(set(self.runners))  # a first read of every job
         self.bus.add_listener(self._on_event)
+        self._keep_spares()
         self._pump_task = asyncio.create_task(self._pump_forever(), name="pump")
+
+    def _keep_spares(self) -> None:
+        """Replace used or lost spares, but never beside an attempt's start-up."""
+        now = time.time()
+        try:
+            self.spares.keep(not any(r.starting_up(now) for r in self.runners.values()))
+        except Exception:
+            log.exception("keeping the spare standbys failed")
 
     def _on_event(self, event: dict[str, Any]) -> None:
         """A job's own event (submitted, attempt started, state) may mean new files
@@ -372,7 +388,9 @@ class JobManager:
         while True:
             if wakeups.polling:
                 timeout: float | None = FALLBACK_POLL_S
-            elif any(self._needs_polling(r) for r in self.runners.values()):
+            elif self.spares.unsettled or any(
+                self._needs_polling(r) for r in self.runners.values()
+            ):
                 timeout = max(0.0, last_slow + SLOW_PASS_S - time.monotonic())
             else:
                 timeout = None  # nothing changes unless an event says so: sleep
@@ -384,12 +402,15 @@ class JobManager:
             elif now - last_slow >= SLOW_PASS_S:
                 last_slow = now
                 due |= {n for n, r in self.runners.items() if self._needs_polling(r)}
+                if not due:  # no job to read: the spares alone (a pass reads them too)
+                    self._keep_spares()
             if due:
                 self._pump_pass(due)
                 await asyncio.sleep(PUMP_INTERVAL)
 
     def _pump_pass(self, names: set[str]) -> None:
         self.wakeups.passes += 1
+        self._keep_spares()
         for name in names:
             runner = self.runners.get(name)
             if runner is None:
@@ -429,6 +450,7 @@ class JobManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.spares.discard()  # they would die with the daemon anyway: say so now
         self.wakeups.close()
 
     def get(self, name: str) -> JobRunner:

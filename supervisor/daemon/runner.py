@@ -54,7 +54,7 @@ from ftsup.supervisor.daemon.launcher import (
 )
 from ftsup.supervisor.daemon.nodes_view import NodesView, node_name
 from ftsup.supervisor.daemon.placement import Placement
-from ftsup.supervisor.daemon.standby import StandbyKeeper
+from ftsup.supervisor.daemon.standby import Standby, StandbyKeeper, WarmPool, take_warm
 from ftsup.supervisor.goodput import checkpoint_advice
 from ftsup.supervisor.health.diagnosis import KILLED_BY_HANG
 from ftsup.supervisor.health.loss import Anomaly
@@ -89,6 +89,7 @@ PREFLIGHT_RETRY = 5.0
 MEMORY_RETRY = 2.0  # while another process's memory is on the job's GPUs
 MEMORY_LOOK_TIMEOUT_S = 10.0  # a launch waits this long for the memory snapshots' check
 NODES_REFRESH_TIMEOUT_S = 5.0  # a decision waits this long for the other nodes' records
+STARTUP_S = 120.0  # an attempt with no step after this long no longer holds back spares
 # Errors of the moment (full or failing disk, no descriptors or memory left): a
 # launch that meets one waits and tries again; any other OSError fails the job.
 TRANSIENT_ERRNOS = frozenset(
@@ -119,8 +120,10 @@ class JobRunner:
         env: dict[str, str],
         preflight: Preflight | None = None,
         placement: Placement | None = None,
+        spares: WarmPool | None = None,
     ) -> None:
         self.spec = spec
+        self._spares = spares  # the daemon's spare standbys (spares.py), shared by its jobs
         self._placement = placement
         self.gpus: tuple[int, ...] | None = None  # the GPUs the queue gave this job
         self.store = store
@@ -451,6 +454,7 @@ class JobRunner:
         if started is None:
             return None
         child, plan, warm = started
+        how = "" if warm is None else " (the daemon's spare)" if warm.spare else " (warm standby)"
         attempt_dir = self.layout.attempt_dir(self.name, n)
         attempt = LiveAttempt(
             n=n,
@@ -470,13 +474,14 @@ class JobRunner:
         self.bus.emit(
             self.name,
             "attempt_started",
-            f"attempt {n} started {where}" + (" (warm standby)" if warm else ""),
+            f"attempt {n} started {where}{how}",
             {
                 "attempt": n,
                 "resume_from": str(resume.path) if resume.path else None,
                 "start_step": resume.step,
                 "argv": plan.argv,
                 "standby": warm is not None,
+                "spare": warm is not None and warm.spare,
             },
         )
         self._begin_attempt(attempt)
@@ -484,8 +489,8 @@ class JobRunner:
 
     async def _start_shim(
         self, n: int, resume_from: Path | None
-    ) -> tuple[subprocess.Popen[bytes], AttemptPlan, subprocess.Popen[bytes] | None] | None:
-        """Attempt `n`'s shim, started: (shim, plan, the warm standby's shim or None).
+    ) -> tuple[subprocess.Popen[bytes], AttemptPlan, Standby | None] | None:
+        """Attempt `n`'s shim, started: (shim, plan, the warm standby it is, or None).
 
         A disk that is full or failing for now, or exhausted descriptors or memory,
         make the launch wait and try again: none of them is a reason to end the job.
@@ -496,7 +501,9 @@ class JobRunner:
             try:
                 plan = self._plan(n, resume_from)
                 warm = await self._activate_standby(plan, n, attempt_dir)
-                return warm or spawn_shim(self.spec, self.layout, attempt=n, plan=plan), plan, warm
+                if warm is not None:
+                    return warm.shim, plan, warm
+                return spawn_shim(self.spec, self.layout, attempt=n, plan=plan), plan, None
             except ValueError as exc:  # a launch the trainer cannot do (multi-node, no endpoint)
                 self.store.update_attempt(self.name, n, ended_at=time.time(), reason=str(exc))
                 self._finish("failed", f"cannot launch: {exc}")
@@ -596,27 +603,45 @@ class JobRunner:
 
     async def _activate_standby(
         self, plan: AttemptPlan, n: int, attempt_dir: Path
-    ) -> subprocess.Popen[bytes] | None:
-        """The warm standby's shim, now running attempt `n`; None: start cold."""
-        standby = self.standbys.take(plan)
-        if standby is None or attempt_dir.exists():
-            if standby is not None:
-                self.standbys.discard_taken(standby)
+    ) -> Standby | None:
+        """The warm standby now running attempt `n`; None: start cold."""
+        found = self._take_warm(plan)
+        if found is None:
             return None
-        if await asyncio.to_thread(standby.activate, attempt_dir, n, self.name, plan):
-            return standby.shim
-        self.standbys.discard_taken(standby)
+        pool, standby = found
+        if not attempt_dir.exists() and await asyncio.to_thread(
+            standby.activate, attempt_dir, n, self.spec, plan
+        ):
+            return standby
+        pool.discard_taken(standby)
         return None
+
+    def _take_warm(self, plan: AttemptPlan) -> tuple[WarmPool, Standby] | None:
+        """The job's own standby or one of the daemon's spares (`take_warm`); spares
+        only for jobs that may have a standby at all."""
+        pools: list[WarmPool] = [self.standbys]
+        if self._spares is not None and self.standbys.enabled:
+            pools.append(self._spares)
+        return take_warm(pools, plan)
 
     def _keep_standby_warm(self) -> None:
         """A standby waits for the next restart once the attempt has stepped."""
         attempt = self.attempt
-        start_one = (
-            attempt is not None
-            and not self.stop_requested
-            and self.follower.progress.attempt_max_step > attempt.start_step
-        )
+        start_one = attempt is not None and not self.stop_requested and self._has_stepped(attempt)
         self.standbys.keep_warm(lambda: self._plan(0, None), start_one)
+
+    def _has_stepped(self, attempt: LiveAttempt) -> bool:
+        return self.follower.progress.attempt_max_step > attempt.start_step
+
+    def starting_up(self, now: float) -> bool:
+        """An attempt is in its start-up: launched, no step yet, and not for long
+        (a command that never reports steps is not starting for ever)."""
+        attempt = self.attempt
+        return (
+            attempt is not None
+            and not self._has_stepped(attempt)
+            and now - attempt.started_at < STARTUP_S
+        )
 
     async def _wait_for_gpus(self) -> bool:
         """Through the GPU queue (jobs that ask for GPUs or run after others); the

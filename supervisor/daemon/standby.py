@@ -43,7 +43,8 @@ Emit = Callable[[str, str, dict[str, Any] | None], object]
 
 @dataclass
 class Standby:
-    """A standby shim this daemon started, with what it was started to run."""
+    """A standby shim this daemon started, with what it was started to run. `spare`:
+    a daemon's spare (`spares.py`), started before any job, for whichever fits."""
 
     directory: Path
     shim: subprocess.Popen[bytes]
@@ -51,6 +52,7 @@ class Standby:
     plan: AttemptPlan
     spawned_at: float = field(default_factory=time.time)
     ready_reported: bool = False
+    spare: bool = False
 
     def ready(self) -> bool:
         return self.info().get("state") == "ready"
@@ -62,14 +64,25 @@ class Standby:
         return self.shim.poll() is None
 
     def can_run(self, plan: AttemptPlan) -> bool:
+        if self.spare:
+            cuda = bool(self.info().get("cuda_initialized"))
+            return spare_can_take_over(self.plan, plan, cuda_initialized=cuda)
         return can_take_over(self.plan, plan)
 
-    def activate(self, attempt_dir: Path, attempt: int, job: str, plan: AttemptPlan) -> bool:
+    def activate(self, attempt_dir: Path, attempt: int, spec: JobSpec, plan: AttemptPlan) -> bool:
         """Turn the standby into `attempt`: its folder becomes the attempt's, the
         shim is told where. False (folder renamed back) when the shim is gone."""
         _, args = split_single_process_argv(plan.argv) or ([], [])
-        activation = {"attempt": attempt, "job": job, "args": args, "env": plan.env}
-        command = {"argv": plan.argv, "cwd": str(plan.cwd), "standby": True}
+        activation = {
+            "attempt": attempt,
+            "job": spec.name,
+            "args": args,
+            "env": plan.env,
+            "cwd": str(plan.cwd),
+            "output_dir": str(spec.output_dir),
+            "grace": spec.restart.stop_grace,
+        }
+        command = {"argv": plan.argv, "cwd": str(plan.cwd), "standby": True, "spare": self.spare}
         try:  # a dying shim may be removing its folder right now
             write_json_atomic(self.directory / ACTIVATION_FILE, activation)
             write_json_atomic(self.directory / "command.json", command)
@@ -106,34 +119,59 @@ def can_take_over(standby_plan: AttemptPlan, plan: AttemptPlan) -> bool:
     config = mine[1][: mine[1].index("--config") + 2]
     if theirs[1][: len(config)] != config:
         return False
-    return _without_per_attempt(plan.env) == _without_per_attempt(standby_plan.env)
+    return _without(plan.env, contract.PER_ATTEMPT_ENV) == _without(
+        standby_plan.env, contract.PER_ATTEMPT_ENV
+    )
 
 
-def _without_per_attempt(env: dict[str, str]) -> dict[str, str]:
-    """Every variable but those set per attempt must equal the standby's own, which its
-    imports may already have read (CUDA_VISIBLE_DEVICES, HF_HOME, ...)."""
-    return {k: v for k, v in env.items() if k not in contract.PER_ATTEMPT_ENV}
+def spare_can_take_over(
+    spare_plan: AttemptPlan, plan: AttemptPlan, *, cuda_initialized: bool
+) -> bool:
+    """A spare runs any one-process built-in trainer of the same interpreter whose
+    environment equals its own but for what the daemon sets per job and attempt:
+    the trainer reads those only once it runs, and CUDA reads the device variables
+    when it is initialised, which a spare has not done (unless `cuda_initialized`:
+    an import touched the GPU, then the devices must match too). The folder and
+    the data come with the activation."""
+    theirs = split_single_process_argv(plan.argv)
+    if theirs is None or theirs[0][0] != spare_plan.argv[0]:
+        return False
+    ignored = contract.PER_ATTEMPT_ENV | contract.PER_JOB_ENV
+    if not cuda_initialized:
+        ignored |= contract.DEVICE_ENV
+    return _without(plan.env, ignored) == _without(spare_plan.env, ignored)
 
 
-class StandbyKeeper:
-    """One job's standbys (at most `standby_count`): started, watched, taken or discarded."""
+def _without(env: dict[str, str], names: frozenset[str]) -> dict[str, str]:
+    """Every other variable must equal the standby's own, which its imports may
+    already have read (HF_HOME, OMP_NUM_THREADS, ...)."""
+    return {k: v for k, v in env.items() if k not in names}
 
-    def __init__(self, spec: JobSpec, run_dir: Path, emit: Emit) -> None:
-        self.enabled = (
-            spec.restart.standby
-            and spec.train is not None
-            and not spec.launch.distributed
-            and not spec.launch.deepspeed
-            and not spec.launch.fsdp  # both always run under distrun: nothing to take over
-        )
-        self.count = spec.restart.standby_count
-        self.spec = spec
-        self.run_dir = run_dir
+
+def remove_stale(parent: Path) -> None:
+    """Standby folders under `parent` whose shims are gone (an earlier daemon's)."""
+    for folder in parent.glob(f"{STANDBY_PREFIX}*"):
+        info = read_json(folder / STANDBY_FILE) or {}
+        if not is_same_process(info.get("shim_pid", -1), info.get("shim_start")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class WarmPool:
+    """Standbys that wait, oldest first: noticed ready or lost, taken, discarded.
+    A job's own (`StandbyKeeper`) and the daemon's spares (`spares.SparePool`)."""
+
+    noun = "warm standby"
+    without_note = "restarts start cold from now on"
+    discard_unfit = True  # one that cannot run the plan is of no further use
+    off_switch = "set [restart] standby = false if that memory is short"
+
+    def __init__(self, emit: Emit, count: int, enabled: bool) -> None:
         self._emit = emit
+        self.count = count
+        self.enabled = enabled
         self.pool: list[Standby] = []  # oldest first
         self._discarded: list[Standby] = []  # reaped once their shims exit
         self.losses = 0
-        self.remove_stale()
 
     @property
     def current(self) -> Standby | None:
@@ -141,42 +179,23 @@ class StandbyKeeper:
         order = self._ready_first(lambda s: s.ready_reported)
         return order[0] if order else None
 
+    @property
+    def wanted(self) -> bool:
+        """One more should be started (when the caller allows)."""
+        return self.enabled and len(self.pool) < self.count and self.losses < MAX_LOSSES
+
     def _ready_first(self, ready: Callable[[Standby], bool]) -> list[Standby]:
         """The pool, ready ones first, oldest first within each (a stable sort)."""
         return sorted(self.pool, key=lambda standby: not ready(standby))
 
-    def remove_stale(self) -> None:
-        """Folders of standbys whose shims are gone (an earlier daemon's)."""
-        for folder in self.run_dir.glob(f"{STANDBY_PREFIX}*"):
-            info = read_json(folder / STANDBY_FILE) or {}
-            if not is_same_process(info.get("shim_pid", -1), info.get("shim_start")):
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def keep_warm(self, plan: Callable[[], AttemptPlan], start_one: bool) -> None:
-        """Called on every pump: notice lost or ready standbys; start one when there
-        are fewer than `count` and `start_one` (the current attempt has stepped)."""
+    def notice(self) -> None:
+        """Forget lost standbys (reported) and report newly ready ones."""
         self._reap()
         for standby in [s for s in self.pool if not s.alive()]:
             self.pool.remove(standby)
             self._lost(standby)
         for standby in self.pool:
             self._report_ready(standby)
-        wanted = self.enabled and len(self.pool) < self.count and self.losses < MAX_LOSSES
-        if start_one and wanted:
-            self._start(plan())
-
-    def _start(self, plan: AttemptPlan) -> None:
-        argv = standby_argv(plan.argv)
-        if argv is None:
-            return
-        folder = self.run_dir / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
-        try:
-            shim = spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv)
-        except OSError as exc:
-            self.losses += 1
-            self._emit("standby_lost", f"cannot start a warm standby: {exc}", None)
-            return
-        self.pool.append(Standby(folder, shim, process_start_time(shim.pid), plan))
 
     def _report_ready(self, standby: Standby) -> None:
         if standby.ready_reported:
@@ -185,33 +204,28 @@ class StandbyKeeper:
         if info.get("state") != "ready":
             return
         standby.ready_reported = True
+        data = {
+            k: info.get(k)
+            for k in ("trainer_pid", "ready_s", "data_prepared", "warm_priority", "frozen_objects")
+        }
         self._emit(
             "standby_ready",
-            f"warm standby ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
-            {
-                k: info.get(k)
-                for k in (
-                    "trainer_pid",
-                    "ready_s",
-                    "data_prepared",
-                    "warm_priority",
-                    "frozen_objects",
-                )
-            },
+            f"{self.noun} ready in {info.get('ready_s', 0):.1f}s (pid {info.get('trainer_pid')})",
+            {**data, "spare": standby.spare},
         )
         priority = info.get("warm_priority")
         if isinstance(priority, dict) and priority.get("cpu") != "SCHED_IDLE":
             self._emit(
                 "warning",
-                f"the warm standby warmed at normal priority ({priority.get('cpu')}): "
+                f"the {self.noun} warmed at normal priority ({priority.get('cpu')}): "
                 "it may have slowed training while it did",
                 {"trainer_pid": info.get("trainer_pid"), "warm_priority": priority},
             )
         if info.get("cuda_initialized"):  # an import touched the GPU: it now holds memory
             self._emit(
                 "warning",
-                "the warm standby initialised CUDA before it was needed and holds GPU memory; "
-                "set [restart] standby = false if that memory is short",
+                f"the {self.noun} initialised CUDA before it was needed and holds GPU memory; "
+                + self.off_switch,
                 {"trainer_pid": info.get("trainer_pid")},
             )
 
@@ -223,21 +237,26 @@ class StandbyKeeper:
         gave_up = self.losses >= MAX_LOSSES
         self._emit(
             "standby_lost",
-            f"warm standby ended before use ({how})"
-            + ("; restarts start cold from now on" if gave_up else ""),
-            {"log_tail": tail, "losses": self.losses},
+            f"{self.noun} ended before use ({how})" + (f"; {self.without_note}" if gave_up else ""),
+            {"log_tail": tail, "losses": self.losses, "spare": standby.spare},
         )
         shutil.rmtree(standby.directory, ignore_errors=True)
 
-    def take(self, plan: AttemptPlan) -> Standby | None:
+    def take(self, plan: AttemptPlan, *, ready_only: bool = False) -> Standby | None:
         """A standby, handed over for `plan` (the caller activates it), or None:
-        the oldest ready one, else the oldest still warming. Those that cannot
-        run `plan` (its command changed) are discarded."""
+        the oldest ready one, else (unless `ready_only`) the oldest still warming.
+        Those that cannot run `plan` are discarded when `discard_unfit` (a job's
+        own: its command changed), else left for another job (a spare)."""
         self._reap()
         for standby in self._ready_first(lambda s: s.ready_reported or s.ready()):
-            self.pool.remove(standby)
+            if ready_only and not (standby.ready_reported or standby.ready()):
+                continue
             # standby.json exists once the shim has opened its FIFO: activation can reach it.
-            if standby.alive() and standby.info() and standby.can_run(plan):
+            fit = standby.alive() and bool(standby.info()) and standby.can_run(plan)
+            if not fit and not self.discard_unfit and standby.alive():
+                continue
+            self.pool.remove(standby)
+            if fit:
                 return standby
             self.discard_taken(standby)
         return None
@@ -251,6 +270,12 @@ class StandbyKeeper:
         for standby in self.pool:
             self.discard_taken(standby)
         self.pool = []
+
+    @property
+    def unsettled(self) -> bool:
+        """A standby still warming (its readiness not yet reported) or one still being
+        discarded, or one missing: the pump keeps looking."""
+        return self.wanted or self.discarding or not all(s.ready_reported for s in self.pool)
 
     @property
     def discarding(self) -> bool:
@@ -280,3 +305,56 @@ class StandbyKeeper:
             "ready": sum(s.ready_reported for s in self.pool),
             "count": len(self.pool),
         }
+
+
+def take_warm(pools: list[WarmPool], plan: AttemptPlan) -> tuple[WarmPool, Standby] | None:
+    """A ready standby of the first pool that has one (the job's own, then the
+    daemon's spares), else a warming one in the same order: what is left of a
+    warm-up is still less than a cold start. With its pool, to discard it there
+    if its activation fails."""
+    for ready_only in (True, False):
+        for pool in pools:
+            standby = pool.take(plan, ready_only=ready_only)
+            if standby is not None:
+                return pool, standby
+    return None
+
+
+class StandbyKeeper(WarmPool):
+    """One job's standbys (at most `standby_count`): started, watched, taken or discarded."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, emit: Emit) -> None:
+        super().__init__(
+            emit,
+            spec.restart.standby_count,
+            enabled=(
+                spec.restart.standby
+                and spec.train is not None
+                and not spec.launch.distributed
+                and not spec.launch.deepspeed
+                and not spec.launch.fsdp  # both always run under distrun: nothing to take over
+            ),
+        )
+        self.spec = spec
+        self.run_dir = run_dir
+        remove_stale(run_dir)
+
+    def keep_warm(self, plan: Callable[[], AttemptPlan], start_one: bool) -> None:
+        """Called on every pump: notice lost or ready standbys; start one when there
+        are fewer than `count` and `start_one` (the current attempt has stepped)."""
+        self.notice()
+        if start_one and self.wanted:
+            self._start(plan())
+
+    def _start(self, plan: AttemptPlan) -> None:
+        argv = standby_argv(plan.argv)
+        if argv is None:
+            return
+        folder = self.run_dir / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
+        try:
+            shim = spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv)
+        except OSError as exc:
+            self.losses += 1
+            self._emit("standby_lost", f"cannot start a warm standby: {exc}", None)
+            return
+        self.pool.append(Standby(folder, shim, process_start_time(shim.pid), plan))
