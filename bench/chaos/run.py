@@ -8,8 +8,14 @@ offline Llama model, arithmetic data):
   it (its warm standby takes over when one is ready; the memory tier, on by
   default for LoRA since issue 18, gives it the newest snapshot in RAM when
   that is newer than the newest disk checkpoint).
+  The daemon is started first and the job submitted once its spare standby
+  (daemon.toml `[standby] spares`, default 1) is warm, as to a daemon that
+  runs as a service: the first attempt, and a restart that comes before the
+  job's own standby is warm, take over the spare.
+* `ftsup_nospare`: `ftsup` with `[standby] spares = 0` in daemon.toml (what
+  `ftsup` was before): the first attempt starts cold.
 * `ftsup_cold`: the same with `[restart] standby = false`: every restart is a
-  cold start of the trainer.
+  cold start of the trainer (a job without standbys takes no spare either).
 * `ftsup_2standby`: `ftsup` with `[restart] standby_count = 2`: a kill that
   comes before the next standby has warmed up finds the second one ready.
 * `ftsup_disk`: `ftsup` with the memory tier off (`[checkpoint] memory_every
@@ -346,7 +352,7 @@ def measure(result: ModeResult, max_steps: int) -> dict[str, Any]:
 class Daemon:
     """An ftsup daemon in its own temporary state and runtime folders."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], *, spares: int = 1) -> None:
         self.state = root / "s"
         self.env = {
             **env,
@@ -354,6 +360,7 @@ class Daemon:
             "FTSUP_RUNTIME_DIR": str(root / "r"),
         }
         self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "daemon.toml").write_text(f"[standby]\nspares = {spares}\n")
         REAPER.state_dirs.append(self.state)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -382,6 +389,16 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("status", JOB, "--json").stdout))
+
+    def wait_for_spare(self, timeout: float = 120) -> float:
+        """Seconds until the daemon's spare standby is warm (0 when it keeps none)."""
+        began = time.time()
+        while time.time() < began + timeout:
+            spares = json.loads(self.cli("status", "--json").stdout)["spares"]
+            if not spares["kept"] or (spares["next"] or {}).get("state") == "ready":
+                return time.time() - began
+            time.sleep(0.2)
+        raise RuntimeError(f"no spare standby warm after {timeout:.0f}s")
 
     def kill_trainer(self) -> None:
         """SIGKILL the newest attempt's trainer process group (what `ftsup signal KILL` does)."""
@@ -440,9 +457,11 @@ def run_ftsup(
         standby={"ftsup_cold": 0, "ftsup_2standby": 2}.get(mode, 1),
         memory=0 if mode == "ftsup_disk" else None,
     )
-    daemon = Daemon(root, env)
+    daemon = Daemon(root, env, spares=0 if mode == "ftsup_nospare" else 1)
     daemon.start()
+    spare_wait = daemon.wait_for_spare()  # a service's daemon has long been up
     result = ModeResult(mode=mode, launched=time.time(), kills=kills)
+    result.extra["spare_wait_s"] = round(spare_wait, 2)
     result.kills_trainer = mode != "daemon_kill"
     daemon.cli("start", str(job))
     tail = Tail(daemon.state / "runs" / JOB / "progress.jsonl")
@@ -485,6 +504,7 @@ def run_ftsup(
     events = json.loads(daemon.cli("events", JOB, "-n", "100000", "--json").stdout)["events"]
     started = [e for e in events if e["kind"] == "attempt_started"]
     result.extra["standby_takeovers"] = sum(1 for e in started if e["data"].get("standby"))
+    result.extra["spare_takeovers"] = sum(1 for e in started if e["data"].get("spare"))
     result.extra["memory_resumes"] = sum(1 for e in events if e["kind"] == "memory_resume")
     daemon.kill()
     return result
