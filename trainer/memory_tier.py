@@ -17,7 +17,9 @@ Two slots: a write always goes into the slot that does not hold the newest
 sealed snapshot (at start: the one resumed from, else the highest sealed
 step), and unseals its target first, so some sealed snapshot survives a kill
 at any moment. With `max_overhead` set, snapshots are spaced so that their
-cost stays within that fraction of the training time. A write that fails (a
+cost stays within that fraction of the training time, judged by the median
+cost of the recent writes, never the attempt's first write alone (it pays
+one-time costs) nor one write the machine slowed down. A write that fails (a
 full /dev/shm, a folder in the way) is reported once and turns the tier off
 for the rest of the attempt; training goes on. One process only (every
 rank's RNG would be needed otherwise); not with DeepSpeed or FSDP.
@@ -28,9 +30,11 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +63,22 @@ Write = Callable[
 ]
 
 # The most of training's time the tier may take (train.json `memory.max_overhead`):
-# a snapshot is skipped until its predecessor's cost is at most this share of the
-# time since. 0 spaces nothing: a snapshot every `every` steps. On the demo's LoRA
+# a snapshot is skipped until the recent snapshots' median cost is at most this
+# share of the time since. 0 spaces nothing: a snapshot every `every` steps. On the demo's LoRA
 # job (2 cores) a snapshot stalls ~1.3 ms of a 34 ms step: about 2 steps in 3 get
 # one (docs/benchmarks.md).
 DEFAULT_MAX_OVERHEAD = 0.05
+PACING_WINDOW = 5  # writes whose median cost spaces the next one
+
+
+def pacing_delay(stalls: Sequence[float], max_overhead: float) -> float:
+    """Seconds from one write to the next so that writes take `max_overhead` of the
+    time, by the median of the recent writes' `stalls`: one write slowed by the
+    machine (a preempted thread, a page-cache miss) must not pause the tier for
+    twenty times as long (0.4 s at 5% is 8 s, a whole short run of no snapshot)."""
+    if max_overhead <= 0 or not stalls:
+        return 0.0
+    return statistics.median(stalls) / max_overhead
 
 
 def slot_folders(slot_dir: Path) -> list[tuple[int, Path]]:
@@ -124,6 +139,8 @@ class MemoryTier:
         self.max_overhead = max_overhead
         self.paced = 0  # snapshots not taken to keep within max_overhead
         self._next_at = 0.0  # time.monotonic() before which no snapshot is taken
+        self._stalls: deque[float] = deque(maxlen=PACING_WINDOW)  # after the first write
+        self._first_written = False
         self.every = max(1, every)
         self.job = job
         self.fingerprint = dict(fingerprint)
@@ -180,8 +197,10 @@ class MemoryTier:
             return False
         self._history[target] = history
         stall = time.perf_counter() - started
-        if self.max_overhead > 0:
-            self._next_at = taken_at + stall / self.max_overhead
+        if self._first_written:  # the first allocates the slot's files: not a measure
+            self._stalls.append(stall)
+            self._next_at = taken_at + pacing_delay(self._stalls, self.max_overhead)
+        self._first_written = True
         self.newest = target
         self.sealed += 1
         self._emit(

@@ -23,7 +23,7 @@ from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, PROGRESS_MEMO
 from ftsup.supervisor.memory_tier import newest_usable, read_record
 from ftsup.trainer.config import ConfigError, load_run_config
 from ftsup.trainer.memory_snapshot import SlotHistory, seal
-from ftsup.trainer.memory_tier import MemoryTier, newest_slot, slot_folders
+from ftsup.trainer.memory_tier import MemoryTier, newest_slot, pacing_delay, slot_folders
 from ftsup.trainer.run import run_fingerprint
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
 
@@ -128,10 +128,20 @@ def test_snapshots_are_spaced_to_keep_within_the_overhead_budget(tmp_path: Path)
         report=lambda event, **fields: reports.append(fields),
         max_overhead=1e-9,
     )
-    assert tier.submit(1, one_file)
-    assert not tier.submit(2, one_file)  # within the first write's budget
+    assert tier.submit(1, one_file)  # the attempt's first write: one-time costs, no spacing
+    assert tier.submit(2, one_file)
+    assert not tier.submit(3, one_file)  # within the second write's budget
     assert tier.paced == 1
-    assert [(r["step"], r["paced"]) for r in reports] == [(1, 0)]
+    assert [(r["step"], r["paced"]) for r in reports] == [(1, 0), (2, 0)]
+
+
+def test_one_slow_write_does_not_pause_the_tier() -> None:
+    """Spacing follows the median of the recent writes: at 5%, one write of 0.4 s
+    among writes of 1 ms would otherwise stop snapshots for 8 s."""
+    assert pacing_delay([0.001, 0.4, 0.001], 0.05) == pytest.approx(0.02)
+    assert pacing_delay([0.001, 0.4, 0.4], 0.05) == pytest.approx(8.0)  # slow for good
+    assert pacing_delay([0.4], 0.0) == 0.0  # no budget: every due step
+    assert pacing_delay([], 0.05) == 0.0
 
 
 def test_a_failed_write_is_reported_once_and_turns_the_tier_off(
