@@ -46,6 +46,8 @@ timeout 170 "$PY" bench/gpu_check.py --seconds "${GPU_CHECK_SECONDS:-20}" --out 
 if "$PY" -c "import transformers, peft, ftsup.trainer.standby" 2>/dev/null; then
     echo "== warm standby: no CUDA while waiting, takeover after"
     timeout 600 "$PY" bench/standby_check.py --out "$OUT_DIR/standby_check.json" || echo "standby check FAILED"
+    echo "== the daemon's spare: no CUDA while waiting, the placement's GPU after activation"
+    timeout 300 "$PY" bench/standby_check.py --spare --out "$OUT_DIR/spare_check.json" || echo "spare check FAILED"
 else
     echo "== warm standby: skipped (transformers/peft or the trainer not importable here)"
 fi
