@@ -23,14 +23,14 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ftsup.supervisor.contract import MEMORY_RECORD, checkpoint_name
+from ftsup.supervisor.contract import checkpoint_name
 from ftsup.trainer import dist
 from ftsup.trainer.checkpointing import (
     Checkpointer,
     hand_over_rank_shards,
     retire_checkpoints_after,
 )
-from ftsup.trainer.progress import ProgressWriter
+from ftsup.trainer.progress import ProgressWriter, train_start_fields
 from ftsup.trainer.signals import REQUESTS, install_handlers
 from ftsup.trainer.skipping import in_windows
 
@@ -95,17 +95,14 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
         self._last_save = self._last_step_time = now
         self._last_tokens = state.num_input_tokens_seen
         resumed = self.resumed_from or getattr(args, "resume_from_checkpoint", None)
-        self._emit(
-            "train_start",
+        fields = train_start_fields(
             step=state.global_step,
             max_steps=state.max_steps,
-            resumed_from=str(resumed) if resumed and state.global_step > 0 else None,
-            # A memory-tier snapshot (issue 18): the daemon's goodput counts it apart.
-            resumed_from_memory=bool(resumed) and (Path(str(resumed)) / MEMORY_RECORD).is_file(),
-            # The batch geometry this attempt runs with (an elastic job's changes).
+            resumed=resumed,
             world_size=args.world_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
+        self._emit("train_start", **fields)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any

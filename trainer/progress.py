@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.contract import ENV_PROGRESS_FILE
+from ftsup.supervisor.contract import ENV_PROGRESS_FILE, MEMORY_RECORD
 
 
 def _clean(value: Any) -> Any:
@@ -25,6 +25,29 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def train_start_fields(
+    *,
+    step: int,
+    max_steps: int,
+    resumed: object,
+    world_size: int,
+    gradient_accumulation_steps: int,
+) -> dict[str, Any]:
+    """The fields of `train_start`, one definition for every way an attempt starts
+    (the callback's, and a resume at `max_steps` that ends at once): the daemon
+    reads from them which checkpoint the attempt resumed, whether it was a memory
+    snapshot (its goodput counts those apart) and the batch geometry it runs with
+    (an elastic job's changes)."""
+    return {
+        "step": step,
+        "max_steps": max_steps,
+        "resumed_from": str(resumed) if resumed and step > 0 else None,
+        "resumed_from_memory": bool(resumed) and (Path(str(resumed)) / MEMORY_RECORD).is_file(),
+        "world_size": world_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+    }
 
 
 class ProgressWriter:

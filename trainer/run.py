@@ -25,7 +25,7 @@ from ftsup.trainer.config import ConfigError, RunConfig, at_world_size, load_run
 from ftsup.trainer.data import DataError
 from ftsup.trainer.nodes import agree_on_resume, multi_node, node_ranks
 from ftsup.trainer.prepared import PreparedData
-from ftsup.trainer.progress import ProgressWriter
+from ftsup.trainer.progress import ProgressWriter, train_start_fields
 from ftsup.trainer.signals import install_handlers
 
 _NEVER = 10**12  # save_steps when only time-based saves are wanted
@@ -151,14 +151,14 @@ def already_finished(checkpoint: Path, config: RunConfig) -> bool:
         return False
     if dist.local_rank() == 0:  # an attempt as any other, which ends where it starts
         progress = ProgressWriter.from_env()
-        progress.emit(
-            "train_start",
+        fields = train_start_fields(
             step=step,
             max_steps=max_steps,
-            resumed_from=str(checkpoint),
+            resumed=checkpoint,
             world_size=dist.world_size(),
             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         )
+        progress.emit("train_start", **fields)
         progress.emit("train_end", step=step, reason="finished")
         progress.close()
     print(
