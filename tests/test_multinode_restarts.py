@@ -38,7 +38,8 @@ import os, sys, time
 count, release = sys.argv[1], sys.argv[2]
 fail_first, fail_code = int(sys.argv[3]), int(sys.argv[4])
 n = (int(open(count).read()) if os.path.exists(count) else 0) + 1
-open(count, "w").write(str(n))
+open(count + ".new", "w").write(str(n))
+os.replace(count + ".new", count)  # whole: the test polls this file
 if n <= fail_first:
     sys.exit(fail_code)
 while not os.path.exists(release):

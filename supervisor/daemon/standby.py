@@ -58,7 +58,12 @@ class Standby:
         return self.info().get("state") == "ready"
 
     def info(self) -> dict[str, Any]:
-        return read_json(self.directory / STANDBY_FILE) or {}
+        """standby.json; empty while it is not written yet, or cannot be read now (out
+        of descriptors, a failing disk): no reason to judge the standby either way."""
+        try:
+            return read_json(self.directory / STANDBY_FILE) or {}
+        except OSError:
+            return {}
 
     def alive(self) -> bool:
         return self.shim.poll() is None
@@ -104,7 +109,11 @@ class Standby:
 
     def discard(self) -> None:
         """SIGTERM: the shim kills its trainer and removes its folder."""
-        if self.alive() and is_same_process(self.shim.pid, self.shim_start):
+        # Our own unreaped child (`alive`): its pid is not another's; the start time,
+        # when it could be read, says so twice.
+        if self.alive() and (
+            self.shim_start is None or is_same_process(self.shim.pid, self.shim_start)
+        ):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.shim.pid, signal.SIGTERM)
 
@@ -251,9 +260,12 @@ class WarmPool:
         for standby in self._ready_first(lambda s: s.ready_reported or s.ready()):
             if ready_only and not (standby.ready_reported or standby.ready()):
                 continue
+            alive, info = standby.alive(), standby.info()
+            if alive and not info:  # not reachable yet (or unreadable now): keep it for later
+                continue
             # standby.json exists once the shim has opened its FIFO: activation can reach it.
-            fit = standby.alive() and bool(standby.info()) and standby.can_run(plan)
-            if not fit and not self.discard_unfit and standby.alive():
+            fit = alive and standby.can_run(plan)
+            if not fit and not self.discard_unfit and alive:
                 continue
             self.pool.remove(standby)
             if fit:
