@@ -65,9 +65,10 @@ Write = Callable[
 # The most of training's time the tier may take (train.json `memory.max_overhead`):
 # a snapshot is skipped until the recent snapshots' median cost is at most this
 # share of the time since. 0 spaces nothing: a snapshot every `every` steps. On the demo's LoRA
-# job (2 cores) a snapshot stalls ~1.3 ms of a 34 ms step: about 2 steps in 3 get
-# one (docs/benchmarks.md).
-DEFAULT_MAX_OVERHEAD = 0.05
+# job (2 cores) a snapshot stalls ~1.4 ms of a 30-34 ms step and slows the steps
+# around it about as much again: about every other step gets one, a kill loses 1-2
+# steps (docs/benchmarks.md, "With the daemon's spare"; 0.05 gave every step).
+DEFAULT_MAX_OVERHEAD = 0.025
 PACING_WINDOW = 5  # writes whose median cost spaces the next one
 
 
