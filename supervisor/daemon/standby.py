@@ -1,4 +1,5 @@
-"""One job's warm standby, as the daemon keeps it (see `ftsup.supervisor.standby_shim`).
+"""One job's warm standbys, as the daemon keeps them (see `ftsup.supervisor.standby_shim`),
+and the pool mechanics (`WarmPool`) that the daemon's spares (`spares.py`) share.
 
 The runner asks `StandbyKeeper.keep_warm` on every pump while an attempt
 trains, and `take` when it launches the next attempt: a ready (or still
