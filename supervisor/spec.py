@@ -880,6 +880,7 @@ _TABLES: Mapping[str, _Table] = MappingProxyType(
             _Field("watch", _choice("auto", "inotify", "polling")),
             _Field("memory_every", _auto(_STEP_COUNT)),
             _Field("memory_dir", _path_text),
+            _Field("memory_overhead", _number(at_least=0, below=1)),
         ),
         "gpu": _table(
             GpuSection,

@@ -193,6 +193,9 @@ class CheckpointSection:
     # ("auto"): memory_tier.AUTO_EVERY (every step for LoRA/QLoRA, off for full).
     memory_every: int | None = None
     memory_dir: str | None = None  # None: the daemon's runtime folder (tmpfs)
+    # The most of training time snapshots may take (0: every `memory_every` step
+    # whatever it costs); None: the trainer's default (memory_tier.DEFAULT_MAX_OVERHEAD).
+    memory_overhead: float | None = None
 
 
 @dataclass(frozen=True)

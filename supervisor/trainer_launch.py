@@ -124,11 +124,12 @@ def train_json(
     async_save: bool = True,
     job_name: str = "ftsup",
     elastic_global_batch: int | None = None,
-    memory: tuple[Path, int] | None = None,
+    memory: tuple[Path, int, float | None] | None = None,
 ) -> dict[str, Any]:
     """The `train.json` payload the trainer reads (`--config`): tuples become lists.
 
-    `memory` (folder, every N steps): the memory tier's settings (issue 18; see
+    `memory` (folder, every N steps, the most of training time snapshots may take
+    or None for the trainer's default): the memory tier's settings (issue 18; see
     the contract's MEMORY_* names); None leaves it off.
 
     `elastic_global_batch` (an elastic job's per-device batch x accumulation x full
@@ -144,7 +145,10 @@ def train_json(
     if elastic_global_batch is not None:
         payload["elastic"] = {"global_batch": elastic_global_batch}
     if memory is not None:
-        payload["memory"] = {"dir": str(memory[0]), "every": memory[1]}
+        folder, every, overhead = memory
+        payload["memory"] = {"dir": str(folder), "every": every}
+        if overhead is not None:  # absent: the trainer's default
+            payload["memory"]["max_overhead"] = overhead
     return payload
 
 

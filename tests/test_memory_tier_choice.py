@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor.contract import MEMORY_FORMAT, MEMORY_RECORD, MEMORY_SLOTS, checkpoint_name
+from ftsup.supervisor.daemon.launcher import memory_settings
 from ftsup.supervisor.memory_tier import (
     AUTO_EVERY,
     current_lineage,
@@ -27,6 +28,8 @@ from ftsup.supervisor.memory_tier import (
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec import SpecError, parse_spec
 from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.trainer_launch import write_train_json
+from ftsup.trainer.config import load_run_config
 from ftsup.trainer.memory_snapshot import HISTORY_NAME, STATE_NAME, TENSORS_NAME, seal
 
 FINGERPRINT = {"model": "tiny", "lr": 0.001, "world_size": 1}
@@ -176,6 +179,26 @@ def test_the_tier_is_on_for_one_process_lora_jobs_and_opt_in_otherwise(tmp_path:
     assert memory_every(off) == 0
     two = job(tmp_path, extra="[launch]\nnproc_per_node = 2")  # auto, several processes
     assert memory_every(two) == 0
+
+
+def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) -> None:
+    """`[checkpoint] memory_overhead` goes through train.json into the trainer's own
+    config; absent, train.json leaves it out and the trainer's default applies."""
+    layout = Layout.from_env(tmp_path / "state", tmp_path / "run")
+    for extra, expected in (("", None), ("[checkpoint]\nmemory_overhead = 0.05", 0.05)):
+        spec = job(tmp_path, extra=extra)
+        assert spec.train is not None
+        path = write_train_json(
+            tmp_path / "train.json",
+            spec.train,
+            output_dir=tmp_path / "out",
+            memory=memory_settings(spec, layout),
+        )
+        memory = load_run_config(path, check_files=False).memory
+        assert memory is not None and memory.max_overhead == expected
+    for bad in ("1", '"5%"', "-0.1"):
+        with pytest.raises(SpecError, match="memory_overhead"):
+            job(tmp_path, extra=f"[checkpoint]\nmemory_overhead = {bad}")
 
 
 def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> None:

@@ -118,10 +118,13 @@ def spare_plan(base_env: Mapping[str, str], cwd: Path) -> AttemptPlan:
     return AttemptPlan([sys.executable, "-m", STANDBY_MODULE], trainer_base_env(base_env), cwd)
 
 
-def memory_settings(spec: JobSpec, layout: Layout) -> tuple[Path, int] | None:
-    """The memory tier's folder and interval for train.json; None when it is off."""
+def memory_settings(spec: JobSpec, layout: Layout) -> tuple[Path, int, float | None] | None:
+    """The memory tier's folder, interval and time budget for train.json; None when
+    it is off."""
     every = memory_tier.memory_every(spec)
-    return (memory_tier.memory_dir(spec, layout), every) if every else None
+    if not every:
+        return None
+    return memory_tier.memory_dir(spec, layout), every, spec.checkpoint.memory_overhead
 
 
 def torchrun_env(launch: LaunchSection, rdzv_id: str) -> dict[str, str]:
