@@ -1078,15 +1078,24 @@ def _check_node_local(sections: Mapping[str, Any], issues: _Collector) -> None:
 
 
 def _check_memory_tier(sections: Mapping[str, Any], issues: _Collector) -> None:
-    """`[checkpoint] memory_every`: the built-in trainer in one process only (a
-    `[command]` trainer's state is out of ftsup's reach; several processes would
-    each need their own snapshot, not built)."""
+    """`[checkpoint] memory_every` and `memory_overhead`: the built-in trainer in one
+    process only (a `[command]` trainer's state is out of ftsup's reach; several
+    processes would each need their own snapshot, not built)."""
     checkpoint = sections.get("checkpoint")
-    if not isinstance(checkpoint, CheckpointSection) or not checkpoint.memory_every:
+    if not isinstance(checkpoint, CheckpointSection):
+        return
+    built_in = isinstance(sections.get("train"), TrainSection)
+    if checkpoint.memory_overhead is not None and not built_in:
+        issues.add(
+            ("checkpoint", "memory_overhead"),
+            "needs a [train] job: it paces the built-in trainer's memory snapshots",
+            "leave memory_overhead out of a [command] job",
+        )
+    if not checkpoint.memory_every:
         return
     launch = sections.get("launch") or LaunchSection()
     where = ("checkpoint", "memory_every")
-    if not isinstance(sections.get("train"), TrainSection):
+    if not built_in:
         issues.add(
             where,
             "needs a [train] job: the memory tier snapshots the built-in trainer's state",

@@ -199,6 +199,19 @@ def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) 
     for bad in ("1", '"5%"', "-0.1"):
         with pytest.raises(SpecError, match="memory_overhead"):
             job(tmp_path, extra=f"[checkpoint]\nmemory_overhead = {bad}")
+    command = f"""
+[job]
+name = "cmd"
+output_dir = "{tmp_path / "out"}"
+
+[command]
+argv = ["python", "train.py"]
+
+[checkpoint]
+memory_overhead = 0.05
+"""
+    with pytest.raises(SpecError, match=r"memory_overhead.*needs a \[train\] job"):
+        parse_spec(command, tmp_path / "cmd.toml")
 
 
 def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> None:
