@@ -228,11 +228,12 @@ def test_the_daemons_spare_runs_a_first_attempt_and_a_restart_no_standby_is_read
     spare = _ready_spare(harness)  # before any job: warmed while the daemon was idle
     job = _demo_job(harness, "early")
     harness.cli("start", str(job))
-    harness.wait_state("early", "running", timeout=60)
-    first = harness.attempt_pids("early")[0]
+    # "running" comes before the shim's pids.json, and the move to the job's folder after.
+    first = wait_for(lambda: harness.attempt_pids("early"), 60, what="the first attempt")[0]
     assert first["trainer_pid"] == spare, "the first attempt did not run in the spare"
     # It runs in the job's folder, where a cold start would (the spare began in the state's).
-    assert os.readlink(f"/proc/{spare}/cwd") == str(job.parent)
+    in_job_folder = lambda: os.readlink(f"/proc/{spare}/cwd") == str(job.parent)  # noqa: E731
+    wait_for(in_job_folder, 30, what="the spare to move into the job's folder")
     started = _events(harness, "early", "attempt_started")[0]
     assert started["data"]["spare"] and "(the daemon's spare)" in started["message"]
 

@@ -96,10 +96,9 @@ def warm_data(config_path: str | None) -> PreparedData | None:
     job yet: a daemon's spare): the activated run then builds it itself and
     reports any problem exactly as a cold start would, so no failure here may
     end the standby."""
-    from ftsup.trainer.config import load_run_config
-
     if config_path is None:
         return None
+    from ftsup.trainer.config import load_run_config
     from ftsup.trainer.prepared import prepare_data
 
     try:
