@@ -181,6 +181,21 @@ def test_the_tier_is_on_for_one_process_lora_jobs_and_opt_in_otherwise(tmp_path:
     assert memory_every(two) == 0
 
 
+def command_job(tmp_path: Path, checkpoint_line: str) -> str:
+    """A `[command]` job file whose `[checkpoint]` holds `checkpoint_line`."""
+    return f"""
+[job]
+name = "cmd"
+output_dir = "{tmp_path / "out"}"
+
+[command]
+argv = ["python", "train.py"]
+
+[checkpoint]
+{checkpoint_line}
+"""
+
+
 def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) -> None:
     """`[checkpoint] memory_overhead` goes through train.json into the trainer's own
     config; absent, train.json leaves it out and the trainer's default applies."""
@@ -199,19 +214,8 @@ def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) 
     for bad in ("1", '"5%"', "-0.1"):
         with pytest.raises(SpecError, match="memory_overhead"):
             job(tmp_path, extra=f"[checkpoint]\nmemory_overhead = {bad}")
-    command = f"""
-[job]
-name = "cmd"
-output_dir = "{tmp_path / "out"}"
-
-[command]
-argv = ["python", "train.py"]
-
-[checkpoint]
-memory_overhead = 0.05
-"""
     with pytest.raises(SpecError, match=r"memory_overhead.*needs a \[train\] job"):
-        parse_spec(command, tmp_path / "cmd.toml")
+        parse_spec(command_job(tmp_path, "memory_overhead = 0.05"), tmp_path / "cmd.toml")
 
 
 def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> None:
@@ -225,16 +229,5 @@ def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> No
 def test_the_job_file_refuses_a_memory_tier_it_cannot_keep(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"memory_every.*one process only"):
         job(tmp_path, extra="[checkpoint]\nmemory_every = 1\n\n[launch]\nnproc_per_node = 2")
-    command = f"""
-[job]
-name = "cmd"
-output_dir = "{tmp_path / "out"}"
-
-[command]
-argv = ["python", "train.py"]
-
-[checkpoint]
-memory_every = 1
-"""
     with pytest.raises(SpecError, match=r"memory_every.*needs a \[train\] job"):
-        parse_spec(command, tmp_path / "cmd.toml")
+        parse_spec(command_job(tmp_path, "memory_every = 1"), tmp_path / "cmd.toml")
