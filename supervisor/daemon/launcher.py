@@ -215,19 +215,12 @@ def spawn_standby_shim(
     standby_dir.mkdir(parents=True)
     os.mkfifo(standby_dir / FIFO_NAME, 0o600)
     (standby_dir / contract.LOG_FILE).touch()
-    if spec is None:
-        shim_argv = standby_command(
-            standby_dir, None, None, DEFAULT_GRACE_S, os.getpid(), standby_argv
-        )
-    else:
-        shim_argv = standby_command(
-            standby_dir,
-            spec.output_dir,
-            spec.name,
-            spec.restart.stop_grace,
-            os.getpid(),
-            standby_argv,
-        )
+    output_dir, job, grace = (
+        (None, None, DEFAULT_GRACE_S)
+        if spec is None
+        else (spec.output_dir, spec.name, spec.restart.stop_grace)
+    )
+    shim_argv = standby_command(standby_dir, output_dir, job, grace, os.getpid(), standby_argv)
     return _start_shim(shim_argv, standby_dir / "shim.log", plan)
 
 

@@ -12,7 +12,7 @@ per job and attempt (`standby.spare_can_take_over`); the activation hands it
 the job, its folders and the arguments, and the run tokenizes its data itself.
 
 A launch takes, in order: the job's ready standby, a ready spare, the job's
-standby still warming, a spare still warming (`JobRunner._take_warm`). A
+standby still warming, a spare still warming (`standby.take_warm`). A
 fresh spare replaces a used one once no attempt is starting up, so that its
 warm-up never competes with a start-up. `[standby] spares` in daemon.toml
 (default 1; 0 turns them off); none when torch is not installed beside the
@@ -23,22 +23,18 @@ only as long as its daemon, like every standby.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
-import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.daemon.launcher import spare_plan, spawn_standby_shim
 from ftsup.supervisor.daemon.runner import TRANSIENT_ERRNOS
-from ftsup.supervisor.daemon.standby import STANDBY_PREFIX, Emit, Standby, WarmPool, remove_stale
+from ftsup.supervisor.daemon.standby import Emit, Standby, WarmPool, new_folder, remove_stale
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.procinfo import ProcessUnreadable, process_start_time
 
 log = logging.getLogger("ftsup.daemon")
 SPARES_DIR = "spares"  # in the state folder: the same file system as the run folders
-_numbers = itertools.count(1)
 
 
 def trainer_installed() -> bool:
@@ -75,7 +71,7 @@ class SparePool(WarmPool):
             self._start()
 
     def _start(self) -> None:
-        folder: Path = self.folder / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
+        folder = new_folder(self.folder)
         try:
             self.folder.mkdir(mode=0o700, exist_ok=True)  # in the private state folder
             shim = spawn_standby_shim(None, folder, plan=self.plan, standby_argv=self.plan.argv)

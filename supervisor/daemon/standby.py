@@ -158,6 +158,11 @@ def _without(env: dict[str, str], names: frozenset[str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in names}
 
 
+def new_folder(parent: Path) -> Path:
+    """A fresh standby folder's name under `parent` (this daemon's pid, a counter)."""
+    return parent / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
+
+
 def remove_stale(parent: Path) -> None:
     """Standby folders under `parent` whose shims are gone (an earlier daemon's)."""
     for folder in parent.glob(f"{STANDBY_PREFIX}*"):
@@ -363,7 +368,7 @@ class StandbyKeeper(WarmPool):
         argv = standby_argv(plan.argv)
         if argv is None:
             return
-        folder = self.run_dir / f"{STANDBY_PREFIX}{os.getpid()}-{next(_numbers)}"
+        folder = new_folder(self.run_dir)
         try:
             shim = spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv)
         except OSError as exc:
