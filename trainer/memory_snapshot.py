@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import pickle
@@ -61,6 +62,9 @@ _PENDING_WINDOW = "_ftsup_resumed_loss_window"  # set by materialize, taken by t
 
 # Called with each fault point of a write ("memory_after_tensors", "memory_before_seal").
 PointHook = Callable[[str], None]
+# Writes a captured snapshot into an unsealed slot folder and seals it (the tier's
+# writer thread): (folder, fault hook) -> (bytes, the slot's history after it).
+Finish = Callable[[Path, PointHook], tuple[int, "SlotHistory"]]
 
 
 @dataclass(frozen=True)
@@ -129,14 +133,33 @@ def _map_leaves(value: Any, leaf: type, change: Callable[[Any], Any]) -> Any:
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
     """The tensors of `value` in the order `_Layout.skeleton` meets them."""
-    if isinstance(value, dict) and all(type(per) is dict for per in value.values()):
-        # an optimizer's {index: {name: tensor}}: one flat pass
-        flat = [v for per in value.values() for v in per.values()]
-        if all(isinstance(v, torch.Tensor) for v in flat):
-            return flat
     found: list[torch.Tensor] = []
     _map_leaves(value, torch.Tensor, found.append)  # the same walk as the skeleton's
     return found
+
+
+def torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer under accelerate's wrapper (which only forwards to it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _plan_key(optimizer: Any, loss_window: torch.Tensor | None) -> tuple[int, ...] | None:
+    """What a plan depends on: the parameters' and the state tensors' identities, in
+    `state_dict()`'s order (a new tensor, or an int step count replaced by the next,
+    is a new object). None when no plan can be kept: state-dict hooks may change
+    what `state_dict()` returns."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or (
+        optimizer._optimizer_state_dict_pre_hooks or optimizer._optimizer_state_dict_post_hooks
+    ):
+        return None
+    ids = [id(loss_window)]
+    for group in optimizer.param_groups:
+        ids.extend(map(id, group["params"]))
+    ids.append(-1)  # parameters | state
+    for per in optimizer.state.values():
+        ids.extend(map(id, per.values()))
+    return tuple(ids)
 
 
 @dataclass(frozen=True)
@@ -144,44 +167,74 @@ class _Plan:
     """Where each tensor training changes goes; the same from one snapshot to the
     next as long as the optimizer holds the same tensor objects (they are updated
     in place), so walking the model's state dict and pickling the refs happen once.
-    The plan holds the tensors, so no id in `ids` can be reused."""
+    The plan holds the tensors, so no id in `key` can be reused."""
 
-    ids: tuple[int, ...]  # the optimizer's tensors, then HF's loss accumulator
+    key: tuple[int, ...] | None  # _plan_key; None: built for one snapshot only
     sources: list[torch.Tensor]
     refs: tuple[TensorRef, ...]
     size: int
-    pickled: bytes  # {"weights": {name: ref}, "optimizer_state": skeleton}
+    pickled: bytes  # {"weights": {name: ref}, "optimizer_state": skeleton, "tr_loss": ref}
+    # Sources changed before the next optimizer step (HF's loss accumulator, buffers a
+    # forward pass may update): cloned at capture, the rest is copied by the writer.
+    clone_now: tuple[int, ...]
+    group_params: tuple[list[int], ...]  # state_dict()'s param indices, group by group
+
+    def sources_now(self) -> list[torch.Tensor]:
+        """The tensors to copy, with those that change before the next optimizer
+        step cloned now."""
+        if not self.clone_now:
+            return self.sources
+        sources = list(self.sources)
+        for index in self.clone_now:
+            sources[index] = sources[index].clone()
+        return sources
 
 
 def _plan(
     model: torch.nn.Module,
-    optimizer_state: Any,
-    optimizer_tensors: list[torch.Tensor],
+    optimizer_state_dict: dict[str, Any],
     loss_window: torch.Tensor | None,
+    key: tuple[int, ...] | None,
 ) -> _Plan:
     layout = _Layout()
+    clone_now: list[int] = []
     weights: dict[str, TensorRef] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
+        parameter = isinstance(tensor, torch.nn.Parameter)
         # Frozen parameters (a LoRA run's whole base model) never change: not copied.
-        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad:
+        if parameter and not tensor.requires_grad:
             continue
+        known = len(layout.sources)
         weights[name] = layout.ref(tensor)
-    skeleton = layout.skeleton(optimizer_state)
-    loss = None if loss_window is None else layout.ref(loss_window)
+        if not parameter and len(layout.sources) > known:
+            clone_now.append(known)  # a buffer: the next forward pass may change it
+    state = optimizer_state_dict["state"]
+    skeleton = layout.skeleton(state)
+    if len(_tensors_in(state)) != sum(len(per) for per in state.values()):
+        key = None  # a value that is not a tensor (an int step count) is in the pickle
+    loss = None
+    if loss_window is not None:
+        clone_now.append(len(layout.sources))
+        loss = layout.ref(loss_window)
     frozen = {"weights": weights, "optimizer_state": skeleton, "tr_loss": loss}
     return _Plan(
-        ids=_ids(optimizer_tensors, loss_window),
+        key=key,
         sources=layout.sources,
         refs=tuple(layout.refs),
         size=layout.size,
         pickled=pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL),
+        clone_now=tuple(clone_now),
+        group_params=tuple(list(g["params"]) for g in optimizer_state_dict["param_groups"]),
     )
 
 
-def _ids(
-    optimizer_tensors: list[torch.Tensor], loss_window: torch.Tensor | None
-) -> tuple[int, ...]:
-    return (*(id(t) for t in optimizer_tensors), id(loss_window))
+def _packed_groups(optimizer: torch.optim.Optimizer, plan: _Plan) -> list[dict[str, Any]]:
+    """`optimizer.state_dict()["param_groups"]` without walking the state again:
+    each group's settings (now) and its parameters' indices (the plan's)."""
+    return [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": indices}
+        for group, indices in zip(optimizer.param_groups, plan.group_params, strict=True)
+    ]
 
 
 def _loss_window(trainer: Any) -> torch.Tensor | None:
@@ -255,7 +308,11 @@ class SlotHistory:
 
 
 class SnapshotWriter:
-    """Writes one trainer's snapshots; keeps what does not change between them
+    """Writes one trainer's snapshots in two halves: `capture` on the training
+    thread takes what the next step would change (RNG, scheduler, trainer state,
+    HF's loss accumulator) and returns `finish`, which copies the tensors the next
+    optimizer step changes, writes the files and seals (the tier runs it on its
+    writer thread, or at once). Keeps what does not change between snapshots
     (the plan, and each slot folder's mapped tensor file)."""
 
     def __init__(self) -> None:
@@ -271,79 +328,128 @@ class SnapshotWriter:
     def forget(self, folder: Path) -> None:
         self._files.pop(folder / TENSORS_NAME, None)
 
-    def write(
-        self,
-        trainer: Any,
-        folder: Path,
-        history: SlotHistory | None,
-        record: Mapping[str, Any],
-        point: PointHook,
-    ) -> tuple[int, SlotHistory]:
-        """Write the trainer's state into `folder` (an unsealed slot folder) and seal
-        it. `history`: what this attempt wrote into the folder's history file
-        before (None: rewrite it). Returns the snapshot's size and the new history."""
+    def capture(
+        self, trainer: Any, history: SlotHistory | None, record: Mapping[str, Any]
+    ) -> Finish:
+        """Take the trainer's state now (training thread). `history`: what this
+        attempt wrote into the target slot's history file before (None: rewrite it)."""
         if trainer.hp_search_backend is None:
             trainer.store_flos()  # as before a disk save: total_flos is current
         record_callback_states(trainer)
-        optimizer = trainer.optimizer.state_dict()
-        tensors = _tensors_in(optimizer["state"])
+        optimizer = torch_optimizer(trainer.optimizer)
         loss_window = _loss_window(trainer)
+        key = _plan_key(optimizer, loss_window)
         plan = self._plan
-        if plan is None or plan.ids != _ids(tensors, loss_window):
-            plan = self._plan = _plan(trainer.model, optimizer["state"], tensors, loss_window)
+        if plan is None or key is None or plan.key != key:
+            state_dict = optimizer.state_dict()
+            plan = _plan(trainer.model, state_dict, loss_window, key)
+            param_groups = state_dict["param_groups"]
+            self._plan = plan if plan.key is not None else None
+        else:
+            param_groups = _packed_groups(optimizer, plan)
+        sources = plan.sources_now()
+        log = trainer.state.log_history
+        start, appended, history_data = _history_update(log, history)
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        state = pickle.dumps(
+            {
+                "step": trainer.state.global_step,
+                "plan": plan.pickled,
+                "param_groups": param_groups,
+                "scheduler": trainer.lr_scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "rng": _rng_to_pickle(rng_states(trainer)),
+                "trainer_state": _trainer_state_without_history(trainer),
+                "history": {"entries": appended.entries, "bytes": appended.size},
+                "last_logged": getattr(trainer, "_globalstep_last_logged", None),
+            },
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        sizes = {
+            TENSORS_NAME: max(plan.size, 1),
+            STATE_NAME: len(state),
+            HISTORY_NAME: appended.size,
+        }
+        sealed = json.dumps({**record, "format": MEMORY_FORMAT, "files": sizes}).encode()
+        written = _Captured(plan, sources, state, start, history_data, sealed)
+        return functools.partial(self._finish, written, sum(sizes.values()), appended)
+
+    def _finish(
+        self, written: _Captured, size: int, appended: SlotHistory, folder: Path, point: PointHook
+    ) -> tuple[int, SlotHistory]:
+        """Write a captured snapshot into `folder` (an unsealed slot folder) and seal it."""
+        plan = written.plan
         tensor_path = folder / TENSORS_NAME
         mapped = self._files.get(tensor_path)
         if mapped is None or mapped.size != plan.size:
             mapped = self._files[tensor_path] = TensorFile(tensor_path, plan.size)
         if plan.refs:
-            with torch.no_grad():
-                torch._foreach_copy_(mapped.views(plan.refs), plan.sources)
+            with torch.no_grad():  # grad mode is per thread
+                torch._foreach_copy_(mapped.views(plan.refs), written.sources)
         point("memory_after_tensors")
-        history = _write_history(folder / HISTORY_NAME, trainer.state.log_history, history)
-        scaler = getattr(trainer.accelerator, "scaler", None)
-        state = {
-            "step": trainer.state.global_step,
-            "plan": plan.pickled,
-            "param_groups": optimizer["param_groups"],
-            "scheduler": trainer.lr_scheduler.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-            "rng": _rng_to_pickle(rng_states(trainer)),
-            "trainer_state": _trainer_state_without_history(trainer),
-            "history": {"entries": history.entries, "bytes": history.size},
-            "last_logged": getattr(trainer, "_globalstep_last_logged", None),
-        }
-        (folder / STATE_NAME).write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        _write_history(folder / HISTORY_NAME, written.history_data, written.history)
+        _write_bytes(folder / STATE_NAME, written.state)
         point("memory_before_seal")
-        sizes = {
-            TENSORS_NAME: max(plan.size, 1),
-            STATE_NAME: os.path.getsize(folder / STATE_NAME),
-            HISTORY_NAME: history.size,
-        }
-        seal(folder, {**record, "format": MEMORY_FORMAT, "files": sizes})
-        return sum(sizes.values()), history
+        _seal_bytes(folder, written.sealed)
+        return size, appended
 
 
-def _write_history(path: Path, log: list[dict[str, Any]], known: SlotHistory | None) -> SlotHistory:
-    """Append the entries the file lacks (or rewrite it when this attempt has not
-    written it yet: it may hold another attempt's, or be cut short)."""
+@dataclass(frozen=True)
+class _Captured:
+    """One snapshot's state as taken on the training thread."""
+
+    plan: _Plan
+    sources: list[torch.Tensor]
+    state: bytes  # state.pkl
+    history: SlotHistory | None  # the slot's history file's part to keep (None: rewrite)
+    history_data: bytes  # to append (or the whole file)
+    sealed: bytes  # the record
+
+
+def _history_update(
+    log: list[dict[str, Any]], known: SlotHistory | None
+) -> tuple[SlotHistory | None, SlotHistory, bytes]:
+    """What to append to the slot's history file (`known`: what this attempt wrote
+    there before): (the file's part to keep, None to rewrite it; the history after
+    this snapshot; the bytes to write). Rewritten when this attempt has not written
+    it yet: it may hold another attempt's, or be cut short."""
     start = known if known is not None and known.entries <= len(log) else None
     new = log[start.entries :] if start is not None else log
     data = "".join(json.dumps(entry) + "\n" for entry in new).encode()
-    if start is None:
-        path.write_bytes(data)
-        return SlotHistory(len(log), len(data))
-    with open(path, "r+b") as handle:
-        handle.truncate(start.size)
-        handle.seek(start.size)
-        handle.write(data)
-    return SlotHistory(len(log), start.size + len(data))
+    size = len(data) if start is None else start.size + len(data)
+    return start, SlotHistory(len(log), size), data
+
+
+def _write_history(path: Path, data: bytes, known: SlotHistory | None) -> None:
+    """Append `data` to what this attempt wrote before (`known`), or write it whole."""
+    if known is None:
+        _write_bytes(path, data)
+    elif data:
+        with open(path, "r+b") as handle:
+            handle.truncate(known.size)
+            handle.seek(known.size)
+            handle.write(data)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+    finally:
+        os.close(descriptor)
+
+
+def _seal_bytes(folder: Path, record: bytes) -> None:
+    temporary = folder / f".{MEMORY_RECORD}.tmp"
+    _write_bytes(temporary, record)
+    os.replace(temporary, folder / MEMORY_RECORD)
 
 
 def seal(folder: Path, record: Mapping[str, Any]) -> None:
     """Write the record atomically: from now on the snapshot may be resumed."""
-    temporary = folder / f".{MEMORY_RECORD}.tmp"
-    temporary.write_text(json.dumps(dict(record)))
-    os.replace(temporary, folder / MEMORY_RECORD)
+    _seal_bytes(folder, json.dumps(dict(record)).encode())
 
 
 def unseal(folder: Path) -> None:
@@ -358,9 +464,18 @@ def is_snapshot(folder: Path) -> bool:
     return record is not None and record.get("format") == MEMORY_FORMAT
 
 
-def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
-    """Write `snapshot` as the checkpoint folder an HF save of its step would be,
-    at `out` (replaced), for `trainer.train(resume_from_checkpoint=...)`."""
+@dataclass(frozen=True)
+class SnapshotContents:
+    """A sealed snapshot read back: the tensors training changed and the rest."""
+
+    state: dict[str, Any]  # state.pkl (step, param_groups, scheduler, scaler, rng, ...)
+    weights: dict[str, torch.Tensor]  # the trainable weights (and buffers) by name
+    optimizer: dict[str, Any]  # as `optimizer.state_dict()` returned it
+    loss_window: torch.Tensor | None  # HF's loss accumulator
+
+
+def read_snapshot(snapshot: Path) -> SnapshotContents:
+    """What `materialize` writes out, as tensors and dicts."""
     snapshot = Path(snapshot)
     state = pickle.loads((snapshot / STATE_NAME).read_bytes())
     size = os.path.getsize(snapshot / TENSORS_NAME)
@@ -374,16 +489,30 @@ def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
         return _map_leaves(value, TensorRef, tensor)
 
     plan = pickle.loads(state["plan"])
+    loss = plan.get("tr_loss")
+    return SnapshotContents(
+        state=state,
+        weights=load(plan["weights"]),
+        optimizer={"state": load(plan["optimizer_state"]), "param_groups": state["param_groups"]},
+        loss_window=None if loss is None else tensor(loss),
+    )
+
+
+def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
+    """Write `snapshot` as the checkpoint folder an HF save of its step would be,
+    at `out` (replaced), for `trainer.train(resume_from_checkpoint=...)`."""
+    contents = read_snapshot(snapshot)
+    state = contents.state
     weights = dict(trainer.model.state_dict())
-    weights.update(load(plan["weights"]))
+    weights.update(contents.weights)
     trainer_state = state["trainer_state"]
-    trainer_state.log_history = _read_history(snapshot / HISTORY_NAME, state["history"])
+    trainer_state.log_history = _read_history(Path(snapshot) / HISTORY_NAME, state["history"])
     captured = Captured(
         step=state["step"],
         rank=0,
         model=trainer.model,
         weights=weights,
-        optimizer={"state": load(plan["optimizer_state"]), "param_groups": state["param_groups"]},
+        optimizer=contents.optimizer,
         scheduler=state["scheduler"],
         scaler=state["scaler"],
         state=trainer_state,
@@ -401,8 +530,8 @@ def materialize(snapshot: Path, trainer: Any, out: Path) -> Path:
 
     write_files(captured, out, part)
     torch.save(_rng_from_pickle(state["rng"]), out / RNG_STATE_NAME)
-    if plan.get("tr_loss") is not None and isinstance(state.get("last_logged"), int):
-        setattr(trainer, _PENDING_WINDOW, (load(plan["tr_loss"]), state["last_logged"]))
+    if contents.loss_window is not None and isinstance(state.get("last_logged"), int):
+        setattr(trainer, _PENDING_WINDOW, (contents.loss_window, state["last_logged"]))
     return out
 
 
