@@ -15,8 +15,9 @@ variant sees the same machine:
     hf               plain Trainer, HF's synchronous save every --save-steps
     ftsup            ftsup's trainer as the daemon runs it: progress, asynchronous saves
     ftsup_memory     ftsup + the memory tier (issue 18; on by default for LoRA): a snapshot
-                     after every step, spaced to at most 5% of the time (the default)
+                     after every step, spaced to at most 2.5% of the time (the default)
     ftsup_memory_all the same with a snapshot after every step whatever it costs
+    ftsup_memory_1.5 (any number) the same spaced to at most 1.5% of the time
     ftsup_standby_normal   ftsup + a warm standby warming up beside it, back to back,
                            at normal priority (the standby before issue 18)
     ftsup_standby_idle     the same with the warm-up at SCHED_IDLE / idle I/O (issue 18)
@@ -296,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def memory_overhead(variant: str) -> float | None:
+    """The memory tier's budget of a variant: `ftsup_memory` the default (None),
+    `ftsup_memory_all` none (0), `ftsup_memory_1.5` 1.5%."""
+    if variant == "ftsup_memory":
+        return None
+    if variant == "ftsup_memory_all":
+        return 0.0
+    return float(variant.removeprefix("ftsup_memory_")) / 100
+
+
 def run_all(
     args: argparse.Namespace, variants: list[str], train: Any, train_json: Path, work: Path
 ) -> dict[str, list[dict[str, Any]]]:
@@ -310,7 +321,7 @@ def run_all(
             saves = variant in ("hf", "ftsup") or variant.startswith(("ftsup_standby", "ftsup_mem"))
             memory = None
             if variant.startswith("ftsup_memory"):
-                overhead = 0.0 if variant == "ftsup_memory_all" else None  # None: the default
+                overhead = memory_overhead(variant)
                 folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
                 memory = MemoryConfig(
                     folder / f"ftsup-overhead-{os.getpid()}-{variant}", 1, overhead

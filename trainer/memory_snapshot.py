@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import os
 import pickle
@@ -62,9 +61,6 @@ _PENDING_WINDOW = "_ftsup_resumed_loss_window"  # set by materialize, taken by t
 
 # Called with each fault point of a write ("memory_after_tensors", "memory_before_seal").
 PointHook = Callable[[str], None]
-# Writes a captured snapshot into an unsealed slot folder and seals it (the tier's
-# writer thread): (folder, fault hook) -> (bytes, the slot's history after it).
-Finish = Callable[[Path, PointHook], tuple[int, "SlotHistory"]]
 
 
 @dataclass(frozen=True)
@@ -174,20 +170,7 @@ class _Plan:
     refs: tuple[TensorRef, ...]
     size: int
     pickled: bytes  # {"weights": {name: ref}, "optimizer_state": skeleton, "tr_loss": ref}
-    # Sources changed before the next optimizer step (HF's loss accumulator, buffers a
-    # forward pass may update): cloned at capture, the rest is copied by the writer.
-    clone_now: tuple[int, ...]
     group_params: tuple[list[int], ...]  # state_dict()'s param indices, group by group
-
-    def sources_now(self) -> list[torch.Tensor]:
-        """The tensors to copy, with those that change before the next optimizer
-        step cloned now."""
-        if not self.clone_now:
-            return self.sources
-        sources = list(self.sources)
-        for index in self.clone_now:
-            sources[index] = sources[index].clone()
-        return sources
 
 
 def _plan(
@@ -197,25 +180,17 @@ def _plan(
     key: tuple[int, ...] | None,
 ) -> _Plan:
     layout = _Layout()
-    clone_now: list[int] = []
     weights: dict[str, TensorRef] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        parameter = isinstance(tensor, torch.nn.Parameter)
         # Frozen parameters (a LoRA run's whole base model) never change: not copied.
-        if parameter and not tensor.requires_grad:
+        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad:
             continue
-        known = len(layout.sources)
         weights[name] = layout.ref(tensor)
-        if not parameter and len(layout.sources) > known:
-            clone_now.append(known)  # a buffer: the next forward pass may change it
     state = optimizer_state_dict["state"]
     skeleton = layout.skeleton(state)
     if len(_tensors_in(state)) != sum(len(per) for per in state.values()):
         key = None  # a value that is not a tensor (an int step count) is in the pickle
-    loss = None
-    if loss_window is not None:
-        clone_now.append(len(layout.sources))
-        loss = layout.ref(loss_window)
+    loss = None if loss_window is None else layout.ref(loss_window)
     frozen = {"weights": weights, "optimizer_state": skeleton, "tr_loss": loss}
     return _Plan(
         key=key,
@@ -223,7 +198,6 @@ def _plan(
         refs=tuple(layout.refs),
         size=layout.size,
         pickled=pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL),
-        clone_now=tuple(clone_now),
         group_params=tuple(list(g["params"]) for g in optimizer_state_dict["param_groups"]),
     )
 
@@ -308,11 +282,7 @@ class SlotHistory:
 
 
 class SnapshotWriter:
-    """Writes one trainer's snapshots in two halves: `capture` on the training
-    thread takes what the next step would change (RNG, scheduler, trainer state,
-    HF's loss accumulator) and returns `finish`, which copies the tensors the next
-    optimizer step changes, writes the files and seals (the tier runs it on its
-    writer thread, or at once). Keeps what does not change between snapshots
+    """Writes one trainer's snapshots; keeps what does not change between them
     (the plan, and each slot folder's mapped tensor file)."""
 
     def __init__(self) -> None:
@@ -328,11 +298,17 @@ class SnapshotWriter:
     def forget(self, folder: Path) -> None:
         self._files.pop(folder / TENSORS_NAME, None)
 
-    def capture(
-        self, trainer: Any, history: SlotHistory | None, record: Mapping[str, Any]
-    ) -> Finish:
-        """Take the trainer's state now (training thread). `history`: what this
-        attempt wrote into the target slot's history file before (None: rewrite it)."""
+    def write(
+        self,
+        trainer: Any,
+        folder: Path,
+        history: SlotHistory | None,
+        record: Mapping[str, Any],
+        point: PointHook,
+    ) -> tuple[int, SlotHistory]:
+        """Write the trainer's state into `folder` (an unsealed slot folder) and seal
+        it. `history`: what this attempt wrote into the folder's history file
+        before (None: rewrite it). Returns the snapshot's size and the new history."""
         if trainer.hp_search_backend is None:
             trainer.store_flos()  # as before a disk save: total_flos is current
         record_callback_states(trainer)
@@ -347,9 +323,16 @@ class SnapshotWriter:
             self._plan = plan if plan.key is not None else None
         else:
             param_groups = _packed_groups(optimizer, plan)
-        sources = plan.sources_now()
-        log = trainer.state.log_history
-        start, appended, history_data = _history_update(log, history)
+        tensor_path = folder / TENSORS_NAME
+        mapped = self._files.get(tensor_path)
+        if mapped is None or mapped.size != plan.size:
+            mapped = self._files[tensor_path] = TensorFile(tensor_path, plan.size)
+        if plan.refs:
+            with torch.no_grad():
+                torch._foreach_copy_(mapped.views(plan.refs), plan.sources)
+        point("memory_after_tensors")
+        start, appended, history_data = _history_update(trainer.state.log_history, history)
+        _write_history(folder / HISTORY_NAME, history_data, start)
         scaler = getattr(trainer.accelerator, "scaler", None)
         state = pickle.dumps(
             {
@@ -365,45 +348,15 @@ class SnapshotWriter:
             },
             protocol=pickle.HIGHEST_PROTOCOL,
         )
+        _write_bytes(folder / STATE_NAME, state)
+        point("memory_before_seal")
         sizes = {
             TENSORS_NAME: max(plan.size, 1),
             STATE_NAME: len(state),
             HISTORY_NAME: appended.size,
         }
-        sealed = json.dumps({**record, "format": MEMORY_FORMAT, "files": sizes}).encode()
-        written = _Captured(plan, sources, state, start, history_data, sealed)
-        return functools.partial(self._finish, written, sum(sizes.values()), appended)
-
-    def _finish(
-        self, written: _Captured, size: int, appended: SlotHistory, folder: Path, point: PointHook
-    ) -> tuple[int, SlotHistory]:
-        """Write a captured snapshot into `folder` (an unsealed slot folder) and seal it."""
-        plan = written.plan
-        tensor_path = folder / TENSORS_NAME
-        mapped = self._files.get(tensor_path)
-        if mapped is None or mapped.size != plan.size:
-            mapped = self._files[tensor_path] = TensorFile(tensor_path, plan.size)
-        if plan.refs:
-            with torch.no_grad():  # grad mode is per thread
-                torch._foreach_copy_(mapped.views(plan.refs), written.sources)
-        point("memory_after_tensors")
-        _write_history(folder / HISTORY_NAME, written.history_data, written.history)
-        _write_bytes(folder / STATE_NAME, written.state)
-        point("memory_before_seal")
-        _seal_bytes(folder, written.sealed)
-        return size, appended
-
-
-@dataclass(frozen=True)
-class _Captured:
-    """One snapshot's state as taken on the training thread."""
-
-    plan: _Plan
-    sources: list[torch.Tensor]
-    state: bytes  # state.pkl
-    history: SlotHistory | None  # the slot's history file's part to keep (None: rewrite)
-    history_data: bytes  # to append (or the whole file)
-    sealed: bytes  # the record
+        seal(folder, {**record, "format": MEMORY_FORMAT, "files": sizes})
+        return sum(sizes.values()), appended
 
 
 def _history_update(

@@ -35,8 +35,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +49,18 @@ from ftsup.supervisor.contract import (
 )
 from ftsup.supervisor.memory_tier import read_record
 from ftsup.trainer.async_save import plain_layout_models
-from ftsup.trainer.memory_snapshot import (
-    Finish,
-    SlotHistory,
-    SnapshotWriter,
-    restore_loss_window,
-    torch_optimizer,
-)
+from ftsup.trainer.memory_snapshot import SlotHistory, SnapshotWriter, restore_loss_window
 
 # A progress line: (event, **fields), e.g. FtsupCallback.report.
 Report = Callable[..., None]
 # Fault injection (tests): (step, point).
 PointHook = Callable[[int, str], None]
-# Takes a snapshot's state on the training thread: (slot history or None, record)
-# -> the Finish that writes and seals it. SnapshotWriter.capture with the trainer bound.
-Capture = Callable[[SlotHistory | None, Mapping[str, Any]], Finish]
-
+# Writes and seals a snapshot: (folder, slot history or None, record, fault hook)
+# -> (bytes, slot history). SnapshotWriter.write with the trainer bound.
+Write = Callable[
+    [Path, SlotHistory | None, Mapping[str, Any], Callable[[str], None]],
+    tuple[int, SlotHistory],
+]
 
 # The most of training's time the tier may take (train.json `memory.max_overhead`):
 # a snapshot is skipped until the recent snapshots' median cost is at most this
@@ -117,17 +111,6 @@ def newest_slot(folder: Path, resumed_from: Path | None = None) -> int | None:
     return None if best is None else best[1]
 
 
-@dataclass(frozen=True)
-class _InFlight:
-    """A snapshot captured and handed to the writer."""
-
-    step: int
-    target: int  # slot index
-    taken_at: float  # time.monotonic() at capture
-    captured: float  # seconds the capture took on the training thread
-    outcome: Future[tuple[int, SlotHistory]]
-
-
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     try:
@@ -172,13 +155,8 @@ class MemoryTier:
         self.newest = newest_slot(self.folder, resumed_from)
         self._last_step = -1
         self._writer = SnapshotWriter()
-        # Finishes snapshots while the next step runs (None: each is written at once).
-        self._writer_thread: ThreadPoolExecutor | None = None
-        self.asynchronous = True  # until an optimizer turns out to need it at once
-        self._guarded: Any = None  # the optimizer whose steps wait for the writer
         # Each slot's folder as this attempt last renamed it (no listing after the first).
         self._slot_folders: dict[int, Path] = {}
-        self._in_flight: _InFlight | None = None
         # How much of the log history this attempt wrote into each slot's file.
         self._history: dict[int, SlotHistory] = {}
 
@@ -193,35 +171,12 @@ class MemoryTier:
         )
 
     def snapshot(self, trainer: Any) -> None:
-        """Take the trainer's state into the other slot and seal it (or skip it, to
-        keep within `max_overhead`)."""
-        if self.asynchronous and torch_optimizer(trainer.optimizer) is not self._guarded:
-            self.asynchronous = self._guard(trainer.optimizer)
-        self.submit(trainer.state.global_step, functools.partial(self._writer.capture, trainer))
+        """Write the trainer's state into the other slot and seal it (or skip it,
+        to keep within `max_overhead`)."""
+        self.submit(trainer.state.global_step, functools.partial(self._writer.write, trainer))
 
-    def _guard(self, optimizer: Any) -> bool:
-        """Whether snapshots may be finished on a writer thread: only while nothing
-        changes what it copies, i.e. until the next optimizer step, which first waits
-        for it (a step pre-hook). Optimizers outside torch.optim (schedule-free ones
-        swap weights in train()/eval(), others may change state elsewhere) get the
-        write done at once."""
-        inner = torch_optimizer(optimizer)
-        if not type(inner).__module__.startswith("torch.optim."):
-            return False
-        inner.register_step_pre_hook(self._before_step)
-        self._guarded = inner
-        if self._writer_thread is None:
-            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="ftsup-memory")
-        return True
-
-    def _before_step(self, *_: Any) -> None:
-        self.collect()
-
-    def submit(self, step: int, capture: Capture) -> bool:
-        """Take snapshot `step` with `capture` and have it written (False: not taken,
-        paced or off). The write finishes on the writer thread when there is one:
-        `collect` waits for it and reports it."""
-        self.collect()
+    def submit(self, step: int, write: Write) -> bool:
+        """Write snapshot `step` with `write` (False: not taken, paced or off)."""
         self._last_step = step
         if not self.enabled:
             return False
@@ -232,57 +187,30 @@ class MemoryTier:
         started = time.perf_counter()
         target = 0 if self.newest != 0 else 1
         try:
-            finish = capture(self._history.get(target), self._record(step))
+            folder = self._unsealed_folder(target, step)
+            size, history = write(
+                folder,
+                self._history.get(target),
+                self._record(step),
+                lambda point: self._point(step, point),
+            )
         except Exception as exc:  # never end training over the memory tier
             self._history.pop(target, None)
             self.fail(step, exc)
             return False
-        job = functools.partial(self._finish, target, step, finish)
-        pool = self._writer_thread if self.asynchronous else None
-        if pool is None:
-            outcome: Future[tuple[int, SlotHistory]] = Future()
-            try:
-                outcome.set_result(job())
-            except Exception as exc:
-                outcome.set_exception(exc)
-        else:
-            outcome = pool.submit(job)
-        captured = time.perf_counter() - started
-        self._in_flight = _InFlight(step, target, taken_at, captured, outcome)
-        return self.collect() if pool is None else True
-
-    def _finish(self, target: int, step: int, finish: Finish) -> tuple[int, SlotHistory]:
-        """The write of a captured snapshot (the writer thread, when there is one)."""
-        folder = self._unsealed_folder(target, step)
-        return finish(folder, lambda point: self._point(step, point))
-
-    def collect(self) -> bool:
-        """Wait for the snapshot in flight, if any, and account for it: its stall is
-        the capture plus this wait (training thread; the next optimizer step calls it
-        first). True when one was sealed."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is None:
-            return False
-        started = time.perf_counter()
-        try:
-            size, history = in_flight.outcome.result()
-        except Exception as exc:
-            self._history.pop(in_flight.target, None)
-            self.fail(in_flight.step, exc)
-            return False
-        stall = in_flight.captured + (time.perf_counter() - started)
-        self._history[in_flight.target] = history
+        self._history[target] = history
+        stall = time.perf_counter() - started
         if self._first_written:  # the first allocates the slot's files: not a measure
             self._stalls.append(stall)
-            self._next_at = in_flight.taken_at + pacing_delay(self._stalls, self.max_overhead)
+            self._next_at = taken_at + pacing_delay(self._stalls, self.max_overhead)
         self._first_written = True
-        self.newest = in_flight.target
+        self.newest = target
         self.sealed += 1
         self._emit(
-            step=in_flight.step,
+            step=step,
             bytes=size,
             stall_s=round(stall, 6),
-            slot=MEMORY_SLOTS[in_flight.target],
+            slot=MEMORY_SLOTS[target],
             paced=self.paced,
         )
         return True
@@ -413,12 +341,6 @@ def with_memory_tier(trainer_class: Any, tier: MemoryTier) -> Any:
         def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
             restore_loss_window(self)  # after HF reset it, before the first step
             return super()._run_epoch(*args, **kwargs)
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                tier.collect()  # a run stopped after a snapshot: report it
 
     MemoryTierTrainer.__name__ = MemoryTierTrainer.__qualname__ = (
         f"MemoryTier{trainer_class.__name__}"

@@ -432,6 +432,7 @@ def write_job(
     *,
     standby: int,
     memory: int | None = None,
+    memory_overhead: float | None = None,
 ) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
@@ -439,11 +440,15 @@ def write_job(
     job = prepare_demo(work, steps=steps, name=JOB)
     text = job.read_text().split("\n[restart]")[0]
     text = re.sub(r"(?m)^save_steps = \d+$", f"save_steps = {save_steps}", text)
+    tier = ""
     if memory is not None:  # None: the job's default (`auto`)
-        every = f"memory_every = {memory}\n"
-        text = text.replace("\n[checkpoint]\n", f"\n[checkpoint]\n{every}", 1)
-        if "memory_every" not in text:
-            text += f"\n[checkpoint]\n{every}"
+        tier += f"memory_every = {memory}\n"
+    if memory_overhead is not None:  # None: the trainer's default budget
+        tier += f"memory_overhead = {memory_overhead}\n"
+    if tier:
+        text = text.replace("\n[checkpoint]\n", f"\n[checkpoint]\n{tier}", 1)
+        if tier not in text:
+            text += f"\n[checkpoint]\n{tier}"
     restart = (
         f'\n[restart]\nbackoff = "{BACKOFF}"\nbackoff_max = "1s"\n'
         f"max_restarts = {kills + 5}\ncrash_loop = {kills + 5}\n"
@@ -462,6 +467,7 @@ def run_ftsup(
     kills: list[Kill],
     timeout: float,
     mode: str,
+    memory_overhead: float | None = None,
 ) -> ModeResult:
     """Built-in trainer under the daemon; trainer kills (`ftsup`) or daemon kills."""
     job = write_job(
@@ -471,6 +477,7 @@ def run_ftsup(
         len(kills),
         standby={"ftsup_cold": 0, "ftsup_2standby": 2}.get(mode, 1),
         memory=0 if mode == "ftsup_disk" else None,
+        memory_overhead=memory_overhead,
     )
     daemon = Daemon(root, env, spares=0 if mode == "ftsup_nospare" else 1)
     daemon.start()
@@ -650,6 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default="ftsup,ftsup_disk,ftsup_cold,baseline,baseline_guarded,daemon_kill"
     )
+    parser.add_argument(
+        "--memory-overhead",
+        type=float,
+        help="[checkpoint] memory_overhead of the ftsup modes (default: the job's default)",
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mode")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)
@@ -675,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
             if mode.startswith("baseline"):
                 res = run_baseline(where, env, steps, save_steps, kills, args.timeout, mode)
             else:
-                res = run_ftsup(where, env, steps, save_steps, kills, args.timeout, mode)
+                res = run_ftsup(
+                    where, env, steps, save_steps, kills, args.timeout, mode, args.memory_overhead
+                )
             modes[mode] = measure(res, steps) | res.extra
             print(
                 f"{mode}: {json.dumps(modes[mode])} ({time.time() - started:.0f}s)",
@@ -694,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             "ftsup_backoff": BACKOFF,
             "model": "prepare_demo: tiny Llama, hidden 128, 4 layers, LoRA r16, batch 16",
             "OMP_NUM_THREADS": env["OMP_NUM_THREADS"],
+            "memory_overhead": args.memory_overhead,
         },
         "machine": {
             "cpus": os.cpu_count(),

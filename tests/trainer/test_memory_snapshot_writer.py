@@ -1,19 +1,17 @@
-"""A memory snapshot is taken in two halves (issue 18): the capture on the training
-thread, the copy, files and seal on the tier's writer thread while the next step runs.
+"""What a memory snapshot holds (issue 18), read back as the resume reads it.
 
-What must hold: the snapshot is the state of its capture, though the write ends
-later (HF's loss accumulator changes before the next optimizer step, so it is
-taken at once; weights and optimizer state change only in that step, which
-waits for the writer); the optimizer's param groups kept from the plan are what
-`state_dict()` returns; a state value that is not a tensor is taken anew every
-time. Real torch optimizers, schedulers and files; the trainer is the few
-attributes the writer reads.
+The writer keeps a plan (where each tensor goes, the optimizer state's pickled
+skeleton) from one snapshot to the next and checks it by the tensors'
+identities instead of walking `optimizer.state_dict()` every step. What must
+hold: a snapshot written with a kept plan is the optimizer's `state_dict()`,
+the trainable weights and HF's loss accumulator of its step (the param groups'
+lr of now); a state value that is not a tensor (changed in place, invisible to
+the identities) is taken anew every time. Real torch optimizers, schedulers
+and files; the trainer is the few attributes the writer reads.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,9 +19,7 @@ from typing import Any
 import torch
 from transformers import TrainerState
 
-from ftsup.supervisor.contract import MEMORY_SLOTS
 from ftsup.trainer.memory_snapshot import SnapshotWriter, read_snapshot
-from ftsup.trainer.memory_tier import MemoryTier, slot_folders
 
 
 class Tiny(torch.nn.Module):
@@ -90,10 +86,9 @@ def train_step(trainer: Any) -> None:
     trainer.state.global_step += 1
 
 
-def capture_and_write(writer: SnapshotWriter, trainer: Any, folder: Path) -> Any:
-    finish = writer.capture(trainer, None, {"step": trainer.state.global_step})
+def write(writer: SnapshotWriter, trainer: Any, folder: Path) -> None:
     folder.mkdir(parents=True)
-    return finish
+    writer.write(trainer, folder, None, {"step": trainer.state.global_step}, lambda point: None)
 
 
 def assert_same(actual: Any, expected: Any) -> None:
@@ -121,10 +116,11 @@ def clone_state(value: Any) -> Any:
     return value
 
 
-def test_a_snapshot_is_the_state_of_its_capture_though_written_later(tmp_path: Path) -> None:
+def test_a_snapshot_with_a_kept_plan_is_the_state_of_its_step(tmp_path: Path) -> None:
     trainer = fake_trainer()
     writer = SnapshotWriter()
-    for step in (1, 2):  # the second snapshot uses the plan the first made
+    plans = []
+    for step in (1, 2, 3):  # the second and third snapshots use the plan the first made
         train_step(trainer)
         expected_optimizer = clone_state(trainer.optimizer.state_dict())
         expected_weights = {
@@ -134,9 +130,8 @@ def test_a_snapshot_is_the_state_of_its_capture_though_written_later(tmp_path: P
         }
         expected_loss = trainer._tr_loss.clone()
         folder = tmp_path / f"checkpoint-{step}"
-        finish = capture_and_write(writer, trainer, folder)
-        trainer._tr_loss += 5.0  # the next step's forward pass, before its optimizer step
-        finish(folder, lambda point: None)
+        write(writer, trainer, folder)
+        plans.append(writer._plan)
         contents = read_snapshot(folder)
         assert contents.state["step"] == step
         assert_same(contents.optimizer, expected_optimizer)  # param groups: the lr of now
@@ -144,6 +139,7 @@ def test_a_snapshot_is_the_state_of_its_capture_though_written_later(tmp_path: P
         assert contents.loss_window is not None
         assert torch.equal(contents.loss_window, expected_loss)
     assert expected_optimizer["param_groups"][0]["lr"] != 1e-2  # the scheduler moved it
+    assert plans[0] is not None and plans[1] is plans[2]  # the first step created the state
 
 
 def test_a_state_value_that_is_not_a_tensor_is_taken_anew_each_time(tmp_path: Path) -> None:
@@ -152,45 +148,6 @@ def test_a_state_value_that_is_not_a_tensor_is_taken_anew_each_time(tmp_path: Pa
     for step in (1, 2, 3):
         train_step(trainer)
         folder = tmp_path / f"checkpoint-{step}"
-        capture_and_write(writer, trainer, folder)(folder, lambda point: None)
+        write(writer, trainer, folder)
         state = list(read_snapshot(folder).optimizer["state"].values())
         assert [per["seen"] for per in state] == [list(range(1, step + 1))] * len(state)
-
-
-def test_the_next_optimizer_step_waits_for_the_writer_thread(tmp_path: Path) -> None:
-    """The write is held back before its copy; the optimizer step right after the
-    snapshot must wait for it, or the snapshot would hold the step's new weights."""
-    trainer = fake_trainer()
-    train_step(trainer)
-    reports: list[dict[str, Any]] = []
-    tier = MemoryTier(
-        tmp_path / "mem",
-        1,
-        job="j",
-        fingerprint={},
-        report=lambda event, **fields: reports.append(fields),
-        max_overhead=0,
-    )
-    writer_threads: list[int] = []
-    unsealed_folder = tier._unsealed_folder
-
-    def slow_unsealed_folder(target: int, step: int) -> Path:
-        writer_threads.append(threading.get_ident())
-        time.sleep(0.3)  # the write is late: the step below comes first
-        return unsealed_folder(target, step)
-
-    tier._unsealed_folder = slow_unsealed_folder  # type: ignore[method-assign]
-    weights = {
-        n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
-    }
-    tier.snapshot(trainer)
-    assert tier.asynchronous and reports == []  # handed to the writer thread
-    train_step(trainer)  # its optimizer step waits for the write, then reports it
-    assert writer_threads and writer_threads[0] != threading.get_ident()
-    assert [(r["step"], r["slot"]) for r in reports] == [(1, MEMORY_SLOTS[0])]
-    assert reports[0]["stall_s"] >= 0.3  # the wait is the training thread's stall
-    [(step, folder)] = slot_folders(tmp_path / "mem" / MEMORY_SLOTS[0])
-    assert step == 1
-    assert_same(read_snapshot(folder).weights, weights)
-    changed = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert any(not torch.equal(changed[n], weights[n]) for n in weights)

@@ -22,7 +22,7 @@ import pytest
 from ftsup.supervisor.contract import MEMORY_RECORD, MEMORY_SLOTS, PROGRESS_MEMORY_SNAPSHOT
 from ftsup.supervisor.memory_tier import newest_usable, read_record
 from ftsup.trainer.config import ConfigError, load_run_config
-from ftsup.trainer.memory_snapshot import Finish, SlotHistory, seal
+from ftsup.trainer.memory_snapshot import SlotHistory, seal
 from ftsup.trainer.memory_tier import MemoryTier, newest_slot, pacing_delay, slot_folders
 from ftsup.trainer.run import run_fingerprint
 from tests.trainer.trainer_helpers import TrainerProcess, step_losses, write_config
@@ -34,16 +34,17 @@ LINEAGE = "lineage-test"
 # ------------------------------------------------------------------ in process
 
 
-def one_file(history: SlotHistory | None, record: Mapping[str, Any]) -> Finish:
-    """A capture as the tier calls it; its write: the data, a fault point, the seal."""
-
-    def finish(folder: Path, point: Callable[[str], None]) -> tuple[int, SlotHistory]:
-        (folder / "data").write_bytes(b"new")
-        point("memory_before_seal")
-        seal(folder, {**record, "files": {"data": 3}})
-        return 3, SlotHistory()
-
-    return finish
+def one_file(
+    folder: Path,
+    history: SlotHistory | None,
+    record: Mapping[str, Any],
+    point: Callable[[str], None],
+) -> tuple[int, SlotHistory]:
+    """A write as the tier hands it out: the data, a fault point, the seal."""
+    (folder / "data").write_bytes(b"new")
+    point("memory_before_seal")
+    seal(folder, {**record, "files": {"data": 3}})
+    return 3, SlotHistory()
 
 
 def sealed_folder(folder: Path, step: int) -> Path:
