@@ -206,6 +206,7 @@ def run_once(variant: str, config: Any, train_json: Path) -> dict[str, Any]:
         if record.get("event") == "memory_snapshot" and "stall_s" in record
     ]
     return {
+        **snapshot_step_costs(clock.begins, {r["step"] for r in snapshots}),
         "memory_snapshots": len(snapshots) if config.memory else None,
         "memory_stall_ms": statistics.median(r["stall_s"] for r in snapshots) * 1e3
         if snapshots
@@ -221,6 +222,28 @@ def run_once(variant: str, config: Any, train_json: Path) -> dict[str, Any]:
         else None,
         "standby_priority": loop.ready[0].get("warm_priority") if loop and loop.ready else None,
         "standby_cpu_s": round(loop.cpu_s, 2) if loop else None,
+    }
+
+
+def snapshot_step_costs(begins: list[float], snapshot_steps: set[int]) -> dict[str, float | None]:
+    """Step intervals within one run, paired by what the tier did (the noise between
+    runs is as large as the effect): the median interval of steps that took a
+    snapshot (`with`), of the step after one (`after`: what the snapshot left
+    behind, e.g. caches), and of steps with neither (`clean`); ms."""
+    groups: dict[str, list[float]] = {"with": [], "after": [], "clean": []}
+    for index, (begin, end) in enumerate(itertools.pairwise(begins)):
+        step = index + 1  # begins[0] is step 1's start
+        if index < 2 or index == len(begins) - 2:
+            continue  # as StepClock.intervals: the first two and the last left out
+        kind = "with" if step in snapshot_steps else "clean"
+        if kind == "clean" and step - 1 in snapshot_steps:
+            kind = "after"
+        groups[kind].append(end - begin)
+    return {
+        f"{kind}_snapshot_ms" if kind != "clean" else "clean_ms": (
+            statistics.median(values) * 1e3 if values else None
+        )
+        for kind, values in groups.items()
     }
 
 
@@ -389,6 +412,14 @@ def report(
                 f"\n{variant}: snapshots per run {s['memory_snapshots']} of {args.steps} steps, "
                 f"median stall per snapshot (ms) {stalls}"
             )
+            paired = [
+                "/".join(
+                    "-" if r[key] is None else f"{r[key]:.2f}"
+                    for key in ("clean_ms", "with_snapshot_ms", "after_snapshot_ms")
+                )
+                for r in results[variant]
+            ]
+            print(f"  step median clean / with a snapshot / after one, per run (ms): {paired}")
     print(
         f"\nalone: progress line {micro['progress_emit_us']:.1f} µs, "
         f"FtsupCallback step (with its line) {micro['callback_step_us']:.1f} µs"

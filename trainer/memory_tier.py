@@ -9,7 +9,11 @@ trainer state with the step, i.e. the data position) into
 pickle, on the training thread, then sealed by its record. A first version
 wrote an HF checkpoint folder from a background thread; its Python held the
 GIL for 15-25 ms per snapshot and made every step of the tiny LoRA job about
-1.8x slower. The daemon resumes a snapshot (`--resume-from`) when it is newer
+1.8x slower. A later one copied the tensors on a writer thread (the GIL released
+during the copy): the stall the training thread saw halved, the steps did not get
+faster, because most of what the copy costs is what it does to the caches the
+step uses, wherever it runs (docs/benchmarks.md, "The snapshot's cost"). The
+daemon resumes a snapshot (`--resume-from`) when it is newer
 than the newest valid disk checkpoint; the trainer turns it back into an HF
 checkpoint folder and HF's `resume_from_checkpoint` loads that.
 
