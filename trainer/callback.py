@@ -35,8 +35,20 @@ from ftsup.trainer.signals import REQUESTS, install_handlers
 from ftsup.trainer.skipping import in_windows
 
 
+class TrainingComplete(Exception):
+    """A run resumed at `max_steps`: there is nothing left to train. Raised at the
+    first epoch, before HF trains (it checks for the end only after a step, so it
+    would train step max_steps + 1 and change the finished weights); the
+    instrumentation's `train` catches it (`end_at_max_steps`)."""
+
+
 class FtsupCallback(TrainerCallback):  # type: ignore[misc]
     """Report progress; turn stop/save requests into saves at step boundaries."""
+
+    # Raise TrainingComplete at the first epoch of a run resumed at max_steps (set by
+    # the instrumentation, whose `train` catches it; the built-in trainer never
+    # starts such a run: `run.already_finished`).
+    end_at_max_steps = False
 
     def __init__(
         self,
@@ -103,6 +115,13 @@ class FtsupCallback(TrainerCallback):  # type: ignore[misc]
             gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
         self._emit("train_start", **fields)
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self.end_at_max_steps and 0 < args.max_steps <= state.global_step:
+            self._emit("train_end", step=state.global_step, reason="finished")
+            raise TrainingComplete(state.global_step)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any

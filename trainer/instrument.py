@@ -12,7 +12,11 @@ are covered too:
   chose (`nodes.agree_on_resume`, as the built-in trainer does) instead of the one
   its own node's daemon suggested; when training ended on a stop request, exit 75
   (`EXIT_STOPPED`) instead of running the rest of the script (a final
-  `save_model` would write a half-trained model where the finished one belongs).
+  `save_model` would write a half-trained model where the finished one belongs);
+  a run resumed at `max_steps` (restarted after its last save: a worker that
+  aborted at exit, a crash in the script's final export) trains nothing, where HF
+  would train one step more, and the rest of the script runs on the checkpoint's
+  weights.
 
 And one function of torchrun's agent (`torch.distributed.launcher.api`, which
 `torchrun`, `python -m torch.distributed.run` and `accelerate launch` all call),
@@ -32,6 +36,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -154,9 +159,15 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
 def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Not at module level: torchrun's agent loads this module without transformers.
+        from ftsup.trainer.callback import TrainingComplete
+
         if nodes.multi_node():
             args, kwargs = _agreed_resume(self, args, kwargs)
-        result = original(self, *args, **kwargs)
+        try:
+            result = original(self, *args, **kwargs)
+        except TrainingComplete:
+            return _complete_output(self)
         callback = ftsup_callback_of(self)
         if callback is not None and callback.stopped:
             print(
@@ -170,6 +181,26 @@ def _wrap_train(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return train
+
+
+def _complete_output(trainer: Any) -> Any:
+    """What `train` returns for a run resumed at `max_steps`: HF's TrainOutput of a
+    call that trained no step (its speed metrics, total FLOs, a loss of 0)."""
+    from transformers.trainer_utils import TrainOutput, speed_metrics
+
+    trainer.is_in_train = False
+    step = trainer.state.global_step
+    if dist.rank() == 0:
+        print(
+            f"ftsup: resumed at max_steps ({step}): training is complete; the rest of "
+            "the script runs on the checkpoint's weights",
+            file=sys.stderr,
+            flush=True,
+        )
+    metrics = speed_metrics("train", time.time(), num_samples=0, num_steps=0)  # type: ignore[no-untyped-call]
+    metrics["total_flos"] = trainer.state.total_flos
+    metrics["train_loss"] = 0.0
+    return TrainOutput(step, 0.0, metrics)
 
 
 def _agreed_resume(
@@ -242,6 +273,7 @@ def _add_callback(trainer: Any) -> None:
         callback = FtsupCallback(resumed_from=os.environ.get(ENV_RESUME_FROM) or None)
         trainer.add_callback(callback)
         added_by = "ftsup"
+    callback.end_at_max_steps = True  # `train` (wrapped) catches TrainingComplete
     callback.report(
         PROGRESS_INSTRUMENTED,
         trainer=type(trainer).__name__,
