@@ -369,3 +369,43 @@ def test_a_standby_discarded_before_its_shim_set_its_handler_leaves_no_folder(
         shim.wait()
     assert not folder.exists()
     assert not keeper.discarding
+
+
+def test_a_standby_that_cannot_start_for_a_reason_of_the_moment_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    """No descriptor left (a real EMFILE: the soft limit lowered under every fd number
+    while the keeper starts one) is not a lost standby: nothing reported or counted,
+    its folder removed on the next pass, which starts it. A plan that cannot run (its working
+    folder is gone) is a loss, reported."""
+    import resource
+
+    emitted: list[str] = []
+    keeper = StandbyKeeper(
+        parse_spec(JOB_TEXT, tmp_path / "x.toml"),
+        tmp_path / "run",
+        lambda kind, _message, _data: emitted.append(kind),
+    )
+    (tmp_path / "run").mkdir()
+    plan = _plan(cwd=str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # open fds stay; new ones fail
+    try:
+        keeper.keep_warm(lambda: plan, start_one=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (keeper.pool, keeper.losses, emitted) == ([], 0, [])
+    assert keeper.wanted
+    try:
+        keeper.keep_warm(lambda: plan, start_one=True)
+        assert len(keeper.pool) == 1 and keeper.pool[0].alive()
+        # The failed start's folder (not removable without a descriptor) is gone too.
+        assert list((tmp_path / "run").iterdir()) == [keeper.pool[0].directory]
+    finally:
+        for standby in keeper.pool:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(standby.shim.pid, signal.SIGKILL)
+            standby.shim.wait()
+    keeper.pool = []
+    keeper.keep_warm(lambda: _plan(cwd=str(tmp_path / "gone")), start_one=True)
+    assert (keeper.losses, emitted) == (1, ["standby_lost"])

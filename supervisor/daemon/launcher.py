@@ -7,6 +7,7 @@ through torchrun when `[launch]` asks for more than one process.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import os
@@ -31,6 +32,21 @@ from ftsup.supervisor.trainer_launch import (
     rendezvous_id,
     torchrun_args,
     write_train_json,
+)
+
+# Errors of the moment (full or failing disk, no descriptors or memory left): a
+# launch that meets one waits and tries again; any other OSError fails the job.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.EAGAIN,
+        errno.ESTALE,
+    }
 )
 
 # torchrun's --nproc-per-node default (torch.distributed.run reads PET_<OPTION>)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from ftsup.supervisor.daemon.exitwatch import wait_for_exit
 from ftsup.supervisor.daemon.follower import RunFollower
 from ftsup.supervisor.daemon.job_checkpoints import JobCheckpoints
 from ftsup.supervisor.daemon.launcher import (
+    TRANSIENT_ERRNOS,
     AttemptPlan,
     is_elastic,
     plan_attempt,
@@ -90,20 +90,6 @@ MEMORY_RETRY = 2.0  # while another process's memory is on the job's GPUs
 MEMORY_LOOK_TIMEOUT_S = 10.0  # a launch waits this long for the memory snapshots' check
 NODES_REFRESH_TIMEOUT_S = 5.0  # a decision waits this long for the other nodes' records
 STARTUP_S = 120.0  # an attempt with no step after this long no longer holds back spares
-# Errors of the moment (full or failing disk, no descriptors or memory left): a
-# launch that meets one waits and tries again; any other OSError fails the job.
-TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EIO,
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ENOMEM,
-        errno.EAGAIN,
-        errno.ESTALE,
-    }
-)
 Classifier = Callable[[dict[str, Any], list[str], LiveAttempt], tuple[str | None, str]]
 
 

@@ -23,17 +23,13 @@ only as long as its daemon, like every standby.
 from __future__ import annotations
 
 import importlib.util
-import logging
-import shutil
+import subprocess
 from typing import Any
 
 from ftsup.supervisor.daemon.launcher import spare_plan, spawn_standby_shim
-from ftsup.supervisor.daemon.runner import TRANSIENT_ERRNOS
 from ftsup.supervisor.daemon.standby import Emit, Standby, WarmPool, new_folder, remove_stale
 from ftsup.supervisor.paths import Layout
-from ftsup.supervisor.procinfo import ProcessUnreadable, process_start_time
 
-log = logging.getLogger("ftsup.daemon")
 SPARES_DIR = "spares"  # in the state folder: the same file system as the run folders
 
 
@@ -55,7 +51,6 @@ class SparePool(WarmPool):
         super().__init__(emit, count, enabled=count > 0 and trainer_installed())
         self.folder = layout.state_dir / SPARES_DIR
         self.plan = spare_plan(base_env, layout.state_dir)
-        self._failing = False  # the last start failed for a reason of the moment
         remove_stale(self.folder)
 
     def summary(self) -> dict[str, Any]:
@@ -72,22 +67,11 @@ class SparePool(WarmPool):
 
     def _start(self) -> None:
         folder = new_folder(self.folder)
-        try:
+
+        def spawn() -> subprocess.Popen[bytes]:
             self.folder.mkdir(mode=0o700, exist_ok=True)  # in the private state folder
-            shim = spawn_standby_shim(None, folder, plan=self.plan, standby_argv=self.plan.argv)
-        except OSError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            if exc.errno in TRANSIENT_ERRNOS:  # full disk, no descriptors: a later pass
-                if not self._failing:  # said once per spell, not on every pass
-                    log.warning("cannot start a spare standby now (%s); trying again later", exc)
-                self._failing = True
-                return
-            self.losses += 1
-            self._emit("standby_lost", f"cannot start a spare standby: {exc}", {"spare": True})
-            return
-        self._failing = False
-        try:
-            started: int | None = process_start_time(shim.pid)
-        except ProcessUnreadable:  # our unreaped child: its pid cannot be another's meanwhile
-            started = None
-        self.pool.append(Standby(folder, shim, started, self.plan, spare=True))
+            return spawn_standby_shim(None, folder, plan=self.plan, standby_argv=self.plan.argv)
+
+        spawned = self._spawn(folder, spawn, {"spare": True})
+        if spawned is not None:
+            self.pool.append(Standby(folder, *spawned, self.plan, spare=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -29,12 +30,13 @@ from typing import Any
 
 from ftsup.supervisor import contract
 from ftsup.supervisor.atomicio import read_json, tail_lines, write_json_atomic
-from ftsup.supervisor.daemon.launcher import AttemptPlan, spawn_standby_shim
-from ftsup.supervisor.procinfo import is_same_process, process_start_time
+from ftsup.supervisor.daemon.launcher import TRANSIENT_ERRNOS, AttemptPlan, spawn_standby_shim
+from ftsup.supervisor.procinfo import ProcessUnreadable, is_same_process, process_start_time
 from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.standby_shim import ACTIVATION_FILE, FIFO_NAME, STANDBY_FILE
 from ftsup.supervisor.trainer_launch import split_single_process_argv, standby_argv
 
+log = logging.getLogger("ftsup.daemon")
 MAX_LOSSES = 3
 STANDBY_PREFIX = "standby-"
 _numbers = itertools.count(1)
@@ -187,6 +189,9 @@ class WarmPool:
         self.pool: list[Standby] = []  # oldest first
         self._discarded: list[Standby] = []  # reaped once their shims exit
         self.losses = 0
+        self._failing = False  # the last start failed for a reason of the moment
+        # Folders of starts that failed, not yet removed (no descriptor to list them).
+        self._leftovers: list[Path] = []
 
     @property
     def current(self) -> Standby | None:
@@ -198,6 +203,34 @@ class WarmPool:
     def wanted(self) -> bool:
         """One more should be started (when the caller allows)."""
         return self.enabled and len(self.pool) < self.count and self.losses < MAX_LOSSES
+
+    def _spawn(
+        self, folder: Path, spawn: Callable[[], subprocess.Popen[bytes]], extra: dict[str, Any]
+    ) -> tuple[subprocess.Popen[bytes], int | None] | None:
+        """Start a standby's shim in `folder`: the shim and its start time, or None.
+        An error of the moment (a full disk, no descriptors left) is tried again on a
+        later pass and said once per spell; any other is a loss (`MAX_LOSSES` of them
+        and the pool stops: a standby that cannot start must not be tried forever)."""
+        try:
+            shim = spawn()
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                self._leftovers.append(folder)  # removed on a later pass (_reap)
+            if exc.errno in TRANSIENT_ERRNOS:
+                if not self._failing:
+                    log.warning("cannot start a %s now (%s); trying again later", self.noun, exc)
+                self._failing = True
+                return None
+            self.losses += 1
+            self._emit("standby_lost", f"cannot start a {self.noun}: {exc}", extra or None)
+            return None
+        self._failing = False
+        try:
+            started: int | None = process_start_time(shim.pid)
+        except ProcessUnreadable:  # our unreaped child: its pid cannot be another's meanwhile
+            started = None
+        return shim, started
 
     def _ready_first(self, ready: Callable[[Standby], bool]) -> list[Standby]:
         """The pool, ready ones first, oldest first within each (a stable sort)."""
@@ -307,6 +340,9 @@ class WarmPool:
         for standby in [s for s in self._discarded if not s.alive()]:
             shutil.rmtree(standby.directory, ignore_errors=True)
         self._discarded = [s for s in self._discarded if s.alive()]
+        for folder in self._leftovers:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._leftovers = [folder for folder in self._leftovers if folder.exists()]
 
     def to_json(self) -> dict[str, Any] | None:
         """The standby the next restart takes, and how many are warm of how many kept."""
@@ -369,10 +405,10 @@ class StandbyKeeper(WarmPool):
         if argv is None:
             return
         folder = new_folder(self.run_dir)
-        try:
-            shim = spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv)
-        except OSError as exc:
-            self.losses += 1
-            self._emit("standby_lost", f"cannot start a warm standby: {exc}", None)
-            return
-        self.pool.append(Standby(folder, shim, process_start_time(shim.pid), plan))
+        spawned = self._spawn(
+            folder,
+            lambda: spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv),
+            {},
+        )
+        if spawned is not None:
+            self.pool.append(Standby(folder, *spawned, plan))
