@@ -22,6 +22,8 @@ host), or `[checkpoint] memory_dir`; it is read in worker threads only.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -34,12 +36,14 @@ from typing import Any
 
 from ftsup.supervisor.atomicio import write_json_atomic
 from ftsup.supervisor.contract import (
+    ENV_RUNTIME_DIR,
     MEMORY_FORMAT,
     MEMORY_RECORD,
     MEMORY_SLOTS,
     checkpoint_step,
 )
 from ftsup.supervisor.paths import Layout
+from ftsup.supervisor.private_dirs import NotPrivate, ensure_private_dir
 from ftsup.supervisor.spec_types import JobSpec
 
 log = logging.getLogger("ftsup.memory")
@@ -76,10 +80,66 @@ def memory_every(spec: JobSpec) -> int:
 
 def memory_dir(spec: JobSpec, layout: Layout) -> Path:
     """The job's memory folder: `[checkpoint] memory_dir`/<job>, else
-    `<runtime folder>/memory/<job>` (one per daemon: two never share one)."""
+    `memory_root(runtime folder)`/<job> (one per daemon: two never share one)."""
     if spec.checkpoint.memory_dir:
         return Path(spec.checkpoint.memory_dir) / spec.name
-    return layout.runtime_dir / "memory" / spec.name
+    return memory_root(layout.runtime_dir) / spec.name
+
+
+SHM = Path("/dev/shm")
+RAM_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+@functools.cache
+def memory_root(runtime_dir: Path) -> Path:
+    """Where a daemon keeps its jobs' snapshots: in RAM. Its runtime folder when that
+    is tmpfs (systemd's /run/user/UID, /run/ftsup), else a private folder of this
+    daemon's in /dev/shm. An on-demand daemon's runtime folder may be
+    /tmp/ftsup-UID on a disk: a snapshot there is a dirty page-cache file that the
+    kernel keeps writing back (1.7 MB per step of the demo job, hundreds of MB for a
+    large adapter) and that faults again on the next write after each writeback;
+    the chaos benchmark's run took 12-33% longer with the snapshot after every step
+    there (docs/benchmarks.md). Without a RAM file system it stays in the runtime
+    folder. Looked up once per daemon (/proc/self/mounts)."""
+    if filesystem_type(runtime_dir) in RAM_FILE_SYSTEMS:
+        return runtime_dir / "memory"
+    if filesystem_type(SHM) in RAM_FILE_SYSTEMS:
+        private = shm_folder(runtime_dir)
+        try:
+            ensure_private_dir(private, env_var=ENV_RUNTIME_DIR)
+        except (OSError, NotPrivate) as exc:
+            log.warning("memory snapshots stay in %s: %s", runtime_dir, exc)
+        else:
+            return private / "memory"
+    return runtime_dir / "memory"
+
+
+def shm_folder(runtime_dir: Path) -> Path:
+    """The /dev/shm folder of the daemon with this runtime folder (named after it, so
+    two daemons never share one and a restarted daemon finds its snapshots)."""
+    digest = hashlib.sha256(str(runtime_dir.absolute()).encode()).hexdigest()[:12]
+    return SHM / f"ftsup-{os.geteuid()}-{digest}"
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system that holds `path` (it need not exist yet): the
+    longest mount point above it in /proc/self/mounts (or `mounts`, in its format)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str | None] = (-1, None)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")  # the kernel escapes spaces
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best[0]:
+            best = (len(point), fields[2])
+    return best[1]
 
 
 def current_lineage(run_dir: Path) -> str:
@@ -186,9 +246,12 @@ __all__ = [
     "Snapshot",
     "current_lineage",
     "discard",
+    "filesystem_type",
     "memory_dir",
     "memory_every",
+    "memory_root",
     "new_lineage",
     "newest_usable",
     "read_record",
+    "shm_folder",
 ]

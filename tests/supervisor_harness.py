@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftsup.supervisor.memory_tier import shm_folder
 from ftsup.supervisor.procinfo import is_same_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,6 +217,8 @@ class Harness:
     def cleanup(self) -> None:
         self.cleanup_processes()
         shutil.rmtree(self.root, ignore_errors=True)
+        # The daemon's memory snapshots, when its runtime folder is not in RAM.
+        shutil.rmtree(shm_folder(self.runtime_dir), ignore_errors=True)
 
     def cleanup_processes(self) -> None:
         """Kill the daemon and every shim and trainer it started (by process group)."""

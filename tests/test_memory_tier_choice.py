@@ -9,6 +9,11 @@ of this job, this lineage and exactly this configuration.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,15 @@ from ftsup.supervisor.contract import MEMORY_FORMAT, MEMORY_RECORD, MEMORY_SLOTS
 from ftsup.supervisor.daemon.launcher import memory_settings
 from ftsup.supervisor.memory_tier import (
     AUTO_EVERY,
+    RAM_FILE_SYSTEMS,
+    SHM,
     current_lineage,
+    filesystem_type,
     memory_dir,
     memory_every,
     new_lineage,
     newest_usable,
+    shm_folder,
 )
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.spec import SpecError, parse_spec
@@ -31,6 +40,7 @@ from ftsup.supervisor.spec_types import JobSpec
 from ftsup.supervisor.trainer_launch import write_train_json
 from ftsup.trainer.config import load_run_config
 from ftsup.trainer.memory_snapshot import HISTORY_NAME, STATE_NAME, TENSORS_NAME, seal
+from tests.supervisor_harness import REPO
 
 FINGERPRINT = {"model": "tiny", "lr": 0.001, "world_size": 1}
 JOB, LINEAGE = "lora", "a1b2c3"
@@ -196,10 +206,20 @@ argv = ["python", "train.py"]
 """
 
 
-def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) -> None:
+@pytest.fixture
+def ram_runtime() -> Iterator[Path]:
+    """A runtime folder on tmpfs, as systemd's: the snapshots' folder is inside it."""
+    folder = Path(tempfile.mkdtemp(dir=SHM))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(
+    tmp_path: Path, ram_runtime: Path
+) -> None:
     """`[checkpoint] memory_overhead` goes through train.json into the trainer's own
     config; absent, train.json leaves it out and the trainer's default applies."""
-    layout = Layout.from_env(tmp_path / "state", tmp_path / "run")
+    layout = Layout.from_env(tmp_path / "state", ram_runtime)
     for extra, expected in (("", None), ("[checkpoint]\nmemory_overhead = 0.05", 0.05)):
         spec = job(tmp_path, extra=extra)
         assert spec.train is not None
@@ -218,12 +238,50 @@ def test_the_jobs_time_budget_for_snapshots_reaches_the_trainer(tmp_path: Path) 
         parse_spec(command_job(tmp_path, "memory_overhead = 0.05"), tmp_path / "cmd.toml")
 
 
-def test_the_memory_folder_is_per_daemon_unless_configured(tmp_path: Path) -> None:
-    layout = Layout.from_env(tmp_path / "state", tmp_path / "run")
+def test_the_memory_folder_is_in_ram_and_per_daemon_unless_configured(
+    tmp_path: Path, ram_runtime: Path
+) -> None:
+    """In the runtime folder when that is tmpfs (systemd's); else in a private folder
+    of the daemon's in /dev/shm (an on-demand daemon's /tmp/ftsup-UID may be on a
+    disk, where every snapshot is written back); the job's memory_dir wins."""
     spec = job(tmp_path)
-    assert memory_dir(spec, layout) == tmp_path / "run" / "memory" / JOB
-    configured = replace(spec, checkpoint=replace(spec.checkpoint, memory_dir="/dev/shm/x"))
-    assert memory_dir(configured, layout) == Path("/dev/shm/x") / JOB
+    on_disk = next(p for p in (tmp_path, REPO, Path.home()) if not_in_ram(p)) / "no-such-rt"
+    try:
+        in_ram = Layout.from_env(tmp_path / "s", ram_runtime)
+        assert memory_dir(spec, in_ram) == ram_runtime / "memory" / JOB
+        folder = memory_dir(spec, Layout.from_env(tmp_path / "s", on_disk))
+        assert folder == shm_folder(on_disk) / "memory" / JOB
+        assert filesystem_type(folder) == "tmpfs"
+        private = os.stat(shm_folder(on_disk))
+        assert (private.st_uid, stat.S_IMODE(private.st_mode)) == (os.geteuid(), 0o700)
+        assert not on_disk.exists()  # nothing written there
+        other = memory_dir(spec, Layout.from_env(tmp_path / "s", on_disk.parent / "rt-2"))
+        assert other.parent != folder.parent  # two daemons never share one
+        configured = replace(spec, checkpoint=replace(spec.checkpoint, memory_dir="/dev/shm/x"))
+        assert memory_dir(configured, Layout.from_env(tmp_path / "s", on_disk)) == SHM / "x" / JOB
+    finally:
+        for runtime in (on_disk, on_disk.parent / "rt-2"):
+            shutil.rmtree(shm_folder(runtime), ignore_errors=True)
+
+
+def not_in_ram(path: Path) -> bool:
+    return filesystem_type(path) not in RAM_FILE_SYSTEMS
+
+
+def test_the_file_system_of_a_path_is_that_of_its_longest_mount_point() -> None:
+    mounts = (
+        "/dev/vda / ext4 rw,relatime 0 0\n"
+        "tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0\n"
+        "tmpfs /run/user/1000 tmpfs rw,nosuid,nodev,mode=700 0 0\n"
+        "/dev/vdb /mnt/my\\040data xfs rw 0 0\n"
+    )
+    assert filesystem_type(Path("/run/user/1000/ftsup"), mounts) == "tmpfs"
+    assert filesystem_type(Path("/run/user/10000/ftsup"), mounts) == "ext4"  # not a prefix
+    assert filesystem_type(Path("/mnt/my data/x"), mounts) == "xfs"
+    assert filesystem_type(Path("/tmp/ftsup-0/memory"), mounts) == "ext4"
+    assert filesystem_type(Path("/dev/shm"), mounts) == "tmpfs"
+    # This machine's own table: /dev/shm is RAM wherever ftsup runs (Linux).
+    assert filesystem_type(SHM) in RAM_FILE_SYSTEMS
 
 
 def test_the_job_file_refuses_a_memory_tier_it_cannot_keep(tmp_path: Path) -> None:

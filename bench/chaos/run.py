@@ -18,6 +18,12 @@ offline Llama model, arithmetic data):
   cold start of the trainer (a job without standbys takes no spare either).
 * `ftsup_2standby`: `ftsup` with `[restart] standby_count = 2`: a kill that
   comes before the next standby has warmed up finds the second one ready.
+* `ftsup@0.05` (any mode of the daemon, any number): that mode with
+  `[checkpoint] memory_overhead = 0.05`, so that two budgets meet the same
+  kills in one invocation (`--memory-overhead` sets it for every such mode).
+* `ftsup_diskmem`: `ftsup` with `[checkpoint] memory_dir` in the benchmark's
+  folder on the disk (/tmp here), where an on-demand daemon's runtime folder
+  kept the snapshots before they moved to /dev/shm.
 * `ftsup_disk`: `ftsup` with the memory tier off (`[checkpoint] memory_every
   = 0`): restarts resume disk checkpoints only, as before issue 18.
 * `baseline`: plain transformers Trainer (`hf_train.py`) under a restart loop
@@ -85,6 +91,7 @@ class Reaper:
     def __init__(self) -> None:
         self.pgids: set[int] = set()
         self.state_dirs: list[Path] = []
+        self.memory_dirs: list[Path] = []  # the daemons' folders in /dev/shm
         self.root: Path | None = None
 
     def add(self, pgid: int) -> None:
@@ -101,6 +108,8 @@ class Reaper:
         if self.root is not None:
             self._kill(set(self._pids_naming(str(self.root))))
         self.pgids.clear()
+        for folder in self.memory_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _kill(pgids: set[int]) -> None:
@@ -368,6 +377,8 @@ class Daemon:
     """An ftsup daemon in its own temporary state and runtime folders."""
 
     def __init__(self, root: Path, env: dict[str, str], *, spares: int = 1) -> None:
+        from ftsup.supervisor.memory_tier import shm_folder
+
         self.state = root / "s"
         self.env = {
             **env,
@@ -377,6 +388,7 @@ class Daemon:
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "daemon.toml").write_text(f"[standby]\nspares = {spares}\n")
         REAPER.state_dirs.append(self.state)
+        REAPER.memory_dirs.append(shm_folder(root / "r"))  # its snapshots, in /dev/shm
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -433,6 +445,7 @@ def write_job(
     standby: int,
     memory: int | None = None,
     memory_overhead: float | None = None,
+    memory_dir: Path | None = None,
 ) -> Path:
     """The demo job, with a short backoff and enough restarts for the benchmark."""
     from ftsup.trainer.demo import prepare_demo
@@ -445,6 +458,8 @@ def write_job(
         tier += f"memory_every = {memory}\n"
     if memory_overhead is not None:  # None: the trainer's default budget
         tier += f"memory_overhead = {memory_overhead}\n"
+    if memory_dir is not None:  # None: the daemon's (in RAM)
+        tier += f'memory_dir = "{memory_dir}"\n'
     if tier:
         text = text.replace("\n[checkpoint]\n", f"\n[checkpoint]\n{tier}", 1)
         if tier not in text:
@@ -478,6 +493,7 @@ def run_ftsup(
         standby={"ftsup_cold": 0, "ftsup_2standby": 2}.get(mode, 1),
         memory=0 if mode == "ftsup_disk" else None,
         memory_overhead=memory_overhead,
+        memory_dir=root / "diskmem" if mode == "ftsup_diskmem" else None,
     )
     daemon = Daemon(root, env, spares=0 if mode == "ftsup_nospare" else 1)
     daemon.start()
@@ -660,11 +676,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-overhead",
         type=float,
-        help="[checkpoint] memory_overhead of the ftsup modes (default: the job's default)",
+        help="[checkpoint] memory_overhead of the ftsup modes (default: the job's default); "
+        "a mode `ftsup@0.05` sets it for that mode alone",
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mode")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args(argv)
+    names = args.modes.split(",")
+    if len(set(names)) != len(names):
+        parser.error(f"--modes {args.modes}: each mode once (repeat it in another invocation)")
     steps = args.steps or (1500 if args.quick else 3000)
     n_kills = args.kills or (6 if args.quick else 12)
     save_steps = args.save_steps
@@ -677,19 +697,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_kills(random.Random(args.seed), steps, save_steps, n_kills)
     modes: dict[str, dict[str, Any]] = {}
     try:
-        for mode in args.modes.split(","):
+        for mode in names:
             kills = [dataclasses.replace(k) for k in plan]
             if mode == "daemon_kill":  # saves are the trainer's business: no save timing
                 for k in kills:
                     k.save = False
-            where = root / mode
+            where = root / mode.replace("@", "-")
             started = time.time()
             if mode.startswith("baseline"):
                 res = run_baseline(where, env, steps, save_steps, kills, args.timeout, mode)
             else:
-                res = run_ftsup(
-                    where, env, steps, save_steps, kills, args.timeout, mode, args.memory_overhead
-                )
+                base, _, budget = mode.partition("@")  # ftsup@0.05: that memory_overhead
+                overhead = float(budget) if budget else args.memory_overhead
+                res = run_ftsup(where, env, steps, save_steps, kills, args.timeout, base, overhead)
             modes[mode] = measure(res, steps) | res.extra
             print(
                 f"{mode}: {json.dumps(modes[mode])} ({time.time() - started:.0f}s)",

@@ -27,6 +27,7 @@ from ftsup.supervisor.contract import (
     ENV_FAULT_STEP_DELAY,
     MEMORY_SLOTS,
 )
+from ftsup.supervisor.memory_tier import memory_root
 from tests.supervisor_harness import Harness
 from tests.trainer.trainer_helpers import lora_job_text
 
@@ -82,7 +83,7 @@ def run(tiny_model: Path, arith_data: Path) -> Iterator[Run]:
             status,
             list(daemon.cli_json("events", "mem", "-n", "500")["events"]),
             [r for r in records if r.get("event") == "train_start"],
-            daemon.runtime_dir / "memory" / "mem",
+            memory_root(daemon.runtime_dir) / "mem",
         )
     except BaseException:
         print(f"--- daemon log ---\n{daemon.daemon_log()[-5000:]}")
