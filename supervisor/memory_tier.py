@@ -94,13 +94,13 @@ RAM_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
 def memory_root(runtime_dir: Path) -> Path:
     """Where a daemon keeps its jobs' snapshots: in RAM. Its runtime folder when that
     is tmpfs (systemd's /run/user/UID, /run/ftsup), else a private folder of this
-    daemon's in /dev/shm. An on-demand daemon's runtime folder may be
-    /tmp/ftsup-UID on a disk: a snapshot there is a dirty page-cache file that the
-    kernel keeps writing back (1.7 MB per step of the demo job, hundreds of MB for a
-    large adapter) and that faults again on the next write after each writeback;
-    the chaos benchmark's run took 12-33% longer with the snapshot after every step
-    there (docs/benchmarks.md). Without a RAM file system it stays in the runtime
-    folder. Looked up once per daemon (/proc/self/mounts)."""
+    daemon's in /dev/shm. An on-demand daemon's runtime folder may be /tmp/ftsup-UID
+    on a disk, and a snapshot's files carry no checksums because tmpfs does not
+    outlive the host: on a disk, a power loss could keep a snapshot's seal and lose
+    pages of its tensors, and the restarted daemon (same lineage, from the state
+    folder) would resume that torn state. Without a RAM file system it stays in the
+    runtime folder. Looked up once per daemon (/proc/self/mounts). Performance was
+    not the reason: the chaos benchmark measured no difference (docs/benchmarks.md)."""
     if filesystem_type(runtime_dir) in RAM_FILE_SYSTEMS:
         return runtime_dir / "memory"
     if filesystem_type(SHM) in RAM_FILE_SYSTEMS:
