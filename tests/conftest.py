@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -8,6 +10,30 @@ from typing import Any
 import pytest
 
 from tests.supervisor_harness import Harness
+
+_MEMORY_FOLDERS = pytest.StashKey[set[Path]]()
+
+
+def _daemon_memory_folders() -> set[Path]:
+    """The /dev/shm folders of this user's daemons (`memory_tier.shm_folder`)."""
+    return set(Path("/dev/shm").glob(f"ftsup-{os.geteuid()}-*"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_MEMORY_FOLDERS] = _daemon_memory_folders()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the /dev/shm folders the tests' daemons made (a daemon whose runtime
+    folder is not tmpfs keeps its snapshots there; a test that builds a runner makes
+    one too). Only on the controller, once every worker is done, and only folders
+    that were not there before and hold no file: never a real daemon's snapshots."""
+    if hasattr(session.config, "workerinput"):
+        return
+    before: set[Path] = session.config.stash.get(_MEMORY_FOLDERS, set())
+    for folder in _daemon_memory_folders() - before:
+        if not any(path.is_file() for path in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -216,9 +216,11 @@ class Harness:
     # teardown --------------------------------------------------------------
     def cleanup(self) -> None:
         self.cleanup_processes()
+        # The daemons' memory snapshots, when their runtime folders are not in RAM
+        # (this one's and those inside it: `ftsup demo --queue`).
+        for runtime in [self.runtime_dir, *self.runtime_dir.glob("*/")]:
+            shutil.rmtree(shm_folder(runtime), ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
-        # The daemon's memory snapshots, when its runtime folder is not in RAM.
-        shutil.rmtree(shm_folder(self.runtime_dir), ignore_errors=True)
 
     def cleanup_processes(self) -> None:
         """Kill the daemon and every shim and trainer it started (by process group)."""
