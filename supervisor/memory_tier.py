@@ -101,9 +101,10 @@ def memory_root(runtime_dir: Path) -> Path:
     folder) would resume that torn state. Without a RAM file system it stays in the
     runtime folder. Looked up once per daemon (/proc/self/mounts). Performance was
     not the reason: the chaos benchmark measured no difference (docs/benchmarks.md)."""
-    if filesystem_type(runtime_dir) in RAM_FILE_SYSTEMS:
+    mounts = _mounts()
+    if filesystem_type(runtime_dir, mounts) in RAM_FILE_SYSTEMS:
         return runtime_dir / "memory"
-    if filesystem_type(SHM) in RAM_FILE_SYSTEMS:
+    if filesystem_type(SHM, mounts) in RAM_FILE_SYSTEMS:
         private = shm_folder(runtime_dir)
         try:
             ensure_private_dir(private, env_var=ENV_RUNTIME_DIR)
@@ -121,14 +122,20 @@ def shm_folder(runtime_dir: Path) -> Path:
     return SHM / f"ftsup-{os.geteuid()}-{digest}"
 
 
+def _mounts() -> str | None:
+    try:
+        return Path("/proc/self/mounts").read_text()
+    except OSError:
+        return None
+
+
 def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     """The type of the file system that holds `path` (it need not exist yet): the
     longest mount point above it in /proc/self/mounts (or `mounts`, in its format)."""
     if mounts is None:
-        try:
-            mounts = Path("/proc/self/mounts").read_text()
-        except OSError:
-            return None
+        mounts = _mounts()
+    if mounts is None:
+        return None
     target = os.path.realpath(path)
     best: tuple[int, str | None] = (-1, None)
     for line in mounts.splitlines():

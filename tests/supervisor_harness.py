@@ -275,3 +275,19 @@ def activate_standby(standby_dir: Path, attempt_dir: Path, activation: dict[str,
     write_json_atomic(standby_dir / ACTIVATION_FILE, activation)
     standby_dir.rename(attempt_dir)
     (attempt_dir / FIFO_NAME).write_text(f"{attempt_dir}\n")
+
+
+def run_in_group(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `argv` to its end in a session of its own: (exit code, output and errors
+    together). Its whole process group is killed if it outlives `timeout` (or the
+    test is interrupted meanwhile), so no process of it is left behind."""
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output.decode(errors="replace")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.contract import ENV_PROGRESS_FILE
 from ftsup.supervisor.daemon.launcher import bootstrap_dir
-from tests.supervisor_harness import REPO
+from tests.supervisor_harness import REPO, run_in_group
 
 SCRIPT = REPO / "tests" / "scripts" / "plain_hf_train.py"
 MAX_STEPS = 4  # 128 rows in batches of 8: 16 steps an epoch, so the end is inside one
@@ -65,21 +63,8 @@ def run_script(model: Path, output_dir: Path, progress: Path, *extra: str) -> st
         "true",
         *extra,
     ]
-    process = subprocess.Popen(
-        argv,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    log = output.decode(errors="replace")
-    assert process.returncode == 0, log[-3000:]
+    code, log = run_in_group(argv, env, timeout=300)
+    assert code == 0, log[-3000:]
     return log
 
 

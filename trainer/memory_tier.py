@@ -224,21 +224,23 @@ class MemoryTier:
         here on leaves it unusable) and renamed to `step`; anything else there goes.
         A slot this attempt wrote before is known: no listing."""
         folder = self.folder / MEMORY_SLOTS[target] / checkpoint_name(step)
-        known = self._slot_folders.pop(target, None)
-        if known is not None:
-            try:
-                os.unlink(known / MEMORY_RECORD)
-                if known != folder:
-                    os.rename(known, folder)
-                    self._writer.moved(known, folder)
-            except OSError:
-                pass  # not as this attempt left it: look
-            else:
-                self._slot_folders[target] = folder
-                return folder
-        self._list_and_unseal(target, folder)
+        known = self._slot_folders.get(target)
+        if known is None or not self._unseal_known(known, folder):
+            self._list_and_unseal(target, folder)
         self._slot_folders[target] = folder
         return folder
+
+    def _unseal_known(self, known: Path, folder: Path) -> bool:
+        """Unseal and rename the folder this attempt last wrote in a slot; False when
+        it is not as this attempt left it (then the slot is looked at)."""
+        try:
+            os.unlink(known / MEMORY_RECORD)
+            if known != folder:
+                os.rename(known, folder)
+                self._writer.moved(known, folder)
+        except OSError:
+            return False
+        return True
 
     def _list_and_unseal(self, target: int, folder: Path) -> None:
         slot_dir = self.folder / MEMORY_SLOTS[target]

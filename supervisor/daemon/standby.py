@@ -205,7 +205,10 @@ class WarmPool:
         return self.enabled and len(self.pool) < self.count and self.losses < MAX_LOSSES
 
     def _spawn(
-        self, folder: Path, spawn: Callable[[], subprocess.Popen[bytes]], extra: dict[str, Any]
+        self,
+        folder: Path,
+        spawn: Callable[[], subprocess.Popen[bytes]],
+        extra: dict[str, Any] | None,
     ) -> tuple[subprocess.Popen[bytes], int | None] | None:
         """Start a standby's shim in `folder`: the shim and its start time, or None.
         An error of the moment (a full disk, no descriptors left) is tried again on a
@@ -223,7 +226,7 @@ class WarmPool:
                 self._failing = True
                 return None
             self.losses += 1
-            self._emit("standby_lost", f"cannot start a {self.noun}: {exc}", extra or None)
+            self._emit("standby_lost", f"cannot start a {self.noun}: {exc}", extra)
             return None
         self._failing = False
         try:
@@ -408,7 +411,7 @@ class StandbyKeeper(WarmPool):
         spawned = self._spawn(
             folder,
             lambda: spawn_standby_shim(self.spec, folder, plan=plan, standby_argv=argv),
-            {},
+            None,
         )
         if spawned is not None:
             self.pool.append(Standby(folder, *spawned, plan))

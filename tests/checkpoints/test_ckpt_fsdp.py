@@ -4,8 +4,6 @@ checked by `supervisor/checkpoints/fsdp.py` without torch: intact, then damaged.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 
 from ftsup.supervisor.checkpoints.findings import Findings
 from ftsup.supervisor.checkpoints.fsdp import check_dcp_folder
+from tests.supervisor_harness import run_in_group
 
 WRITER = textwrap.dedent(
     """
@@ -49,20 +48,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = base / "pristine"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*argv, str(script), str(target)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out.decode(errors="replace")
+    code, output = run_in_group([*argv, str(script), str(target)], env, timeout=120)
+    assert code == 0, output
     return target
 
 
