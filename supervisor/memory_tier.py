@@ -9,15 +9,18 @@ save.
 A snapshot is only ever a faster way to the same state, so it is resumed only
 when nothing about it can be wrong: sealed (its record lists every file with
 its size: a write cut short has no record), newer than the newest valid disk
-checkpoint, of this job, of the current lineage, and written under exactly
-the job's configuration (the record's fingerprint). The lineage token
+checkpoint, of this job, of the current lineage, written under exactly the
+job's configuration (the record's fingerprint), and written since the host
+last booted (the record's boot id: a `memory_dir` on a disk outlives a power
+loss, and the pages of a snapshot's tensors need not have reached the disk
+before its seal did). The lineage token
 changes when a run starts anew and when the daemon rolls back on purpose (a
 loss anomaly), so a snapshot of an abandoned line of training is never picked
 even if its folder survived. Everything else (export, retention, a host
 reboot, `ftsup ckpt`) knows only the disk checkpoints.
 
-The memory folder is ftsup's own (under the runtime folder, tmpfs on a systemd
-host), or `[checkpoint] memory_dir`; it is read in worker threads only.
+The memory folder is ftsup's own (in RAM: `memory_root`), or `[checkpoint]
+memory_dir`; it is read in worker threads only.
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ from ftsup.supervisor.contract import (
 )
 from ftsup.supervisor.paths import Layout
 from ftsup.supervisor.private_dirs import NotPrivate, ensure_private_dir
-from ftsup.supervisor.spec_types import JobSpec
+from ftsup.supervisor.spec import key_line
+from ftsup.supervisor.spec_types import JobSpec, SpecIssue
 
 log = logging.getLogger("ftsup.memory")
 
 LINEAGE_FILE = "memory-lineage.json"
 _RECORD_MAX = 64 * 1024
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Snapshot:
 # (LoRA, QLoRA: adapter weights and their optimizer state, a few MB to a few
 # hundred), off for a full fine-tune (weights and optimizer state, three times the
 # model, twice over in RAM) until that is measured. The trainer spaces snapshots
-# to keep their cost within its `max_overhead` (5% by default).
+# to keep their cost within its `max_overhead` (2.5% by default).
 AUTO_EVERY = {"lora": 1, "qlora": 1, "full": 0}
 
 
@@ -95,12 +100,12 @@ def memory_root(runtime_dir: Path) -> Path:
     """Where a daemon keeps its jobs' snapshots: in RAM. Its runtime folder when that
     is tmpfs (systemd's /run/user/UID, /run/ftsup), else a private folder of this
     daemon's in /dev/shm. An on-demand daemon's runtime folder may be /tmp/ftsup-UID
-    on a disk, and a snapshot's files carry no checksums because tmpfs does not
-    outlive the host: on a disk, a power loss could keep a snapshot's seal and lose
-    pages of its tensors, and the restarted daemon (same lineage, from the state
-    folder) would resume that torn state. Without a RAM file system it stays in the
-    runtime folder. Looked up once per daemon (/proc/self/mounts). Performance was
-    not the reason: the chaos benchmark measured no difference (docs/benchmarks.md)."""
+    on a disk, where every snapshot (after every step or two) would also be written
+    back to the disk for nothing: a snapshot is never resumed after a reboot (its
+    record's boot id), so it only has to live as long as RAM does. Without a RAM
+    file system it stays in the runtime folder. Looked up once per daemon
+    (/proc/self/mounts). The chaos benchmark measured no difference in speed on its
+    small job (docs/benchmarks.md)."""
     mounts = _mounts()
     if filesystem_type(runtime_dir, mounts) in RAM_FILE_SYSTEMS:
         return runtime_dir / "memory"
@@ -113,6 +118,29 @@ def memory_root(runtime_dir: Path) -> Path:
         else:
             return private / "memory"
     return runtime_dir / "memory"
+
+
+def memory_dir_warning(spec: JobSpec) -> SpecIssue | None:
+    """A warning when `[checkpoint] memory_dir` is not in RAM and the job has a memory
+    tier: every snapshot would also be written back to that disk, for a state no
+    restart after a reboot resumes. Looked at by the CLI (`ftsup check`, `ftsup
+    start`), on the daemon's host, never in the daemon: the path is the user's."""
+    folder = spec.checkpoint.memory_dir
+    if not folder or memory_every(spec) == 0:
+        return None
+    kind = filesystem_type(Path(folder))
+    if kind is None or kind in RAM_FILE_SYSTEMS:
+        return None
+    key = ("checkpoint", "memory_dir")
+    return SpecIssue(
+        spec.source,
+        key_line(spec.text, key),
+        ".".join(key),
+        f"{folder} is on {kind}, not in RAM: every memory snapshot would also be written "
+        "back to that disk, and none is resumed after a reboot",
+        "leave memory_dir out (the daemon keeps snapshots in RAM), or name a tmpfs folder "
+        "such as /dev/shm/ftsup",
+    )
 
 
 def shm_folder(runtime_dir: Path) -> Path:
@@ -202,6 +230,17 @@ def newest_usable(
     return max(found, key=lambda s: s.step, default=None)
 
 
+@functools.cache
+def boot_id() -> str | None:
+    """This boot of the host (the kernel's random boot id), or None where it cannot be
+    read. Written into every snapshot's record by the trainer and compared by the
+    daemon: RAM does not outlive a boot, so neither may a snapshot."""
+    try:
+        return BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
     """A snapshot's seal (MEMORY_RECORD), or None: unsealed (a write cut short),
     unreadable, or not a snapshot. The trainer reads it the same way."""
@@ -222,6 +261,8 @@ def _usable(
     if (record.get("job"), record.get("lineage"), record.get("step")) != (job, lineage, step):
         return None
     if record.get("fingerprint") != dict(fingerprint):
+        return None
+    if record.get("boot") != boot_id():  # sealed before a reboot: its pages may be lost
         return None
     sizes = record.get("files")
     if not isinstance(sizes, dict) or not sizes:
@@ -251,10 +292,12 @@ def discard(folder: Path) -> None:
 __all__ = [
     "LINEAGE_FILE",
     "Snapshot",
+    "boot_id",
     "current_lineage",
     "discard",
     "filesystem_type",
     "memory_dir",
+    "memory_dir_warning",
     "memory_every",
     "memory_root",
     "new_lineage",

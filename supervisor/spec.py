@@ -1245,6 +1245,12 @@ def parse_spec(text: str, source: Path) -> JobSpec:
     return JobSpec(source=absolute, text=text, warnings=issues.sorted_warnings(), **sections)
 
 
+def key_line(text: str, path: tuple[str, ...]) -> int | None:
+    """The line of `path` (e.g. ("checkpoint", "memory_dir")) in a job file's text, else
+    its table's; for warnings found after parsing."""
+    return _LineIndex(text).find(path)
+
+
 _JOB_HEADER_RE = re.compile(r"^[ \t]*\[[ \t]*job[ \t]*\][ \t]*(#.*)?$", re.MULTILINE)
 
 

@@ -192,7 +192,7 @@ class CheckpointSection:
     # The memory tier (issue 18): a snapshot in RAM every N steps; 0 off; None
     # ("auto"): memory_tier.AUTO_EVERY (every step for LoRA/QLoRA, off for full).
     memory_every: int | None = None
-    memory_dir: str | None = None  # None: the daemon's runtime folder (tmpfs)
+    memory_dir: str | None = None  # None: the daemon's folder in RAM (memory_root)
     # The most of training time snapshots may take (0: every `memory_every` step
     # whatever it costs); None: the trainer's default (memory_tier.DEFAULT_MAX_OVERHEAD).
     memory_overhead: float | None = None

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,6 +28,7 @@ from ftsup.supervisor.memory_tier import (
     AUTO_EVERY,
     RAM_FILE_SYSTEMS,
     SHM,
+    boot_id,
     current_lineage,
     filesystem_type,
     memory_dir,
@@ -74,6 +77,7 @@ def snapshot(
             "attempt": 1,
             "created_at": 0,
             "fingerprint": fingerprint or FINGERPRINT,
+            "boot": boot_id(),
             "format": MEMORY_FORMAT,
             "files": {name: len(data) for name, data in files.items()},
         }
@@ -130,10 +134,12 @@ def test_a_snapshot_no_newer_than_the_newest_disk_checkpoint_is_never_used(
         {"job": "another-job"},
         {"lineage": "an-abandoned-line"},
         {"fingerprint": {**FINGERPRINT, "lr": 0.002}},
+        {"boot": "an-earlier-boot"},
+        {"boot": None},
     ],
-    ids=["job", "lineage", "configuration"],
+    ids=["job", "lineage", "configuration", "earlier-boot", "no-boot-id"],
 )
-def test_a_snapshot_of_another_job_lineage_or_configuration_is_never_used(
+def test_a_snapshot_of_another_job_lineage_configuration_or_boot_is_never_used(
     tmp_path: Path, other: dict[str, object]
 ) -> None:
     snapshot(tmp_path, 0, 42, **other)  # type: ignore[arg-type]
@@ -164,7 +170,11 @@ def test_the_lineage_token_is_kept_until_renewed(tmp_path: Path) -> None:
 
 
 def job(tmp_path: Path, train: str = "", extra: str = "") -> JobSpec:
-    text = f"""
+    return parse_spec(job_text(tmp_path, extra, train), tmp_path / "job.toml")
+
+
+def job_text(tmp_path: Path, extra: str = "", train: str = "") -> str:
+    return f"""
 [job]
 name = "{JOB}"
 output_dir = "{tmp_path / "out"}"
@@ -175,7 +185,6 @@ dataset = ["d.jsonl"]
 {train}
 {extra}
 """
-    return parse_spec(text, tmp_path / "job.toml")
 
 
 def test_the_tier_is_on_for_one_process_lora_jobs_and_opt_in_otherwise(tmp_path: Path) -> None:
@@ -289,3 +298,30 @@ def test_the_job_file_refuses_a_memory_tier_it_cannot_keep(tmp_path: Path) -> No
         job(tmp_path, extra="[checkpoint]\nmemory_every = 1\n\n[launch]\nnproc_per_node = 2")
     with pytest.raises(SpecError, match=r"memory_every.*needs a \[train\] job"):
         parse_spec(command_job(tmp_path, "memory_every = 1"), tmp_path / "cmd.toml")
+
+
+def test_ftsup_check_warns_when_the_memory_folder_is_on_a_disk(tmp_path: Path) -> None:
+    """Each snapshot would be written back to a disk for nothing (none is resumed after
+    a reboot): `ftsup check` says so and names the key's line; a RAM folder, or a job
+    without a memory tier, draws no warning. The job stays valid either way."""
+    on_disk = next(p for p in (tmp_path, REPO, Path.home()) if not_in_ram(p)) / "snapshots"
+    results = {}
+    for name, folder, every in (("disk", on_disk, 1), ("ram", SHM / "x", 1), ("off", on_disk, 0)):
+        text = job_text(tmp_path, f'[checkpoint]\nmemory_dir = "{folder}"\nmemory_every = {every}')
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        results[name] = subprocess.run(
+            [sys.executable, "-m", "ftsup.supervisor", "check", "--json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert results[name].returncode == 0, results[name].stderr
+    (warning,) = json.loads(results["disk"].stdout)["warnings"]
+    assert warning["key"] == "checkpoint.memory_dir"
+    assert warning["line"] == text.splitlines().index(f'memory_dir = "{on_disk}"') + 1
+    assert warning["message"].startswith(f"{on_disk} is on {filesystem_type(on_disk)}, not in RAM")
+    for name in ("ram", "off"):
+        assert json.loads(results[name].stdout)["warnings"] == [], name
+    assert not on_disk.exists()  # looked at, never created

@@ -51,7 +51,7 @@ from ftsup.supervisor.contract import (
     checkpoint_name,
     checkpoint_step,
 )
-from ftsup.supervisor.memory_tier import read_record
+from ftsup.supervisor.memory_tier import boot_id, read_record
 from ftsup.trainer.async_save import plain_layout_models
 from ftsup.trainer.memory_snapshot import SlotHistory, SnapshotWriter, restore_loss_window
 
@@ -267,6 +267,7 @@ class MemoryTier:
             "attempt": self.attempt,
             "created_at": time.time(),
             "fingerprint": self.fingerprint,
+            "boot": boot_id(),
         }
 
     def turn_off(self, step: int, why: str) -> None:

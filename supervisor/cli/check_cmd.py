@@ -15,8 +15,15 @@ from rich.text import Text
 
 from ftsup.supervisor.cli import output
 from ftsup.supervisor.durations import format_duration
+from ftsup.supervisor.memory_tier import memory_dir_warning
 from ftsup.supervisor.spec import SpecError, load_spec, spec_to_json
-from ftsup.supervisor.spec_types import CommandSection, JobSpec, RestartSection, TrainSection
+from ftsup.supervisor.spec_types import (
+    CommandSection,
+    JobSpec,
+    RestartSection,
+    SpecIssue,
+    TrainSection,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         _report_invalid(err, args.job_file, as_json=args.json)
         return output.EXIT_BAD_INPUT
     if args.json:
-        warnings = [warning.to_json() for warning in spec.warnings]
+        warnings = [warning.to_json() for warning in all_warnings(spec)]
         output.print_json(
             {"ok": True, "job": spec_to_json(spec), "issues": [], "warnings": warnings}
         )
@@ -67,10 +74,18 @@ def print_issues(err: SpecError) -> None:
         output.error(issue.render(hint=False), hint=issue.hint)
 
 
+def all_warnings(spec: JobSpec) -> tuple[SpecIssue, ...]:
+    """The job file's own warnings, then those about this host (the CLI runs on the
+    daemon's host: the socket is local)."""
+    on_host = memory_dir_warning(spec)
+    return spec.warnings if on_host is None else (*spec.warnings, on_host)
+
+
 def print_warnings(spec: JobSpec) -> None:
     """What a valid job file should still change (a deprecated key, settings that
-    contradict each other), on stderr: `ftsup check` and `ftsup start` alike."""
-    for warning in spec.warnings:
+    contradict each other, a memory folder on a disk), on stderr: `ftsup check` and
+    `ftsup start` alike."""
+    for warning in all_warnings(spec):
         output.stderr.print("[bold yellow]warning:[/] ", end="")
         output.stderr.print(warning.render(hint=False), markup=False)
         if warning.hint:
