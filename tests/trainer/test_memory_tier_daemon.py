@@ -8,10 +8,17 @@ The daemon must resume the newest sealed snapshot (step 6 or 7: the write of
 the run must end with the adapter of the same job run without a kill and
 without the tier (a second job on the same daemon). When the job ends its
 snapshots are removed.
+
+The snapshot has no holder process: it is in files in RAM (tmpfs), so losing
+the attempt's shim with its trainer still resumes it; only losing the folder
+itself falls back to the disk checkpoint (a second daemon, two more jobs).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +34,8 @@ from ftsup.supervisor.contract import (
     ENV_FAULT_STEP_DELAY,
     MEMORY_SLOTS,
 )
-from ftsup.supervisor.memory_tier import memory_root
-from tests.supervisor_harness import Harness
+from ftsup.supervisor.memory_tier import memory_root, read_record
+from tests.supervisor_harness import Harness, wait_for
 from tests.trainer.trainer_helpers import lora_job_text
 
 pytestmark = pytest.mark.slow  # trains real models: starts first (tests/conftest.py)
@@ -129,3 +136,102 @@ def test_goodput_counts_the_memory_resume_and_the_snapshots_are_gone(run: Run) -
     shown = run.daemon.cli("status", "mem").stdout
     assert f"snapshot of step {run.status['progress']['memory']['step']}," in shown
     assert not run.memory_dir.exists()  # removed when the job finished
+
+
+@dataclass
+class HolderLost:
+    daemon: Harness
+    killed_at: dict[str, int]  # job -> the newest snapshot's step when its attempt was killed
+    statuses: dict[str, dict[str, Any]]
+    events: dict[str, list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def holder_lost(tiny_model: Path, arith_data: Path) -> Iterator[HolderLost]:
+    """Two jobs, each with a snapshot after every step, whose attempt loses its shim
+    and its trainer at once (SIGKILL to both) past step 5: `holder` keeps its memory
+    folder, `wiped` loses it just before. The trainer is stopped (SIGSTOP) first, so
+    that the newest sealed snapshot, read from the folder, is the last one."""
+    daemon = Harness()
+    killed_at: dict[str, int] = {}
+    try:
+        daemon.env["OMP_NUM_THREADS"] = "1"
+        daemon.env[ENV_FAULT_STEP_DELAY] = "0.2"
+        daemon.start_daemon()
+        for name in ("holder", "wiped"):
+            path = daemon.work / f"{name}.toml"
+            path.write_text(job_text(name, tiny_model, arith_data, daemon.work / name, 1))
+            daemon.cli("start", str(path))
+
+            def past_5(name: str = name) -> dict[str, Any] | None:
+                status = daemon.status(name)
+                return status if status["progress"]["step"] >= 5 else None
+
+            shim = wait_for(past_5, 300, 0.02, f"{name} past step 5")["current_attempt"]["shim_pid"]
+            trainer = daemon.attempt_pids(name)[0]["pgid"]
+            os.killpg(trainer, signal.SIGSTOP)
+            folder = memory_root(daemon.runtime_dir) / name
+            killed_at[name] = newest_sealed(folder)
+            if name == "wiped":
+                shutil.rmtree(folder)
+            os.kill(shim, signal.SIGKILL)
+            os.killpg(trainer, signal.SIGKILL)
+        statuses = {name: daemon.wait_state(name, *ENDED, timeout=300) for name in killed_at}
+        events = {
+            name: list(daemon.cli_json("events", name, "-n", "500")["events"]) for name in killed_at
+        }
+        yield HolderLost(daemon, killed_at, statuses, events)
+    except BaseException:
+        print(f"--- daemon log ---\n{daemon.daemon_log()[-5000:]}")
+        raise
+    finally:
+        daemon.cleanup()
+
+
+def newest_sealed(folder: Path) -> int:
+    """The highest step sealed in the memory folder's slots (the ground truth)."""
+    steps = [
+        int(path.name.removeprefix("checkpoint-"))
+        for slot in MEMORY_SLOTS
+        for path in (folder / slot).glob("checkpoint-*")
+        if read_record(path) is not None
+    ]
+    return max(steps)
+
+
+def test_losing_the_shim_with_the_trainer_still_resumes_the_snapshot(
+    holder_lost: HolderLost, run: Run
+) -> None:
+    status = holder_lost.statuses["holder"]
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+    assert SAVE_STEPS < holder_lost.killed_at["holder"] < 2 * SAVE_STEPS  # newer than disk
+    (said,) = [e for e in holder_lost.events["holder"] if e["kind"] == "memory_resume"]
+    assert said["data"]["step"] == holder_lost.killed_at["holder"] > said["data"]["disk_step"]
+    assert status["attempt_history"][1]["start_step"] == said["data"]["step"]
+    assert_same_run(holder_lost.daemon, "holder", run)
+
+
+def test_losing_the_memory_folder_falls_back_to_the_disk_checkpoint(
+    holder_lost: HolderLost, run: Run
+) -> None:
+    status = holder_lost.statuses["wiped"]
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+    assert SAVE_STEPS < holder_lost.killed_at["wiped"] < 2 * SAVE_STEPS  # it would have won
+    assert not [e for e in holder_lost.events["wiped"] if e["kind"] == "memory_resume"]
+    resumed = status["attempt_history"][1]
+    disk_step = holder_lost.killed_at["wiped"] // SAVE_STEPS * SAVE_STEPS
+    assert resumed["start_step"] == disk_step
+    assert resumed["resume_from"] == str(
+        holder_lost.daemon.work / "wiped" / f"checkpoint-{disk_step}"
+    )
+    assert_same_run(holder_lost.daemon, "wiped", run)
+
+
+def assert_same_run(daemon: Harness, job: str, run: Run) -> None:
+    """The job ended with the uninterrupted reference's adapter and losses."""
+    name = f"checkpoint-{MAX_STEPS}/adapter_model.safetensors"
+    ours = load_file(str(daemon.work / job / name))
+    theirs = load_file(str(run.reference / name))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert dict(daemon.step_losses(job)) == dict(run.daemon.step_losses("ref"))
