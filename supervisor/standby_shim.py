@@ -47,6 +47,7 @@ from ftsup.supervisor.atomicio import read_json
 from ftsup.supervisor.contract import ENV_STANDBY_FD
 from ftsup.supervisor.procinfo import is_same_process, process_start_time
 from ftsup.supervisor.shim import (
+    exit_at_once,
     killpg,
     lock_for_attempt,
     parse_shim_args,
@@ -246,4 +247,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_at_once(main())  # the daemon waits for this process's end to restart the job
