@@ -27,6 +27,10 @@ ENV_PROGRESS_FILE = "FTSUP_PROGRESS_FILE"  # the trainer appends progress lines 
 ENV_RESUME_FROM = "FTSUP_RESUME_FROM"  # only when resuming
 ENV_SKIP_STEPS = "FTSUP_SKIP_STEPS"  # steps whose data to skip after a rollback
 ENV_STANDBY_FD = "FTSUP_STANDBY_FD"  # a warm standby's end of its control socket
+# A multi-node job's most nodes (`[launch] nnodes` > 1): a node that runs alone
+# (`min_nodes`) still resumes the shared folder's newest checkpoint, not its own
+# daemon's older view of it (trainer/nodes.py).
+ENV_NODES = "FTSUP_NODES"
 # The memory tier's lineage token (issue 18): a snapshot written under another
 # token (an earlier run, a rollback) is never resumed.
 ENV_MEMORY_LINEAGE = "FTSUP_MEMORY_LINEAGE"

@@ -9,7 +9,11 @@ newest valid checkpoint with the supervisor's own `select_resume` (and
 quarantines invalid newer folders, the only node that does), and publishes
 it in the rendezvous store torchrun already runs (MASTER_ADDR:MASTER_PORT);
 every other rank reads it from there. A single-node run keeps its daemon's
-choice: nothing to agree on.
+choice: nothing to agree on. A one-process node of a multi-node job that
+runs alone (`min_nodes`; the daemon's ENV_NODES says the job spans nodes)
+chooses as rank 0 would: with `min_nodes = 1` two nodes can each run alone in
+turn, and one that took its own daemon's older choice trained steps again and
+retired the newer checkpoints the other had saved (session 13).
 
 Node-local folders (`save_on_each_node`: the same path on every node, each on
 its own disk) are seen by their own node only. Each node's first process
@@ -29,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ftsup.supervisor.contract import PROGRESS_RENDEZVOUS, checkpoint_name
+from ftsup.supervisor.contract import ENV_NODES, PROGRESS_RENDEZVOUS, checkpoint_name
 from ftsup.trainer import dist
 
 STORE_PREFIX = "ftsup/resume"
@@ -45,6 +49,17 @@ def multi_node() -> bool:
     """More processes in the run than on this node (torchrun's environment)."""
     world = dist.world_size()
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def of_a_multi_node_job() -> bool:
+    """This node belongs to a job of several nodes (the daemon's ENV_NODES), even
+    while it runs alone (`min_nodes`): then another node may have saved newer
+    checkpoints into the shared folder than this node's daemon saw, and with
+    `min_nodes = 1` the nodes can each run alone in turn."""
+    try:
+        return int(os.environ.get(ENV_NODES, "1")) > 1
+    except ValueError:
+        return False
 
 
 def node_ranks() -> tuple[int, ...]:
@@ -70,6 +85,13 @@ def agree_on_resume(
     `node_local`: every node has its own `output_dir` (`save_on_each_node`); the
     result is the agreed step's folder in this node's `output_dir`."""
     if not multi_node():
+        if dist.world_size() == 1 and not node_local and of_a_multi_node_job():
+            # One process of a multi-node job, alone for now (`min_nodes`): it is rank
+            # 0, and chooses from the shared folder, which another node may have
+            # written since its daemon looked. (Alone with several processes it keeps
+            # its daemon's choice: a store key of this world size may be an earlier
+            # round's, so its other ranks could not tell rank 0's answer from it.)
+            return _choose(output_dir, require_manifest)
         return suggested
     store = _store(timeout_s)
     _report_joined()
@@ -256,4 +278,10 @@ def _store(timeout_s: float) -> Any:
     )
 
 
-__all__ = ["ResumeAgreementError", "agree_on_resume", "multi_node", "node_ranks"]
+__all__ = [
+    "ResumeAgreementError",
+    "agree_on_resume",
+    "multi_node",
+    "node_ranks",
+    "of_a_multi_node_job",
+]

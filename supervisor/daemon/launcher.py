@@ -83,6 +83,8 @@ def plan_attempt(
     )
     if resume_from is not None:
         env[contract.ENV_RESUME_FROM] = str(resume_from)
+    if spec.launch.nnodes > 1:
+        env[contract.ENV_NODES] = str(spec.launch.nnodes)
     devices = devices if devices is not None else spec.gpu.devices
     if devices is not None:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers GPUs as NVML does
