@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ftsup.supervisor.contract import ENV_ATTEMPT, ENV_STANDBY_FD
+from ftsup.supervisor.spec_types import TrainSection
 from ftsup.supervisor.standby_shim import MAX_MESSAGE
 from ftsup.trainer.prepared import PreparedData
 
@@ -87,19 +88,30 @@ def warm_imports() -> None:
     build_weight_conversions()
 
 
-def warm_model_code(config_path: str | None) -> None:
+def job_train(config_path: str | None) -> TrainSection | None:
+    """The job's `[train]` table from its train.json, or None (a daemon's spare has
+    no job; a file that cannot be read now is the activated run's to report, as a
+    cold start would: no failure here may end the standby)."""
+    if config_path is None:
+        return None
+    from ftsup.trainer.config import load_run_config
+
+    try:
+        return load_run_config(Path(config_path), check_files=False).train
+    except Exception:
+        return None
+
+
+def warm_model_code(train: TrainSection | None) -> None:
     """Import the modelling module of the job's architecture (`modeling_llama`: 6 ms
     on the takeover's path otherwise), read from the model's config without network
     (`local_files_only`); nothing where that is not possible (a spare has no job)."""
-    if config_path is None:
+    if train is None:
         return
     with contextlib.suppress(Exception):
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-        from ftsup.trainer.config import load_run_config
-
-        train = load_run_config(Path(config_path), check_files=False).train
         model_type = AutoConfig.from_pretrained(train.model, local_files_only=True).model_type
         name = model_type_to_module_name(model_type)
         importlib.import_module(f"transformers.models.{name}.modeling_{name}")
@@ -116,18 +128,17 @@ def build_weight_conversions() -> None:
         get_checkpoint_conversion_mapping("llama")  # type: ignore[no-untyped-call]
 
 
-def warm_data(config_path: str | None) -> PreparedData | None:
+def warm_data(train: TrainSection | None) -> PreparedData | None:
     """The tokenized data set, or None when it cannot be built now (or there is no
     job yet: a daemon's spare): the activated run then builds it itself and
     reports any problem exactly as a cold start would, so no failure here may
     end the standby."""
-    if config_path is None:
+    if train is None:
         return None
-    from ftsup.trainer.config import load_run_config
     from ftsup.trainer.prepared import prepare_data
 
     try:
-        return prepare_data(load_run_config(Path(config_path), check_files=False).train)
+        return prepare_data(train)
     except Exception:
         return None
 
@@ -258,10 +269,11 @@ class WarmUp(threading.Thread):
             # would tokenize at idle priority for good: none is created while warming.
             with _environ(TOKENIZERS_PARALLELISM="false"):
                 warm_imports()
+                train = None if self.hurry.is_set() else job_train(self.config_path)
                 if not self.hurry.is_set():
-                    warm_model_code(self.config_path)
+                    warm_model_code(train)
                 if not self.hurry.is_set():
-                    self.prepared = warm_data(self.config_path)
+                    self.prepared = warm_data(train)
             if not self.hurry.is_set():
                 self.frozen = freeze_heap()
         finally:

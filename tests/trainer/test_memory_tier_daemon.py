@@ -35,6 +35,7 @@ from ftsup.supervisor.contract import (
     MEMORY_SLOTS,
 )
 from ftsup.supervisor.memory_tier import memory_root, read_record
+from ftsup.trainer.memory_tier import slot_folders
 from tests.supervisor_harness import Harness, wait_for
 from tests.trainer.trainer_helpers import lora_job_text
 
@@ -196,9 +197,9 @@ def holder_lost(tiny_model: Path, arith_data: Path) -> Iterator[HolderLost]:
 def newest_sealed(folder: Path) -> int:
     """The highest step sealed in the memory folder's slots (the ground truth)."""
     steps = [
-        int(path.name.removeprefix("checkpoint-"))
+        step
         for slot in MEMORY_SLOTS
-        for path in (folder / slot).glob("checkpoint-*")
+        for step, path in slot_folders(folder / slot)
         if read_record(path) is not None
     ]
     return max(steps)
