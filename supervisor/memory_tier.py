@@ -69,7 +69,7 @@ class Snapshot:
 # (LoRA, QLoRA: adapter weights and their optimizer state, a few MB to a few
 # hundred), off for a full fine-tune (weights and optimizer state, three times the
 # model, twice over in RAM) until that is measured. The trainer spaces snapshots
-# to keep their cost within its `max_overhead` (2.5% by default).
+# to keep their cost within its `max_overhead` (5% by default).
 AUTO_EVERY = {"lora": 1, "qlora": 1, "full": 0}
 
 

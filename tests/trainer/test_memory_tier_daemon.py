@@ -46,7 +46,7 @@ ENDED = ("finished", "failed", "gave_up", "stopped")
 
 
 def job_text(name: str, model: Path, data: Path, out: Path, memory_every: int) -> str:
-    # A snapshot after every step, whatever it costs: the default time budget (2.5%)
+    # A snapshot after every step, whatever it costs: a time budget (2.5%, the default then)
     # skipped step 9's under a loaded CI machine (a snapshot of over 5 ms against the
     # 0.2 s step), and the tests below read the last one.
     budget = "memory_overhead = 0\n" if memory_every else ""
