@@ -7,13 +7,22 @@ resume different steps, so the choice is made once, after torchrun's
 rendezvous put every node's workers together: global rank 0 selects the
 newest valid checkpoint with the supervisor's own `select_resume` (and
 quarantines invalid newer folders, the only node that does), and publishes
-it in the rendezvous store torchrun already runs (MASTER_ADDR:MASTER_PORT);
-every other rank reads it from there. A single-node run keeps its daemon's
-choice: nothing to agree on. A one-process node of a multi-node job that
-runs alone (`min_nodes`; the daemon's ENV_NODES says the job spans nodes)
-chooses as rank 0 would: with `min_nodes = 1` two nodes can each run alone in
-turn, and one that took its own daemon's older choice trained steps again and
-retired the newer checkpoints the other had saved (session 13).
+it; every other rank reads it. A single-node run keeps its daemon's choice:
+nothing to agree on. A node of a multi-node job that runs alone (`min_nodes`;
+the daemon's ENV_NODES says the job spans nodes) chooses as rank 0 would: with
+`min_nodes = 1` two nodes can each run alone in turn, and one that took its
+own daemon's older choice trained steps again and retired the newer
+checkpoints the other had saved (session 13).
+
+Rank 0 answers through a store of its own, served for this round only
+(`_round_store`): torchrun's store lives as long as the launcher that serves
+it, across rounds, and with `min_nodes` two rounds can have the same restart
+count and world size (nodes that leave and join in turn), so a key there may
+hold an earlier round's answer that a rank cannot tell from this one's. Rank
+0's own server ends with rank 0's process, and every worker of a round has
+ended before the next round's start, so a rank that reaches the server an
+announcement names (and finds its nonce there) has reached this round's rank 0.
+The announcement goes into torchrun's store (MASTER_ADDR:MASTER_PORT).
 
 Node-local folders (`save_on_each_node`: the same path on every node, each on
 its own disk) are seen by their own node only. Each node's first process
@@ -28,7 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +51,14 @@ from ftsup.trainer import dist
 STORE_PREFIX = "ftsup/resume"
 NONE = "-"  # published when there is nothing to resume
 FAILED = "!"  # prefixes rank 0's error when it could not choose
+CHOICE_KEY = "choice"  # in the round's store: rank 0's answer
+NONCE_KEY = "nonce"  # in the round's store: the nonce its announcement names
+PROBE_S = 2.0  # to reach an announced server; one that is gone refuses at once
+RETRY_S = 0.1  # between readings of an announcement whose server was gone
+
+# Rank 0's round stores, served until its process ends (a dropped TCPStore server
+# stops serving, and a slow rank may still be on its way).
+_SERVED: list[Any] = []
 
 
 class ResumeAgreementError(RuntimeError):
@@ -85,39 +105,108 @@ def agree_on_resume(
     `node_local`: every node has its own `output_dir` (`save_on_each_node`); the
     result is the agreed step's folder in this node's `output_dir`."""
     if not multi_node():
-        if dist.world_size() == 1 and not node_local and of_a_multi_node_job():
-            # One process of a multi-node job, alone for now (`min_nodes`): it is rank
-            # 0, and chooses from the shared folder, which another node may have
-            # written since its daemon looked. (Alone with several processes it keeps
-            # its daemon's choice: a store key of this world size may be an earlier
-            # round's, so its other ranks could not tell rank 0's answer from it.)
+        if node_local or not of_a_multi_node_job():
+            return suggested
+        # A node of a multi-node job, alone for now (`min_nodes`): another node may
+        # have written the shared folder since its daemon looked, so its rank 0
+        # chooses from it as rank 0 of the whole job would.
+        if dist.world_size() == 1:
             return _choose(output_dir, require_manifest)
-        return suggested
-    store = _store(timeout_s)
-    _report_joined()
-    # One key per rendezvous round. torchrun's restart count stays the same when
-    # nodes join a running job (`min_nodes`), but then the world grows, and it
-    # never shrinks within one launcher (a lost node ends the attempt).
-    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    key = f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
+    else:
+        _report_joined()
+    store = _round_store(timeout_s)
     if node_local:
-        return _agree_node_local(store, key, suggested, output_dir, require_manifest)
+        return _agree_node_local(store, suggested, output_dir, require_manifest)
     if dist.rank() == 0:
         try:
             choice = _choose(output_dir, require_manifest)
         except BaseException as exc:  # the others must not wait for a choice that never comes
-            store.set(key, f"{FAILED}{type(exc).__name__}: {exc}")
+            store.set(CHOICE_KEY, f"{FAILED}{type(exc).__name__}: {exc}")
             raise
-        store.set(key, str(choice) if choice is not None else NONE)
+        store.set(CHOICE_KEY, str(choice) if choice is not None else NONE)
         print(
             f"ftsup trainer: rank 0 resumes every node from {choice or 'the start'}",
             file=sys.stderr,
         )
         return choice
-    value = _read(store, key)
+    value = _read(store, CHOICE_KEY)
     choice = None if value == NONE else Path(value)
     _say_if_overruled(suggested, choice)
     return choice
+
+
+def _announcement_key() -> str:
+    """Where rank 0 announces its round store in torchrun's store. The restart count
+    and world size only narrow it down: two rounds can share both (module doc)."""
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"{STORE_PREFIX}/{restarts}/{dist.world_size()}"
+
+
+def _round_store(timeout_s: float) -> Any:
+    """A store that this rendezvous round's ranks alone reach: rank 0 serves it, and
+    announces where, with a fresh nonce, in torchrun's store (module doc)."""
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    shared = _store(timeout_s)
+    key = _announcement_key()
+    timeout = timedelta(seconds=timeout_s)
+    if dist.rank() == 0:
+        nonce = secrets.token_hex(8)
+        server = TCPStore(
+            os.environ["MASTER_ADDR"], 0, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        server.set(NONCE_KEY, nonce)
+        _SERVED.append(server)
+        where = {"host": os.environ["MASTER_ADDR"], "port": server.port, "nonce": nonce}
+        shared.set(key, json.dumps(where))
+        return server
+    deadline = time.monotonic() + timeout_s
+    stale: dict[str, Any] | None = None
+    while True:
+        shared.wait([key])
+        where = json.loads(shared.get(key).decode())
+        store = _reach(where, timeout)
+        if store is not None:
+            return store
+        if where != stale and dist.local_rank() == 0:
+            print(
+                f"ftsup trainer: {key} names a store that is gone "
+                f"({where['host']}:{where['port']}, an earlier round's rank 0); "
+                "waiting for this round's",
+                file=sys.stderr,
+                flush=True,
+            )
+        stale = where
+        if time.monotonic() > deadline:
+            raise ResumeAgreementError(
+                f"rank 0's store at {where['host']}:{where['port']} (announced in "
+                f"{key}) could not be reached within {timeout_s:.0f} s"
+            )
+        time.sleep(RETRY_S)  # an earlier round's announcement: rank 0's comes
+
+
+def _reach(where: dict[str, Any], timeout: timedelta) -> Any:
+    """A client of the announced round store, or None when it is not there: its
+    server is gone (an earlier round's rank 0), or another one took its port."""
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    host, port = str(where["host"]), int(where["port"])
+    try:  # a plain connect first: torch's client retries (and logs) until its timeout
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+        store = TCPStore(
+            host,
+            port,
+            is_master=False,
+            timeout=timedelta(seconds=PROBE_S),
+            wait_for_workers=False,
+        )
+        found = store.get(NONCE_KEY).decode() if store.check([NONCE_KEY]) else None
+    except (OSError, RuntimeError):
+        return None
+    if found != where["nonce"]:
+        return None
+    store.set_timeout(timeout)
+    return store
 
 
 def _read(store: Any, key: str) -> str:
@@ -140,7 +229,6 @@ def _say_if_overruled(suggested: Path | None, choice: Path | None) -> None:
 
 def _agree_node_local(
     store: Any,
-    key: str,
     suggested: Path | None,
     output_dir: Path,
     require_manifest: bool | None,
@@ -151,20 +239,20 @@ def _agree_node_local(
     local_world = len(node_ranks())
     node = int(os.environ.get("GROUP_RANK", str(dist.rank() // local_world)))
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", str(dist.world_size() // local_world)))
-    step_key = f"{key}/step"
+    step_key = "step"
     if dist.local_rank() == 0:
         try:
             steps = _node_steps(output_dir, require_manifest)
         except BaseException as exc:
             reason = f"{FAILED}node {node}: {type(exc).__name__}: {exc}"
-            store.set(f"{key}/node/{node}", reason)
+            store.set(f"node/{node}", reason)
             if dist.rank() == 0:
                 store.set(step_key, reason)
             raise
-        store.set(f"{key}/node/{node}", json.dumps(steps))
+        store.set(f"node/{node}", json.dumps(steps))
     if dist.rank() == 0:
         try:
-            step = _choose_common(store, key, nodes)
+            step = _choose_common(store, nodes)
         except BaseException as exc:
             why = (
                 str(exc)
@@ -215,10 +303,10 @@ def _node_steps(output_dir: Path, require_manifest: bool | None) -> list[int]:
     return steps
 
 
-def _choose_common(store: Any, key: str, nodes: int) -> int | None:
+def _choose_common(store: Any, nodes: int) -> int | None:
     """The newest step every node can resume (None: start over); a node's failure
     is raised here, so rank 0 passes it on to every rank."""
-    keys = [f"{key}/node/{node}" for node in range(nodes)]
+    keys = [f"node/{node}" for node in range(nodes)]
     store.wait(keys)
     held: list[set[int]] = []
     for node_key in keys:
