@@ -157,32 +157,44 @@ def _round_store(timeout_s: float) -> Any:
         )
         server.set(NONCE_KEY, nonce)
         _SERVED.append(server)
-        where = {"host": os.environ["MASTER_ADDR"], "port": server.port, "nonce": nonce}
-        shared.set(key, json.dumps(where))
+        ours = {"host": os.environ["MASTER_ADDR"], "port": server.port, "nonce": nonce}
+        shared.set(key, json.dumps(ours))
         return server
     deadline = time.monotonic() + timeout_s
-    stale: dict[str, Any] | None = None
+    said: object = object()  # the announcement last said to be stale (none yet)
     while True:
         shared.wait([key])
-        where = json.loads(shared.get(key).decode())
-        store = _reach(where, timeout)
+        where = _announcement(shared.get(key))
+        store = _reach(where, timeout) if where else None
         if store is not None:
             return store
-        if where != stale and dist.local_rank() == 0:
+        if where != said and dist.local_rank() == 0:
             print(
                 f"ftsup trainer: {key} names a store that is gone "
-                f"({where['host']}:{where['port']}, an earlier round's rank 0); "
+                f"({where or 'not an announcement'}: an earlier round's); "
                 "waiting for this round's",
                 file=sys.stderr,
                 flush=True,
             )
-        stale = where
+        said = where
         if time.monotonic() > deadline:
             raise ResumeAgreementError(
-                f"rank 0's store at {where['host']}:{where['port']} (announced in "
-                f"{key}) could not be reached within {timeout_s:.0f} s"
+                f"rank 0's store ({where or 'not announced'} in {key}) could not be "
+                f"reached within {timeout_s:.0f} s"
             )
         time.sleep(RETRY_S)  # an earlier round's announcement: rank 0's comes
+
+
+def _announcement(value: bytes) -> dict[str, Any] | None:
+    """An announcement's host, port and nonce; None for anything else (an earlier
+    ftsup's plain answer under the same key, during an upgrade)."""
+    try:
+        where = json.loads(value.decode())
+        if isinstance(where, dict) and {"host", "port", "nonce"} <= set(where):
+            return where
+    except ValueError:
+        pass
+    return None
 
 
 def _reach(where: dict[str, Any], timeout: timedelta) -> Any:

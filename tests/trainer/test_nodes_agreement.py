@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ftsup.supervisor.contract import ENV_NODES
-from ftsup.trainer.nodes import agree_on_resume
+from ftsup.trainer.nodes import STORE_PREFIX, agree_on_resume
 
 
 def node_copy(
@@ -219,21 +219,42 @@ def test_a_rank_never_takes_an_earlier_rounds_answer(
     )
     assert [r.get("resume") for r in first] == [str(tmp_path / "checkpoint-2")] * 2, first
     newer = node_copy(tmp_path, 4, (0, 1))
-    early = start_rank(port, tmp_path, rank=1, world=2)
+    second = rank_1_first(port, tmp_path)
+    assert [r.get("resume") for r in second] == [str(newer), str(newer)], second
+
+
+def test_a_rank_never_takes_an_earlier_ftsups_plain_answer(
+    server: tuple[Any, int], tmp_path: Path
+) -> None:
+    """Before session 14 rank 0 wrote its choice itself under the same key: a store
+    that still holds one (a launcher that outlived an upgrade) is not an answer."""
+    node_copy(tmp_path, 2, (0, 1))
+    newer = node_copy(tmp_path, 4, (0, 1))
+    server[0].set(f"{STORE_PREFIX}/0/2", str(tmp_path / "checkpoint-2"))
+    results = rank_1_first(server[1], tmp_path)
+    assert [r.get("resume") for r in results] == [str(newer), str(newer)], results
+    assert "not an announcement" in results[1]["log"]
+
+
+def rank_1_first(port: int, folder: Path) -> list[dict[str, Any]]:
+    """Ranks 0 and 1 of a world of 2, rank 0 started only once rank 1 has found
+    that what the key holds is no answer of this round."""
+    early = start_rank(port, folder, rank=1, world=2)
     try:
         assert early.stderr is not None
-        seen = []  # until rank 1 found round 1's announcement, whose server is gone
+        seen = []
         while not any("names a store that is gone" in line for line in seen):
             line = early.stderr.readline()
-            assert line, f"rank 1 ended without waiting for round 2: {''.join(seen)}"
+            assert line, f"rank 1 ended without waiting for this round: {''.join(seen)}"
             seen.append(line)
-        late = start_rank(port, tmp_path, rank=0, world=2)
+        late = start_rank(port, folder, rank=0, world=2)
     except BaseException:
         early.kill()
         early.wait()
         raise
-    second = finish([late, early])
-    assert [r.get("resume") for r in second] == [str(newer), str(newer)], second
+    results = finish([late, early])
+    results[1]["log"] = "".join(seen) + results[1]["log"]
+    return results
 
 
 def test_the_processes_of_a_lone_node_take_its_rank_0s_choice(
