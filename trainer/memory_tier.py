@@ -331,14 +331,26 @@ def memory_tier_unsupported(trainer: Any) -> str | None:
 def with_memory_tier(trainer_class: Any, tier: MemoryTier) -> Any:
     """A subclass of `trainer_class` that snapshots into `tier` after each due step.
 
-    The hook follows `_maybe_log_save_evaluate`, so a disk save of the same step
-    comes first and the snapshot sees the state a disk checkpoint would hold. Its
-    end-of-epoch call (same step, another moment) is never snapshotted.
+    The snapshot follows the step's logging and evaluation, so it holds what a disk
+    checkpoint of that step would. A step that saves to disk takes it first, at
+    the start of `_save_checkpoint`, where HF's own save reads the same state: a
+    kill during the disk save (its stall, its background write, its seal) then
+    resumes that step's snapshot instead of recomputing the step (the chaos
+    benchmark's save-timed kills lost one each). Other steps take it after
+    `_maybe_log_save_evaluate`. One snapshot per step: the end-of-epoch call (same
+    step, another moment) takes none.
     """
 
     class MemoryTierTrainer(trainer_class):  # type: ignore[misc,valid-type]
         def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
             super()._maybe_log_save_evaluate(*args, **kwargs)
+            self._ftsup_snapshot()
+
+        def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+            self._ftsup_snapshot()
+            super()._save_checkpoint(*args, **kwargs)
+
+        def _ftsup_snapshot(self) -> None:
             if not tier.due(self.state.global_step, self.state.max_steps):
                 return
             why = memory_tier_unsupported(self)

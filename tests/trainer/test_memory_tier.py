@@ -203,9 +203,11 @@ def train_table(model: Path, data: Path) -> dict[str, Any]:
     }
 
 
-def memory_config(run_dir: Path, model: Path, data: Path, memory: Path) -> Path:
+def memory_config(
+    run_dir: Path, model: Path, data: Path, memory: Path, *, async_save: bool = True
+) -> Path:
     """train.json with the memory block the daemon writes."""
-    config = write_config(run_dir, train_table(model, data))
+    config = write_config(run_dir, train_table(model, data), async_save=async_save)
     raw = json.loads(config.read_text())
     # No spacing by cost (the default, said here): every step of these short runs
     # gets its snapshot unless the previous write still runs.
@@ -361,6 +363,44 @@ def test_kills_inside_snapshot_writes_resume_the_newest_sealed_exactly(
     assert not step_losses(again.own_events())  # not one step trained from it
     after = newest_usable(memory, **choice)  # type: ignore[arg-type]
     assert after is None or after.path != broken
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_disk_save_resumes_that_steps_snapshot_exactly(
+    tiny_model: Path,
+    arith_data: Path,
+    tmp_path: Path,
+    failing_tier_run: dict[str, Any],
+    start_trainer: Callable[..., TrainerProcess],
+) -> None:
+    """Step 6 saves to disk (a synchronous save, so the kill lands in the training
+    thread): SIGKILL after its files, before its manifest. Its snapshot was taken
+    before the save began, so the daemon's choice is step 6 itself, not step 5
+    (a snapshot taken after the save, as until session 14, never came), and the
+    resumed run ends as the uninterrupted one."""
+    memory = tmp_path / "mem"
+    config = memory_config(tmp_path / "run", tiny_model, arith_data, memory, async_save=False)
+    fingerprint = run_fingerprint(load_run_config(config, check_files=False))
+    env = {"FTSUP_MEMORY_LINEAGE": LINEAGE, "FTSUP_ATTEMPT": "1"}
+    killed = start_trainer(
+        config, env={**env, "FTSUP_FAULT_AT_STEP": "6", "FTSUP_FAULT_POINT": "before_manifest"}
+    )
+    assert killed.wait() == -signal.SIGKILL, killed.log()
+    out = config.parent / "out"
+    assert (out / "checkpoint-6").is_dir()  # its files, no manifest: not a valid one
+    assert [step for step, _, _ in sealed_snapshots(memory)][-1] == 6
+    choice = newest_usable(
+        memory, job="run", lineage=LINEAGE, fingerprint=fingerprint, newer_than=3
+    )
+    assert choice is not None and choice.step == 6, choice
+
+    resumed = start_trainer(config, resume_from=choice.path, env={**env, "FTSUP_ATTEMPT": "2"})
+    assert resumed.wait() == 0, resumed.log()
+    events = resumed.own_events()
+    assert_started_at(events, choice.path)
+    final = out / f"checkpoint-{MAX_STEPS}"
+    assert (final / "adapter_model.safetensors").read_bytes() == failing_tier_run["adapter"]
+    assert history_without_timings(final / "trainer_state.json") == failing_tier_run["history"]
 
 
 def assert_started_at(events: list[dict[str, Any]], resume: Path) -> None:
