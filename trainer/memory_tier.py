@@ -71,9 +71,10 @@ Write = Callable[
 # share of the time since. 0 spaces nothing: a snapshot every `every` steps. 5% is
 # issue 18's bound on the snapshot stall, and on the demo's LoRA job (2 cores, a
 # ~1.1 ms stall of a ~30 ms step) it gives a snapshot after every step, so a kill
-# recomputes one step at most (4-6 over 12 kills on the chaos benchmark; 0.025 gave
-# every other step and 10-11). On a CPU a snapshot also slows the steps around it
-# about as much as it stalls (docs/benchmarks.md, "The default budget, session 14").
+# recomputes one step at most (none in 24 kills on the chaos benchmark; 0.025 gave
+# every other step and 5-7 per 12 kills). On a CPU a snapshot also slows the steps
+# around it about as much as it stalls (docs/benchmarks.md, "The default budget,
+# session 14").
 DEFAULT_MAX_OVERHEAD = 0.05
 PACING_WINDOW = 5  # writes whose median cost spaces the next one
 
