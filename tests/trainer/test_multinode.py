@@ -284,11 +284,15 @@ def shrunk(nodes: Nodes, tiny_model: Path, arith_data: Path) -> Iterator[Shrunk]
             f'rdzv_endpoint = "127.0.0.1:{free_port()}"\nrdzv_last_call = "1s"'
         )
         text = job_text(JOB, tiny_model, arith_data, first.work / "out", launch)
+        # Both daemons first, then both jobs back to back, so that the launchers
+        # usually meet within the 1 s last call. A first node that begins alone is
+        # regrown by torchrun when the second arrives, and under CI load that round
+        # has stalled for torch's 60 s (role_info keys, seen in the trainer log).
         for node in (first, second):
             node.start_daemon()
-            path = node.work / "mn.toml"
-            path.write_text(text)
-            node.cli("start", str(path))
+            (node.work / "mn.toml").write_text(text)
+        for node in (first, second):
+            node.cli("start", str(node.work / "mn.toml"))
 
         def past_step_3() -> bool:
             steps = [r["step"] for r in second.progress_lines(JOB) if r.get("event") == "step"]
